@@ -1,0 +1,441 @@
+//! The one typed experiment config, read from TOML and overridden by `SPUR_*`
+//! environment variables and `--set key=value` flags, then validated as a whole
+//! before any role binds a port.
+//!
+//! Override keys are dotted paths into the TOML (`learner.lr`, `env.num_envs`). An
+//! environment variable names the same path in upper case with `__` between the
+//! section and the key: `SPUR_LEARNER__LR=0.001`.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::ConfigError;
+
+/// Prefix of every environment variable that overrides a config key.
+pub const ENV_PREFIX: &str = "SPUR_";
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub run: RunConfig,
+    #[serde(default)]
+    pub env: EnvConfig,
+    #[serde(default)]
+    pub model: ModelConfig,
+    #[serde(default)]
+    pub actor: ActorConfig,
+    #[serde(default)]
+    pub learner: LearnerConfig,
+    #[serde(default)]
+    pub stop: StopConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RunConfig {
+    /// Name of the experiment; run directories are `<dir>/<name>-<unix time>`.
+    pub name: String,
+    /// Root folder for run directories.
+    pub dir: String,
+    /// Base seed; actor `i` seeds its environments from `seed + 1000 * i`.
+    pub seed: u64,
+    /// Number of actor processes `spur local` starts.
+    pub actors: u32,
+    /// Intra-op threads for libtorch in each process (1 avoids oversubscription when
+    /// several roles share a machine).
+    pub torch_threads: u32,
+}
+
+impl Default for RunConfig {
+    fn default() -> Self {
+        Self {
+            name: "spur".into(),
+            dir: "runs".into(),
+            seed: 1,
+            actors: 2,
+            torch_threads: 1,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum EnvKind {
+    Cartpole,
+    Keyroom,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct EnvConfig {
+    pub kind: EnvKind,
+    /// Environments each actor steps in lock-step.
+    pub num_envs: u32,
+    /// Episode step limit; 0 takes the environment's own (500 for cartpole,
+    /// 4 * size^2 for keyroom).
+    pub max_episode_steps: u32,
+    /// Interior side length of the keyroom grid.
+    pub keyroom_size: u32,
+}
+
+impl Default for EnvConfig {
+    fn default() -> Self {
+        Self {
+            kind: EnvKind::Cartpole,
+            num_envs: 32,
+            max_episode_steps: 0,
+            keyroom_size: 5,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelConfig {
+    /// Hidden layer widths of the policy and value MLPs.
+    pub hidden: Vec<u32>,
+    /// `auto` (CUDA when present), `cpu`, `cuda` or `cuda:N`.
+    pub device: String,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        Self {
+            hidden: vec![64, 64],
+            device: "auto".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ActorConfig {
+    /// Steps per trajectory chunk.
+    pub rollout_len: u32,
+    /// Learner address the actor connects to (`http://host:port`).
+    pub learner_addr: String,
+    /// Chunks an actor may have produced but not yet sent before it waits.
+    pub send_queue: u32,
+    /// Upper bound of the reconnect backoff, in milliseconds.
+    pub max_backoff_ms: u64,
+}
+
+impl Default for ActorConfig {
+    fn default() -> Self {
+        Self {
+            rollout_len: 32,
+            learner_addr: "http://127.0.0.1:50051".into(),
+            send_queue: 2,
+            max_backoff_ms: 5000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LearnerConfig {
+    /// Socket address the learner's gRPC server binds (`127.0.0.1:0` picks a port).
+    pub listen: String,
+    /// Environment steps per update (chunks are gathered until at least this many).
+    pub batch_steps: u32,
+    /// Passes over each batch.
+    pub epochs: u32,
+    /// Minibatches per pass.
+    pub minibatches: u32,
+    pub lr: f64,
+    pub gamma: f64,
+    /// V-trace trace-cutting lambda (1 is the classic IMPALA estimator).
+    pub lambda: f64,
+    /// V-trace importance weight clips.
+    pub rho_clip: f64,
+    pub c_clip: f64,
+    /// PPO ratio clip.
+    pub clip_eps: f64,
+    pub value_coef: f64,
+    pub entropy_coef: f64,
+    pub max_grad_norm: f64,
+    /// Chunks produced more than this many versions ago are dropped and counted.
+    pub max_policy_lag: u64,
+    /// Publish weights every this many updates.
+    pub broadcast_every: u64,
+    /// Capacity of the chunk queue; when it is full the learner stops reading streams.
+    pub queue_capacity: u32,
+    /// Write a checkpoint every this many updates (and always at the end).
+    pub checkpoint_every: u64,
+    /// Largest weights payload piece per message, in bytes.
+    pub weights_chunk_bytes: u32,
+    /// `auto`, `cpu`, `cuda` or `cuda:N` for the learner's model.
+    pub device: String,
+}
+
+impl Default for LearnerConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:50051".into(),
+            batch_steps: 2048,
+            epochs: 4,
+            minibatches: 4,
+            lr: 1e-3,
+            gamma: 0.99,
+            lambda: 0.95,
+            rho_clip: 1.0,
+            c_clip: 1.0,
+            clip_eps: 0.2,
+            value_coef: 0.5,
+            entropy_coef: 0.0,
+            max_grad_norm: 0.5,
+            max_policy_lag: 8,
+            broadcast_every: 1,
+            queue_capacity: 16,
+            checkpoint_every: 50,
+            weights_chunk_bytes: 1 << 20,
+            device: "auto".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct StopConfig {
+    /// Stop after this many environment steps (0: no limit).
+    pub env_steps: u64,
+    /// Stop early once the mean return of the last 100 episodes reaches this (0: off).
+    pub target_return: f64,
+}
+
+impl Default for StopConfig {
+    fn default() -> Self {
+        Self {
+            env_steps: 300_000,
+            target_return: 0.0,
+        }
+    }
+}
+
+impl Config {
+    /// Reads `path`, applies `SPUR_*` variables from `vars` and then `overrides`
+    /// (`key=value`), and validates the result.
+    pub fn load(
+        path: Option<&Path>,
+        vars: impl IntoIterator<Item = (String, String)>,
+        overrides: &[String],
+    ) -> Result<Self, ConfigError> {
+        let text = match path {
+            Some(p) => std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                path: p.display().to_string(),
+                source,
+            })?,
+            None => String::new(),
+        };
+        let mut value: toml::Table = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            origin: path.map_or("<defaults>".into(), |p| p.display().to_string()),
+            message: e.to_string(),
+        })?;
+        let mut all: Vec<(String, String)> = vars
+            .into_iter()
+            .filter_map(|(k, v)| env_var_key(&k).map(|key| (key, v)))
+            .collect();
+        all.sort();
+        for item in overrides {
+            let (k, v) = item
+                .split_once('=')
+                .ok_or_else(|| ConfigError::Override(item.clone()))?;
+            all.push((k.trim().to_string(), v.trim().to_string()));
+        }
+        for (key, raw) in all {
+            set_path(&mut value, &key, parse_scalar(&raw))?;
+        }
+        Self::from_table(value)
+    }
+
+    /// Parses a TOML string (no overrides) and validates it.
+    pub fn from_toml_str(text: &str) -> Result<Self, ConfigError> {
+        let table: toml::Table = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            origin: "<string>".into(),
+            message: e.to_string(),
+        })?;
+        Self::from_table(table)
+    }
+
+    fn from_table(table: toml::Table) -> Result<Self, ConfigError> {
+        let config: Config = serde_path_to_error::deserialize(toml::Value::Table(table))
+            .map_err(|e| ConfigError::Invalid {
+                key: e.path().to_string(),
+                message: e.into_inner().to_string(),
+            })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// The resolved config as TOML, as written into every run directory.
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("the config is plain data and always serializes")
+    }
+
+    /// Checks every value; the error names the offending key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        fn check(ok: bool, key: &str, message: &str) -> Result<(), ConfigError> {
+            if ok {
+                Ok(())
+            } else {
+                Err(ConfigError::Invalid {
+                    key: key.into(),
+                    message: message.into(),
+                })
+            }
+        }
+        let l = &self.learner;
+        check(!self.run.name.is_empty(), "run.name", "must not be empty")?;
+        check(self.run.actors >= 1, "run.actors", "must be at least 1")?;
+        check(self.run.torch_threads >= 1, "run.torch_threads", "must be at least 1")?;
+        check(self.env.num_envs >= 1, "env.num_envs", "must be at least 1")?;
+        check(
+            (3..=64).contains(&self.env.keyroom_size),
+            "env.keyroom_size",
+            "must be between 3 and 64",
+        )?;
+        check(
+            !self.model.hidden.is_empty() && self.model.hidden.iter().all(|&h| h > 0),
+            "model.hidden",
+            "must list at least one positive layer width",
+        )?;
+        check(
+            crate::device::parse_device(&self.model.device).is_ok(),
+            "model.device",
+            "must be auto, cpu, cuda or cuda:N",
+        )?;
+        check(
+            crate::device::parse_device(&l.device).is_ok(),
+            "learner.device",
+            "must be auto, cpu, cuda or cuda:N",
+        )?;
+        check(self.actor.rollout_len >= 1, "actor.rollout_len", "must be at least 1")?;
+        check(self.actor.send_queue >= 1, "actor.send_queue", "must be at least 1")?;
+        check(
+            self.actor.learner_addr.starts_with("http://")
+                || self.actor.learner_addr.starts_with("https://"),
+            "actor.learner_addr",
+            "must start with http:// or https://",
+        )?;
+        check(
+            l.listen.parse::<std::net::SocketAddr>().is_ok(),
+            "learner.listen",
+            "must be a socket address such as 127.0.0.1:50051",
+        )?;
+        check(l.batch_steps >= 1, "learner.batch_steps", "must be at least 1")?;
+        check(l.epochs >= 1, "learner.epochs", "must be at least 1")?;
+        check(l.minibatches >= 1, "learner.minibatches", "must be at least 1")?;
+        check(l.lr > 0.0 && l.lr.is_finite(), "learner.lr", "must be a positive number")?;
+        check((0.0..=1.0).contains(&l.gamma), "learner.gamma", "must be in [0, 1]")?;
+        check((0.0..=1.0).contains(&l.lambda), "learner.lambda", "must be in [0, 1]")?;
+        check(l.rho_clip > 0.0, "learner.rho_clip", "must be positive")?;
+        check(l.c_clip > 0.0, "learner.c_clip", "must be positive")?;
+        check(l.clip_eps > 0.0 && l.clip_eps < 1.0, "learner.clip_eps", "must be in (0, 1)")?;
+        check(l.value_coef >= 0.0, "learner.value_coef", "must not be negative")?;
+        check(l.entropy_coef >= 0.0, "learner.entropy_coef", "must not be negative")?;
+        check(l.max_grad_norm > 0.0, "learner.max_grad_norm", "must be positive")?;
+        check(l.broadcast_every >= 1, "learner.broadcast_every", "must be at least 1")?;
+        check(l.queue_capacity >= 1, "learner.queue_capacity", "must be at least 1")?;
+        check(l.checkpoint_every >= 1, "learner.checkpoint_every", "must be at least 1")?;
+        check(
+            l.weights_chunk_bytes >= 1024
+                && (l.weights_chunk_bytes as usize) < spur_proto::MAX_MESSAGE_BYTES,
+            "learner.weights_chunk_bytes",
+            "must be at least 1024 and below the 16 MiB message limit",
+        )?;
+        check(
+            self.stop.target_return.is_finite(),
+            "stop.target_return",
+            "must be a finite number",
+        )?;
+        Ok(())
+    }
+}
+
+/// `SPUR_LEARNER__LR` -> `learner.lr`; other variables -> None.
+fn env_var_key(name: &str) -> Option<String> {
+    let rest = name.strip_prefix(ENV_PREFIX)?;
+    if !rest.contains("__") {
+        return None;
+    }
+    Some(rest.to_ascii_lowercase().replace("__", "."))
+}
+
+/// A raw override value as TOML when it parses as one (numbers, booleans, arrays),
+/// else as a plain string.
+fn parse_scalar(raw: &str) -> toml::Value {
+    let wrapped = format!("v = {raw}");
+    match toml::from_str::<toml::Table>(&wrapped) {
+        Ok(mut t) => t.remove("v").unwrap_or_else(|| toml::Value::String(raw.into())),
+        Err(_) => toml::Value::String(raw.into()),
+    }
+}
+
+fn set_path(table: &mut toml::Table, key: &str, value: toml::Value) -> Result<(), ConfigError> {
+    let parts: Vec<&str> = key.split('.').collect();
+    if parts.iter().any(|p| p.is_empty()) {
+        return Err(ConfigError::Override(key.into()));
+    }
+    let (last, sections) = parts.split_last().expect("split always yields one part");
+    let mut cur = table;
+    for section in sections {
+        let entry = cur
+            .entry(section.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        cur = entry.as_table_mut().ok_or_else(|| ConfigError::Invalid {
+            key: key.into(),
+            message: format!("`{section}` is not a section"),
+        })?;
+    }
+    cur.insert(last.to_string(), value);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        Config::from_toml_str("").expect("defaults validate");
+    }
+
+    #[test]
+    fn overrides_from_env_and_flags_apply_in_order() {
+        let dir = std::env::temp_dir().join(format!("spur-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("c.toml");
+        std::fs::write(&path, "[learner]\nlr = 0.5\n[env]\nnum_envs = 3\n").unwrap();
+        let vars = vec![
+            ("SPUR_LEARNER__LR".to_string(), "0.25".to_string()),
+            ("SPUR_ENV__KIND".to_string(), "keyroom".to_string()),
+            ("HOME".to_string(), "/root".to_string()),
+        ];
+        let c = Config::load(Some(&path), vars, &["env.num_envs=7".into()]).unwrap();
+        assert_eq!(c.learner.lr, 0.25);
+        assert_eq!(c.env.kind, EnvKind::Keyroom);
+        assert_eq!(c.env.num_envs, 7);
+        let c = Config::load(Some(&path), Vec::new(), &["learner.lr=0.125".into()]).unwrap();
+        assert_eq!(c.learner.lr, 0.125);
+    }
+
+    #[test]
+    fn bad_values_name_the_key() {
+        let err = Config::from_toml_str("[learner]\nlr = -1.0\n").unwrap_err();
+        assert!(err.to_string().contains("learner.lr"), "{err}");
+        let err = Config::from_toml_str("[learner]\nlrr = 1.0\n").unwrap_err();
+        assert!(err.to_string().contains("lrr"), "{err}");
+        let err = Config::from_toml_str("[env]\nnum_envs = \"many\"\n").unwrap_err();
+        assert!(err.to_string().contains("env.num_envs"), "{err}");
+        let err = Config::from_toml_str("[env]\nkind = \"pong\"\n").unwrap_err();
+        assert!(err.to_string().contains("env.kind"), "{err}");
+    }
+
+    #[test]
+    fn resolved_config_round_trips() {
+        let c = Config::from_toml_str("[run]\nname = \"x\"\n").unwrap();
+        assert_eq!(Config::from_toml_str(&c.to_toml()).unwrap(), c);
+    }
+}

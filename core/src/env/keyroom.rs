@@ -1,0 +1,300 @@
+//! `keyroom`: a sparse-reward grid with two rooms split by a wall with a locked door.
+//! The agent starts in the left room with a key somewhere in it; the goal is in the
+//! right room. Reward is 1 at the goal and 0 everywhere else, so an agent without
+//! intrinsic reward rarely stumbles on it in larger rooms. Each step may emit a short
+//! English event text ("you pick up the key", "the door is locked", ...).
+//!
+//! Observation: one-hot planes (wall, key, locked door, open door, goal, agent) over
+//! the walled `(size + 2)^2` grid, flattened, plus a has-key flag.
+
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+
+use super::{Env, EnvSpec, StepOutcome};
+
+const PLANES: usize = 6;
+const WALL: usize = 0;
+const KEY: usize = 1;
+const LOCKED: usize = 2;
+const OPEN: usize = 3;
+const GOAL: usize = 4;
+const AGENT: usize = 5;
+
+/// Actions: move north, east, south, west, or search in place.
+pub const ACTIONS: [&str; 5] = ["north", "east", "south", "west", "search"];
+
+pub const TEXT_PICK_UP_KEY: &str = "you pick up the key";
+pub const TEXT_DOOR_LOCKED: &str = "the door is locked";
+pub const TEXT_UNLOCK_DOOR: &str = "you unlock the door with the key";
+pub const TEXT_THROUGH_DOOR: &str = "you walk through the doorway";
+pub const TEXT_BUMP_WALL: &str = "you bump into a wall";
+pub const TEXT_SEARCH: &str = "you search the floor but find nothing";
+pub const TEXT_GOAL: &str = "you reach the goal";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Cell {
+    Floor,
+    Wall,
+    LockedDoor,
+    OpenDoor,
+    Goal,
+}
+
+pub struct KeyRoom {
+    size: usize,
+    limit: u32,
+    cells: Vec<Cell>,
+    agent: (usize, usize),
+    key: Option<(usize, usize)>,
+    has_key: bool,
+    steps: u32,
+}
+
+impl KeyRoom {
+    pub fn new(size: usize, limit: Option<u32>) -> Self {
+        let side = size + 2;
+        Self {
+            size,
+            limit: limit.unwrap_or((4 * size * size) as u32),
+            cells: vec![Cell::Floor; side * side],
+            agent: (1, 1),
+            key: None,
+            has_key: false,
+            steps: 0,
+        }
+    }
+
+    fn side(&self) -> usize {
+        self.size + 2
+    }
+
+    fn idx(&self, (x, y): (usize, usize)) -> usize {
+        y * self.side() + x
+    }
+
+    /// Column of the dividing wall.
+    fn wall_x(&self) -> usize {
+        self.size.div_ceil(2)
+    }
+
+    fn write_obs(&self, obs: &mut [f32]) {
+        obs.fill(0.0);
+        let n = self.side() * self.side();
+        for (i, c) in self.cells.iter().enumerate() {
+            let plane = match c {
+                Cell::Floor => continue,
+                Cell::Wall => WALL,
+                Cell::LockedDoor => LOCKED,
+                Cell::OpenDoor => OPEN,
+                Cell::Goal => GOAL,
+            };
+            obs[plane * n + i] = 1.0;
+        }
+        if let Some(k) = self.key {
+            obs[KEY * n + self.idx(k)] = 1.0;
+        }
+        obs[AGENT * n + self.idx(self.agent)] = 1.0;
+        obs[PLANES * n] = if self.has_key { 1.0 } else { 0.0 };
+    }
+
+    /// An ASCII picture of the grid (`@` agent, `k` key, `+` locked door, `/` open
+    /// door, `>` goal, `#` wall).
+    pub fn render(&self) -> String {
+        let side = self.side();
+        let mut out = String::with_capacity(side * (side + 1));
+        for y in 0..side {
+            for x in 0..side {
+                let ch = if (x, y) == self.agent {
+                    '@'
+                } else if self.key == Some((x, y)) {
+                    'k'
+                } else {
+                    match self.cells[self.idx((x, y))] {
+                        Cell::Floor => '.',
+                        Cell::Wall => '#',
+                        Cell::LockedDoor => '+',
+                        Cell::OpenDoor => '/',
+                        Cell::Goal => '>',
+                    }
+                };
+                out.push(ch);
+            }
+            out.push('\n');
+        }
+        out
+    }
+}
+
+impl Env for KeyRoom {
+    fn spec(&self) -> EnvSpec {
+        EnvSpec {
+            obs_dim: PLANES * self.side() * self.side() + 1,
+            num_actions: ACTIONS.len(),
+            has_text: true,
+            max_episode_steps: self.limit,
+        }
+    }
+
+    fn reset(&mut self, seed: u64, obs: &mut [f32]) {
+        let mut rng = SmallRng::seed_from_u64(seed);
+        let side = self.side();
+        let wx = self.wall_x();
+        for y in 0..side {
+            for x in 0..side {
+                let border = x == 0 || y == 0 || x == side - 1 || y == side - 1;
+                let i = self.idx((x, y));
+                self.cells[i] = if border || x == wx { Cell::Wall } else { Cell::Floor };
+            }
+        }
+        let door = (wx, rng.random_range(1..=self.size));
+        let i = self.idx(door);
+        self.cells[i] = Cell::LockedDoor;
+        let goal = (rng.random_range(wx + 1..=self.size), rng.random_range(1..=self.size));
+        let i = self.idx(goal);
+        self.cells[i] = Cell::Goal;
+        let left = |rng: &mut SmallRng| (rng.random_range(1..wx), rng.random_range(1..=self.size));
+        self.agent = left(&mut rng);
+        let mut key = left(&mut rng);
+        while key == self.agent {
+            key = left(&mut rng);
+        }
+        self.key = Some(key);
+        self.has_key = false;
+        self.steps = 0;
+        self.write_obs(obs);
+    }
+
+    fn step(&mut self, action: usize, obs: &mut [f32], text: &mut String) -> StepOutcome {
+        text.clear();
+        self.steps += 1;
+        let (x, y) = self.agent;
+        let target = match action {
+            0 => Some((x, y - 1)),
+            1 => Some((x + 1, y)),
+            2 => Some((x, y + 1)),
+            3 => Some((x - 1, y)),
+            _ => None,
+        };
+        let mut out = StepOutcome::default();
+        match target {
+            None => text.push_str(TEXT_SEARCH),
+            Some(t) => {
+                let ti = self.idx(t);
+                match self.cells[ti] {
+                    Cell::Wall => text.push_str(TEXT_BUMP_WALL),
+                    Cell::LockedDoor if self.has_key => {
+                        self.cells[ti] = Cell::OpenDoor;
+                        text.push_str(TEXT_UNLOCK_DOOR);
+                    }
+                    Cell::LockedDoor => text.push_str(TEXT_DOOR_LOCKED),
+                    Cell::OpenDoor => {
+                        self.agent = t;
+                        text.push_str(TEXT_THROUGH_DOOR);
+                    }
+                    Cell::Goal => {
+                        self.agent = t;
+                        text.push_str(TEXT_GOAL);
+                        out.reward = 1.0;
+                        out.terminated = true;
+                        out.success = true;
+                    }
+                    Cell::Floor => {
+                        self.agent = t;
+                        if self.key == Some(t) {
+                            self.key = None;
+                            self.has_key = true;
+                            text.push_str(TEXT_PICK_UP_KEY);
+                        }
+                    }
+                }
+            }
+        }
+        out.truncated = !out.terminated && self.steps >= self.limit;
+        self.write_obs(obs);
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Walks to `to` one axis at a time, returning the texts seen.
+    fn walk(env: &mut KeyRoom, to: (usize, usize), obs: &mut [f32]) -> Vec<String> {
+        let mut texts = Vec::new();
+        let mut text = String::new();
+        for _ in 0..100 {
+            let (x, y) = env.agent;
+            if (x, y) == to {
+                break;
+            }
+            let a = if x < to.0 {
+                1
+            } else if x > to.0 {
+                3
+            } else if y < to.1 {
+                2
+            } else {
+                0
+            };
+            env.step(a, obs, &mut text);
+            texts.push(text.clone());
+        }
+        texts
+    }
+
+    #[test]
+    fn scripted_solution_reaches_the_goal() {
+        for seed in 0..20 {
+            let mut env = KeyRoom::new(5, None);
+            let mut obs = vec![0.0; env.spec().obs_dim];
+            env.reset(seed, &mut obs);
+            let key = env.key.unwrap();
+            let texts = walk(&mut env, key, &mut obs);
+            assert_eq!(texts.last().unwrap(), TEXT_PICK_UP_KEY);
+            assert_eq!(obs[obs.len() - 1], 1.0);
+            let door_i = env.cells.iter().position(|c| *c == Cell::LockedDoor).unwrap();
+            let door = (door_i % env.side(), door_i / env.side());
+            walk(&mut env, (door.0 - 1, door.1), &mut obs);
+            let mut text = String::new();
+            env.step(1, &mut obs, &mut text);
+            assert_eq!(text, TEXT_UNLOCK_DOOR);
+            env.step(1, &mut obs, &mut text);
+            assert_eq!(text, TEXT_THROUGH_DOOR);
+            let goal_i = env.cells.iter().position(|c| *c == Cell::Goal).unwrap();
+            let goal = (goal_i % env.side(), goal_i / env.side());
+            let texts = walk(&mut env, goal, &mut obs);
+            assert_eq!(texts.last().unwrap(), TEXT_GOAL, "seed {seed}\n{}", env.render());
+        }
+    }
+
+    #[test]
+    fn locked_door_and_walls_block() {
+        let mut env = KeyRoom::new(5, None);
+        let mut obs = vec![0.0; env.spec().obs_dim];
+        env.reset(1, &mut obs);
+        env.key = None;
+        let door_i = env.cells.iter().position(|c| *c == Cell::LockedDoor).unwrap();
+        let door = (door_i % env.side(), door_i / env.side());
+        walk(&mut env, (door.0 - 1, door.1), &mut obs);
+        let mut text = String::new();
+        let out = env.step(1, &mut obs, &mut text);
+        assert_eq!(text, TEXT_DOOR_LOCKED);
+        assert_eq!(out.reward, 0.0);
+        assert_eq!(env.agent, (door.0 - 1, door.1));
+        walk(&mut env, (1, 1), &mut obs);
+        env.step(0, &mut obs, &mut text);
+        assert_eq!(text, TEXT_BUMP_WALL);
+    }
+
+    #[test]
+    fn truncates_at_the_step_limit() {
+        let mut env = KeyRoom::new(4, Some(3));
+        let mut obs = vec![0.0; env.spec().obs_dim];
+        env.reset(0, &mut obs);
+        let mut text = String::new();
+        let outs: Vec<_> = (0..3).map(|_| env.step(4, &mut obs, &mut text)).collect();
+        assert!(!outs[1].truncated && outs[2].truncated);
+        assert_eq!(text, TEXT_SEARCH);
+    }
+}

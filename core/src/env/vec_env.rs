@@ -1,0 +1,157 @@
+//! `VecEnv`: many environments stepped in lock-step with one flat observation buffer.
+//! An episode that ends is reset at once (its last observation is kept for
+//! bootstrapping truncated episodes), and each new episode gets a fresh seed.
+
+use spur_proto::v1::EpisodeSummary;
+
+use super::{Env, EnvSpec};
+
+/// What one lock-step produced, for all environments (index = env).
+#[derive(Debug, Default)]
+pub struct VecStep {
+    pub rewards: Vec<f32>,
+    pub terminated: Vec<u8>,
+    pub truncated: Vec<u8>,
+    /// Event texts, one per env (empty strings when nothing happened or no text).
+    pub texts: Vec<String>,
+    /// Last observations of truncated episodes, in env order, `obs_dim` each.
+    pub final_observations: Vec<f32>,
+    pub finished: Vec<EpisodeSummary>,
+}
+
+pub struct VecEnv {
+    envs: Vec<Box<dyn Env>>,
+    spec: EnvSpec,
+    obs: Vec<f32>,
+    seed: u64,
+    /// Episodes started so far (across envs); feeds seeds and episode ids.
+    episodes_started: u64,
+    episode_ids: Vec<i64>,
+    step_indices: Vec<i64>,
+    returns: Vec<f32>,
+    out: VecStep,
+}
+
+impl VecEnv {
+    /// Wraps `envs` (all of the same spec) and resets each from `seed`.
+    pub fn new(envs: Vec<Box<dyn Env>>, seed: u64) -> Self {
+        assert!(!envs.is_empty(), "a VecEnv needs at least one env");
+        let spec = envs[0].spec();
+        let n = envs.len();
+        let mut v = Self {
+            obs: vec![0.0; n * spec.obs_dim],
+            spec,
+            seed,
+            episodes_started: 0,
+            episode_ids: vec![0; n],
+            step_indices: vec![0; n],
+            returns: vec![0.0; n],
+            out: VecStep {
+                rewards: vec![0.0; n],
+                terminated: vec![0; n],
+                truncated: vec![0; n],
+                texts: vec![String::new(); n],
+                final_observations: Vec::new(),
+                finished: Vec::new(),
+            },
+            envs,
+        };
+        for i in 0..n {
+            v.start_episode(i);
+        }
+        v
+    }
+
+    pub fn spec(&self) -> &EnvSpec {
+        &self.spec
+    }
+
+    pub fn num_envs(&self) -> usize {
+        self.envs.len()
+    }
+
+    /// Current observations, `num_envs * obs_dim`.
+    pub fn observations(&self) -> &[f32] {
+        &self.obs
+    }
+
+    /// Episode id and step index each env's current observation belongs to.
+    pub fn episode_ids(&self) -> &[i64] {
+        &self.episode_ids
+    }
+
+    pub fn step_indices(&self) -> &[i64] {
+        &self.step_indices
+    }
+
+    fn start_episode(&mut self, i: usize) {
+        let d = self.spec.obs_dim;
+        // SplitMix-style spread so neighbouring episodes get unrelated seeds.
+        let seed = self
+            .seed
+            .wrapping_add(self.episodes_started.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        self.envs[i].reset(seed, &mut self.obs[i * d..(i + 1) * d]);
+        self.episode_ids[i] = self.episodes_started as i64;
+        self.episodes_started += 1;
+        self.step_indices[i] = 0;
+        self.returns[i] = 0.0;
+    }
+
+    /// Steps every env with its action; ended episodes are reset, so
+    /// [`observations`](Self::observations) is the next input for every env.
+    pub fn step(&mut self, actions: &[i64]) -> &VecStep {
+        assert_eq!(actions.len(), self.envs.len(), "one action per env");
+        let d = self.spec.obs_dim;
+        self.out.final_observations.clear();
+        self.out.finished.clear();
+        for i in 0..self.envs.len() {
+            let text = &mut self.out.texts[i];
+            text.clear();
+            let obs = &mut self.obs[i * d..(i + 1) * d];
+            let o = self.envs[i].step(actions[i] as usize, obs, text);
+            self.out.rewards[i] = o.reward;
+            self.out.terminated[i] = o.terminated as u8;
+            self.out.truncated[i] = o.truncated as u8;
+            self.returns[i] += o.reward;
+            self.step_indices[i] += 1;
+            if o.truncated {
+                self.out.final_observations.extend_from_slice(obs);
+            }
+            if o.terminated || o.truncated {
+                self.out.finished.push(EpisodeSummary {
+                    episode_return: self.returns[i],
+                    length: self.step_indices[i] as u32,
+                    success: o.success,
+                });
+                self.start_episode(i);
+            }
+        }
+        &self.out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::env::CartPole;
+
+    #[test]
+    fn resets_ended_episodes_and_keeps_final_observations() {
+        let envs: Vec<Box<dyn Env>> = (0..3).map(|_| Box::new(CartPole::new(Some(5))) as _).collect();
+        let mut v = VecEnv::new(envs, 11);
+        assert_eq!(v.episode_ids(), &[0, 1, 2]);
+        for step in 1..=5 {
+            let out = v.step(&[0, 1, 0]);
+            if step < 5 {
+                assert!(out.truncated.iter().all(|&t| t == 0));
+            } else {
+                assert_eq!(out.truncated, vec![1, 1, 1]);
+                assert_eq!(out.final_observations.len(), 12);
+                assert_eq!(out.finished.len(), 3);
+                assert!(out.finished.iter().all(|e| e.length == 5 && e.episode_return == 5.0));
+            }
+        }
+        assert_eq!(v.episode_ids(), &[3, 4, 5]);
+        assert_eq!(v.step_indices(), &[0, 0, 0]);
+    }
+}

@@ -1,0 +1,49 @@
+//! Typed errors of the shared library. Servers map them to gRPC statuses in one place
+//! each (`learner/src/status.rs`).
+
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("cannot parse config {origin}: {message}")]
+    Parse { origin: String, message: String },
+    #[error("override `{0}` must look like section.key=value")]
+    Override(String),
+    #[error("config key `{key}`: {message}")]
+    Invalid { key: String, message: String },
+}
+
+/// A message from another process that does not hold what it claims to.
+#[derive(Debug, Error, PartialEq)]
+pub enum WireError {
+    #[error("field `{field}` is missing")]
+    Missing { field: &'static str },
+    #[error("field `{field}`: {message}")]
+    Invalid { field: &'static str, message: String },
+}
+
+impl WireError {
+    pub fn invalid(field: &'static str, message: impl Into<String>) -> Self {
+        Self::Invalid {
+            field,
+            message: message.into(),
+        }
+    }
+}
+
+#[derive(Debug, Error)]
+pub enum ModelError {
+    #[error("torch: {0}")]
+    Torch(#[from] tch::TchError),
+    #[error("weights payload: {0}")]
+    Weights(String),
+    #[error("checkpoint {path}: {message}")]
+    Checkpoint { path: String, message: String },
+    #[error("io: {0}")]
+    Io(#[from] std::io::Error),
+}

@@ -1,0 +1,23 @@
+//! spur-core: what every spur role shares.
+//!
+//! - `config`: the typed experiment config (TOML, `SPUR_*` variables, `--set` flags)
+//! - `tensor`, `trajectory`: wire tensors and trajectory chunks, strictly checked
+//! - `env`: the `Env` trait, `cartpole`, `keyroom` and the lock-step `VecEnv`
+//! - `model`: the tch MLP actor-critic and its safetensors weights
+//! - `vtrace`, `ppo`: the V-trace targets and the PPO loss
+//! - `checkpoint`: atomic, versioned checkpoints
+//! - `device`: config device strings to `tch::Device`
+
+pub mod checkpoint;
+pub mod config;
+pub mod device;
+pub mod env;
+pub mod error;
+pub mod model;
+pub mod ppo;
+pub mod tensor;
+pub mod trajectory;
+pub mod vtrace;
+
+pub use config::Config;
+pub use error::{ConfigError, ModelError, WireError};

@@ -1,0 +1,272 @@
+//! The MLP actor-critic policy (tch): separate policy and value MLPs with tanh
+//! activations, batched sampling for actors, log-prob/entropy/value evaluation for the
+//! learner, and weights as safetensors bytes with a version in the metadata.
+
+use std::collections::HashMap;
+
+use safetensors::tensor::{Dtype, SafeTensors, TensorView};
+use tch::nn::{self, Module};
+use tch::{Device, Kind, Tensor};
+
+use crate::error::ModelError;
+
+/// Metadata key holding the policy version inside a weights payload.
+pub const VERSION_KEY: &str = "spur.policy_version";
+
+pub struct ActorCritic {
+    vs: nn::VarStore,
+    policy: Vec<nn::Linear>,
+    value: Vec<nn::Linear>,
+    obs_dim: usize,
+    num_actions: usize,
+}
+
+/// Output of [`ActorCritic::evaluate`], all with gradients.
+pub struct Evaluation {
+    pub log_probs: Tensor,
+    pub entropy: Tensor,
+    pub values: Tensor,
+}
+
+fn mlp(path: &nn::Path, sizes: &[i64]) -> Vec<nn::Linear> {
+    sizes
+        .windows(2)
+        .enumerate()
+        .map(|(i, w)| nn::linear(path / format!("l{i}"), w[0], w[1], Default::default()))
+        .collect()
+}
+
+fn run_mlp(layers: &[nn::Linear], x: &Tensor) -> Tensor {
+    let last = layers.len() - 1;
+    layers.iter().enumerate().fold(x.shallow_clone(), |h, (i, l)| {
+        let y = l.forward(&h);
+        if i < last {
+            y.tanh()
+        } else {
+            y
+        }
+    })
+}
+
+impl ActorCritic {
+    pub fn new(obs_dim: usize, num_actions: usize, hidden: &[u32], device: Device) -> Self {
+        let vs = nn::VarStore::new(device);
+        let root = vs.root();
+        let mut sizes = vec![obs_dim as i64];
+        sizes.extend(hidden.iter().map(|&h| h as i64));
+        let mut pi_sizes = sizes.clone();
+        pi_sizes.push(num_actions as i64);
+        let mut v_sizes = sizes;
+        v_sizes.push(1);
+        let policy = mlp(&(&root / "policy"), &pi_sizes);
+        let value = mlp(&(&root / "value"), &v_sizes);
+        // A near-uniform initial policy explores evenly (a small last layer, as PPO
+        // implementations commonly do).
+        tch::no_grad(|| {
+            let last = policy.last().expect("the policy has at least one layer");
+            let _ = last.ws.shallow_clone().g_mul_scalar_(0.01);
+            if let Some(b) = &last.bs {
+                let _ = b.shallow_clone().zero_();
+            }
+        });
+        Self {
+            vs,
+            policy,
+            value,
+            obs_dim,
+            num_actions,
+        }
+    }
+
+    pub fn device(&self) -> Device {
+        self.vs.device()
+    }
+
+    pub fn var_store(&self) -> &nn::VarStore {
+        &self.vs
+    }
+
+    pub fn obs_dim(&self) -> usize {
+        self.obs_dim
+    }
+
+    pub fn num_actions(&self) -> usize {
+        self.num_actions
+    }
+
+    pub fn logits(&self, obs: &Tensor) -> Tensor {
+        run_mlp(&self.policy, obs)
+    }
+
+    pub fn values(&self, obs: &Tensor) -> Tensor {
+        run_mlp(&self.value, obs).squeeze_dim(-1)
+    }
+
+    /// Samples one action per row of `obs` (`n * obs_dim` floats) without gradients;
+    /// returns the actions and their log-probabilities. `greedy` takes the most
+    /// likely action instead of sampling.
+    pub fn act(&self, obs: &[f32], greedy: bool) -> (Vec<i64>, Vec<f32>) {
+        let n = (obs.len() / self.obs_dim) as i64;
+        tch::no_grad(|| {
+            let x = Tensor::from_slice(obs)
+                .view([n, self.obs_dim as i64])
+                .to_device(self.device());
+            let log_p = self.logits(&x).log_softmax(-1, Kind::Float);
+            let actions = if greedy {
+                log_p.argmax(-1, true)
+            } else {
+                log_p.exp().multinomial(1, true)
+            };
+            let chosen = log_p.gather(1, &actions, false);
+            let actions = Vec::<i64>::try_from(actions.view([-1]).to_device(Device::Cpu))
+                .expect("an i64 tensor converts to Vec<i64>");
+            let chosen = Vec::<f32>::try_from(chosen.view([-1]).to_device(Device::Cpu))
+                .expect("an f32 tensor converts to Vec<f32>");
+            (actions, chosen)
+        })
+    }
+
+    /// Log-probabilities of `actions`, the policy entropy and the values, with gradients.
+    pub fn evaluate(&self, obs: &Tensor, actions: &Tensor) -> Evaluation {
+        let log_p = self.logits(obs).log_softmax(-1, Kind::Float);
+        let log_probs = log_p.gather(1, &actions.unsqueeze(1), false).squeeze_dim(1);
+        let entropy = -(log_p.exp() * &log_p).sum_dim_intlist(-1, false, Kind::Float);
+        Evaluation {
+            log_probs,
+            entropy,
+            values: self.values(obs),
+        }
+    }
+
+    /// Serializes all weights as safetensors (f32) with `metadata` and the version.
+    pub fn to_safetensors(
+        &self,
+        version: u64,
+        metadata: &HashMap<String, String>,
+    ) -> Result<Vec<u8>, ModelError> {
+        let mut named: Vec<(String, Tensor)> = self.vs.variables().into_iter().collect();
+        named.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut blobs = Vec::with_capacity(named.len());
+        for (name, t) in &named {
+            let t = t.to_device(Device::Cpu).to_kind(Kind::Float).contiguous();
+            let shape: Vec<usize> = t.size().iter().map(|&d| d as usize).collect();
+            let values = Vec::<f32>::try_from(t.view([-1]))?;
+            let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+            blobs.push((name.clone(), shape, bytes));
+        }
+        let views = blobs
+            .iter()
+            .map(|(name, shape, bytes)| {
+                TensorView::new(Dtype::F32, shape.clone(), bytes)
+                    .map(|v| (name.clone(), v))
+                    .map_err(|e| ModelError::Weights(e.to_string()))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut info = metadata.clone();
+        info.insert(VERSION_KEY.into(), version.to_string());
+        safetensors::serialize(views, Some(info)).map_err(|e| ModelError::Weights(e.to_string()))
+    }
+
+    /// Loads weights produced by [`to_safetensors`](Self::to_safetensors) by a model of
+    /// the same architecture; returns the payload's metadata. Nothing is changed
+    /// unless every tensor is present with the right shape.
+    pub fn load_safetensors(&mut self, bytes: &[u8]) -> Result<HashMap<String, String>, ModelError> {
+        let metadata = read_metadata(bytes)?;
+        let st = SafeTensors::deserialize(bytes).map_err(|e| ModelError::Weights(e.to_string()))?;
+        let vars = self.vs.variables();
+        let mut staged = Vec::with_capacity(vars.len());
+        for (name, var) in &vars {
+            let view = st
+                .tensor(name)
+                .map_err(|_| ModelError::Weights(format!("tensor `{name}` is missing")))?;
+            let want: Vec<usize> = var.size().iter().map(|&d| d as usize).collect();
+            if view.dtype() != Dtype::F32 || view.shape() != want.as_slice() {
+                return Err(ModelError::Weights(format!(
+                    "tensor `{name}` is {:?} {:?}, expected F32 {:?}",
+                    view.dtype(),
+                    view.shape(),
+                    want
+                )));
+            }
+            let values: Vec<f32> = view
+                .data()
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes(b.try_into().expect("chunks of 4 bytes")))
+                .collect();
+            if values.iter().any(|v| !v.is_finite()) {
+                return Err(ModelError::Weights(format!(
+                    "tensor `{name}` holds a non-finite value"
+                )));
+            }
+            staged.push((var.shallow_clone(), Tensor::from_slice(&values).view(var.size().as_slice())));
+        }
+        tch::no_grad(|| {
+            for (mut var, src) in staged {
+                var.copy_(&src.to_device(var.device()));
+            }
+        });
+        Ok(metadata)
+    }
+
+    /// Copies every weight from `other` (same architecture).
+    pub fn copy_from(&mut self, other: &ActorCritic) -> Result<(), ModelError> {
+        self.vs.copy(&other.vs)?;
+        Ok(())
+    }
+}
+
+/// The metadata of a safetensors payload, without decoding its tensors.
+pub fn read_metadata(bytes: &[u8]) -> Result<HashMap<String, String>, ModelError> {
+    let (_, meta) =
+        SafeTensors::read_metadata(bytes).map_err(|e| ModelError::Weights(e.to_string()))?;
+    Ok(meta.metadata().clone().unwrap_or_default())
+}
+
+/// The policy version stored in a payload's metadata.
+pub fn payload_version(meta: &HashMap<String, String>) -> Result<u64, ModelError> {
+    meta.get(VERSION_KEY)
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| ModelError::Weights(format!("metadata `{VERSION_KEY}` is missing")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn weights_round_trip_with_version() {
+        tch::manual_seed(0);
+        let a = ActorCritic::new(4, 2, &[8], Device::Cpu);
+        let mut b = ActorCritic::new(4, 2, &[8], Device::Cpu);
+        let obs = Tensor::from_slice(&[0.1f32, -0.2, 0.3, 0.0]).view([1, 4]);
+        assert!(!a.logits(&obs).allclose(&b.logits(&obs), 1e-6, 1e-6, false));
+        let bytes = a.to_safetensors(7, &HashMap::new()).unwrap();
+        let meta = b.load_safetensors(&bytes).unwrap();
+        assert_eq!(payload_version(&meta).unwrap(), 7);
+        assert!(a.logits(&obs).allclose(&b.logits(&obs), 1e-6, 1e-6, false));
+        assert!(a.values(&obs).allclose(&b.values(&obs), 1e-6, 1e-6, false));
+    }
+
+    #[test]
+    fn mismatched_or_corrupt_weights_change_nothing() {
+        let a = ActorCritic::new(4, 3, &[8], Device::Cpu);
+        let mut b = ActorCritic::new(4, 2, &[8], Device::Cpu);
+        let obs = Tensor::from_slice(&[0.1f32, -0.2, 0.3, 0.0]).view([1, 4]);
+        let before = b.logits(&obs);
+        let err = b.load_safetensors(&a.to_safetensors(1, &HashMap::new()).unwrap());
+        assert!(err.unwrap_err().to_string().contains("policy.l1.weight"));
+        assert!(b.load_safetensors(b"not a payload").is_err());
+        assert!(before.allclose(&b.logits(&obs), 0.0, 0.0, false));
+    }
+
+    #[test]
+    fn act_samples_valid_actions_with_log_probs() {
+        let m = ActorCritic::new(3, 4, &[16, 16], Device::Cpu);
+        let obs = vec![0.5f32; 3 * 10];
+        let (a, lp) = m.act(&obs, false);
+        assert_eq!(a.len(), 10);
+        assert!(a.iter().all(|&x| (0..4).contains(&x)));
+        // A fresh policy is close to uniform over 4 actions.
+        assert!(lp.iter().all(|&l| (l - (0.25f32).ln()).abs() < 0.1), "{lp:?}");
+    }
+}

@@ -1,0 +1,158 @@
+//! The wire `Tensor` message: building one from a slice and reading one back with
+//! every claim checked (dtype, shape, byte length, finite values).
+
+use spur_proto::v1::{Dtype, Tensor};
+
+use crate::error::WireError;
+
+/// Element types that travel as `Tensor`s.
+pub trait Element: Copy + Sized {
+    const DTYPE: Dtype;
+    const SIZE: usize;
+    fn write_le(self, out: &mut Vec<u8>);
+    fn read_le(bytes: &[u8]) -> Self;
+    fn is_finite(self) -> bool {
+        true
+    }
+}
+
+impl Element for f32 {
+    const DTYPE: Dtype = Dtype::F32;
+    const SIZE: usize = 4;
+    fn write_le(self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.to_le_bytes());
+    }
+    fn read_le(b: &[u8]) -> Self {
+        f32::from_le_bytes(b.try_into().expect("chunks_exact yields SIZE bytes"))
+    }
+    fn is_finite(self) -> bool {
+        f32::is_finite(self)
+    }
+}
+
+impl Element for i64 {
+    const DTYPE: Dtype = Dtype::I64;
+    const SIZE: usize = 8;
+    fn write_le(self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.to_le_bytes());
+    }
+    fn read_le(b: &[u8]) -> Self {
+        i64::from_le_bytes(b.try_into().expect("chunks_exact yields SIZE bytes"))
+    }
+}
+
+impl Element for u8 {
+    const DTYPE: Dtype = Dtype::U8;
+    const SIZE: usize = 1;
+    fn write_le(self, out: &mut Vec<u8>) {
+        out.push(self);
+    }
+    fn read_le(b: &[u8]) -> Self {
+        b[0]
+    }
+}
+
+/// Packs `data` with `shape` into a wire tensor.
+pub fn encode<T: Element>(shape: &[usize], data: &[T]) -> Tensor {
+    debug_assert_eq!(shape.iter().product::<usize>(), data.len());
+    let mut bytes = Vec::with_capacity(data.len() * T::SIZE);
+    for &x in data {
+        x.write_le(&mut bytes);
+    }
+    Tensor {
+        dtype: T::DTYPE as i32,
+        shape: shape.iter().map(|&d| d as i64).collect(),
+        data: bytes,
+    }
+}
+
+/// Reads a wire tensor whose shape must equal `shape`, rejecting wrong dtypes,
+/// disagreeing lengths and non-finite floats.
+pub fn decode<T: Element>(
+    field: &'static str,
+    tensor: Option<&Tensor>,
+    shape: &[usize],
+) -> Result<Vec<T>, WireError> {
+    let t = tensor.ok_or(WireError::Missing { field })?;
+    if t.dtype != T::DTYPE as i32 {
+        let got = Dtype::try_from(t.dtype)
+            .map(|d| d.as_str_name().to_string())
+            .unwrap_or_else(|_| format!("unknown dtype {}", t.dtype));
+        return Err(WireError::invalid(
+            field,
+            format!("dtype is {got}, expected {}", T::DTYPE.as_str_name()),
+        ));
+    }
+    let want: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
+    if t.shape != want {
+        return Err(WireError::invalid(
+            field,
+            format!("shape is {:?}, expected {:?}", t.shape, want),
+        ));
+    }
+    let count: usize = shape.iter().product();
+    if t.data.len() != count * T::SIZE {
+        return Err(WireError::invalid(
+            field,
+            format!(
+                "holds {} bytes, but shape {:?} of {} needs {}",
+                t.data.len(),
+                want,
+                T::DTYPE.as_str_name(),
+                count * T::SIZE
+            ),
+        ));
+    }
+    let out: Vec<T> = t.data.chunks_exact(T::SIZE).map(T::read_le).collect();
+    if let Some(i) = out.iter().position(|x| !x.is_finite()) {
+        return Err(WireError::invalid(
+            field,
+            format!("element {i} is not a finite number"),
+        ));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip() {
+        let t = encode(&[2, 3], &[1.0f32, 2.0, 3.0, 4.0, 5.0, 6.5]);
+        assert_eq!(
+            decode::<f32>("x", Some(&t), &[2, 3]).unwrap(),
+            vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.5]
+        );
+        let t = encode(&[2], &[-3i64, 9]);
+        assert_eq!(decode::<i64>("x", Some(&t), &[2]).unwrap(), vec![-3, 9]);
+    }
+
+    #[test]
+    fn rejects_lies() {
+        let good = encode(&[2, 2], &[1.0f32; 4]);
+        assert!(matches!(
+            decode::<f32>("obs", None, &[2, 2]),
+            Err(WireError::Missing { field: "obs" })
+        ));
+        assert!(decode::<f32>("obs", Some(&good), &[4])
+            .unwrap_err()
+            .to_string()
+            .contains("shape"));
+        assert!(decode::<i64>("obs", Some(&good), &[2, 2])
+            .unwrap_err()
+            .to_string()
+            .contains("dtype"));
+        let mut short = good.clone();
+        short.data.truncate(15);
+        assert!(decode::<f32>("obs", Some(&short), &[2, 2])
+            .unwrap_err()
+            .to_string()
+            .contains("bytes"));
+        let nan = encode(&[2], &[1.0f32, f32::NAN]);
+        assert!(decode::<f32>("obs", Some(&nan), &[2])
+            .unwrap_err()
+            .to_string()
+            .contains("finite"));
+    }
+}

@@ -1,0 +1,278 @@
+//! A trajectory chunk in memory (`Chunk`): what actors build and learners train on,
+//! with a strict conversion from the wire message that checks every shape, range and
+//! count before anything is trusted.
+
+use spur_proto::v1::{EpisodeSummary, TrajectoryChunk};
+
+use crate::error::WireError;
+use crate::tensor::{decode, encode};
+
+/// Largest `num_envs` a single chunk may carry.
+pub const MAX_ENVS_PER_CHUNK: usize = 1 << 16;
+/// Longest event text accepted, in bytes.
+pub const MAX_EVENT_TEXT_BYTES: usize = 4096;
+
+/// `rollout_len` steps of `num_envs` environments, time-major, flat.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Chunk {
+    pub actor_id: String,
+    pub policy_version: u64,
+    pub rollout_len: usize,
+    pub num_envs: usize,
+    pub obs_dim: usize,
+    /// `(T + 1) * N * obs_dim`.
+    pub observations: Vec<f32>,
+    /// `T * N` each.
+    pub actions: Vec<i64>,
+    pub behaviour_log_probs: Vec<f32>,
+    pub rewards: Vec<f32>,
+    pub terminated: Vec<u8>,
+    pub truncated: Vec<u8>,
+    /// `K * obs_dim`, one row per truncated step in (t, n) order.
+    pub final_observations: Vec<f32>,
+    /// `T * N` texts, or empty for environments without text.
+    pub event_texts: Vec<String>,
+    pub env_ids: Vec<u32>,
+    pub episode_ids: Vec<i64>,
+    pub step_indices: Vec<i64>,
+    pub finished_episodes: Vec<EpisodeSummary>,
+}
+
+/// What the receiver knows about chunks it accepts.
+#[derive(Debug, Clone, Copy)]
+pub struct ChunkExpectation {
+    pub rollout_len: usize,
+    pub obs_dim: usize,
+    pub num_actions: usize,
+}
+
+impl Chunk {
+    /// Number of environment steps in the chunk.
+    pub fn steps(&self) -> usize {
+        self.rollout_len * self.num_envs
+    }
+
+    pub fn to_proto(&self) -> TrajectoryChunk {
+        let (t, n, d) = (self.rollout_len, self.num_envs, self.obs_dim);
+        let k = self.final_observations.len() / d.max(1);
+        TrajectoryChunk {
+            actor_id: self.actor_id.clone(),
+            policy_version: self.policy_version,
+            rollout_len: t as u32,
+            num_envs: n as u32,
+            observations: Some(encode(&[t + 1, n, d], &self.observations)),
+            actions: Some(encode(&[t, n], &self.actions)),
+            behaviour_log_probs: Some(encode(&[t, n], &self.behaviour_log_probs)),
+            rewards: Some(encode(&[t, n], &self.rewards)),
+            terminated: Some(encode(&[t, n], &self.terminated)),
+            truncated: Some(encode(&[t, n], &self.truncated)),
+            final_observations: Some(encode(&[k, d], &self.final_observations)),
+            event_texts: self.event_texts.clone(),
+            env_ids: self.env_ids.clone(),
+            episode_ids: Some(encode(&[t, n], &self.episode_ids)),
+            step_indices: Some(encode(&[t, n], &self.step_indices)),
+            finished_episodes: self.finished_episodes.clone(),
+        }
+    }
+
+    /// Decodes and checks a wire chunk against what the receiver expects.
+    pub fn from_proto(msg: TrajectoryChunk, want: &ChunkExpectation) -> Result<Self, WireError> {
+        if msg.actor_id.is_empty() {
+            return Err(WireError::Missing { field: "actor_id" });
+        }
+        let t = msg.rollout_len as usize;
+        let n = msg.num_envs as usize;
+        let d = want.obs_dim;
+        if t != want.rollout_len {
+            return Err(WireError::invalid(
+                "rollout_len",
+                format!("is {t}, this learner trains on chunks of {}", want.rollout_len),
+            ));
+        }
+        if n == 0 || n > MAX_ENVS_PER_CHUNK {
+            return Err(WireError::invalid(
+                "num_envs",
+                format!("is {n}, must be between 1 and {MAX_ENVS_PER_CHUNK}"),
+            ));
+        }
+        let observations = decode::<f32>("observations", msg.observations.as_ref(), &[t + 1, n, d])?;
+        let actions = decode::<i64>("actions", msg.actions.as_ref(), &[t, n])?;
+        if let Some(a) = actions
+            .iter()
+            .find(|&&a| a < 0 || a as usize >= want.num_actions)
+        {
+            return Err(WireError::invalid(
+                "actions",
+                format!("action {a} is outside 0..{}", want.num_actions),
+            ));
+        }
+        let behaviour_log_probs = decode::<f32>(
+            "behaviour_log_probs",
+            msg.behaviour_log_probs.as_ref(),
+            &[t, n],
+        )?;
+        if behaviour_log_probs.iter().any(|&lp| lp > 1e-4) {
+            return Err(WireError::invalid(
+                "behaviour_log_probs",
+                "a log-probability is above 0",
+            ));
+        }
+        let rewards = decode::<f32>("rewards", msg.rewards.as_ref(), &[t, n])?;
+        let terminated = decode::<u8>("terminated", msg.terminated.as_ref(), &[t, n])?;
+        let truncated = decode::<u8>("truncated", msg.truncated.as_ref(), &[t, n])?;
+        for (field, flags) in [("terminated", &terminated), ("truncated", &truncated)] {
+            if flags.iter().any(|&f| f > 1) {
+                return Err(WireError::invalid(field, "flags must be 0 or 1"));
+            }
+        }
+        if terminated.iter().zip(&truncated).any(|(&a, &b)| a == 1 && b == 1) {
+            return Err(WireError::invalid(
+                "truncated",
+                "a step is marked both terminated and truncated",
+            ));
+        }
+        let k = truncated.iter().filter(|&&f| f == 1).count();
+        let final_observations = decode::<f32>(
+            "final_observations",
+            msg.final_observations.as_ref(),
+            &[k, d],
+        )?;
+        if !msg.event_texts.is_empty() && msg.event_texts.len() != t * n {
+            return Err(WireError::invalid(
+                "event_texts",
+                format!(
+                    "holds {} texts, expected none or rollout_len * num_envs = {}",
+                    msg.event_texts.len(),
+                    t * n
+                ),
+            ));
+        }
+        if msg
+            .event_texts
+            .iter()
+            .any(|s| s.len() > MAX_EVENT_TEXT_BYTES)
+        {
+            return Err(WireError::invalid(
+                "event_texts",
+                format!("a text is longer than {MAX_EVENT_TEXT_BYTES} bytes"),
+            ));
+        }
+        if msg.env_ids.len() != n {
+            return Err(WireError::invalid(
+                "env_ids",
+                format!("holds {} ids for {n} environments", msg.env_ids.len()),
+            ));
+        }
+        let episode_ids = decode::<i64>("episode_ids", msg.episode_ids.as_ref(), &[t, n])?;
+        let step_indices = decode::<i64>("step_indices", msg.step_indices.as_ref(), &[t, n])?;
+        if step_indices.iter().any(|&s| s < 0) {
+            return Err(WireError::invalid("step_indices", "a step index is negative"));
+        }
+        if msg
+            .finished_episodes
+            .iter()
+            .any(|e| !e.episode_return.is_finite())
+        {
+            return Err(WireError::invalid(
+                "finished_episodes",
+                "an episode return is not a finite number",
+            ));
+        }
+        Ok(Self {
+            actor_id: msg.actor_id,
+            policy_version: msg.policy_version,
+            rollout_len: t,
+            num_envs: n,
+            obs_dim: d,
+            observations,
+            actions,
+            behaviour_log_probs,
+            rewards,
+            terminated,
+            truncated,
+            final_observations,
+            event_texts: msg.event_texts,
+            env_ids: msg.env_ids,
+            episode_ids,
+            step_indices,
+            finished_episodes: msg.finished_episodes,
+        })
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    pub fn sample_chunk() -> Chunk {
+        let (t, n, d) = (2, 2, 3);
+        Chunk {
+            actor_id: "a0".into(),
+            policy_version: 4,
+            rollout_len: t,
+            num_envs: n,
+            obs_dim: d,
+            observations: (0..(t + 1) * n * d).map(|x| x as f32).collect(),
+            actions: vec![0, 1, 1, 0],
+            behaviour_log_probs: vec![-0.5, -0.7, -0.1, -0.2],
+            rewards: vec![1.0, 1.0, 0.0, 1.0],
+            terminated: vec![0, 0, 1, 0],
+            truncated: vec![0, 1, 0, 0],
+            final_observations: vec![9.0, 9.0, 9.0],
+            event_texts: vec![],
+            env_ids: vec![0, 1],
+            episode_ids: vec![0, 1, 0, 2],
+            step_indices: vec![5, 499, 6, 0],
+            finished_episodes: vec![EpisodeSummary {
+                episode_return: 7.0,
+                length: 7,
+                success: false,
+            }],
+        }
+    }
+
+    const WANT: ChunkExpectation = ChunkExpectation {
+        rollout_len: 2,
+        obs_dim: 3,
+        num_actions: 2,
+    };
+
+    #[test]
+    fn round_trips_through_the_wire() {
+        let c = sample_chunk();
+        assert_eq!(Chunk::from_proto(c.to_proto(), &WANT).unwrap(), c);
+    }
+
+    #[test]
+    fn rejects_inconsistent_chunks() {
+        let cases: Vec<(Box<dyn Fn(&mut TrajectoryChunk)>, &str)> = vec![
+            (Box::new(|m| m.rollout_len = 3), "rollout_len"),
+            (Box::new(|m| m.actor_id.clear()), "actor_id"),
+            (Box::new(|m| m.observations = None), "observations"),
+            (
+                Box::new(|m| m.observations.as_mut().unwrap().shape = vec![3, 2, 2]),
+                "observations",
+            ),
+            (
+                Box::new(|m| m.actions = Some(encode(&[2, 2], &[0i64, 5, 0, 0]))),
+                "actions",
+            ),
+            (
+                Box::new(|m| m.rewards = Some(encode(&[2, 2], &[0f32, f32::NAN, 0.0, 0.0]))),
+                "rewards",
+            ),
+            (
+                Box::new(|m| m.truncated = Some(encode(&[2, 2], &[0u8, 1, 1, 0]))),
+                "truncated",
+            ),
+            (Box::new(|m| m.event_texts = vec!["x".into()]), "event_texts"),
+            (Box::new(|m| m.env_ids.pop().map(|_| ()).unwrap()), "env_ids"),
+        ];
+        for (mangle, field) in cases {
+            let mut m = sample_chunk().to_proto();
+            mangle(&mut m);
+            let err = Chunk::from_proto(m, &WANT).unwrap_err();
+            assert!(err.to_string().contains(field), "{field}: {err}");
+        }
+    }
+}
