@@ -127,7 +127,7 @@ impl Default for ActorConfig {
         Self {
             rollout_len: 32,
             learner_addr: "http://127.0.0.1:50051".into(),
-            send_queue: 2,
+            send_queue: 1,
             max_backoff_ms: 5000,
         }
     }
@@ -145,6 +145,8 @@ pub struct LearnerConfig {
     /// Minibatches per pass.
     pub minibatches: u32,
     pub lr: f64,
+    /// Decay the learning rate linearly over `stop.env_steps` (to 5% of `lr`).
+    pub lr_anneal: bool,
     pub gamma: f64,
     /// V-trace trace-cutting lambda (1 is the classic IMPALA estimator).
     pub lambda: f64,
@@ -178,6 +180,7 @@ impl Default for LearnerConfig {
             epochs: 4,
             minibatches: 4,
             lr: 1e-3,
+            lr_anneal: true,
             gamma: 0.99,
             lambda: 0.95,
             rho_clip: 1.0,
@@ -188,7 +191,7 @@ impl Default for LearnerConfig {
             max_grad_norm: 0.5,
             max_policy_lag: 8,
             broadcast_every: 1,
-            queue_capacity: 16,
+            queue_capacity: 4,
             checkpoint_every: 50,
             weights_chunk_bytes: 1 << 20,
             device: "auto".into(),

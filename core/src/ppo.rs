@@ -1,6 +1,9 @@
 //! PPO's clipped surrogate (Schulman et al., 2017) with a value loss and an entropy
-//! bonus. The reference policy of the ratio is the behaviour policy that acted, as in
-//! APPO, so the clip also bounds how far stale data can push the update.
+//! bonus. The learner passes the *proximal* policy (its own weights before the update)
+//! as the reference of the ratio and corrects for the older behaviour policy inside
+//! the advantages with V-trace's truncated importance weights (decoupled PPO, Hilton
+//! et al., 2021). Near-on-policy data then gets ordinary PPO steps, and stale data is
+//! down-weighted instead of clipped into silence.
 
 use tch::{Kind, Tensor};
 
@@ -25,14 +28,14 @@ pub struct PpoLoss {
 /// gradient.
 pub fn ppo_loss(
     log_probs: &Tensor,
-    behaviour_log_probs: &Tensor,
+    reference_log_probs: &Tensor,
     advantages: &Tensor,
     values: &Tensor,
     value_targets: &Tensor,
     entropy: &Tensor,
     p: &PpoParams,
 ) -> PpoLoss {
-    let ratio = (log_probs - behaviour_log_probs).exp();
+    let ratio = (log_probs - reference_log_probs).exp();
     let unclipped = &ratio * advantages;
     let clipped = ratio.clamp(1.0 - p.clip_eps, 1.0 + p.clip_eps) * advantages;
     let policy = -unclipped.minimum(&clipped).mean(Kind::Float);

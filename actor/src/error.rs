@@ -1,0 +1,15 @@
+//! Actor errors.
+
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum ActorError {
+    #[error("learner address `{addr}`: {message}")]
+    Address { addr: String, message: String },
+    #[error("model: {0}")]
+    Model(#[from] spur_core::ModelError),
+    #[error("the learner rejected a chunk: {0}")]
+    Rejected(String),
+    #[error("rollout thread failed: {0}")]
+    Rollout(String),
+}

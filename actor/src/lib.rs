@@ -1,0 +1,129 @@
+//! spur-actor: a rollout actor.
+//!
+//! [`run`] starts three parts that hand work to each other through small bounded
+//! channels: the weight subscriber (`weights.rs`, async) fills a latest-wins slot; the
+//! rollout thread (`rollout.rs`, blocking, tch) steps the environments and produces
+//! chunks; the push task (`push.rs`, async) streams them to the learner. Both network
+//! parts reconnect with jittered backoff (`backoff.rs`). The actor ends when the
+//! learner announces that training has finished, or when `shutdown` resolves.
+
+mod backoff;
+mod error;
+mod push;
+mod rollout;
+mod weights;
+
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use spur_core::config::Config;
+use tokio::sync::{mpsc, oneshot, watch};
+use tonic::transport::Endpoint;
+use tracing::{info, warn};
+
+pub use error::ActorError;
+pub use push::PushStats;
+pub use rollout::RolloutStats;
+
+#[derive(Debug, Clone)]
+pub struct ActorOptions {
+    pub actor_id: String,
+    /// Position of this actor among its peers; spreads environment seeds.
+    pub index: u32,
+    /// Learner address (`http://host:port`); defaults to `actor.learner_addr`.
+    pub learner_addr: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct ActorSummary {
+    pub rollout: RolloutStats,
+    pub push: PushStats,
+    /// The learner said training is over (as opposed to a local shutdown).
+    pub training_finished: bool,
+}
+
+pub async fn run(
+    config: Config,
+    opts: ActorOptions,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<ActorSummary, ActorError> {
+    let addr = opts
+        .learner_addr
+        .clone()
+        .unwrap_or_else(|| config.actor.learner_addr.clone());
+    let endpoint = Endpoint::from_shared(addr.clone())
+        .map_err(|e| ActorError::Address {
+            addr: addr.clone(),
+            message: e.to_string(),
+        })?
+        .connect_timeout(Duration::from_secs(2))
+        .tcp_nodelay(true);
+    let max_backoff = Duration::from_millis(config.actor.max_backoff_ms);
+    let stop = Arc::new(AtomicBool::new(false));
+    let finished = Arc::new(AtomicBool::new(false));
+
+    let (slot, slot_rx) = watch::channel(None);
+    let subscriber = tokio::spawn(weights::subscribe(
+        endpoint.clone(),
+        opts.actor_id.clone(),
+        slot,
+        finished.clone(),
+        stop.clone(),
+        max_backoff,
+    ));
+    let (chunk_tx, chunk_rx) = mpsc::channel(config.actor.send_queue as usize);
+    let mut pusher = tokio::spawn(push::push(endpoint, opts.actor_id.clone(), chunk_rx, max_backoff));
+
+    let stopper = stop.clone();
+    tokio::spawn(async move {
+        shutdown.await;
+        stopper.store(true, Ordering::Release);
+    });
+
+    let rollout = rollout::Rollout {
+        seed: config.run.seed.wrapping_add(1000 * opts.index as u64),
+        config,
+        actor_id: opts.actor_id.clone(),
+        weights: slot_rx,
+        chunks: chunk_tx,
+        stop: stop.clone(),
+        rt: tokio::runtime::Handle::current(),
+    };
+    let (result_tx, result_rx) = oneshot::channel();
+    std::thread::Builder::new()
+        .name("spur-rollout".into())
+        .spawn(move || {
+            let _ = result_tx.send(rollout.run());
+        })
+        .map_err(|e| ActorError::Rollout(e.to_string()))?;
+    let rollout = result_rx
+        .await
+        .map_err(|_| ActorError::Rollout("the rollout thread panicked".into()))?;
+    stop.store(true, Ordering::Release);
+    subscriber.abort();
+    let push = match tokio::time::timeout(Duration::from_secs(5), &mut pusher).await {
+        Ok(Ok(r)) => r?,
+        Ok(Err(e)) => return Err(ActorError::Rollout(e.to_string())),
+        Err(_) => {
+            warn!(actor_id = opts.actor_id, "could not flush the last chunks in 5 s");
+            pusher.abort();
+            PushStats::default()
+        }
+    };
+    let rollout = rollout?;
+    let summary = ActorSummary {
+        rollout,
+        push,
+        training_finished: finished.load(Ordering::Acquire),
+    };
+    info!(
+        actor_id = opts.actor_id,
+        env_steps = rollout.env_steps,
+        chunks = rollout.chunks,
+        training_finished = summary.training_finished,
+        "actor stopped"
+    );
+    Ok(summary)
+}

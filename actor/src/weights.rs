@@ -1,0 +1,160 @@
+//! The actor's weight subscription: keeps a watch slot filled with the newest
+//! complete weights payload, reassembling pieces and reconnecting with backoff. The
+//! rollout thread takes from the slot between steps and never waits on it.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use spur_proto::v1::learner_client::LearnerClient;
+use spur_proto::v1::{SubscribeWeightsRequest, WeightsChunk};
+use spur_proto::MAX_MESSAGE_BYTES;
+use tokio::sync::watch;
+use tonic::transport::Endpoint;
+use tracing::{debug, info, warn};
+
+use crate::backoff::Backoff;
+
+/// A complete weights payload.
+#[derive(Debug)]
+pub struct WeightsUpdate {
+    pub version: u64,
+    pub bytes: Vec<u8>,
+}
+
+pub type WeightsSlot = watch::Sender<Option<Arc<WeightsUpdate>>>;
+
+/// Reassembles one version from its pieces; any gap or inconsistency discards it.
+#[derive(Default)]
+pub struct Assembler {
+    version: u64,
+    next: u32,
+    total: u64,
+    buf: Vec<u8>,
+}
+
+impl Assembler {
+    /// Adds a piece; returns the payload when it completes a version.
+    pub fn push(&mut self, c: WeightsChunk) -> Option<WeightsUpdate> {
+        if c.chunk_index == 0 {
+            self.version = c.version;
+            self.next = 0;
+            self.total = c.total_bytes;
+            self.buf.clear();
+        }
+        let consistent = c.version == self.version
+            && c.chunk_index == self.next
+            && c.total_bytes == self.total
+            && c.num_chunks > c.chunk_index
+            && self.buf.len() + c.data.len() <= self.total as usize;
+        if !consistent {
+            warn!(version = c.version, index = c.chunk_index, "discarding an inconsistent weights piece");
+            self.next = u32::MAX;
+            return None;
+        }
+        self.buf.extend_from_slice(&c.data);
+        self.next += 1;
+        if self.next == c.num_chunks {
+            if self.buf.len() as u64 != self.total {
+                warn!(version = c.version, "weights payload shorter than announced");
+                return None;
+            }
+            return Some(WeightsUpdate {
+                version: self.version,
+                bytes: std::mem::take(&mut self.buf),
+            });
+        }
+        None
+    }
+}
+
+/// Runs until training finishes (then sets `finished`) or `stop` is set.
+pub async fn subscribe(
+    endpoint: Endpoint,
+    actor_id: String,
+    slot: WeightsSlot,
+    finished: Arc<AtomicBool>,
+    stop: Arc<AtomicBool>,
+    max_backoff: Duration,
+) {
+    let mut backoff = Backoff::new(max_backoff);
+    while !stop.load(Ordering::Acquire) {
+        let have = slot.borrow().as_ref().map_or(0, |w| w.version);
+        let stream = match endpoint.connect().await {
+            Ok(ch) => {
+                let mut client = LearnerClient::new(ch).max_decoding_message_size(MAX_MESSAGE_BYTES);
+                client
+                    .subscribe_weights(SubscribeWeightsRequest {
+                        actor_id: actor_id.clone(),
+                        have_version: have,
+                    })
+                    .await
+            }
+            Err(e) => Err(tonic::Status::unavailable(e.to_string())),
+        };
+        let mut stream = match stream {
+            Ok(r) => r.into_inner(),
+            Err(status) => {
+                let delay = backoff.next_delay();
+                warn!(actor_id, error = %status.message(), ?delay, "cannot subscribe to weights, retrying");
+                tokio::time::sleep(delay).await;
+                continue;
+            }
+        };
+        let mut assembler = Assembler::default();
+        loop {
+            match stream.message().await {
+                Ok(Some(piece)) => {
+                    backoff.reset();
+                    let done = piece.training_finished;
+                    if let Some(update) = assembler.push(piece) {
+                        debug!(actor_id, version = update.version, "new weights");
+                        slot.send_replace(Some(Arc::new(update)));
+                    }
+                    if done {
+                        info!(actor_id, "the learner finished training");
+                        finished.store(true, Ordering::Release);
+                        stop.store(true, Ordering::Release);
+                        return;
+                    }
+                }
+                Ok(None) => break,
+                Err(status) => {
+                    warn!(actor_id, error = %status.message(), "weights stream broke");
+                    break;
+                }
+            }
+        }
+        tokio::time::sleep(backoff.next_delay()).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn piece(version: u64, index: u32, n: u32, total: u64, data: &[u8]) -> WeightsChunk {
+        WeightsChunk {
+            version,
+            chunk_index: index,
+            num_chunks: n,
+            total_bytes: total,
+            data: data.to_vec(),
+            training_finished: false,
+        }
+    }
+
+    #[test]
+    fn assembles_in_order_and_rejects_gaps() {
+        let mut a = Assembler::default();
+        assert!(a.push(piece(2, 0, 2, 4, &[1, 2])).is_none());
+        let w = a.push(piece(2, 1, 2, 4, &[3, 4])).unwrap();
+        assert_eq!((w.version, w.bytes), (2, vec![1, 2, 3, 4]));
+        // a missing middle piece discards the version
+        assert!(a.push(piece(3, 0, 3, 6, &[1, 2])).is_none());
+        assert!(a.push(piece(3, 2, 3, 6, &[5, 6])).is_none());
+        // a fresh version starts over cleanly
+        let w = a.push(piece(4, 0, 1, 1, &[9])).unwrap();
+        assert_eq!(w.version, 4);
+    }
+}

@@ -1,0 +1,133 @@
+//! `spur bench throughput`: in one run on one machine, env-only steps/s (random
+//! actions), inference-only steps/s (batched policy forward passes), a single actor's
+//! rollout loop without a learner (env + inference), and end-to-end env steps/s of
+//! local mode (learner and actors as processes, training for real). Ratios are
+//! against the env-only baseline measured in the same run.
+
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use rand::Rng;
+use spur_core::env::{make_env, VecEnv};
+use spur_core::model::ActorCritic;
+use spur_core::Config;
+
+use crate::cluster::Cluster;
+use crate::ConfigArgs;
+
+#[derive(Args)]
+pub struct ThroughputArgs {
+    #[command(flatten)]
+    config: ConfigArgs,
+    /// Seconds each measurement runs.
+    #[arg(long, default_value_t = 5.0)]
+    seconds: f64,
+    /// Seconds of end-to-end warm-up before measuring.
+    #[arg(long, default_value_t = 3.0)]
+    warmup: f64,
+}
+
+fn vec_env(config: &Config) -> VecEnv {
+    let envs = (0..config.env.num_envs).map(|_| make_env(&config.env)).collect();
+    VecEnv::new(envs, config.run.seed)
+}
+
+fn env_only(config: &Config, secs: f64) -> f64 {
+    let mut venv = vec_env(config);
+    let n = venv.num_envs();
+    let a = venv.spec().num_actions as i64;
+    let mut rng = rand::rng();
+    let mut actions = vec![0i64; n];
+    let (start, mut steps) = (Instant::now(), 0u64);
+    while start.elapsed().as_secs_f64() < secs {
+        for _ in 0..64 {
+            actions.iter_mut().for_each(|x| *x = rng.random_range(0..a));
+            venv.step(&actions);
+        }
+        steps += 64 * n as u64;
+    }
+    steps as f64 / start.elapsed().as_secs_f64()
+}
+
+fn inference_only(config: &Config, secs: f64) -> f64 {
+    let venv = vec_env(config);
+    let spec = venv.spec().clone();
+    let model = ActorCritic::new(spec.obs_dim, spec.num_actions, &config.model.hidden, tch::Device::Cpu);
+    let obs = venv.observations().to_vec();
+    let (start, mut steps) = (Instant::now(), 0u64);
+    while start.elapsed().as_secs_f64() < secs {
+        for _ in 0..16 {
+            std::hint::black_box(model.act(&obs, false));
+        }
+        steps += 16 * venv.num_envs() as u64;
+    }
+    steps as f64 / start.elapsed().as_secs_f64()
+}
+
+fn rollout_only(config: &Config, secs: f64) -> f64 {
+    let mut venv = vec_env(config);
+    let spec = venv.spec().clone();
+    let model = ActorCritic::new(spec.obs_dim, spec.num_actions, &config.model.hidden, tch::Device::Cpu);
+    let (start, mut steps) = (Instant::now(), 0u64);
+    while start.elapsed().as_secs_f64() < secs {
+        for _ in 0..16 {
+            let (actions, _) = model.act(venv.observations(), false);
+            venv.step(&actions);
+        }
+        steps += 16 * venv.num_envs() as u64;
+    }
+    steps as f64 / start.elapsed().as_secs_f64()
+}
+
+async fn end_to_end(config: &Config, warmup: f64, secs: f64) -> anyhow::Result<(f64, u64)> {
+    let mut config = config.clone();
+    config.learner.listen = "127.0.0.1:0".into();
+    config.stop.env_steps = 0;
+    config.stop.target_return = 0.0;
+    let run_dir = std::env::temp_dir().join(format!("spur-bench-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&run_dir);
+    std::fs::create_dir_all(&run_dir)?;
+    std::fs::write(run_dir.join("config.toml"), config.to_toml())?;
+    let mut cluster = Cluster::start(&run_dir, config.run.actors).await?;
+    let result = async {
+        tokio::time::sleep(Duration::from_secs_f64(warmup)).await;
+        let a = cluster.status().await.ok_or_else(|| anyhow::anyhow!("no status from the learner"))?;
+        let t0 = Instant::now();
+        tokio::time::sleep(Duration::from_secs_f64(secs)).await;
+        let b = cluster.status().await.ok_or_else(|| anyhow::anyhow!("no status from the learner"))?;
+        let rate = (b.env_steps - a.env_steps) as f64 / t0.elapsed().as_secs_f64();
+        Ok::<_, anyhow::Error>((rate, b.dropped_stale_chunks))
+    }
+    .await;
+    cluster.stop(Duration::from_secs(10)).await;
+    let _ = std::fs::remove_dir_all(&run_dir);
+    result
+}
+
+pub async fn throughput(args: ThroughputArgs) -> anyhow::Result<std::process::ExitCode> {
+    let config = args.config.load()?;
+    tch::set_num_threads(config.run.torch_threads as i32);
+    let secs = args.seconds;
+    println!(
+        "spur bench throughput: env {:?}, {} envs per actor, {} actors, {} cores, {secs} s per measurement",
+        config.env.kind,
+        config.env.num_envs,
+        config.run.actors,
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+    let env = env_only(&config, secs);
+    let inference = inference_only(&config, secs);
+    let rollout = rollout_only(&config, secs);
+    let (e2e, dropped) = end_to_end(&config, args.warmup, secs).await?;
+    println!("{:<44} {:>12} {:>10}", "measurement", "env steps/s", "vs env");
+    for (name, v) in [
+        ("env only (1 thread, random actions)", env),
+        ("inference only (1 thread, batched forward)", inference),
+        ("one actor's rollout loop (env + inference)", rollout),
+        ("end to end (local mode, training)", e2e),
+    ] {
+        println!("{name:<44} {v:>12.0} {:>9.3}x", v / env);
+    }
+    println!("stale chunks dropped during the end-to-end run: {dropped}");
+    Ok(std::process::ExitCode::SUCCESS)
+}

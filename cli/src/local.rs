@@ -1,0 +1,174 @@
+//! `spur local`: every role as a child process on this machine, a progress bar fed by
+//! the learner's status, clean stop on Ctrl-C, and a non-zero exit with the failing
+//! child's log when something breaks.
+
+use std::io::IsTerminal;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use indicatif::{ProgressBar, ProgressStyle};
+use spur_core::Config;
+use spur_proto::v1::LearnerStatus;
+
+use crate::cluster::{log_tail, Cluster, Event};
+use crate::{default_run_dir, LocalArgs};
+
+/// How long children get to stop after SIGTERM.
+const STOP_GRACE: Duration = Duration::from_secs(20);
+
+pub async fn run(mut config: Config, args: LocalArgs) -> anyhow::Result<ExitCode> {
+    if let Some(n) = args.actors {
+        config.run.actors = n;
+        config.validate()?;
+    }
+    // Children find each other through the run directory, so any free port will do.
+    config.learner.listen = "127.0.0.1:0".into();
+    let run_dir = args.run_dir.unwrap_or_else(|| default_run_dir(&config));
+    std::fs::create_dir_all(&run_dir)
+        .with_context(|| format!("cannot create run directory {}", run_dir.display()))?;
+    std::fs::write(run_dir.join("config.toml"), config.to_toml())?;
+    println!("run directory: {}", run_dir.display());
+
+    let mut cluster = Cluster::start(&run_dir, config.run.actors).await?;
+    let progress = Progress::new(config.stop.env_steps);
+    let mut last_status: Option<LearnerStatus> = None;
+    let mut interrupt = std::pin::pin!(crate::shutdown::signal());
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    let outcome = loop {
+        tokio::select! {
+            _ = &mut interrupt => break Outcome::Interrupted,
+            _ = tick.tick() => {}
+        }
+        if let Some(s) = cluster.status().await {
+            progress.update(&s);
+            last_status = Some(s);
+        }
+        match cluster.poll()? {
+            Some(Event::LearnerExited(status)) if status.success() => break Outcome::Finished,
+            Some(Event::LearnerExited(status)) => {
+                break Outcome::Failed(format!(
+                    "the learner failed ({status}):\n{}",
+                    log_tail(&run_dir, "learner", 30)
+                ))
+            }
+            Some(Event::ActorFailed { index, status }) => {
+                break Outcome::Failed(format!(
+                    "actor {index} kept failing ({status}):\n{}",
+                    log_tail(&run_dir, &format!("actor-{index}"), 30)
+                ))
+            }
+            None => {}
+        }
+    };
+    progress.finish();
+    match outcome {
+        Outcome::Finished => {
+            cluster.wait_actors(Duration::from_secs(10)).await;
+            cluster.stop(STOP_GRACE).await;
+            print_summary(&run_dir, last_status.as_ref());
+            Ok(ExitCode::SUCCESS)
+        }
+        Outcome::Interrupted => {
+            eprintln!("interrupted: stopping actors and learner (the learner checkpoints first)");
+            let learner = cluster.stop(STOP_GRACE).await;
+            print_summary(&run_dir, last_status.as_ref());
+            match learner {
+                Some(s) if s.success() => Ok(ExitCode::from(130)),
+                _ => bail!("the learner did not stop cleanly; see {}", run_dir.join("logs").display()),
+            }
+        }
+        Outcome::Failed(message) => {
+            cluster.stop(STOP_GRACE).await;
+            bail!("{message}")
+        }
+    }
+}
+
+enum Outcome {
+    Finished,
+    Interrupted,
+    Failed(String),
+}
+
+/// An indicatif bar on a terminal; a plain line every 10 s elsewhere (CI, pipes).
+struct Progress {
+    bar: Option<ProgressBar>,
+    last_line: std::cell::Cell<Instant>,
+}
+
+impl Progress {
+    fn new(budget: u64) -> Self {
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let bar = ProgressBar::new(budget.max(1));
+            bar.set_style(
+                ProgressStyle::with_template(
+                    "{spinner} [{elapsed_precise}] {bar:30.cyan/blue} {human_pos}/{human_len} steps  {msg}",
+                )
+                .expect("the progress template is valid")
+                .progress_chars("=> "),
+            );
+            bar.enable_steady_tick(Duration::from_millis(200));
+            bar
+        });
+        Self {
+            bar,
+            last_line: std::cell::Cell::new(Instant::now()),
+        }
+    }
+
+    fn update(&self, s: &LearnerStatus) {
+        let msg = status_line(s);
+        match &self.bar {
+            Some(bar) => {
+                bar.set_position(s.env_steps);
+                bar.set_message(msg);
+            }
+            None if self.last_line.get().elapsed() >= Duration::from_secs(10) => {
+                self.last_line.set(Instant::now());
+                println!("{} steps  {msg}", s.env_steps);
+            }
+            None => {}
+        }
+    }
+
+    fn finish(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish();
+        }
+    }
+}
+
+fn status_line(s: &LearnerStatus) -> String {
+    format!(
+        "{:>6.0} steps/s | return {:>6.1} | success {:>3.0}% | v{} | actors {} | lag drops {}",
+        s.steps_per_sec,
+        s.episode_return_mean,
+        s.success_rate * 100.0,
+        s.policy_version,
+        s.connected_actors,
+        s.dropped_stale_chunks
+    )
+}
+
+fn print_summary(run_dir: &std::path::Path, last: Option<&LearnerStatus>) {
+    // The learner's final numbers are the last line of metrics.jsonl.
+    let metrics = run_dir.join("metrics.jsonl");
+    let last_row = std::fs::read_to_string(&metrics)
+        .ok()
+        .and_then(|t| t.lines().last().map(str::to_string))
+        .and_then(|l| serde_json::from_str::<serde_json::Value>(&l).ok());
+    match (last_row, last) {
+        (Some(row), _) => println!(
+            "done: {} env steps, mean return {:.1} (last 100 episodes), success {:.0}%, policy version {}",
+            row["env_steps"],
+            row["episode_return_mean"].as_f64().unwrap_or(0.0),
+            row["success_rate"].as_f64().unwrap_or(0.0) * 100.0,
+            row["policy_version"]
+        ),
+        (None, Some(s)) => println!("stopped: {}", status_line(s)),
+        (None, None) => println!("stopped before the first update"),
+    }
+    println!("metrics:     {}", metrics.display());
+    println!("checkpoints: {}", run_dir.join("checkpoints").display());
+}

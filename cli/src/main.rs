@@ -1,0 +1,166 @@
+//! The `spur` command: one binary for every role. `main` only parses arguments and
+//! config, starts tracing, and hands over to the role's `run`.
+
+mod bench;
+mod cluster;
+mod local;
+mod logging;
+mod shutdown;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use spur_core::Config;
+
+#[derive(Parser)]
+#[command(name = "spur", version, about = "Distributed actor-learner RL with LLM-derived intrinsic rewards")]
+struct Cli {
+    /// Log as JSON lines (for clusters) instead of human-readable text.
+    #[arg(long, global = true)]
+    log_json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the learner: accept trajectories, train, broadcast weights.
+    Learner(LearnerArgs),
+    /// Run one rollout actor against a learner.
+    Actor(ActorArgs),
+    /// Start a learner and N actors as child processes on this machine.
+    Local(LocalArgs),
+    /// Measure throughput.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Args, Clone)]
+struct ConfigArgs {
+    /// Experiment config (TOML); built-in defaults when omitted.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// Override a config key, e.g. `--set learner.lr=0.0005` (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+}
+
+impl ConfigArgs {
+    /// File, then `SPUR_*` variables, then `--set`; validated as a whole.
+    fn load(&self) -> anyhow::Result<Config> {
+        Ok(Config::load(self.config.as_deref(), std::env::vars(), &self.set)?)
+    }
+}
+
+#[derive(Args)]
+struct LearnerArgs {
+    #[command(flatten)]
+    config: ConfigArgs,
+    /// Run directory (config, metrics.jsonl, checkpoints).
+    #[arg(long)]
+    run_dir: Option<PathBuf>,
+    /// Continue from the newest checkpoint in the run directory.
+    #[arg(long)]
+    resume: bool,
+}
+
+#[derive(Args)]
+struct ActorArgs {
+    #[command(flatten)]
+    config: ConfigArgs,
+    /// Learner address, e.g. http://127.0.0.1:50051 (default: actor.learner_addr).
+    #[arg(long)]
+    learner: Option<String>,
+    /// Name of this actor (default: actor-<index>).
+    #[arg(long)]
+    actor_id: Option<String>,
+    /// Position among the actors; spreads environment seeds.
+    #[arg(long, default_value_t = 0)]
+    index: u32,
+}
+
+#[derive(Args)]
+pub struct LocalArgs {
+    #[command(flatten)]
+    config: ConfigArgs,
+    /// Number of actor processes (default: run.actors).
+    #[arg(long)]
+    actors: Option<u32>,
+    /// Run directory (default: <run.dir>/<run.name>-<unix time>).
+    #[arg(long)]
+    run_dir: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// End-to-end env steps/s of local mode, env-only and inference-only steps/s.
+    Throughput(bench::ThroughputArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    logging::init(cli.log_json);
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(dispatch(cli.command)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::Learner(a) => {
+            let config = a.config.load()?;
+            let run_dir = a.run_dir.unwrap_or_else(|| default_run_dir(&config));
+            let opts = spur_learner::LearnerOptions {
+                run_dir,
+                resume: a.resume,
+            };
+            spur_learner::run(config, opts, shutdown::signal())
+                .await
+                .context("learner failed")?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Actor(a) => {
+            let config = a.config.load()?;
+            let opts = spur_actor::ActorOptions {
+                actor_id: a.actor_id.unwrap_or_else(|| format!("actor-{}", a.index)),
+                index: a.index,
+                learner_addr: a.learner,
+            };
+            spur_actor::run(config, opts, shutdown::signal())
+                .await
+                .context("actor failed")?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Local(a) => {
+            let config = a.config.load()?;
+            local::run(config, a).await
+        }
+        Command::Bench(BenchCommand::Throughput(a)) => bench::throughput(a).await,
+    }
+}
+
+/// `<run.dir>/<run.name>-<unix seconds>`.
+pub fn default_run_dir(config: &Config) -> PathBuf {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    PathBuf::from(&config.run.dir).join(format!("{}-{secs}", config.run.name))
+}

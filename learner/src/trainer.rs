@@ -1,0 +1,347 @@
+//! The training thread: gathers chunks from the queue into batches (dropping those
+//! older than `max_policy_lag` versions), computes V-trace targets with the current
+//! critic, takes PPO-clipped Adam steps over minibatches, publishes weights, writes
+//! metrics and checkpoints.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use spur_core::checkpoint;
+use spur_core::config::Config;
+use spur_core::model::ActorCritic;
+use spur_core::ppo::{ppo_loss, PpoParams};
+use spur_core::trajectory::Chunk;
+use spur_core::vtrace::{vtrace, VTraceInput, VTraceParams};
+use tch::{nn, nn::OptimizerConfig, Device, Kind, Tensor};
+use tokio::runtime::Handle;
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+
+use crate::batch::Batch;
+use crate::broadcast::{Broadcaster, Published};
+use crate::error::LearnerError;
+use crate::metrics::{MetricsRow, MetricsWriter};
+use crate::state::Shared;
+
+/// Metadata keys of checkpoints.
+pub const META_ENV_STEPS: &str = "spur.env_steps";
+pub const META_UPDATES: &str = "spur.updates";
+
+pub struct Trainer {
+    pub config: Config,
+    pub run_dir: PathBuf,
+    pub model: ActorCritic,
+    pub version: u64,
+    pub updates: u64,
+    pub shared: Arc<Shared>,
+    pub broadcaster: Broadcaster,
+    pub rx: mpsc::Receiver<Chunk>,
+    pub rt: Handle,
+}
+
+/// What a finished training run reports.
+#[derive(Debug, Clone)]
+pub struct TrainSummary {
+    pub policy_version: u64,
+    pub env_steps: u64,
+    pub updates: u64,
+    pub episode_return_mean: f64,
+    pub success_rate: f64,
+    pub checkpoint: PathBuf,
+}
+
+#[derive(Default)]
+struct UpdateStats {
+    policy_loss: f64,
+    value_loss: f64,
+    entropy: f64,
+    clip_fraction: f64,
+    /// Estimated KL(mu || pi) between behaviour and current policy: 0 when on-policy.
+    behaviour_kl: f64,
+    steps: usize,
+}
+
+impl Trainer {
+    pub fn run(mut self) -> Result<TrainSummary, LearnerError> {
+        let lc = self.config.learner.clone();
+        let mut opt = nn::Adam {
+            eps: 1e-5,
+            ..Default::default()
+        }
+        .build(self.model.var_store(), lc.lr)
+        .map_err(spur_core::ModelError::from)?;
+        let mut metrics = MetricsWriter::open(&self.run_dir.join("metrics.jsonl")).map_err(|source| {
+            LearnerError::RunDir {
+                path: self.run_dir.display().to_string(),
+                source,
+            }
+        })?;
+        let ckpt_dir = self.run_dir.join("checkpoints");
+        let start = Instant::now();
+        let mut last_tick = (Instant::now(), self.shared.env_steps.load(Ordering::Relaxed));
+        let mut rate = 0.0f64;
+        'train: loop {
+            // Gather a batch.
+            let mut chunks = Vec::new();
+            let mut steps = 0usize;
+            let mut lag_sum = 0u64;
+            while steps < lc.batch_steps as usize {
+                if self.should_stop() {
+                    break 'train;
+                }
+                let rx = &mut self.rx;
+                let next = self.rt.block_on(async {
+                    tokio::time::timeout(Duration::from_millis(100), rx.recv()).await
+                });
+                let chunk = match next {
+                    Ok(Some(c)) => c,
+                    Ok(None) => break 'train,
+                    Err(_) => continue,
+                };
+                let lag = self.version as i64 - chunk.policy_version as i64;
+                if lag < 0 || lag as u64 > lc.max_policy_lag {
+                    self.shared.dropped_stale_chunks.fetch_add(1, Ordering::Relaxed);
+                    warn!(actor_id = %chunk.actor_id, lag, version = chunk.policy_version, "dropping stale chunk");
+                    continue;
+                }
+                lag_sum += lag as u64;
+                steps += chunk.steps();
+                chunks.push(chunk);
+            }
+            let batch = Batch::from_chunks(&chunks);
+            let lr = if self.config.stop.env_steps > 0 && lc.lr_anneal {
+                let done = self.shared.env_steps.load(Ordering::Relaxed) as f64
+                    / self.config.stop.env_steps as f64;
+                lc.lr * (1.0 - done).max(0.05)
+            } else {
+                lc.lr
+            };
+            opt.set_lr(lr);
+            let stats = self.update(&batch, &mut opt);
+            self.version += 1;
+            self.updates += 1;
+            self.shared.policy_version.store(self.version, Ordering::Release);
+            self.shared.updates.store(self.updates, Ordering::Relaxed);
+            if self.updates % lc.broadcast_every == 0 {
+                self.publish(false)?;
+            }
+
+            // Throughput: exponential average over updates.
+            let now = Instant::now();
+            let env_steps = self.shared.env_steps.load(Ordering::Relaxed);
+            let dt = now.duration_since(last_tick.0).as_secs_f64();
+            if dt > 0.0 {
+                let inst = (env_steps - last_tick.1) as f64 / dt;
+                rate = if rate == 0.0 { inst } else { 0.8 * rate + 0.2 * inst };
+                self.shared.set_steps_per_sec(rate);
+            }
+            last_tick = (now, env_steps);
+
+            let ep = self.shared.episode_stats();
+            let row = MetricsRow {
+                time_s: start.elapsed().as_secs_f64(),
+                env_steps,
+                steps_per_sec: rate,
+                episode_return_mean: ep.return_mean,
+                episode_len_mean: ep.len_mean,
+                success_rate: ep.success_rate,
+                episodes: ep.total,
+                policy_version: self.version,
+                updates: self.updates,
+                policy_lag_mean: lag_sum as f64 / chunks.len().max(1) as f64,
+                dropped_stale_chunks: self.shared.dropped_stale_chunks.load(Ordering::Relaxed),
+                queue_depth: (self.rx.len()) as u32,
+                connected_actors: self.shared.connected_actors.load(Ordering::Relaxed),
+                lr,
+                policy_loss: stats.policy_loss,
+                value_loss: stats.value_loss,
+                entropy: stats.entropy,
+                clip_fraction: stats.clip_fraction,
+                behaviour_kl: stats.behaviour_kl,
+                batch_steps: batch.len() as u64,
+            };
+            if let Err(e) = metrics.write(&row) {
+                warn!(error = %e, "cannot write metrics.jsonl");
+            }
+            if self.updates % lc.checkpoint_every == 0 {
+                self.checkpoint(&ckpt_dir)?;
+            }
+            if stats.steps == 0 {
+                warn!(version = self.version, "every minibatch of this update had a non-finite loss");
+            }
+            let budget = self.config.stop.env_steps;
+            let target = self.config.stop.target_return;
+            if budget > 0 && env_steps >= budget {
+                info!(env_steps, "env step budget reached");
+                break;
+            }
+            if target > 0.0 && ep.window >= crate::state::EPISODE_WINDOW && ep.return_mean >= target {
+                info!(env_steps, return_mean = ep.return_mean, "target return reached");
+                break;
+            }
+        }
+        // Stop taking chunks, save, and tell subscribers that training is over.
+        self.rx.close();
+        let path = self.checkpoint(&ckpt_dir)?;
+        self.shared.training_finished.store(true, Ordering::Release);
+        self.publish(true)?;
+        let ep = self.shared.episode_stats();
+        Ok(TrainSummary {
+            policy_version: self.version,
+            env_steps: self.shared.env_steps.load(Ordering::Relaxed),
+            updates: self.updates,
+            episode_return_mean: ep.return_mean,
+            success_rate: ep.success_rate,
+            checkpoint: path,
+        })
+    }
+
+    fn should_stop(&self) -> bool {
+        self.shared.stop_requested.load(Ordering::Acquire)
+    }
+
+    fn payload(&self) -> Result<Vec<u8>, LearnerError> {
+        let mut meta = HashMap::new();
+        meta.insert(
+            META_ENV_STEPS.to_string(),
+            self.shared.env_steps.load(Ordering::Relaxed).to_string(),
+        );
+        meta.insert(META_UPDATES.to_string(), self.updates.to_string());
+        Ok(self.model.to_safetensors(self.version, &meta)?)
+    }
+
+    fn publish(&self, finished: bool) -> Result<(), LearnerError> {
+        self.broadcaster.publish(Published {
+            version: self.version,
+            bytes: Arc::new(self.payload()?),
+            finished,
+        });
+        Ok(())
+    }
+
+    fn checkpoint(&self, dir: &std::path::Path) -> Result<PathBuf, LearnerError> {
+        let path = checkpoint::save(dir, self.version, &self.payload()?)?;
+        info!(version = self.version, path = %path.display(), "checkpoint written");
+        Ok(path)
+    }
+
+    fn update(&mut self, batch: &Batch, opt: &mut nn::Optimizer) -> UpdateStats {
+        let lc = &self.config.learner;
+        let dev = self.model.device();
+        let (t_len, w) = (batch.rollout_len, batch.width);
+        let n = batch.len() as i64;
+        let to_dev = |v: &[f32], rows: i64| Tensor::from_slice(v).view([rows, -1]).to_device(dev);
+        let obs_all = to_dev(&batch.observations, ((t_len + 1) * w) as i64);
+        let obs = obs_all.narrow(0, 0, n);
+        let actions = Tensor::from_slice(&batch.actions).to_device(dev);
+
+        // Targets with the current critic and policy, no gradients.
+        let (values_obs, values_final, target_lp) = tch::no_grad(|| {
+            let v = to_vec(&self.model.values(&obs_all));
+            let vf = if batch.truncated_count() > 0 {
+                let f = to_dev(&batch.final_observations, batch.truncated_count() as i64);
+                to_vec(&self.model.values(&f))
+            } else {
+                Vec::new()
+            };
+            let lp = self
+                .model
+                .logits(&obs)
+                .log_softmax(-1, Kind::Float)
+                .gather(1, &actions.unsqueeze(1), false)
+                .squeeze_dim(1);
+            (v, vf, to_vec(&lp))
+        });
+        let next_values = batch.next_values(&values_obs, &values_final);
+        let log_rhos: Vec<f32> = target_lp
+            .iter()
+            .zip(&batch.behaviour_log_probs)
+            .map(|(a, b)| a - b)
+            .collect();
+        let vt = vtrace(
+            &VTraceInput {
+                rollout_len: t_len,
+                batch: w,
+                log_rhos: &log_rhos,
+                rewards: &batch.rewards,
+                values: &values_obs[..batch.len()],
+                next_values: &next_values,
+                terminated: &batch.terminated,
+                truncated: &batch.truncated,
+            },
+            &VTraceParams {
+                gamma: lc.gamma as f32,
+                lambda: lc.lambda as f32,
+                rho_clip: lc.rho_clip as f32,
+                c_clip: lc.c_clip as f32,
+                pg_rho_clip: lc.rho_clip as f32,
+            },
+        );
+        // Decoupled PPO: the ratio is taken against the proximal policy (these
+        // weights before this update), while V-trace's truncated importance weights
+        // inside the advantages correct for the older behaviour policy.
+        let proximal = Tensor::from_slice(&target_lp).to_device(dev);
+        let advantages = Tensor::from_slice(&vt.pg_advantages).to_device(dev);
+        let targets = Tensor::from_slice(&vt.vs).to_device(dev);
+        let params = PpoParams {
+            clip_eps: lc.clip_eps,
+            value_coef: lc.value_coef,
+            entropy_coef: lc.entropy_coef,
+        };
+
+        let mb = (n / lc.minibatches as i64).max(1);
+        let mut stats = UpdateStats {
+            behaviour_kl: -log_rhos.iter().map(|&x| x as f64).sum::<f64>()
+                / log_rhos.len().max(1) as f64,
+            ..Default::default()
+        };
+        for _ in 0..lc.epochs {
+            let perm = Tensor::randperm(n, (Kind::Int64, dev));
+            for m in 0..(n / mb) {
+                let idx = perm.narrow(0, m * mb, mb);
+                let adv = advantages.index_select(0, &idx);
+                let adv = (&adv - adv.mean(Kind::Float)) / (adv.std(true) + 1e-8);
+                let eval = self
+                    .model
+                    .evaluate(&obs.index_select(0, &idx), &actions.index_select(0, &idx));
+                let loss = ppo_loss(
+                    &eval.log_probs,
+                    &proximal.index_select(0, &idx),
+                    &adv,
+                    &eval.values,
+                    &targets.index_select(0, &idx),
+                    &eval.entropy,
+                    &params,
+                );
+                let total = loss.total.double_value(&[]);
+                if !total.is_finite() {
+                    warn!(version = self.version, "skipping a minibatch with a non-finite loss");
+                    continue;
+                }
+                opt.zero_grad();
+                loss.total.backward();
+                opt.clip_grad_norm(lc.max_grad_norm);
+                opt.step();
+                stats.policy_loss += loss.policy;
+                stats.value_loss += loss.value;
+                stats.entropy += loss.entropy;
+                stats.clip_fraction += loss.clip_fraction;
+                stats.steps += 1;
+            }
+        }
+        let k = stats.steps.max(1) as f64;
+        stats.policy_loss /= k;
+        stats.value_loss /= k;
+        stats.entropy /= k;
+        stats.clip_fraction /= k;
+        stats
+    }
+}
+
+fn to_vec(t: &Tensor) -> Vec<f32> {
+    Vec::<f32>::try_from(t.to_device(Device::Cpu).to_kind(Kind::Float).view([-1]))
+        .expect("a float tensor converts to Vec<f32>")
+}

@@ -1,0 +1,154 @@
+//! Helpers for spur's end-to-end tests: a learner on `127.0.0.1:0` in this process,
+//! readiness by polling gRPC health (never a sleep), and actors as tasks.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use spur_core::config::Config;
+use spur_learner::{LearnerOptions, TrainSummary};
+use spur_proto::v1::learner_client::LearnerClient;
+use spur_proto::v1::{LearnerStatus, StatusRequest};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tonic::transport::Channel;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
+
+pub struct TestLearner {
+    pub addr: String,
+    pub run_dir: PathBuf,
+    pub handle: JoinHandle<Result<TrainSummary, spur_learner::LearnerError>>,
+    stop: Option<oneshot::Sender<()>>,
+}
+
+impl TestLearner {
+    /// Starts a learner for `config` with a fresh run directory and waits until its
+    /// health service reports SERVING.
+    pub async fn start(config: Config, name: &str) -> anyhow::Result<Self> {
+        let run_dir = std::env::temp_dir().join(format!("spur-test-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&run_dir);
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = format!("http://{}", listener.local_addr()?);
+        let (stop, stopped) = oneshot::channel::<()>();
+        let opts = LearnerOptions {
+            run_dir: run_dir.clone(),
+            resume: false,
+        };
+        let handle = tokio::spawn(spur_learner::serve(config, opts, listener, async {
+            let _ = stopped.await;
+        }));
+        wait_serving(&addr).await?;
+        Ok(Self {
+            addr,
+            run_dir,
+            handle,
+            stop: Some(stop),
+        })
+    }
+
+    pub async fn client(&self) -> anyhow::Result<LearnerClient<Channel>> {
+        Ok(LearnerClient::connect(self.addr.clone()).await?)
+    }
+
+    pub async fn status(&self) -> anyhow::Result<LearnerStatus> {
+        Ok(self.client().await?.get_status(StatusRequest {}).await?.into_inner())
+    }
+
+    /// Polls status until `pred` holds, failing after `limit`.
+    pub async fn wait_for(
+        &self,
+        limit: Duration,
+        what: &str,
+        pred: impl Fn(&LearnerStatus) -> bool,
+    ) -> anyhow::Result<LearnerStatus> {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let s = self.status().await?;
+            if pred(&s) {
+                return Ok(s);
+            }
+            if tokio::time::Instant::now() > deadline {
+                anyhow::bail!("timed out waiting for {what}; last status: {s:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Asks the learner to stop and waits for its summary.
+    pub async fn stop(mut self) -> anyhow::Result<TrainSummary> {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        Ok(self.handle.await??)
+    }
+}
+
+/// Polls the gRPC health service until the learner reports SERVING.
+pub async fn wait_serving(addr: &str) -> anyhow::Result<()> {
+    for _ in 0..200 {
+        if let Ok(channel) = Channel::from_shared(addr.to_string())?.connect().await {
+            let mut h = HealthClient::new(channel);
+            let req = HealthCheckRequest {
+                service: "spur.v1.Learner".into(),
+            };
+            if let Ok(r) = h.check(req).await {
+                if r.into_inner().status == 1 {
+                    return Ok(());
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    anyhow::bail!("learner at {addr} never became ready")
+}
+
+/// Starts an actor task against `addr`; it stops when `stop` fires or training ends.
+pub fn spawn_actor(
+    config: &Config,
+    addr: &str,
+    index: u32,
+) -> (
+    oneshot::Sender<()>,
+    JoinHandle<Result<spur_actor::ActorSummary, spur_actor::ActorError>>,
+) {
+    let (stop, stopped) = oneshot::channel::<()>();
+    let opts = spur_actor::ActorOptions {
+        actor_id: format!("actor-{index}"),
+        index,
+        learner_addr: Some(addr.to_string()),
+    };
+    let handle = tokio::spawn(spur_actor::run(config.clone(), opts, async {
+        let _ = stopped.await;
+    }));
+    (stop, handle)
+}
+
+/// A small, fast cartpole config for tests.
+pub fn tiny_cartpole(env_steps: u64) -> Config {
+    let mut c = Config::from_toml_str(
+        r#"
+[run]
+name = "test"
+[env]
+kind = "cartpole"
+num_envs = 16
+[model]
+hidden = [64, 64]
+device = "cpu"
+[actor]
+rollout_len = 32
+[learner]
+device = "cpu"
+batch_steps = 4096
+epochs = 4
+minibatches = 4
+lr = 0.0005
+checkpoint_every = 1000
+max_grad_norm = 100.0
+"#,
+    )
+    .expect("the test config is valid");
+    c.stop.env_steps = env_steps;
+    c
+}
