@@ -74,7 +74,13 @@ pub async fn run(
         max_backoff,
     ));
     let (chunk_tx, chunk_rx) = mpsc::channel(config.actor.send_queue as usize);
-    let mut pusher = tokio::spawn(push::push(endpoint, opts.actor_id.clone(), chunk_rx, max_backoff));
+    let mut pusher = tokio::spawn(push::push(
+        endpoint,
+        opts.actor_id.clone(),
+        chunk_rx,
+        config.actor.max_unacked_chunks as usize,
+        max_backoff,
+    ));
 
     let stopper = stop.clone();
     tokio::spawn(async move {
@@ -107,7 +113,10 @@ pub async fn run(
         Ok(Ok(r)) => r?,
         Ok(Err(e)) => return Err(ActorError::Rollout(e.to_string())),
         Err(_) => {
-            warn!(actor_id = opts.actor_id, "could not flush the last chunks in 5 s");
+            warn!(
+                actor_id = opts.actor_id,
+                "could not flush the last chunks in 5 s"
+            );
             pusher.abort();
             PushStats::default()
         }
@@ -122,6 +131,7 @@ pub async fn run(
         actor_id = opts.actor_id,
         env_steps = rollout.env_steps,
         chunks = rollout.chunks,
+        acked = summary.push.acked_chunks,
         training_finished = summary.training_finished,
         "actor stopped"
     );

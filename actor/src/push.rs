@@ -1,7 +1,9 @@
-//! Streams chunks from the rollout thread to the learner over one client-streaming
-//! call, reopening the call with backoff when the learner goes away. A full stream
-//! (the learner's queue is full) makes `send` wait, which fills the actor's small
-//! send queue, which stops the rollout thread: backpressure all the way to the envs.
+//! Streams chunks from the rollout thread to the learner over one bidirectional call
+//! and counts the learner's acknowledgements: at most `max_unacked` chunks are in
+//! flight, so a busy learner (full queue, no acks) stops this task, which fills the
+//! actor's small send queue, which stops the rollout thread. Backpressure reaches the
+//! environments without chunks piling up in socket buffers, which keeps the policy
+//! lag small. The call is reopened with backoff when the learner goes away.
 
 use std::time::Duration;
 
@@ -11,7 +13,7 @@ use spur_proto::MAX_MESSAGE_BYTES;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Endpoint;
-use tonic::Code;
+use tonic::{Code, Status};
 use tracing::{info, warn};
 
 use crate::backoff::Backoff;
@@ -20,9 +22,10 @@ use crate::error::ActorError;
 /// Counters of one actor's pushing.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct PushStats {
-    pub sent_chunks: u64,
-    /// Chunks lost because the stream broke while they were in flight.
-    pub lost_chunks: u64,
+    pub acked_chunks: u64,
+    /// Chunks sent but not acknowledged when a stream broke (they may or may not
+    /// have reached the learner).
+    pub unacked_on_break: u64,
     pub reconnects: u64,
 }
 
@@ -32,81 +35,102 @@ pub async fn push(
     endpoint: Endpoint,
     actor_id: String,
     mut chunks: mpsc::Receiver<Chunk>,
+    max_unacked: usize,
     max_backoff: Duration,
 ) -> Result<PushStats, ActorError> {
     let mut stats = PushStats::default();
     let mut backoff = Backoff::new(max_backoff);
+    // A chunk taken from the rollout thread but not yet handed to a stream.
     let mut pending: Option<Chunk> = None;
     loop {
-        let channel = match endpoint.connect().await {
-            Ok(c) => c,
-            Err(e) => {
+        let opened = match endpoint.connect().await {
+            Ok(channel) => {
+                let mut client = LearnerClient::new(channel)
+                    .max_encoding_message_size(MAX_MESSAGE_BYTES)
+                    .max_decoding_message_size(MAX_MESSAGE_BYTES);
+                let (tx, rx) = mpsc::channel(max_unacked);
+                client
+                    .push_trajectories(ReceiverStream::new(rx))
+                    .await
+                    .map(|r| (tx, r.into_inner()))
+            }
+            Err(e) => Err(Status::unavailable(e.to_string())),
+        };
+        let (tx, mut acks) = match opened {
+            Ok(pair) => pair,
+            Err(status) => {
                 let delay = backoff.next_delay();
-                warn!(actor_id, error = %e, ?delay, "cannot reach the learner, retrying");
+                warn!(actor_id, error = %status.message(), ?delay, "cannot reach the learner, retrying");
                 tokio::time::sleep(delay).await;
-                // Keep draining so the rollout thread notices a closed channel.
-                if chunks.is_closed() && chunks.is_empty() && pending.is_none() {
-                    return Ok(stats);
-                }
                 continue;
             }
         };
-        let mut client = LearnerClient::new(channel)
-            .max_encoding_message_size(MAX_MESSAGE_BYTES)
-            .max_decoding_message_size(MAX_MESSAGE_BYTES);
-        let (tx, rx) = mpsc::channel(1);
-        let mut call = tokio::spawn(async move { client.push_trajectories(ReceiverStream::new(rx)).await });
-        if stats.sent_chunks > 0 || stats.reconnects > 0 {
+        if stats.reconnects > 0 {
             info!(actor_id, "trajectory stream reopened");
         }
-        let outcome = loop {
-            let next = match pending.take() {
-                Some(c) => Some(c),
+        let mut unacked = 0usize;
+        let broke: Status = loop {
+            if unacked >= max_unacked {
+                match acks.message().await {
+                    Ok(Some(_)) => {
+                        unacked -= 1;
+                        stats.acked_chunks += 1;
+                        continue;
+                    }
+                    Ok(None) => break Status::unavailable("the learner closed the stream"),
+                    Err(status) => break status,
+                }
+            }
+            let chunk = match pending.take() {
+                Some(c) => c,
                 None => tokio::select! {
-                    c = chunks.recv() => c,
-                    r = &mut call => break Some(r),
+                    c = chunks.recv() => match c {
+                        Some(c) => c,
+                        None => {
+                            // Rollout finished: wait for the last acks, then close.
+                            drop(tx);
+                            while unacked > 0 {
+                                match tokio::time::timeout(Duration::from_secs(5), acks.message()).await {
+                                    Ok(Ok(Some(_))) => {
+                                        unacked -= 1;
+                                        stats.acked_chunks += 1;
+                                    }
+                                    _ => break,
+                                }
+                            }
+                            stats.unacked_on_break += unacked as u64;
+                            return Ok(stats);
+                        }
+                    },
+                    a = acks.message() => {
+                        match a {
+                            Ok(Some(_)) => {
+                                unacked = unacked.saturating_sub(1);
+                                stats.acked_chunks += 1;
+                                continue;
+                            }
+                            Ok(None) => break Status::unavailable("the learner closed the stream"),
+                            Err(status) => break status,
+                        }
+                    }
                 },
             };
-            let Some(chunk) = next else {
-                // Rollout finished: close the stream and wait for the summary.
-                drop(tx);
-                let _ = call.await;
-                return Ok(stats);
-            };
-            tokio::select! {
-                sent = tx.send(chunk.to_proto()) => {
-                    if sent.is_err() {
-                        stats.lost_chunks += 1;
-                        break None;
-                    }
-                    stats.sent_chunks += 1;
-                    backoff.reset();
-                }
-                r = &mut call => {
-                    // Not handed over yet: send it on the next stream.
-                    pending = Some(chunk);
-                    break Some(r);
-                }
+            if tx.send(chunk.to_proto()).await.is_err() {
+                pending = Some(chunk);
+                break Status::unavailable("the trajectory stream closed");
             }
+            unacked += 1;
+            backoff.reset();
         };
-        let status = match outcome {
-            Some(Ok(Ok(_))) => None,
-            Some(Ok(Err(status))) => Some(status),
-            Some(Err(join)) => Some(tonic::Status::internal(join.to_string())),
-            None => match call.await {
-                Ok(Err(status)) => Some(status),
-                _ => None,
-            },
-        };
-        if let Some(status) = status {
-            if status.code() == Code::InvalidArgument {
-                return Err(ActorError::Rejected(status.message().to_string()));
-            }
-            warn!(actor_id, code = ?status.code(), error = %status.message(), "trajectory stream ended");
+        if broke.code() == Code::InvalidArgument {
+            return Err(ActorError::Rejected(broke.message().to_string()));
         }
+        stats.unacked_on_break += unacked as u64;
         stats.reconnects += 1;
-        tokio::time::sleep(backoff.next_delay()).await;
-        if chunks.is_closed() && chunks.is_empty() {
+        let delay = backoff.next_delay();
+        warn!(actor_id, code = ?broke.code(), error = %broke.message(), ?delay, "trajectory stream ended, reconnecting");
+        tokio::time::sleep(delay).await;
+        if chunks.is_closed() && chunks.is_empty() && pending.is_none() {
             return Ok(stats);
         }
     }

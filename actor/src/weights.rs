@@ -48,7 +48,11 @@ impl Assembler {
             && c.num_chunks > c.chunk_index
             && self.buf.len() + c.data.len() <= self.total as usize;
         if !consistent {
-            warn!(version = c.version, index = c.chunk_index, "discarding an inconsistent weights piece");
+            warn!(
+                version = c.version,
+                index = c.chunk_index,
+                "discarding an inconsistent weights piece"
+            );
             self.next = u32::MAX;
             return None;
         }
@@ -56,7 +60,10 @@ impl Assembler {
         self.next += 1;
         if self.next == c.num_chunks {
             if self.buf.len() as u64 != self.total {
-                warn!(version = c.version, "weights payload shorter than announced");
+                warn!(
+                    version = c.version,
+                    "weights payload shorter than announced"
+                );
                 return None;
             }
             return Some(WeightsUpdate {
@@ -82,7 +89,8 @@ pub async fn subscribe(
         let have = slot.borrow().as_ref().map_or(0, |w| w.version);
         let stream = match endpoint.connect().await {
             Ok(ch) => {
-                let mut client = LearnerClient::new(ch).max_decoding_message_size(MAX_MESSAGE_BYTES);
+                let mut client =
+                    LearnerClient::new(ch).max_decoding_message_size(MAX_MESSAGE_BYTES);
                 client
                     .subscribe_weights(SubscribeWeightsRequest {
                         actor_id: actor_id.clone(),

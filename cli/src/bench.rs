@@ -28,7 +28,9 @@ pub struct ThroughputArgs {
 }
 
 fn vec_env(config: &Config) -> VecEnv {
-    let envs = (0..config.env.num_envs).map(|_| make_env(&config.env)).collect();
+    let envs = (0..config.env.num_envs)
+        .map(|_| make_env(&config.env))
+        .collect();
     VecEnv::new(envs, config.run.seed)
 }
 
@@ -52,7 +54,12 @@ fn env_only(config: &Config, secs: f64) -> f64 {
 fn inference_only(config: &Config, secs: f64) -> f64 {
     let venv = vec_env(config);
     let spec = venv.spec().clone();
-    let model = ActorCritic::new(spec.obs_dim, spec.num_actions, &config.model.hidden, tch::Device::Cpu);
+    let model = ActorCritic::new(
+        spec.obs_dim,
+        spec.num_actions,
+        &config.model.hidden,
+        tch::Device::Cpu,
+    );
     let obs = venv.observations().to_vec();
     let (start, mut steps) = (Instant::now(), 0u64);
     while start.elapsed().as_secs_f64() < secs {
@@ -67,7 +74,12 @@ fn inference_only(config: &Config, secs: f64) -> f64 {
 fn rollout_only(config: &Config, secs: f64) -> f64 {
     let mut venv = vec_env(config);
     let spec = venv.spec().clone();
-    let model = ActorCritic::new(spec.obs_dim, spec.num_actions, &config.model.hidden, tch::Device::Cpu);
+    let model = ActorCritic::new(
+        spec.obs_dim,
+        spec.num_actions,
+        &config.model.hidden,
+        tch::Device::Cpu,
+    );
     let (start, mut steps) = (Instant::now(), 0u64);
     while start.elapsed().as_secs_f64() < secs {
         for _ in 0..16 {
@@ -91,10 +103,16 @@ async fn end_to_end(config: &Config, warmup: f64, secs: f64) -> anyhow::Result<(
     let mut cluster = Cluster::start(&run_dir, config.run.actors).await?;
     let result = async {
         tokio::time::sleep(Duration::from_secs_f64(warmup)).await;
-        let a = cluster.status().await.ok_or_else(|| anyhow::anyhow!("no status from the learner"))?;
+        let a = cluster
+            .status()
+            .await
+            .ok_or_else(|| anyhow::anyhow!("no status from the learner"))?;
         let t0 = Instant::now();
         tokio::time::sleep(Duration::from_secs_f64(secs)).await;
-        let b = cluster.status().await.ok_or_else(|| anyhow::anyhow!("no status from the learner"))?;
+        let b = cluster
+            .status()
+            .await
+            .ok_or_else(|| anyhow::anyhow!("no status from the learner"))?;
         let rate = (b.env_steps - a.env_steps) as f64 / t0.elapsed().as_secs_f64();
         Ok::<_, anyhow::Error>((rate, b.dropped_stale_chunks))
     }
@@ -119,7 +137,10 @@ pub async fn throughput(args: ThroughputArgs) -> anyhow::Result<std::process::Ex
     let inference = inference_only(&config, secs);
     let rollout = rollout_only(&config, secs);
     let (e2e, dropped) = end_to_end(&config, args.warmup, secs).await?;
-    println!("{:<44} {:>12} {:>10}", "measurement", "env steps/s", "vs env");
+    println!(
+        "{:<44} {:>12} {:>10}",
+        "measurement", "env steps/s", "vs env"
+    );
     for (name, v) in [
         ("env only (1 thread, random actions)", env),
         ("inference only (1 thread, batched forward)", inference),

@@ -203,7 +203,10 @@ async fn stop_child(child: &mut Child, deadline: tokio::time::Instant) -> Option
     match tokio::time::timeout(left, child.wait()).await {
         Ok(Ok(status)) => Some(status),
         _ => {
-            warn!(pid = child.id(), "child did not stop in time and was killed");
+            warn!(
+                pid = child.id(),
+                "child did not stop in time and was killed"
+            );
             let _ = child.start_kill();
             let _ = child.wait().await;
             None

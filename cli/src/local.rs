@@ -75,7 +75,10 @@ pub async fn run(mut config: Config, args: LocalArgs) -> anyhow::Result<ExitCode
             print_summary(&run_dir, last_status.as_ref());
             match learner {
                 Some(s) if s.success() => Ok(ExitCode::from(130)),
-                _ => bail!("the learner did not stop cleanly; see {}", run_dir.join("logs").display()),
+                _ => bail!(
+                    "the learner did not stop cleanly; see {}",
+                    run_dir.join("logs").display()
+                ),
             }
         }
         Outcome::Failed(message) => {

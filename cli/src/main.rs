@@ -15,7 +15,11 @@ use clap::{Args, Parser, Subcommand};
 use spur_core::Config;
 
 #[derive(Parser)]
-#[command(name = "spur", version, about = "Distributed actor-learner RL with LLM-derived intrinsic rewards")]
+#[command(
+    name = "spur",
+    version,
+    about = "Distributed actor-learner RL with LLM-derived intrinsic rewards"
+)]
 struct Cli {
     /// Log as JSON lines (for clusters) instead of human-readable text.
     #[arg(long, global = true)]
@@ -50,7 +54,11 @@ struct ConfigArgs {
 impl ConfigArgs {
     /// File, then `SPUR_*` variables, then `--set`; validated as a whole.
     fn load(&self) -> anyhow::Result<Config> {
-        Ok(Config::load(self.config.as_deref(), std::env::vars(), &self.set)?)
+        Ok(Config::load(
+            self.config.as_deref(),
+            std::env::vars(),
+            &self.set,
+        )?)
     }
 }
 

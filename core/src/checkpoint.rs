@@ -96,7 +96,9 @@ pub fn load_latest(dir: &Path) -> Result<Option<Loaded>, ModelError> {
     for path in list(dir)?.iter().rev() {
         match load_file(path) {
             Ok(l) => return Ok(Some(l)),
-            Err(e) => tracing::warn!(path = %path.display(), error = %e, "skipping unreadable checkpoint"),
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "skipping unreadable checkpoint")
+            }
         }
     }
     Ok(None)

@@ -116,8 +116,10 @@ pub struct ActorConfig {
     pub rollout_len: u32,
     /// Learner address the actor connects to (`http://host:port`).
     pub learner_addr: String,
-    /// Chunks an actor may have produced but not yet sent before it waits.
+    /// Finished chunks an actor holds for sending before its rollout waits.
     pub send_queue: u32,
+    /// Chunks sent to the learner but not yet acknowledged before sending waits.
+    pub max_unacked_chunks: u32,
     /// Upper bound of the reconnect backoff, in milliseconds.
     pub max_backoff_ms: u64,
 }
@@ -128,6 +130,7 @@ impl Default for ActorConfig {
             rollout_len: 32,
             learner_addr: "http://127.0.0.1:50051".into(),
             send_queue: 1,
+            max_unacked_chunks: 1,
             max_backoff_ms: 5000,
         }
     }
@@ -158,6 +161,9 @@ pub struct LearnerConfig {
     pub value_coef: f64,
     pub entropy_coef: f64,
     pub max_grad_norm: f64,
+    /// Stop an update's remaining minibatches once the estimated KL from the
+    /// pre-update policy exceeds 1.5 times this (0: never).
+    pub target_kl: f64,
     /// Chunks produced more than this many versions ago are dropped and counted.
     pub max_policy_lag: u64,
     /// Publish weights every this many updates.
@@ -176,9 +182,9 @@ impl Default for LearnerConfig {
     fn default() -> Self {
         Self {
             listen: "127.0.0.1:50051".into(),
-            batch_steps: 2048,
+            batch_steps: 4096,
             epochs: 4,
-            minibatches: 4,
+            minibatches: 16,
             lr: 1e-3,
             lr_anneal: true,
             gamma: 0.99,
@@ -189,6 +195,7 @@ impl Default for LearnerConfig {
             value_coef: 0.5,
             entropy_coef: 0.0,
             max_grad_norm: 0.5,
+            target_kl: 0.0,
             max_policy_lag: 8,
             broadcast_every: 1,
             queue_capacity: 4,
@@ -263,10 +270,12 @@ impl Config {
     }
 
     fn from_table(table: toml::Table) -> Result<Self, ConfigError> {
-        let config: Config = serde_path_to_error::deserialize(toml::Value::Table(table))
-            .map_err(|e| ConfigError::Invalid {
-                key: e.path().to_string(),
-                message: e.into_inner().to_string(),
+        let config: Config =
+            serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
+                ConfigError::Invalid {
+                    key: e.path().to_string(),
+                    message: e.into_inner().to_string(),
+                }
             })?;
         config.validate()?;
         Ok(config)
@@ -292,7 +301,11 @@ impl Config {
         let l = &self.learner;
         check(!self.run.name.is_empty(), "run.name", "must not be empty")?;
         check(self.run.actors >= 1, "run.actors", "must be at least 1")?;
-        check(self.run.torch_threads >= 1, "run.torch_threads", "must be at least 1")?;
+        check(
+            self.run.torch_threads >= 1,
+            "run.torch_threads",
+            "must be at least 1",
+        )?;
         check(self.env.num_envs >= 1, "env.num_envs", "must be at least 1")?;
         check(
             (3..=64).contains(&self.env.keyroom_size),
@@ -314,8 +327,21 @@ impl Config {
             "learner.device",
             "must be auto, cpu, cuda or cuda:N",
         )?;
-        check(self.actor.rollout_len >= 1, "actor.rollout_len", "must be at least 1")?;
-        check(self.actor.send_queue >= 1, "actor.send_queue", "must be at least 1")?;
+        check(
+            self.actor.rollout_len >= 1,
+            "actor.rollout_len",
+            "must be at least 1",
+        )?;
+        check(
+            self.actor.send_queue >= 1,
+            "actor.send_queue",
+            "must be at least 1",
+        )?;
+        check(
+            self.actor.max_unacked_chunks >= 1,
+            "actor.max_unacked_chunks",
+            "must be at least 1",
+        )?;
         check(
             self.actor.learner_addr.starts_with("http://")
                 || self.actor.learner_addr.starts_with("https://"),
@@ -327,21 +353,74 @@ impl Config {
             "learner.listen",
             "must be a socket address such as 127.0.0.1:50051",
         )?;
-        check(l.batch_steps >= 1, "learner.batch_steps", "must be at least 1")?;
+        check(
+            l.batch_steps >= 1,
+            "learner.batch_steps",
+            "must be at least 1",
+        )?;
         check(l.epochs >= 1, "learner.epochs", "must be at least 1")?;
-        check(l.minibatches >= 1, "learner.minibatches", "must be at least 1")?;
-        check(l.lr > 0.0 && l.lr.is_finite(), "learner.lr", "must be a positive number")?;
-        check((0.0..=1.0).contains(&l.gamma), "learner.gamma", "must be in [0, 1]")?;
-        check((0.0..=1.0).contains(&l.lambda), "learner.lambda", "must be in [0, 1]")?;
+        check(
+            l.minibatches >= 1,
+            "learner.minibatches",
+            "must be at least 1",
+        )?;
+        check(
+            l.lr > 0.0 && l.lr.is_finite(),
+            "learner.lr",
+            "must be a positive number",
+        )?;
+        check(
+            (0.0..=1.0).contains(&l.gamma),
+            "learner.gamma",
+            "must be in [0, 1]",
+        )?;
+        check(
+            (0.0..=1.0).contains(&l.lambda),
+            "learner.lambda",
+            "must be in [0, 1]",
+        )?;
         check(l.rho_clip > 0.0, "learner.rho_clip", "must be positive")?;
         check(l.c_clip > 0.0, "learner.c_clip", "must be positive")?;
-        check(l.clip_eps > 0.0 && l.clip_eps < 1.0, "learner.clip_eps", "must be in (0, 1)")?;
-        check(l.value_coef >= 0.0, "learner.value_coef", "must not be negative")?;
-        check(l.entropy_coef >= 0.0, "learner.entropy_coef", "must not be negative")?;
-        check(l.max_grad_norm > 0.0, "learner.max_grad_norm", "must be positive")?;
-        check(l.broadcast_every >= 1, "learner.broadcast_every", "must be at least 1")?;
-        check(l.queue_capacity >= 1, "learner.queue_capacity", "must be at least 1")?;
-        check(l.checkpoint_every >= 1, "learner.checkpoint_every", "must be at least 1")?;
+        check(
+            l.clip_eps > 0.0 && l.clip_eps < 1.0,
+            "learner.clip_eps",
+            "must be in (0, 1)",
+        )?;
+        check(
+            l.value_coef >= 0.0,
+            "learner.value_coef",
+            "must not be negative",
+        )?;
+        check(
+            l.entropy_coef >= 0.0,
+            "learner.entropy_coef",
+            "must not be negative",
+        )?;
+        check(
+            l.max_grad_norm > 0.0,
+            "learner.max_grad_norm",
+            "must be positive",
+        )?;
+        check(
+            l.target_kl >= 0.0,
+            "learner.target_kl",
+            "must not be negative",
+        )?;
+        check(
+            l.broadcast_every >= 1,
+            "learner.broadcast_every",
+            "must be at least 1",
+        )?;
+        check(
+            l.queue_capacity >= 1,
+            "learner.queue_capacity",
+            "must be at least 1",
+        )?;
+        check(
+            l.checkpoint_every >= 1,
+            "learner.checkpoint_every",
+            "must be at least 1",
+        )?;
         check(
             l.weights_chunk_bytes >= 1024
                 && (l.weights_chunk_bytes as usize) < spur_proto::MAX_MESSAGE_BYTES,
@@ -371,7 +450,9 @@ fn env_var_key(name: &str) -> Option<String> {
 fn parse_scalar(raw: &str) -> toml::Value {
     let wrapped = format!("v = {raw}");
     match toml::from_str::<toml::Table>(&wrapped) {
-        Ok(mut t) => t.remove("v").unwrap_or_else(|| toml::Value::String(raw.into())),
+        Ok(mut t) => t
+            .remove("v")
+            .unwrap_or_else(|| toml::Value::String(raw.into())),
         Err(_) => toml::Value::String(raw.into()),
     }
 }

@@ -24,7 +24,10 @@ pub enum WireError {
     #[error("field `{field}` is missing")]
     Missing { field: &'static str },
     #[error("field `{field}`: {message}")]
-    Invalid { field: &'static str, message: String },
+    Invalid {
+        field: &'static str,
+        message: String,
+    },
 }
 
 impl WireError {

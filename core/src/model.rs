@@ -38,14 +38,17 @@ fn mlp(path: &nn::Path, sizes: &[i64]) -> Vec<nn::Linear> {
 
 fn run_mlp(layers: &[nn::Linear], x: &Tensor) -> Tensor {
     let last = layers.len() - 1;
-    layers.iter().enumerate().fold(x.shallow_clone(), |h, (i, l)| {
-        let y = l.forward(&h);
-        if i < last {
-            y.tanh()
-        } else {
-            y
-        }
-    })
+    layers
+        .iter()
+        .enumerate()
+        .fold(x.shallow_clone(), |h, (i, l)| {
+            let y = l.forward(&h);
+            if i < last {
+                y.tanh()
+            } else {
+                y
+            }
+        })
 }
 
 impl ActorCritic {
@@ -170,7 +173,10 @@ impl ActorCritic {
     /// Loads weights produced by [`to_safetensors`](Self::to_safetensors) by a model of
     /// the same architecture; returns the payload's metadata. Nothing is changed
     /// unless every tensor is present with the right shape.
-    pub fn load_safetensors(&mut self, bytes: &[u8]) -> Result<HashMap<String, String>, ModelError> {
+    pub fn load_safetensors(
+        &mut self,
+        bytes: &[u8],
+    ) -> Result<HashMap<String, String>, ModelError> {
         let metadata = read_metadata(bytes)?;
         let st = SafeTensors::deserialize(bytes).map_err(|e| ModelError::Weights(e.to_string()))?;
         let vars = self.vs.variables();
@@ -198,7 +204,10 @@ impl ActorCritic {
                     "tensor `{name}` holds a non-finite value"
                 )));
             }
-            staged.push((var.shallow_clone(), Tensor::from_slice(&values).view(var.size().as_slice())));
+            staged.push((
+                var.shallow_clone(),
+                Tensor::from_slice(&values).view(var.size().as_slice()),
+            ));
         }
         tch::no_grad(|| {
             for (mut var, src) in staged {
@@ -267,6 +276,9 @@ mod tests {
         assert_eq!(a.len(), 10);
         assert!(a.iter().all(|&x| (0..4).contains(&x)));
         // A fresh policy is close to uniform over 4 actions.
-        assert!(lp.iter().all(|&l| (l - (0.25f32).ln()).abs() < 0.1), "{lp:?}");
+        assert!(
+            lp.iter().all(|&l| (l - (0.25f32).ln()).abs() < 0.1),
+            "{lp:?}"
+        );
     }
 }

@@ -22,6 +22,8 @@ pub struct PpoLoss {
     pub entropy: f64,
     /// Fraction of samples whose ratio was clipped.
     pub clip_fraction: f64,
+    /// Estimated KL(reference || current) on this minibatch, `mean((r - 1) - log r)`.
+    pub approx_kl: f64,
 }
 
 /// All inputs are 1-D over the minibatch. `advantages` and `value_targets` carry no
@@ -42,19 +44,24 @@ pub fn ppo_loss(
     let value = (values - value_targets).square().mean(Kind::Float) * 0.5;
     let entropy = entropy.mean(Kind::Float);
     let total = &policy + &value * p.value_coef - &entropy * p.entropy_coef;
-    let clip_fraction = tch::no_grad(|| {
-        (ratio - 1.0)
+    let (clip_fraction, approx_kl) = tch::no_grad(|| {
+        let clipped = (&ratio - 1.0)
             .abs()
             .gt(p.clip_eps)
             .to_kind(Kind::Float)
             .mean(Kind::Float)
-            .double_value(&[])
+            .double_value(&[]);
+        let kl = ((&ratio - 1.0) - ratio.log())
+            .mean(Kind::Float)
+            .double_value(&[]);
+        (clipped, kl)
     });
     PpoLoss {
         policy: policy.double_value(&[]),
         value: value.double_value(&[]),
         entropy: entropy.double_value(&[]),
         clip_fraction,
+        approx_kl,
         total,
     }
 }
@@ -93,6 +100,9 @@ mod tests {
         let total = policy + 0.5 * value - 0.01 * 0.5;
         assert!((l.total.double_value(&[]) - total).abs() < 1e-6);
         assert!((l.clip_fraction - 2.0 / 3.0).abs() < 1e-6);
+        // (r - 1) - ln r for r = 1, 1.5, 0.5
+        let kl = ((0.5 - 1.5f64.ln()) + (-0.5 - 0.5f64.ln())) / 3.0;
+        assert!((l.approx_kl - kl).abs() < 1e-6);
     }
 
     #[test]

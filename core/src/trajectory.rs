@@ -86,7 +86,10 @@ impl Chunk {
         if t != want.rollout_len {
             return Err(WireError::invalid(
                 "rollout_len",
-                format!("is {t}, this learner trains on chunks of {}", want.rollout_len),
+                format!(
+                    "is {t}, this learner trains on chunks of {}",
+                    want.rollout_len
+                ),
             ));
         }
         if n == 0 || n > MAX_ENVS_PER_CHUNK {
@@ -95,7 +98,8 @@ impl Chunk {
                 format!("is {n}, must be between 1 and {MAX_ENVS_PER_CHUNK}"),
             ));
         }
-        let observations = decode::<f32>("observations", msg.observations.as_ref(), &[t + 1, n, d])?;
+        let observations =
+            decode::<f32>("observations", msg.observations.as_ref(), &[t + 1, n, d])?;
         let actions = decode::<i64>("actions", msg.actions.as_ref(), &[t, n])?;
         if let Some(a) = actions
             .iter()
@@ -125,7 +129,11 @@ impl Chunk {
                 return Err(WireError::invalid(field, "flags must be 0 or 1"));
             }
         }
-        if terminated.iter().zip(&truncated).any(|(&a, &b)| a == 1 && b == 1) {
+        if terminated
+            .iter()
+            .zip(&truncated)
+            .any(|(&a, &b)| a == 1 && b == 1)
+        {
             return Err(WireError::invalid(
                 "truncated",
                 "a step is marked both terminated and truncated",
@@ -166,7 +174,10 @@ impl Chunk {
         let episode_ids = decode::<i64>("episode_ids", msg.episode_ids.as_ref(), &[t, n])?;
         let step_indices = decode::<i64>("step_indices", msg.step_indices.as_ref(), &[t, n])?;
         if step_indices.iter().any(|&s| s < 0) {
-            return Err(WireError::invalid("step_indices", "a step index is negative"));
+            return Err(WireError::invalid(
+                "step_indices",
+                "a step index is negative",
+            ));
         }
         if msg
             .finished_episodes
@@ -265,8 +276,14 @@ pub(crate) mod tests {
                 Box::new(|m| m.truncated = Some(encode(&[2, 2], &[0u8, 1, 1, 0]))),
                 "truncated",
             ),
-            (Box::new(|m| m.event_texts = vec!["x".into()]), "event_texts"),
-            (Box::new(|m| m.env_ids.pop().map(|_| ()).unwrap()), "env_ids"),
+            (
+                Box::new(|m| m.event_texts = vec!["x".into()]),
+                "event_texts",
+            ),
+            (
+                Box::new(|m| m.env_ids.pop().map(|_| ()).unwrap()),
+                "env_ids",
+            ),
         ];
         for (mangle, field) in cases {
             let mut m = sample_chunk().to_proto();

@@ -137,7 +137,10 @@ mod tests {
         let b = chunk(2, 10.0, vec![0, 1, 1, 0]);
         let batch = Batch::from_chunks(&[a, b]);
         assert_eq!(batch.width, 3);
-        assert_eq!(batch.observations, vec![0.0, 10.0, 11.0, 1.0, 12.0, 13.0, 2.0, 14.0, 15.0]);
+        assert_eq!(
+            batch.observations,
+            vec![0.0, 10.0, 11.0, 1.0, 12.0, 13.0, 2.0, 14.0, 15.0]
+        );
         assert_eq!(batch.rewards, vec![0.0, 10.0, 11.0, 1.0, 12.0, 13.0]);
         assert_eq!(batch.truncated, vec![1, 0, 1, 0, 1, 0]);
         assert_eq!(batch.final_observations, vec![100.0, 110.0, 111.0]);

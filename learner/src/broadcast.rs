@@ -108,10 +108,15 @@ mod tests {
         let p = published(3, 2500, false);
         let ps = pieces(&p, 1024);
         assert_eq!(ps.len(), 3);
-        assert_eq!(ps.iter().map(|c| c.data.len()).collect::<Vec<_>>(), vec![1024, 1024, 452]);
+        assert_eq!(
+            ps.iter().map(|c| c.data.len()).collect::<Vec<_>>(),
+            vec![1024, 1024, 452]
+        );
         let joined: Vec<u8> = ps.iter().flat_map(|c| c.data.clone()).collect();
         assert_eq!(&joined, p.bytes.as_ref());
-        assert!(ps.iter().all(|c| c.num_chunks == 3 && c.total_bytes == 2500));
+        assert!(ps
+            .iter()
+            .all(|c| c.num_chunks == 3 && c.total_bytes == 2500));
     }
 
     #[tokio::test]

@@ -105,7 +105,9 @@ pub async fn serve(
                 env_steps = meta(META_ENV_STEPS);
                 info!(version, env_steps, path = %l.path.display(), "resumed from checkpoint");
             }
-            None => warn!(run_dir = %run_dir.display(), "no checkpoint to resume from, starting fresh"),
+            None => {
+                warn!(run_dir = %run_dir.display(), "no checkpoint to resume from, starting fresh")
+            }
         }
     }
 
@@ -161,9 +163,12 @@ pub async fn serve(
     });
 
     let (reporter, health) = tonic_health::server::health_reporter();
-    reporter.set_serving::<LearnerServer<LearnerService>>().await;
+    reporter
+        .set_serving::<LearnerServer<LearnerService>>()
+        .await;
     let addr = listener.local_addr().map_err(io_err)?;
-    checkpoint::write_atomic(&run_dir.join(ADDR_FILE), addr.to_string().as_bytes()).map_err(io_err)?;
+    checkpoint::write_atomic(&run_dir.join(ADDR_FILE), addr.to_string().as_bytes())
+        .map_err(io_err)?;
     info!(%addr, run_dir = %run_dir.display(), "learner listening");
 
     let (stop_server, server_stopped) = oneshot::channel::<()>();
@@ -185,7 +190,9 @@ pub async fn serve(
     );
 
     let result = result_rx.await.map_err(|_| LearnerError::TrainerPanicked)?;
-    reporter.set_not_serving::<LearnerServer<LearnerService>>().await;
+    reporter
+        .set_not_serving::<LearnerServer<LearnerService>>()
+        .await;
     // Let subscribers receive the final weights and the finished flag.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let _ = stop_server.send(());

@@ -28,6 +28,9 @@ pub struct MetricsRow {
     pub entropy: f64,
     pub clip_fraction: f64,
     pub behaviour_kl: f64,
+    pub grad_norm: f64,
+    pub approx_kl: f64,
+    pub minibatch_steps: u64,
     pub batch_steps: u64,
 }
 

@@ -7,8 +7,7 @@ use std::sync::Arc;
 use spur_core::trajectory::{Chunk, ChunkExpectation};
 use spur_proto::v1::learner_server::Learner;
 use spur_proto::v1::{
-    LearnerStatus, PushSummary, StatusRequest, SubscribeWeightsRequest, TrajectoryChunk,
-    WeightsChunk,
+    LearnerStatus, PushAck, StatusRequest, SubscribeWeightsRequest, TrajectoryChunk, WeightsChunk,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -26,39 +25,64 @@ pub struct LearnerService {
     pub broadcaster: Broadcaster,
 }
 
+/// Reads one actor's stream: each chunk is checked, counted, queued (waiting while
+/// the queue is full) and acknowledged.
+async fn receive(
+    mut stream: Streaming<TrajectoryChunk>,
+    shared: &Shared,
+    queue: &mpsc::Sender<Chunk>,
+    expect: &ChunkExpectation,
+    acks: &mpsc::Sender<Result<PushAck, Status>>,
+) -> Result<(), Status> {
+    let _guard = ConnectedGuard::new(shared);
+    let mut accepted = 0u64;
+    let mut actor = String::new();
+    while let Some(msg) = stream.message().await? {
+        if actor.is_empty() && !msg.actor_id.is_empty() {
+            info!(actor_id = msg.actor_id, "actor stream opened");
+            actor = msg.actor_id.clone();
+        }
+        let actor_id = msg.actor_id.clone();
+        let chunk = Chunk::from_proto(msg, expect).map_err(|e| malformed_chunk(&actor_id, &e))?;
+        let steps = chunk.steps() as u64;
+        shared.env_steps.fetch_add(steps, Ordering::Relaxed);
+        shared.record_episodes(&chunk.finished_episodes);
+        shared.record_chunk(&chunk.actor_id, chunk.policy_version, steps);
+        queue.send(chunk).await.map_err(|_| not_accepting())?;
+        accepted += 1;
+        let ack = PushAck {
+            accepted_chunks: accepted,
+            policy_version: shared.version(),
+        };
+        if acks.send(Ok(ack)).await.is_err() {
+            break; // the actor hung up
+        }
+    }
+    debug!(actor, accepted, "actor stream closed");
+    Ok(())
+}
+
 #[tonic::async_trait]
 impl Learner for LearnerService {
+    type PushTrajectoriesStream = ReceiverStream<Result<PushAck, Status>>;
+
     async fn push_trajectories(
         &self,
         request: Request<Streaming<TrajectoryChunk>>,
-    ) -> Result<Response<PushSummary>, Status> {
+    ) -> Result<Response<Self::PushTrajectoriesStream>, Status> {
         let peer = request.remote_addr();
-        let mut stream = request.into_inner();
-        let _guard = ConnectedGuard::new(&self.shared);
-        let mut accepted = 0u64;
-        let mut actor = String::new();
-        while let Some(msg) = stream.message().await? {
-            let actor_id = msg.actor_id.clone();
-            if actor.is_empty() && !actor_id.is_empty() {
-                info!(actor_id, ?peer, "actor stream opened");
-                actor = actor_id.clone();
+        let stream = request.into_inner();
+        let (acks, out) = mpsc::channel(4);
+        let shared = self.shared.clone();
+        let queue = self.queue.clone();
+        let expect = self.expect;
+        tokio::spawn(async move {
+            if let Err(status) = receive(stream, &shared, &queue, &expect, &acks).await {
+                debug!(?peer, code = ?status.code(), "trajectory stream ended with an error");
+                let _ = acks.send(Err(status)).await;
             }
-            let chunk = Chunk::from_proto(msg, &self.expect).map_err(|e| malformed_chunk(&actor_id, &e))?;
-            let steps = chunk.steps() as u64;
-            self.shared.env_steps.fetch_add(steps, Ordering::Relaxed);
-            self.shared.record_episodes(&chunk.finished_episodes);
-            self.shared
-                .record_chunk(&chunk.actor_id, chunk.policy_version, steps);
-            // Waits while the queue is full: the stream is not read, and HTTP/2 flow
-            // control slows the actor down.
-            self.queue.send(chunk).await.map_err(|_| not_accepting())?;
-            accepted += 1;
-        }
-        debug!(actor, accepted, "actor stream closed");
-        Ok(Response::new(PushSummary {
-            accepted_chunks: accepted,
-            dropped_stale_chunks: self.shared.dropped_stale_chunks.load(Ordering::Relaxed),
-        }))
+        });
+        Ok(Response::new(ReceiverStream::new(out)))
     }
 
     type SubscribeWeightsStream = ReceiverStream<Result<WeightsChunk, Status>>;
@@ -68,7 +92,11 @@ impl Learner for LearnerService {
         request: Request<SubscribeWeightsRequest>,
     ) -> Result<Response<Self::SubscribeWeightsStream>, Status> {
         let req = request.into_inner();
-        debug!(actor_id = req.actor_id, have = req.have_version, "weights subscriber");
+        debug!(
+            actor_id = req.actor_id,
+            have = req.have_version,
+            "weights subscriber"
+        );
         Ok(Response::new(self.broadcaster.subscribe(req.have_version)))
     }
 

@@ -88,7 +88,8 @@ impl Shared {
                 ..Default::default()
             };
         }
-        let sum = |f: &dyn Fn(&EpisodeSummary) -> f64| w.recent.iter().map(f).sum::<f64>() / n as f64;
+        let sum =
+            |f: &dyn Fn(&EpisodeSummary) -> f64| w.recent.iter().map(f).sum::<f64>() / n as f64;
         EpisodeStats {
             return_mean: sum(&|e| e.episode_return as f64),
             len_mean: sum(&|e| e.length as f64),
@@ -101,11 +102,13 @@ impl Shared {
     /// Notes an accepted chunk from `actor_id` produced by `version`.
     pub fn record_chunk(&self, actor_id: &str, version: u64, steps: u64) {
         let mut actors = self.actors.lock().expect("actor table lock poisoned");
-        let info = actors.entry(actor_id.to_string()).or_insert_with(|| ActorInfo {
-            actor_id: actor_id.to_string(),
-            first_policy_version: version,
-            ..Default::default()
-        });
+        let info = actors
+            .entry(actor_id.to_string())
+            .or_insert_with(|| ActorInfo {
+                actor_id: actor_id.to_string(),
+                first_policy_version: version,
+                ..Default::default()
+            });
         info.chunks += 1;
         info.env_steps += steps;
         info.last_policy_version = version;

@@ -61,6 +61,12 @@ struct UpdateStats {
     clip_fraction: f64,
     /// Estimated KL(mu || pi) between behaviour and current policy: 0 when on-policy.
     behaviour_kl: f64,
+    /// Gradient L2 norm before clipping, averaged over minibatches.
+    grad_norm: f64,
+    /// KL from the pre-update policy at the last minibatch.
+    approx_kl: f64,
+    /// The update stopped before its last minibatch because of `target_kl`.
+    stopped_early: bool,
     steps: usize,
 }
 
@@ -73,15 +79,19 @@ impl Trainer {
         }
         .build(self.model.var_store(), lc.lr)
         .map_err(spur_core::ModelError::from)?;
-        let mut metrics = MetricsWriter::open(&self.run_dir.join("metrics.jsonl")).map_err(|source| {
-            LearnerError::RunDir {
-                path: self.run_dir.display().to_string(),
-                source,
-            }
-        })?;
+        let mut metrics =
+            MetricsWriter::open(&self.run_dir.join("metrics.jsonl")).map_err(|source| {
+                LearnerError::RunDir {
+                    path: self.run_dir.display().to_string(),
+                    source,
+                }
+            })?;
         let ckpt_dir = self.run_dir.join("checkpoints");
         let start = Instant::now();
-        let mut last_tick = (Instant::now(), self.shared.env_steps.load(Ordering::Relaxed));
+        let mut last_tick = (
+            Instant::now(),
+            self.shared.env_steps.load(Ordering::Relaxed),
+        );
         let mut rate = 0.0f64;
         'train: loop {
             // Gather a batch.
@@ -103,7 +113,9 @@ impl Trainer {
                 };
                 let lag = self.version as i64 - chunk.policy_version as i64;
                 if lag < 0 || lag as u64 > lc.max_policy_lag {
-                    self.shared.dropped_stale_chunks.fetch_add(1, Ordering::Relaxed);
+                    self.shared
+                        .dropped_stale_chunks
+                        .fetch_add(1, Ordering::Relaxed);
                     warn!(actor_id = %chunk.actor_id, lag, version = chunk.policy_version, "dropping stale chunk");
                     continue;
                 }
@@ -123,7 +135,9 @@ impl Trainer {
             let stats = self.update(&batch, &mut opt);
             self.version += 1;
             self.updates += 1;
-            self.shared.policy_version.store(self.version, Ordering::Release);
+            self.shared
+                .policy_version
+                .store(self.version, Ordering::Release);
             self.shared.updates.store(self.updates, Ordering::Relaxed);
             if self.updates % lc.broadcast_every == 0 {
                 self.publish(false)?;
@@ -135,7 +149,11 @@ impl Trainer {
             let dt = now.duration_since(last_tick.0).as_secs_f64();
             if dt > 0.0 {
                 let inst = (env_steps - last_tick.1) as f64 / dt;
-                rate = if rate == 0.0 { inst } else { 0.8 * rate + 0.2 * inst };
+                rate = if rate == 0.0 {
+                    inst
+                } else {
+                    0.8 * rate + 0.2 * inst
+                };
                 self.shared.set_steps_per_sec(rate);
             }
             last_tick = (now, env_steps);
@@ -161,6 +179,9 @@ impl Trainer {
                 entropy: stats.entropy,
                 clip_fraction: stats.clip_fraction,
                 behaviour_kl: stats.behaviour_kl,
+                grad_norm: stats.grad_norm,
+                approx_kl: stats.approx_kl,
+                minibatch_steps: stats.steps as u64,
                 batch_steps: batch.len() as u64,
             };
             if let Err(e) = metrics.write(&row) {
@@ -170,7 +191,10 @@ impl Trainer {
                 self.checkpoint(&ckpt_dir)?;
             }
             if stats.steps == 0 {
-                warn!(version = self.version, "every minibatch of this update had a non-finite loss");
+                warn!(
+                    version = self.version,
+                    "every minibatch of this update had a non-finite loss"
+                );
             }
             let budget = self.config.stop.env_steps;
             let target = self.config.stop.target_return;
@@ -178,16 +202,25 @@ impl Trainer {
                 info!(env_steps, "env step budget reached");
                 break;
             }
-            if target > 0.0 && ep.window >= crate::state::EPISODE_WINDOW && ep.return_mean >= target {
-                info!(env_steps, return_mean = ep.return_mean, "target return reached");
+            if target > 0.0 && ep.window >= crate::state::EPISODE_WINDOW && ep.return_mean >= target
+            {
+                info!(
+                    env_steps,
+                    return_mean = ep.return_mean,
+                    "target return reached"
+                );
                 break;
             }
         }
-        // Stop taking chunks, save, and tell subscribers that training is over.
+        // Stop taking chunks and save. Only a run that reached its goal tells actors
+        // to exit; after a shutdown they keep reconnecting, so a restarted learner
+        // (`--resume`) picks them up again.
         self.rx.close();
         let path = self.checkpoint(&ckpt_dir)?;
-        self.shared.training_finished.store(true, Ordering::Release);
-        self.publish(true)?;
+        if !self.should_stop() {
+            self.shared.training_finished.store(true, Ordering::Release);
+            self.publish(true)?;
+        }
         let ep = self.shared.episode_stats();
         Ok(TrainSummary {
             policy_version: self.version,
@@ -298,7 +331,7 @@ impl Trainer {
                 / log_rhos.len().max(1) as f64,
             ..Default::default()
         };
-        for _ in 0..lc.epochs {
+        'epochs: for _ in 0..lc.epochs {
             let perm = Tensor::randperm(n, (Kind::Int64, dev));
             for m in 0..(n / mb) {
                 let idx = perm.narrow(0, m * mb, mb);
@@ -318,18 +351,27 @@ impl Trainer {
                 );
                 let total = loss.total.double_value(&[]);
                 if !total.is_finite() {
-                    warn!(version = self.version, "skipping a minibatch with a non-finite loss");
+                    warn!(
+                        version = self.version,
+                        "skipping a minibatch with a non-finite loss"
+                    );
                     continue;
                 }
                 opt.zero_grad();
                 loss.total.backward();
+                stats.grad_norm += grad_norm(self.model.var_store());
                 opt.clip_grad_norm(lc.max_grad_norm);
                 opt.step();
                 stats.policy_loss += loss.policy;
                 stats.value_loss += loss.value;
                 stats.entropy += loss.entropy;
                 stats.clip_fraction += loss.clip_fraction;
+                stats.approx_kl = loss.approx_kl;
                 stats.steps += 1;
+                if lc.target_kl > 0.0 && loss.approx_kl > 1.5 * lc.target_kl {
+                    stats.stopped_early = true;
+                    break 'epochs;
+                }
             }
         }
         let k = stats.steps.max(1) as f64;
@@ -337,8 +379,21 @@ impl Trainer {
         stats.value_loss /= k;
         stats.entropy /= k;
         stats.clip_fraction /= k;
+        stats.grad_norm /= k;
         stats
     }
+}
+
+fn grad_norm(vs: &nn::VarStore) -> f64 {
+    tch::no_grad(|| {
+        vs.trainable_variables()
+            .iter()
+            .map(|v| v.grad())
+            .filter(|g| g.defined())
+            .map(|g| g.square().sum(Kind::Float).double_value(&[]))
+            .sum::<f64>()
+            .sqrt()
+    })
 }
 
 fn to_vec(t: &Tensor) -> Vec<f32> {

@@ -52,7 +52,12 @@ impl TestLearner {
     }
 
     pub async fn status(&self) -> anyhow::Result<LearnerStatus> {
-        Ok(self.client().await?.get_status(StatusRequest {}).await?.into_inner())
+        Ok(self
+            .client()
+            .await?
+            .get_status(StatusRequest {})
+            .await?
+            .into_inner())
     }
 
     /// Polls status until `pred` holds, failing after `limit`.
@@ -134,18 +139,10 @@ name = "test"
 kind = "cartpole"
 num_envs = 16
 [model]
-hidden = [64, 64]
 device = "cpu"
-[actor]
-rollout_len = 32
 [learner]
 device = "cpu"
-batch_steps = 4096
-epochs = 4
-minibatches = 4
-lr = 0.0005
 checkpoint_every = 1000
-max_grad_norm = 100.0
 "#,
     )
     .expect("the test config is valid");

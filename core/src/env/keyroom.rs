@@ -143,13 +143,20 @@ impl Env for KeyRoom {
             for x in 0..side {
                 let border = x == 0 || y == 0 || x == side - 1 || y == side - 1;
                 let i = self.idx((x, y));
-                self.cells[i] = if border || x == wx { Cell::Wall } else { Cell::Floor };
+                self.cells[i] = if border || x == wx {
+                    Cell::Wall
+                } else {
+                    Cell::Floor
+                };
             }
         }
         let door = (wx, rng.random_range(1..=self.size));
         let i = self.idx(door);
         self.cells[i] = Cell::LockedDoor;
-        let goal = (rng.random_range(wx + 1..=self.size), rng.random_range(1..=self.size));
+        let goal = (
+            rng.random_range(wx + 1..=self.size),
+            rng.random_range(1..=self.size),
+        );
         let i = self.idx(goal);
         self.cells[i] = Cell::Goal;
         let left = |rng: &mut SmallRng| (rng.random_range(1..wx), rng.random_range(1..=self.size));
@@ -253,7 +260,11 @@ mod tests {
             let texts = walk(&mut env, key, &mut obs);
             assert_eq!(texts.last().unwrap(), TEXT_PICK_UP_KEY);
             assert_eq!(obs[obs.len() - 1], 1.0);
-            let door_i = env.cells.iter().position(|c| *c == Cell::LockedDoor).unwrap();
+            let door_i = env
+                .cells
+                .iter()
+                .position(|c| *c == Cell::LockedDoor)
+                .unwrap();
             let door = (door_i % env.side(), door_i / env.side());
             walk(&mut env, (door.0 - 1, door.1), &mut obs);
             let mut text = String::new();
@@ -264,7 +275,12 @@ mod tests {
             let goal_i = env.cells.iter().position(|c| *c == Cell::Goal).unwrap();
             let goal = (goal_i % env.side(), goal_i / env.side());
             let texts = walk(&mut env, goal, &mut obs);
-            assert_eq!(texts.last().unwrap(), TEXT_GOAL, "seed {seed}\n{}", env.render());
+            assert_eq!(
+                texts.last().unwrap(),
+                TEXT_GOAL,
+                "seed {seed}\n{}",
+                env.render()
+            );
         }
     }
 
@@ -274,7 +290,11 @@ mod tests {
         let mut obs = vec![0.0; env.spec().obs_dim];
         env.reset(1, &mut obs);
         env.key = None;
-        let door_i = env.cells.iter().position(|c| *c == Cell::LockedDoor).unwrap();
+        let door_i = env
+            .cells
+            .iter()
+            .position(|c| *c == Cell::LockedDoor)
+            .unwrap();
         let door = (door_i % env.side(), door_i / env.side());
         walk(&mut env, (door.0 - 1, door.1), &mut obs);
         let mut text = String::new();

@@ -137,7 +137,9 @@ mod tests {
 
     #[test]
     fn resets_ended_episodes_and_keeps_final_observations() {
-        let envs: Vec<Box<dyn Env>> = (0..3).map(|_| Box::new(CartPole::new(Some(5))) as _).collect();
+        let envs: Vec<Box<dyn Env>> = (0..3)
+            .map(|_| Box::new(CartPole::new(Some(5))) as _)
+            .collect();
         let mut v = VecEnv::new(envs, 11);
         assert_eq!(v.episode_ids(), &[0, 1, 2]);
         for step in 1..=5 {
@@ -148,7 +150,10 @@ mod tests {
                 assert_eq!(out.truncated, vec![1, 1, 1]);
                 assert_eq!(out.final_observations.len(), 12);
                 assert_eq!(out.finished.len(), 3);
-                assert!(out.finished.iter().all(|e| e.length == 5 && e.episode_return == 5.0));
+                assert!(out
+                    .finished
+                    .iter()
+                    .all(|e| e.length == 5 && e.episode_return == 5.0));
             }
         }
         assert_eq!(v.episode_ids(), &[3, 4, 5]);

@@ -1,0 +1,51 @@
+# spur: every set-up step is a dependency of the two commands that matter,
+# `make run` and `make test`, so both work on a fresh machine.
+
+VENV          := .venv
+TORCH_VERSION := 2.13.0
+TORCH_STAMP   := $(VENV)/.torch-$(TORCH_VERSION)
+CONFIG        ?= configs/cartpole.toml
+ARGS          ?=
+
+# tch builds against the torch wheel in the project venv; torch-sys runs `python`
+# from VIRTUAL_ENV to find it, and our build scripts bake its lib folder into the
+# run path of every binary and test, so nothing needs LD_LIBRARY_PATH.
+export LIBTORCH_USE_PYTORCH := 1
+export VIRTUAL_ENV          := $(abspath $(VENV))
+export PATH                 := $(VIRTUAL_ENV)/bin:$(PATH)
+
+.PHONY: run test build setup bench fmt lint clean
+
+## run: train cartpole with 2 actor processes in local mode (offline defaults)
+run: build
+	./target/release/spur local --config $(CONFIG) $(ARGS)
+
+## test: every unit and end-to-end test
+test: setup
+	cargo test --workspace --locked
+
+## build: the release binary, target/release/spur
+build: setup
+	cargo build --release --locked -p spur
+
+## setup: the project venv with the pinned torch (idempotent; fast when present)
+setup: $(TORCH_STAMP)
+
+$(TORCH_STAMP):
+	python3 -m venv $(VENV)
+	$(VENV)/bin/python -m pip install --quiet torch==$(TORCH_VERSION)
+	touch $@
+
+## bench: end-to-end, env-only and inference-only throughput in one run
+bench: build
+	./target/release/spur bench throughput --config $(CONFIG) $(ARGS)
+
+fmt:
+	cargo fmt --all
+
+lint: setup
+	cargo clippy --workspace --all-targets --locked -- -D warnings
+
+clean:
+	cargo clean
+	rm -rf $(VENV)
