@@ -31,12 +31,10 @@ async fn push_one(
         Ok(r) => r.into_inner(),
         Err(status) => return status,
     };
-    loop {
-        match acks.message().await {
-            Ok(Some(ack)) => panic!("a malformed chunk was accepted: {ack:?}"),
-            Ok(None) => panic!("the stream ended without an error"),
-            Err(status) => return status,
-        }
+    match acks.message().await {
+        Ok(Some(ack)) => panic!("a malformed chunk was accepted: {ack:?}"),
+        Ok(None) => panic!("the stream ended without an error"),
+        Err(status) => status,
     }
 }
 

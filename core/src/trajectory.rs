@@ -256,7 +256,8 @@ pub(crate) mod tests {
 
     #[test]
     fn rejects_inconsistent_chunks() {
-        let cases: Vec<(Box<dyn Fn(&mut TrajectoryChunk)>, &str)> = vec![
+        type Mangle = Box<dyn Fn(&mut TrajectoryChunk)>;
+        let cases: Vec<(Mangle, &str)> = vec![
             (Box::new(|m| m.rollout_len = 3), "rollout_len"),
             (Box::new(|m| m.actor_id.clear()), "actor_id"),
             (Box::new(|m| m.observations = None), "observations"),

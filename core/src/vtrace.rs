@@ -68,7 +68,7 @@ pub fn vtrace(input: &VTraceInput, p: &VTraceParams) -> VTraceOutput {
     // acc[j] = vs_{t+1} - V_{t+1} for column j while walking backwards.
     let mut acc = vec![0.0f32; b];
     for t in (0..t_len).rev() {
-        for j in 0..b {
+        for (j, acc_j) in acc.iter_mut().enumerate() {
             let i = t * b + j;
             let rho = input.log_rhos[i].exp();
             let rho_bar = rho.min(p.rho_clip);
@@ -80,12 +80,12 @@ pub fn vtrace(input: &VTraceInput, p: &VTraceParams) -> VTraceOutput {
             let next_v = input.next_values[i];
             let delta = rho_bar * (input.rewards[i] + disc * next_v - v);
             let inside = !ended && t + 1 < t_len;
-            let carry = if inside { acc[j] } else { 0.0 };
+            let carry = if inside { *acc_j } else { 0.0 };
             let a = delta + p.gamma * c * carry;
             vs[i] = v + a;
             let next_vs = if inside { next_v + carry } else { next_v };
             adv[i] = rho.min(p.pg_rho_clip) * (input.rewards[i] + disc * next_vs - v);
-            acc[j] = a;
+            *acc_j = a;
         }
     }
     VTraceOutput {

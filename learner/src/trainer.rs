@@ -139,7 +139,7 @@ impl Trainer {
                 .policy_version
                 .store(self.version, Ordering::Release);
             self.shared.updates.store(self.updates, Ordering::Relaxed);
-            if self.updates % lc.broadcast_every == 0 {
+            if self.updates.is_multiple_of(lc.broadcast_every) {
                 self.publish(false)?;
             }
 
@@ -187,7 +187,7 @@ impl Trainer {
             if let Err(e) = metrics.write(&row) {
                 warn!(error = %e, "cannot write metrics.jsonl");
             }
-            if self.updates % lc.checkpoint_every == 0 {
+            if self.updates.is_multiple_of(lc.checkpoint_every) {
                 self.checkpoint(&ckpt_dir)?;
             }
             if stats.steps == 0 {

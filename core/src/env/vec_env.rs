@@ -104,11 +104,11 @@ impl VecEnv {
         let d = self.spec.obs_dim;
         self.out.final_observations.clear();
         self.out.finished.clear();
-        for i in 0..self.envs.len() {
+        for (i, &action) in actions.iter().enumerate() {
             let text = &mut self.out.texts[i];
             text.clear();
             let obs = &mut self.obs[i * d..(i + 1) * d];
-            let o = self.envs[i].step(actions[i] as usize, obs, text);
+            let o = self.envs[i].step(action as usize, obs, text);
             self.out.rewards[i] = o.reward;
             self.out.terminated[i] = o.terminated as u8;
             self.out.truncated[i] = o.truncated as u8;
