@@ -85,6 +85,7 @@ impl Rollout {
                 episode_ids: Vec::with_capacity(t_len * n),
                 step_indices: Vec::with_capacity(t_len * n),
                 finished_episodes: Vec::new(),
+                event_counts: Vec::with_capacity(if spec.has_text { t_len * n } else { 0 }),
             };
             for _ in 0..t_len {
                 if let Some(v) = self.try_swap(&mut model, false) {
@@ -106,6 +107,7 @@ impl Rollout {
                     .extend_from_slice(&out.final_observations);
                 if spec.has_text {
                     c.event_texts.extend(out.texts.iter().cloned());
+                    c.event_counts.extend_from_slice(&out.event_counts);
                 }
                 c.finished_episodes.extend_from_slice(&out.finished);
             }

@@ -179,7 +179,8 @@ impl ActorCritic {
     ) -> Result<HashMap<String, String>, ModelError> {
         let metadata = read_metadata(bytes)?;
         let st = SafeTensors::deserialize(bytes).map_err(|e| ModelError::Weights(e.to_string()))?;
-        let vars = self.vs.variables();
+        let mut vars: Vec<(String, Tensor)> = self.vs.variables().into_iter().collect();
+        vars.sort_by(|a, b| a.0.cmp(&b.0));
         let mut staged = Vec::with_capacity(vars.len());
         for (name, var) in &vars {
             let view = st
@@ -263,7 +264,7 @@ mod tests {
         let obs = Tensor::from_slice(&[0.1f32, -0.2, 0.3, 0.0]).view([1, 4]);
         let before = b.logits(&obs);
         let err = b.load_safetensors(&a.to_safetensors(1, &HashMap::new()).unwrap());
-        assert!(err.unwrap_err().to_string().contains("policy.l1.weight"));
+        assert!(err.unwrap_err().to_string().contains("policy.l1.bias"));
         assert!(b.load_safetensors(b"not a payload").is_err());
         assert!(before.allclose(&b.logits(&obs), 0.0, 0.0, false));
     }

@@ -36,6 +36,8 @@ pub struct Chunk {
     pub episode_ids: Vec<i64>,
     pub step_indices: Vec<i64>,
     pub finished_episodes: Vec<EpisodeSummary>,
+    /// `T * N` per-episode occurrence counts of the event texts, or empty.
+    pub event_counts: Vec<u32>,
 }
 
 /// What the receiver knows about chunks it accepts.
@@ -72,6 +74,7 @@ impl Chunk {
             episode_ids: Some(encode(&[t, n], &self.episode_ids)),
             step_indices: Some(encode(&[t, n], &self.step_indices)),
             finished_episodes: self.finished_episodes.clone(),
+            event_counts: self.event_counts.clone(),
         }
     }
 
@@ -171,6 +174,27 @@ impl Chunk {
                 format!("holds {} ids for {n} environments", msg.env_ids.len()),
             ));
         }
+        if msg.event_counts.len() != msg.event_texts.len() {
+            return Err(WireError::invalid(
+                "event_counts",
+                format!(
+                    "holds {} counts for {} event texts",
+                    msg.event_counts.len(),
+                    msg.event_texts.len()
+                ),
+            ));
+        }
+        if let Some(i) = msg
+            .event_texts
+            .iter()
+            .zip(&msg.event_counts)
+            .position(|(text, &count)| text.is_empty() != (count == 0))
+        {
+            return Err(WireError::invalid(
+                "event_counts",
+                format!("count {i} must be 0 exactly when its text is empty"),
+            ));
+        }
         let episode_ids = decode::<i64>("episode_ids", msg.episode_ids.as_ref(), &[t, n])?;
         let step_indices = decode::<i64>("step_indices", msg.step_indices.as_ref(), &[t, n])?;
         if step_indices.iter().any(|&s| s < 0) {
@@ -207,6 +231,7 @@ impl Chunk {
             episode_ids,
             step_indices,
             finished_episodes: msg.finished_episodes,
+            event_counts: msg.event_counts,
         })
     }
 }
@@ -239,6 +264,7 @@ pub(crate) mod tests {
                 length: 7,
                 success: false,
             }],
+            event_counts: vec![],
         }
     }
 

@@ -128,6 +128,7 @@ mod tests {
             episode_ids: vec![0; t * n],
             step_indices: vec![0; t * n],
             finished_episodes: Vec::<EpisodeSummary>::new(),
+            event_counts: vec![],
         }
     }
 

@@ -2,6 +2,8 @@
 //! An episode that ends is reset at once (its last observation is kept for
 //! bootstrapping truncated episodes), and each new episode gets a fresh seed.
 
+use std::collections::HashMap;
+
 use spur_proto::v1::EpisodeSummary;
 
 use super::{Env, EnvSpec};
@@ -14,6 +16,9 @@ pub struct VecStep {
     pub truncated: Vec<u8>,
     /// Event texts, one per env (empty strings when nothing happened or no text).
     pub texts: Vec<String>,
+    /// How often each env's text has occurred in its episode so far, this step
+    /// included (0 for an empty text).
+    pub event_counts: Vec<u32>,
     /// Last observations of truncated episodes, in env order, `obs_dim` each.
     pub final_observations: Vec<f32>,
     pub finished: Vec<EpisodeSummary>,
@@ -29,6 +34,8 @@ pub struct VecEnv {
     episode_ids: Vec<i64>,
     step_indices: Vec<i64>,
     returns: Vec<f32>,
+    /// Per env: occurrences of each event text in the current episode.
+    seen: Vec<HashMap<String, u32>>,
     out: VecStep,
 }
 
@@ -46,11 +53,13 @@ impl VecEnv {
             episode_ids: vec![0; n],
             step_indices: vec![0; n],
             returns: vec![0.0; n],
+            seen: vec![HashMap::new(); n],
             out: VecStep {
                 rewards: vec![0.0; n],
                 terminated: vec![0; n],
                 truncated: vec![0; n],
                 texts: vec![String::new(); n],
+                event_counts: vec![0; n],
                 final_observations: Vec::new(),
                 finished: Vec::new(),
             },
@@ -95,6 +104,7 @@ impl VecEnv {
         self.episodes_started += 1;
         self.step_indices[i] = 0;
         self.returns[i] = 0.0;
+        self.seen[i].clear();
     }
 
     /// Steps every env with its action; ended episodes are reset, so
@@ -109,6 +119,13 @@ impl VecEnv {
             text.clear();
             let obs = &mut self.obs[i * d..(i + 1) * d];
             let o = self.envs[i].step(action as usize, obs, text);
+            self.out.event_counts[i] = if text.is_empty() {
+                0
+            } else {
+                let c = self.seen[i].entry(text.clone()).or_insert(0);
+                *c += 1;
+                *c
+            };
             self.out.rewards[i] = o.reward;
             self.out.terminated[i] = o.terminated as u8;
             self.out.truncated[i] = o.truncated as u8;
@@ -158,5 +175,15 @@ mod tests {
         }
         assert_eq!(v.episode_ids(), &[3, 4, 5]);
         assert_eq!(v.step_indices(), &[0, 0, 0]);
+    }
+
+    #[test]
+    fn counts_event_texts_per_episode() {
+        use crate::env::KeyRoom;
+        let envs: Vec<Box<dyn Env>> = vec![Box::new(KeyRoom::new(4, Some(3)))];
+        let mut v = VecEnv::new(envs, 1);
+        // "search" three times: the same text, counted 1, 2, 3; then a new episode.
+        let counts: Vec<u32> = (0..4).map(|_| v.step(&[4]).event_counts[0]).collect();
+        assert_eq!(counts, vec![1, 2, 3, 1]);
     }
 }
