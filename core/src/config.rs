@@ -30,6 +30,119 @@ pub struct Config {
     pub learner: LearnerConfig,
     #[serde(default)]
     pub stop: StopConfig,
+    #[serde(default)]
+    pub intrinsic: IntrinsicConfig,
+    #[serde(default)]
+    pub reward_service: RewardServiceConfig,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum RewardModelKind {
+    /// The label table itself: a labelled text's reward is its label.
+    Retrieval,
+}
+
+/// How the learner mixes rewards:
+/// `c_ext * clip(r_env, -clip_max, clip_max) + c_int * r_int(text) * count^(-beta)`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct IntrinsicConfig {
+    /// Use intrinsic rewards from the reward service (`spur local` starts it).
+    pub enabled: bool,
+    pub model: RewardModelKind,
+    pub c_ext: f64,
+    pub c_int: f64,
+    pub clip_max: f64,
+    /// Repeat decay: the n-th occurrence of a text in an episode earns n^(-beta).
+    pub beta: f64,
+}
+
+impl Default for IntrinsicConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            model: RewardModelKind::Retrieval,
+            c_ext: 1.0,
+            c_int: 0.4,
+            clip_max: 10.0,
+            beta: 3.0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum JudgeKind {
+    /// The built-in rule judge: a stand-in for an LLM that labels by a pattern file.
+    Rules,
+    /// Any OpenAI-compatible chat-completions server (vLLM, llama.cpp, Ollama).
+    Openai,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RewardServiceConfig {
+    /// Socket address the reward service binds.
+    pub listen: String,
+    /// Where actors and the learner reach it.
+    pub addr: String,
+    /// The label store (an embedded transactional database); it outlives runs.
+    pub store: String,
+    pub judge: JudgeKind,
+    /// Pattern file of the rule judge.
+    pub rules: String,
+    /// Prompt template for labelling texts (`{goal}`, `{count}`, `{events}`).
+    pub prompt: String,
+    /// The environment's goal, in words, for the prompt.
+    pub goal: String,
+    /// Most texts waiting for a label; the oldest are shed beyond it.
+    pub backlog: u32,
+    /// Texts per judge request.
+    pub batch_size: u32,
+    /// Judge requests in flight at once.
+    pub max_concurrent: u32,
+    pub timeout_ms: u64,
+    /// Retries of a failed request (network error, timeout, 5xx, 429).
+    pub retries: u32,
+    /// Judge calls a text gets when the answers cannot be parsed; after that it is
+    /// stored as unparseable (reward 0) and not asked about again.
+    pub unparseable_budget: u32,
+    /// Consecutive failed requests that open the circuit breaker.
+    pub breaker_failures: u32,
+    /// How long an open breaker pauses all requests.
+    pub breaker_cooldown_ms: u64,
+    pub openai_base_url: String,
+    pub openai_model: String,
+    /// Name of the environment variable holding the API key (the key is never logged).
+    pub api_key_env: String,
+    pub max_tokens: u32,
+}
+
+impl Default for RewardServiceConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:50052".into(),
+            addr: "http://127.0.0.1:50052".into(),
+            store: "runs/labels.redb".into(),
+            judge: JudgeKind::Rules,
+            rules: "judges/keyroom.rules".into(),
+            prompt: "prompts/classify.txt".into(),
+            goal: "prompts/keyroom-goal.txt".into(),
+            backlog: 10_000,
+            batch_size: 32,
+            max_concurrent: 4,
+            timeout_ms: 30_000,
+            retries: 3,
+            unparseable_budget: 2,
+            breaker_failures: 5,
+            breaker_cooldown_ms: 10_000,
+            openai_base_url: "http://127.0.0.1:8000/v1".into(),
+            openai_model: "default".into(),
+            api_key_env: "OPENAI_API_KEY".into(),
+            max_tokens: 2048,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -426,6 +539,65 @@ impl Config {
                 && (l.weights_chunk_bytes as usize) < spur_proto::MAX_MESSAGE_BYTES,
             "learner.weights_chunk_bytes",
             "must be at least 1024 and below the 16 MiB message limit",
+        )?;
+        let i = &self.intrinsic;
+        check(
+            i.c_ext.is_finite(),
+            "intrinsic.c_ext",
+            "must be a finite number",
+        )?;
+        check(
+            i.c_int.is_finite(),
+            "intrinsic.c_int",
+            "must be a finite number",
+        )?;
+        check(i.clip_max > 0.0, "intrinsic.clip_max", "must be positive")?;
+        check(i.beta >= 0.0, "intrinsic.beta", "must not be negative")?;
+        let r = &self.reward_service;
+        check(
+            r.listen.parse::<std::net::SocketAddr>().is_ok(),
+            "reward_service.listen",
+            "must be a socket address such as 127.0.0.1:50052",
+        )?;
+        check(
+            r.addr.starts_with("http://") || r.addr.starts_with("https://"),
+            "reward_service.addr",
+            "must start with http:// or https://",
+        )?;
+        check(
+            r.backlog >= 1,
+            "reward_service.backlog",
+            "must be at least 1",
+        )?;
+        check(
+            (1..=1000).contains(&r.batch_size),
+            "reward_service.batch_size",
+            "must be between 1 and 1000",
+        )?;
+        check(
+            r.max_concurrent >= 1,
+            "reward_service.max_concurrent",
+            "must be at least 1",
+        )?;
+        check(
+            r.timeout_ms >= 1,
+            "reward_service.timeout_ms",
+            "must be at least 1",
+        )?;
+        check(
+            r.unparseable_budget >= 1,
+            "reward_service.unparseable_budget",
+            "must be at least 1",
+        )?;
+        check(
+            r.breaker_failures >= 1,
+            "reward_service.breaker_failures",
+            "must be at least 1",
+        )?;
+        check(
+            r.openai_base_url.starts_with("http://") || r.openai_base_url.starts_with("https://"),
+            "reward_service.openai_base_url",
+            "must start with http:// or https://",
         )?;
         check(
             self.stop.target_return.is_finite(),

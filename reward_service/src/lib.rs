@@ -1,16 +1,197 @@
-//! spur-reward-service: labels the event texts of trajectories with an LLM judge
-//! (or the built-in rule judge), keeps every label in an embedded transactional
-//! store, and distils them into intrinsic reward models that the learner uses.
+//! spur-reward-service: labels the event texts of trajectories with a judge (an
+//! OpenAI-compatible LLM server, or the built-in rule judge offline), keeps every
+//! label in an embedded transactional store, and publishes the labels as versions of
+//! an intrinsic reward model for the learner (the ONI recipe).
 //!
-//! This crate holds the pure parts that do not depend on the network yet.
+//! - `service.rs`: the `spur.v1.RewardService` gRPC service
+//! - `labeler.rs`: dedup, queueing, batched concurrent judge calls, commit, publish
+//! - `backlog.rs`: the bounded newest-first queue of unlabelled texts
+//! - `judge/`: the rule judge and the OpenAI-compatible client
+//! - `prompt.rs`, `parse.rs`: prompt templates with versions; the strict answer parser
+//! - `store.rs`: the redb label store
+//! - `model.rs`: the retrieval reward model (the label table) and its versions
+//! - `stats.rs`: counters and judge latency percentiles
 
-/// How often an event text has occurred so far in its episode scales its intrinsic
-/// reward by `count^(-beta)` (ONI's repeat decay), so repeated events fade fast.
+mod backlog;
+pub mod error;
+pub mod judge;
+mod labeler;
+mod model;
+pub mod parse;
+pub mod prompt;
+mod service;
+mod stats;
+pub mod store;
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use spur_core::config::{Config, JudgeKind};
+use spur_proto::v1::reward_service_server::RewardServiceServer;
+use spur_proto::MAX_MESSAGE_BYTES;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tracing::info;
+
+pub use error::ServiceError;
+
+use judge::{Judge, OpenAiJudge, OpenAiSettings, RulesJudge};
+use labeler::Labeler;
+use model::RetrievalModel;
+use service::RewardGrpc;
+
+/// Name of the file in the run directory that holds the bound address.
+pub const ADDR_FILE: &str = "reward_service.addr";
+
+/// ONI's repeat decay: the n-th occurrence of a text in an episode earns n^(-beta).
 pub fn repeat_decay(count: u32, beta: f64) -> f64 {
     if count == 0 {
         return 0.0;
     }
     (count as f64).powf(-beta)
+}
+
+/// Builds the judge, its prompt and the key its labels are stored under.
+fn build_judge(
+    config: &Config,
+    root: &Path,
+) -> Result<(Judge, prompt::Prompt, String), ServiceError> {
+    let r = &config.reward_service;
+    let prompt = prompt::Prompt::load(&root.join(&r.prompt), &root.join(&r.goal))?;
+    match r.judge {
+        JudgeKind::Rules => {
+            let rules = RulesJudge::load(&root.join(&r.rules))?;
+            let version = format!("rules-{}", prompt::version_of(&[&rules.source]));
+            Ok((Judge::Rules(rules), prompt, version))
+        }
+        JudgeKind::Openai => {
+            let api_key = std::env::var(&r.api_key_env).ok().filter(|k| !k.is_empty());
+            let settings = OpenAiSettings {
+                base_url: r.openai_base_url.clone(),
+                model: r.openai_model.clone(),
+                api_key,
+                timeout: Duration::from_millis(r.timeout_ms),
+                retries: r.retries,
+                max_tokens: r.max_tokens,
+                breaker_failures: r.breaker_failures,
+                breaker_cooldown: Duration::from_millis(r.breaker_cooldown_ms),
+            };
+            let judge =
+                OpenAiJudge::new(settings).map_err(|e| ServiceError::Judge(e.to_string()))?;
+            let version = prompt.version.clone();
+            Ok((Judge::OpenAi(judge), prompt, version))
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ServiceOptions {
+    /// Where prompt, goal, rules and store paths are resolved from.
+    pub root: PathBuf,
+    /// Run directory to write the bound address into (local mode), if any.
+    pub run_dir: Option<PathBuf>,
+}
+
+/// Binds `reward_service.listen` and serves until `shutdown`.
+pub async fn run(
+    config: Config,
+    opts: ServiceOptions,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServiceError> {
+    let addr = config.reward_service.listen.clone();
+    let listener = TcpListener::bind(&addr)
+        .await
+        .map_err(|source| ServiceError::Bind { addr, source })?;
+    serve(config, opts, listener, shutdown).await
+}
+
+/// Serves on a bound listener until `shutdown`.
+pub async fn serve(
+    config: Config,
+    opts: ServiceOptions,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServiceError> {
+    let r = &config.reward_service;
+    let (judge, prompt, prompt_version) = build_judge(&config, &opts.root)?;
+    let store = Arc::new(store::LabelStore::open(&opts.root.join(&r.store))?);
+    let known = store.all(&prompt_version)?;
+    info!(
+        labels = known.len(),
+        prompt_version,
+        judge = judge.id(),
+        "label store open"
+    );
+    let model = RetrievalModel::new(
+        prompt_version.clone(),
+        known.into_iter().map(|(t, rec)| (t, rec.value())),
+    );
+    let labeler = Arc::new(Labeler::new(
+        prompt,
+        prompt_version,
+        judge,
+        store,
+        model,
+        r.backlog as usize,
+        r.batch_size as usize,
+        r.max_concurrent as usize,
+        r.unparseable_budget,
+    ));
+    let workers = tokio::spawn(labeler.clone().run());
+
+    let (reporter, health) = tonic_health::server::health_reporter();
+    reporter
+        .set_serving::<RewardServiceServer<RewardGrpc>>()
+        .await;
+    let addr = listener.local_addr()?;
+    if let Some(dir) = &opts.run_dir {
+        std::fs::create_dir_all(dir)?;
+        spur_core::checkpoint::write_atomic(&dir.join(ADDR_FILE), addr.to_string().as_bytes())?;
+    }
+    info!(%addr, "reward service listening");
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let server = tonic::transport::Server::builder()
+        .add_service(health)
+        .add_service(
+            RewardServiceServer::new(RewardGrpc {
+                labeler: labeler.clone(),
+            })
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        )
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stopped(stop_rx.clone()));
+    // Reward-model subscriptions never end by themselves: give streams a moment to
+    // drain after the signal, then close regardless.
+    let result = tokio::select! {
+        r = server => r,
+        _ = async {
+            stopped(stop_rx).await;
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        } => Ok(()),
+    };
+    workers.abort();
+    let _ = workers.await;
+    // Wait for in-flight judge requests to let go of the store before returning, so
+    // a new service can open it at once.
+    for _ in 0..500 {
+        if Arc::strong_count(&labeler) == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    drop(labeler);
+    result?;
+    info!("reward service stopped");
+    Ok(())
 }
 
 #[cfg(test)]

@@ -1,0 +1,86 @@
+//! Prompt templates. A template lives in a file in our own words, the environment's
+//! goal in another; the prompt version is a hash of both, so labels made under one
+//! wording are never mixed with labels made under another.
+
+use std::path::Path;
+
+use sha2::{Digest, Sha256};
+
+use crate::error::ServiceError;
+
+#[derive(Debug, Clone)]
+pub struct Prompt {
+    template: String,
+    goal: String,
+    /// First 16 hex digits of SHA-256 over the template and the goal.
+    pub version: String,
+}
+
+pub fn read(path: &Path) -> Result<String, ServiceError> {
+    std::fs::read_to_string(path).map_err(|source| ServiceError::ReadFile {
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+/// Short hex digest of `parts`, separated so that ("ab", "c") and ("a", "bc") differ.
+pub fn version_of(parts: &[&str]) -> String {
+    let mut h = Sha256::new();
+    for p in parts {
+        h.update((p.len() as u64).to_le_bytes());
+        h.update(p.as_bytes());
+    }
+    h.finalize()[..8]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+impl Prompt {
+    pub fn new(template: String, goal: String) -> Self {
+        let version = version_of(&[&template, goal.trim()]);
+        Self {
+            template,
+            goal: goal.trim().to_string(),
+            version,
+        }
+    }
+
+    pub fn load(template: &Path, goal: &Path) -> Result<Self, ServiceError> {
+        Ok(Self::new(read(template)?, read(goal)?))
+    }
+
+    /// The prompt for `texts`, numbered from 1.
+    pub fn render(&self, texts: &[String]) -> String {
+        let events: String = texts
+            .iter()
+            .enumerate()
+            .map(|(i, t)| format!("{}. {}\n", i + 1, t.replace('\n', " ")))
+            .collect();
+        self.template
+            .replace("{goal}", &self.goal)
+            .replace("{count}", &texts.len().to_string())
+            .replace("{events}", events.trim_end())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_numbered_events_and_versions_by_content() {
+        let p = Prompt::new(
+            "Goal: {goal}\n{count} events:\n{events}\n".into(),
+            "win".into(),
+        );
+        let text = p.render(&["a b".into(), "c\nd".into()]);
+        assert_eq!(text, "Goal: win\n2 events:\n1. a b\n2. c d\n");
+        let q = Prompt::new(
+            "Goal: {goal}\n{count} events:\n{events}\n".into(),
+            "lose".into(),
+        );
+        assert_ne!(p.version, q.version);
+        assert_eq!(p.version.len(), 16);
+    }
+}

@@ -1,0 +1,119 @@
+//! The `spur.v1.RewardService` gRPC service.
+
+use std::sync::Arc;
+
+use spur_proto::v1::reward_service_server::RewardService;
+use spur_proto::v1::{
+    RewardModelRequest, RewardModelUpdate, RewardServiceStatus, RewardStatusRequest, SubmitSummary,
+    TextBatch,
+};
+use tokio::sync::{broadcast, mpsc};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::debug;
+
+use crate::labeler::Labeler;
+use crate::stats::Stats;
+
+/// Most texts one `TextBatch` may carry.
+pub const MAX_TEXTS_PER_BATCH: usize = 10_000;
+
+pub struct RewardGrpc {
+    pub labeler: Arc<Labeler>,
+}
+
+#[tonic::async_trait]
+impl RewardService for RewardGrpc {
+    async fn submit_texts(
+        &self,
+        request: Request<Streaming<TextBatch>>,
+    ) -> Result<Response<SubmitSummary>, Status> {
+        let mut stream = request.into_inner();
+        let mut summary = SubmitSummary::default();
+        while let Some(batch) = stream.message().await? {
+            if batch.texts.len() > MAX_TEXTS_PER_BATCH {
+                return Err(Status::invalid_argument(format!(
+                    "a text batch holds {} texts, at most {MAX_TEXTS_PER_BATCH} are allowed",
+                    batch.texts.len()
+                )));
+            }
+            summary.received_texts += batch.texts.len() as u64;
+            summary.new_texts += self.labeler.submit(batch.texts);
+        }
+        Ok(Response::new(summary))
+    }
+
+    type SubscribeRewardModelStream = ReceiverStream<Result<RewardModelUpdate, Status>>;
+
+    async fn subscribe_reward_model(
+        &self,
+        request: Request<RewardModelRequest>,
+    ) -> Result<Response<Self::SubscribeRewardModelStream>, Status> {
+        debug!(
+            subscriber = request.get_ref().subscriber,
+            "reward-model subscriber"
+        );
+        let (tx, rx) = mpsc::channel(16);
+        let labeler = self.labeler.clone();
+        tokio::spawn(async move {
+            'resync: loop {
+                let (full, mut deltas) = labeler.model.subscribe();
+                let mut version = full.version;
+                if tx.send(Ok(full)).await.is_err() {
+                    return;
+                }
+                loop {
+                    match deltas.recv().await {
+                        Ok(update) if update.version > version => {
+                            version = update.version;
+                            if tx.send(Ok((*update).clone())).await.is_err() {
+                                return;
+                            }
+                        }
+                        Ok(_) => {}
+                        // Fell behind: start over with the whole table.
+                        Err(broadcast::error::RecvError::Lagged(_)) => continue 'resync,
+                        Err(broadcast::error::RecvError::Closed) => return,
+                    }
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn get_status(
+        &self,
+        _request: Request<RewardStatusRequest>,
+    ) -> Result<Response<RewardServiceStatus>, Status> {
+        let l = &self.labeler;
+        let s = &l.stats;
+        let labels = l.model.label_count() as u64;
+        let (backlog, shed) = {
+            let b = l.backlog.lock().expect("backlog lock poisoned");
+            (b.depth() as u64, b.shed)
+        };
+        let judged = Stats::get(&s.texts_judged);
+        Ok(Response::new(RewardServiceStatus {
+            judge: l.judge_id.clone(),
+            prompt_version: l.prompt_version.clone(),
+            model_version: l.model.version(),
+            texts_seen: Stats::get(&s.texts_seen),
+            unique_texts: labels + backlog,
+            store_hits: Stats::get(&s.store_hits),
+            labels,
+            positive_labels: l.model.positives() as u64,
+            llm_calls: Stats::get(&s.llm_calls),
+            llm_failures: Stats::get(&s.llm_failures),
+            unparseable_answers: Stats::get(&s.unparseable),
+            backlog,
+            shed_texts: shed,
+            llm_latency_p50_ms: s.latency_quantile(0.5),
+            llm_latency_p99_ms: s.latency_quantile(0.99),
+            calls_per_labelled_text: if labels > 0 {
+                judged as f64 / labels as f64
+            } else {
+                0.0
+            },
+        }))
+    }
+}

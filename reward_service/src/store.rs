@@ -1,0 +1,185 @@
+//! The label store: an embedded transactional database (redb) keyed by
+//! (prompt version, text). Each record keeps the verdict, the judge's raw answer, the
+//! judge's id and the time. A batch of labels is committed in one durable
+//! transaction before any of it is published, and an existing label is never
+//! overwritten, so a crash can lose at most labels nobody has seen yet.
+
+use std::path::{Path, PathBuf};
+
+use redb::{Database, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+
+use crate::error::ServiceError;
+
+const LABELS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("labels");
+
+/// One stored label.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LabelRecord {
+    /// `Some(true)`: helpful, `Some(false)`: not helpful, `None`: the judge's answers
+    /// could not be parsed within the budget (counts as 0 reward, never positive).
+    pub helpful: Option<bool>,
+    /// The judge's raw answer to the request that produced this label.
+    pub raw_answer: String,
+    /// Which judge answered (`rules:<file>` or `openai:<model>`).
+    pub judge: String,
+    /// Milliseconds since the Unix epoch.
+    pub unix_ms: u64,
+    /// Judge calls this text took.
+    pub attempts: u32,
+}
+
+impl LabelRecord {
+    /// The retrieval model's reward for this label.
+    pub fn value(&self) -> f32 {
+        if self.helpful == Some(true) {
+            1.0
+        } else {
+            0.0
+        }
+    }
+}
+
+pub struct LabelStore {
+    db: Database,
+    path: PathBuf,
+}
+
+impl LabelStore {
+    pub fn open(path: &Path) -> Result<Self, ServiceError> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)?;
+        }
+        let err = |e: &dyn std::fmt::Display| ServiceError::Store {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        };
+        let db = Database::create(path).map_err(|e| err(&e))?;
+        // Make sure the table exists so readers never see "no such table".
+        let txn = db.begin_write().map_err(|e| err(&e))?;
+        txn.open_table(LABELS).map_err(|e| err(&e))?;
+        txn.commit().map_err(|e| err(&e))?;
+        Ok(Self {
+            db,
+            path: path.to_path_buf(),
+        })
+    }
+
+    fn err(&self, e: impl std::fmt::Display) -> ServiceError {
+        ServiceError::Store {
+            path: self.path.display().to_string(),
+            message: e.to_string(),
+        }
+    }
+
+    pub fn get(
+        &self,
+        prompt_version: &str,
+        text: &str,
+    ) -> Result<Option<LabelRecord>, ServiceError> {
+        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
+        let table = txn.open_table(LABELS).map_err(|e| self.err(e))?;
+        let Some(v) = table.get((prompt_version, text)).map_err(|e| self.err(e))? else {
+            return Ok(None);
+        };
+        decode(v.value()).map(Some).map_err(|e| self.err(e))
+    }
+
+    /// Stores the labels that are not stored yet, in one durable transaction; returns
+    /// those it added (an existing label is kept as it is).
+    pub fn put_new(
+        &self,
+        prompt_version: &str,
+        labels: Vec<(String, LabelRecord)>,
+    ) -> Result<Vec<(String, LabelRecord)>, ServiceError> {
+        let txn = self.db.begin_write().map_err(|e| self.err(e))?;
+        let mut added = Vec::with_capacity(labels.len());
+        {
+            let mut table = txn.open_table(LABELS).map_err(|e| self.err(e))?;
+            for (text, record) in labels {
+                let key = (prompt_version, text.as_str());
+                if table.get(key).map_err(|e| self.err(e))?.is_some() {
+                    continue;
+                }
+                let bytes = serde_json::to_vec(&record).expect("a label record always serializes");
+                table
+                    .insert(key, bytes.as_slice())
+                    .map_err(|e| self.err(e))?;
+                added.push((text, record));
+            }
+        }
+        txn.commit().map_err(|e| self.err(e))?;
+        Ok(added)
+    }
+
+    /// Every label stored under `prompt_version`.
+    pub fn all(&self, prompt_version: &str) -> Result<Vec<(String, LabelRecord)>, ServiceError> {
+        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
+        let table = txn.open_table(LABELS).map_err(|e| self.err(e))?;
+        let mut out = Vec::new();
+        for item in table
+            .range((prompt_version, "")..)
+            .map_err(|e| self.err(e))?
+        {
+            let (k, v) = item.map_err(|e| self.err(e))?;
+            let (pv, text) = k.value();
+            if pv != prompt_version {
+                break;
+            }
+            match decode(v.value()) {
+                Ok(r) => out.push((text.to_string(), r)),
+                Err(e) => tracing::warn!(text, error = %e, "skipping an unreadable label record"),
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn decode(bytes: &[u8]) -> Result<LabelRecord, serde_json::Error> {
+    serde_json::from_slice(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(h: Option<bool>) -> LabelRecord {
+        LabelRecord {
+            helpful: h,
+            raw_answer: "1: helpful".into(),
+            judge: "test".into(),
+            unix_ms: 1,
+            attempts: 1,
+        }
+    }
+
+    #[test]
+    fn labels_survive_reopening_and_are_never_overwritten() {
+        let dir = std::env::temp_dir().join(format!("spur-store-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let path = dir.join("labels.redb");
+        {
+            let s = LabelStore::open(&path).unwrap();
+            let added = s
+                .put_new(
+                    "v1",
+                    vec![("a".into(), record(Some(true))), ("b".into(), record(None))],
+                )
+                .unwrap();
+            assert_eq!(added.len(), 2);
+            let added = s
+                .put_new("v1", vec![("a".into(), record(Some(false)))])
+                .unwrap();
+            assert!(added.is_empty());
+            s.put_new("v2", vec![("a".into(), record(Some(false)))])
+                .unwrap();
+        }
+        let s = LabelStore::open(&path).unwrap();
+        assert_eq!(s.get("v1", "a").unwrap().unwrap().helpful, Some(true));
+        assert_eq!(s.get("v2", "a").unwrap().unwrap().helpful, Some(false));
+        assert!(s.get("v1", "zzz").unwrap().is_none());
+        let all: Vec<String> = s.all("v1").unwrap().into_iter().map(|(t, _)| t).collect();
+        assert_eq!(all, vec!["a".to_string(), "b".to_string()]);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

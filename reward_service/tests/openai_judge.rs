@@ -1,0 +1,384 @@
+//! The reward service against a stub OpenAI-compatible server that speaks the real
+//! chat-completions wire format over HTTP, with scripted answers, delays and errors.
+
+use std::collections::VecDeque;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::{Json, Router};
+use spur_core::config::{Config, JudgeKind};
+use spur_proto::v1::reward_service_client::RewardServiceClient;
+use spur_proto::v1::{RewardModelRequest, RewardServiceStatus, RewardStatusRequest, TextBatch};
+use spur_reward_service::store::LabelStore;
+use spur_reward_service::ServiceOptions;
+use tokio::sync::oneshot;
+use tonic::transport::Channel;
+
+/// What the stub does with one request.
+#[derive(Clone)]
+enum Act {
+    /// Answer correctly: "helpful" for texts mentioning a key.
+    Answer,
+    Status(u16),
+    Delay(Duration),
+    Say(&'static str),
+}
+
+#[derive(Default)]
+struct Stub {
+    calls: AtomicUsize,
+    in_flight: AtomicUsize,
+    max_in_flight: AtomicUsize,
+    batch_sizes: Mutex<Vec<usize>>,
+    script: Mutex<VecDeque<Act>>,
+}
+
+/// The numbered events of a rendered prompt ("1. text").
+fn events(prompt: &str) -> Vec<String> {
+    prompt
+        .lines()
+        .filter_map(|l| {
+            let (n, rest) = l.split_once(". ")?;
+            n.parse::<usize>().ok().map(|_| rest.to_string())
+        })
+        .collect()
+}
+
+async fn completions(
+    State(stub): State<Arc<Stub>>,
+    Json(body): Json<serde_json::Value>,
+) -> Response {
+    stub.calls.fetch_add(1, Ordering::SeqCst);
+    let now = stub.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+    stub.max_in_flight.fetch_max(now, Ordering::SeqCst);
+    let prompt = body["messages"][0]["content"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let texts = events(&prompt);
+    stub.batch_sizes.lock().unwrap().push(texts.len());
+    let act = stub
+        .script
+        .lock()
+        .unwrap()
+        .pop_front()
+        .unwrap_or(Act::Answer);
+    // Long enough for concurrent requests to overlap.
+    tokio::time::sleep(Duration::from_millis(40)).await;
+    let content = match act {
+        Act::Status(code) => {
+            stub.in_flight.fetch_sub(1, Ordering::SeqCst);
+            let code = StatusCode::from_u16(code).unwrap();
+            return (code, "<html><body>upstream error</body></html>").into_response();
+        }
+        Act::Delay(d) => {
+            tokio::time::sleep(d).await;
+            answer(&texts)
+        }
+        Act::Say(s) => s.to_string(),
+        Act::Answer => answer(&texts),
+    };
+    stub.in_flight.fetch_sub(1, Ordering::SeqCst);
+    Json(serde_json::json!({
+        "id": "chatcmpl-test",
+        "object": "chat.completion",
+        "model": body["model"],
+        "choices": [{
+            "index": 0,
+            "message": {"role": "assistant", "content": content},
+            "finish_reason": "stop"
+        }]
+    }))
+    .into_response()
+}
+
+fn answer(texts: &[String]) -> String {
+    texts
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            let verdict = if t.contains("key") {
+                "helpful"
+            } else {
+                "not helpful"
+            };
+            format!("{}: {verdict}\n", i + 1)
+        })
+        .collect()
+}
+
+async fn start_stub(script: Vec<Act>) -> (String, Arc<Stub>) {
+    let stub = Arc::new(Stub::default());
+    *stub.script.lock().unwrap() = script.into();
+    let app = Router::new()
+        .route("/v1/chat/completions", post(completions))
+        .with_state(stub.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (format!("http://{addr}/v1"), stub)
+}
+
+struct Service {
+    client: RewardServiceClient<Channel>,
+    stop: Option<oneshot::Sender<()>>,
+    handle: tokio::task::JoinHandle<Result<(), spur_reward_service::ServiceError>>,
+}
+
+impl Service {
+    async fn start(config: &Config) -> Self {
+        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = format!("http://{}", listener.local_addr().unwrap());
+        let (stop, stopped) = oneshot::channel::<()>();
+        let opts = ServiceOptions {
+            root,
+            run_dir: None,
+        };
+        let handle = tokio::spawn(spur_reward_service::serve(
+            config.clone(),
+            opts,
+            listener,
+            async {
+                let _ = stopped.await;
+            },
+        ));
+        let mut client = None;
+        for _ in 0..100 {
+            if let Ok(c) = RewardServiceClient::connect(addr.clone()).await {
+                client = Some(c);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Self {
+            client: client.expect("the reward service serves"),
+            stop: Some(stop),
+            handle,
+        }
+    }
+
+    async fn submit(&mut self, texts: &[&str]) {
+        let batch = TextBatch {
+            actor_id: "test".into(),
+            texts: texts.iter().map(|t| t.to_string()).collect(),
+        };
+        self.client
+            .submit_texts(tokio_stream::iter(vec![batch]))
+            .await
+            .unwrap();
+    }
+
+    async fn status(&mut self) -> RewardServiceStatus {
+        self.client
+            .get_status(RewardStatusRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+    }
+
+    async fn wait_for(
+        &mut self,
+        what: &str,
+        pred: impl Fn(&RewardServiceStatus) -> bool,
+    ) -> RewardServiceStatus {
+        for _ in 0..500 {
+            let s = self.status().await;
+            if pred(&s) {
+                return s;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("timed out waiting for {what}: {:?}", self.status().await);
+    }
+
+    async fn stop(mut self) {
+        let _ = self.stop.take().unwrap().send(());
+        self.handle.await.unwrap().unwrap();
+    }
+}
+
+fn config(base_url: &str, store: &std::path::Path) -> Config {
+    let mut c = Config::from_toml_str("").unwrap();
+    let r = &mut c.reward_service;
+    r.judge = JudgeKind::Openai;
+    r.openai_base_url = base_url.to_string();
+    r.openai_model = "stub-model".into();
+    r.store = store.display().to_string();
+    r.batch_size = 4;
+    r.max_concurrent = 2;
+    r.timeout_ms = 300;
+    r.retries = 3;
+    r.unparseable_budget = 2;
+    c
+}
+
+fn temp_store(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("spur-judge-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir.join("labels.redb")
+}
+
+fn texts(n: usize) -> Vec<String> {
+    (0..n)
+        .map(|i| {
+            if i % 3 == 0 {
+                format!("you pick up key number {i}")
+            } else {
+                format!("you bump into wall number {i}")
+            }
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_concurrency_and_labels_are_right() {
+    let (url, stub) = start_stub(vec![]).await;
+    let store = temp_store("batches");
+    let mut svc = Service::start(&config(&url, &store)).await;
+    let all = texts(22);
+    let refs: Vec<&str> = all.iter().map(String::as_str).collect();
+    svc.submit(&refs).await;
+    // Submitting the same texts again while they are queued or labelled adds nothing.
+    svc.submit(&refs).await;
+    let s = svc.wait_for("22 labels", |s| s.labels == 22).await;
+    assert!(stub
+        .batch_sizes
+        .lock()
+        .unwrap()
+        .iter()
+        .all(|&n| (1..=4).contains(&n)));
+    assert!(
+        stub.max_in_flight.load(Ordering::SeqCst) <= 2,
+        "concurrency cap exceeded"
+    );
+    assert_eq!(s.calls_per_labelled_text, 1.0);
+    assert_eq!(s.positive_labels, 8);
+    assert_eq!(s.llm_calls as usize, stub.calls.load(Ordering::SeqCst));
+
+    // The learner's view: the whole table, with the right values.
+    let mut updates = svc
+        .client
+        .subscribe_reward_model(RewardModelRequest {
+            subscriber: "t".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let full = updates.message().await.unwrap().unwrap();
+    assert!(full.full);
+    assert_eq!(full.labels.len(), 22);
+    for l in &full.labels {
+        assert_eq!(
+            l.value,
+            if l.text.contains("key") { 1.0 } else { 0.0 },
+            "{}",
+            l.text
+        );
+    }
+    svc.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_errors_and_timeouts_are_retried() {
+    let script = vec![
+        Act::Status(500),
+        Act::Status(503),
+        Act::Delay(Duration::from_secs(2)), // past the 300 ms timeout
+        Act::Status(429),
+    ];
+    let (url, stub) = start_stub(script).await;
+    let store = temp_store("retries");
+    let mut cfg = config(&url, &store);
+    cfg.reward_service.max_concurrent = 1;
+    cfg.reward_service.retries = 4;
+    let mut svc = Service::start(&cfg).await;
+    svc.submit(&["you pick up the key", "you bump into a wall"])
+        .await;
+    let s = svc.wait_for("2 labels", |s| s.labels == 2).await;
+    assert_eq!(
+        stub.calls.load(Ordering::SeqCst),
+        5,
+        "4 failures, then an answer"
+    );
+    assert_eq!(s.llm_failures, 0, "the retries absorbed every failure");
+    assert_eq!(s.positive_labels, 1);
+    svc.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_answers_never_become_positive_labels() {
+    let script = vec![
+        Act::Say("Thought process: the key is important.\n1: helpful"),
+        Act::Say(":"),
+        Act::Say(""),
+        Act::Say("1: helpful, since keys open doors"),
+        Act::Say("<!DOCTYPE html><html><body>Bad Gateway</body></html>"),
+        Act::Say("1: helpful\n2: not"),
+    ];
+    let (url, stub) = start_stub(script).await;
+    let store = temp_store("malformed");
+    let mut cfg = config(&url, &store);
+    cfg.reward_service.batch_size = 1;
+    cfg.reward_service.max_concurrent = 1;
+    cfg.reward_service.unparseable_budget = 2;
+    let mut svc = Service::start(&cfg).await;
+    svc.submit(&[
+        "you pick up the key",
+        "you pick up a key again",
+        "a key glints",
+    ])
+    .await;
+    let s = svc.wait_for("3 labels", |s| s.labels == 3).await;
+    assert_eq!(
+        stub.calls.load(Ordering::SeqCst),
+        6,
+        "each text got its 2 tries"
+    );
+    assert_eq!(s.unparseable_answers, 6);
+    assert_eq!(
+        s.positive_labels, 0,
+        "no malformed answer may become a positive label"
+    );
+    svc.stop().await;
+    // The store says why: unparseable, with the raw answer kept.
+    let st = LabelStore::open(&store).unwrap();
+    let pv = s.prompt_version;
+    let rec = st.get(&pv, "a key glints").unwrap().unwrap();
+    assert_eq!(rec.helpful, None);
+    assert_eq!(rec.attempts, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn labels_survive_a_restart_with_zero_repeated_calls() {
+    let (url, stub) = start_stub(vec![]).await;
+    let store = temp_store("restart");
+    let cfg = config(&url, &store);
+    let all = texts(10);
+    let refs: Vec<&str> = all.iter().map(String::as_str).collect();
+    let mut svc = Service::start(&cfg).await;
+    svc.submit(&refs).await;
+    svc.wait_for("10 labels", |s| s.labels == 10).await;
+    svc.stop().await;
+    let calls = stub.calls.load(Ordering::SeqCst);
+
+    let mut svc = Service::start(&cfg).await;
+    let s = svc.status().await;
+    assert_eq!(s.labels, 10, "labels loaded from the store");
+    svc.submit(&refs).await;
+    let s = svc.wait_for("store hits", |s| s.store_hits == 10).await;
+    assert_eq!(s.backlog, 0);
+    assert_eq!(
+        stub.calls.load(Ordering::SeqCst),
+        calls,
+        "no call for a stored label"
+    );
+    assert_eq!(s.llm_calls, 0);
+    svc.stop().await;
+}
