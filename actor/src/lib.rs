@@ -4,13 +4,14 @@
 //! channels: the weight subscriber (`weights.rs`, async) fills a latest-wins slot; the
 //! rollout thread (`rollout.rs`, blocking, tch) steps the environments and produces
 //! chunks; the push task (`push.rs`, async) streams them to the learner. Both network
-//! parts reconnect with jittered backoff (`backoff.rs`). The actor ends when the
+//! parts reconnect with jittered backoff. With intrinsic rewards on, new event texts
+//! go to the reward service (`texts.rs`). The actor ends when the
 //! learner announces that training has finished, or when `shutdown` resolves.
 
-mod backoff;
 mod error;
 mod push;
 mod rollout;
+mod texts;
 mod weights;
 
 use std::future::Future;
@@ -88,7 +89,29 @@ pub async fn run(
         stopper.store(true, Ordering::Release);
     });
 
+    let has_text = spur_core::env::env_spec(&config.env).has_text;
+    let texts = if config.intrinsic.enabled && has_text {
+        let endpoint = Endpoint::from_shared(config.reward_service.addr.clone())
+            .map_err(|e| ActorError::Address {
+                addr: config.reward_service.addr.clone(),
+                message: e.to_string(),
+            })?
+            .connect_timeout(Duration::from_secs(2));
+        let forget = Arc::new(AtomicBool::new(false));
+        let (tx, rx) = mpsc::channel(64);
+        tokio::spawn(texts::submit(
+            endpoint,
+            opts.actor_id.clone(),
+            rx,
+            forget.clone(),
+            max_backoff,
+        ));
+        Some((tx, texts::SentTexts::new(forget)))
+    } else {
+        None
+    };
     let rollout = rollout::Rollout {
+        texts,
         seed: config.run.seed.wrapping_add(1000 * opts.index as u64),
         config,
         actor_id: opts.actor_id.clone(),

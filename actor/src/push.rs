@@ -16,8 +16,8 @@ use tonic::transport::Endpoint;
 use tonic::{Code, Status};
 use tracing::{info, warn};
 
-use crate::backoff::Backoff;
 use crate::error::ActorError;
+use spur_core::backoff::Backoff;
 
 /// Counters of one actor's pushing.
 #[derive(Debug, Default, Clone, Copy)]

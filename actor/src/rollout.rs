@@ -16,6 +16,7 @@ use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 
 use crate::error::ActorError;
+use crate::texts::SentTexts;
 use crate::weights::WeightsUpdate;
 
 pub struct Rollout {
@@ -27,6 +28,8 @@ pub struct Rollout {
     pub chunks: mpsc::Sender<Chunk>,
     pub stop: Arc<AtomicBool>,
     pub rt: Handle,
+    /// New event texts for the reward service, with the memory of texts sent.
+    pub texts: Option<(mpsc::Sender<Vec<String>>, SentTexts)>,
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -115,6 +118,17 @@ impl Rollout {
             // A chunk that saw a weight swap is tagged with its oldest version, so the
             // learner's lag accounting errs on the safe side; the behaviour
             // log-probs are exact per step either way.
+            if let Some((tx, sent)) = self.texts.as_mut() {
+                let new = sent.new_texts(&c.event_texts);
+                if !new.is_empty() {
+                    // Never wait for the reward service: if it is behind, send later.
+                    if let Err(e) = tx.try_send(new) {
+                        let (mpsc::error::TrySendError::Full(t)
+                        | mpsc::error::TrySendError::Closed(t)) = e;
+                        sent.unmark(&t);
+                    }
+                }
+            }
             stats.env_steps += (t_len * n) as u64;
             stats.chunks += 1;
             if self.chunks.blocking_send(c).is_err() {

@@ -13,7 +13,7 @@ use tokio::sync::watch;
 use tonic::transport::Endpoint;
 use tracing::{debug, info, warn};
 
-use crate::backoff::Backoff;
+use spur_core::backoff::Backoff;
 
 /// A complete weights payload.
 #[derive(Debug)]

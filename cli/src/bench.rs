@@ -93,14 +93,12 @@ fn rollout_only(config: &Config, secs: f64) -> f64 {
 
 async fn end_to_end(config: &Config, warmup: f64, secs: f64) -> anyhow::Result<(f64, u64)> {
     let mut config = config.clone();
-    config.learner.listen = "127.0.0.1:0".into();
     config.stop.env_steps = 0;
     config.stop.target_return = 0.0;
     let run_dir = std::env::temp_dir().join(format!("spur-bench-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&run_dir);
     std::fs::create_dir_all(&run_dir)?;
-    std::fs::write(run_dir.join("config.toml"), config.to_toml())?;
-    let mut cluster = Cluster::start(&run_dir, config.run.actors).await?;
+    let mut cluster = Cluster::start(&config, &run_dir, config.run.actors).await?;
     let result = async {
         tokio::time::sleep(Duration::from_secs_f64(warmup)).await;
         let a = cluster

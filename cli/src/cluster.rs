@@ -8,8 +8,10 @@ use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 
 use anyhow::{bail, Context};
+use spur_core::Config;
 use spur_proto::v1::learner_client::LearnerClient;
-use spur_proto::v1::{LearnerStatus, StatusRequest};
+use spur_proto::v1::reward_service_client::RewardServiceClient;
+use spur_proto::v1::{LearnerStatus, RewardServiceStatus, RewardStatusRequest, StatusRequest};
 use tokio::process::{Child, Command};
 use tonic::transport::Channel;
 use tonic_health::pb::health_client::HealthClient;
@@ -31,6 +33,8 @@ pub struct Cluster {
     pub run_dir: PathBuf,
     pub addr: String,
     pub learner: Child,
+    /// The reward service and a client for its status, when intrinsic rewards are on.
+    pub reward: Option<(Child, RewardServiceClient<Channel>)>,
     pub actors: Vec<ActorSlot>,
     config_path: PathBuf,
     client: LearnerClient<Channel>,
@@ -39,6 +43,7 @@ pub struct Cluster {
 /// What happened to the children since the last look.
 pub enum Event {
     LearnerExited(ExitStatus),
+    RewardServiceExited(ExitStatus),
     ActorFailed { index: u32, status: ExitStatus },
 }
 
@@ -65,12 +70,45 @@ pub fn log_tail(run_dir: &Path, log_name: &str, n: usize) -> String {
 }
 
 impl Cluster {
-    /// Starts the learner, waits until it serves, then starts `actors` actors. The
-    /// resolved config must already be in `run_dir/config.toml`.
-    pub async fn start(run_dir: &Path, actors: u32) -> anyhow::Result<Self> {
+    /// Starts the reward service (when `config.intrinsic.enabled`), then the learner,
+    /// waiting until each serves, then `actors` actors. Writes the resolved config,
+    /// with the addresses the children bound, to `run_dir/config.toml`.
+    pub async fn start(config: &Config, run_dir: &Path, actors: u32) -> anyhow::Result<Self> {
+        let mut config = config.clone();
+        config.learner.listen = "127.0.0.1:0".into();
+        config.reward_service.listen = "127.0.0.1:0".into();
         let config_path = run_dir.join("config.toml");
-        let addr_file = run_dir.join(spur_learner::ADDR_FILE);
-        let _ = std::fs::remove_file(&addr_file);
+        std::fs::write(&config_path, config.to_toml())?;
+        let reward = if config.intrinsic.enabled {
+            let mut child = spur_command(run_dir, "reward-service")?
+                .arg("reward-service")
+                .arg("--config")
+                .arg(&config_path)
+                .arg("--run-dir")
+                .arg(run_dir)
+                .spawn()
+                .context("cannot start the reward service process")?;
+            let addr = wait_addr(
+                &run_dir.join(spur_reward_service::ADDR_FILE),
+                &mut child,
+                run_dir,
+                "reward-service",
+            )
+            .await?;
+            let channel = wait_serving(
+                &addr,
+                "spur.v1.RewardService",
+                &mut child,
+                run_dir,
+                "reward-service",
+            )
+            .await?;
+            config.reward_service.addr = addr;
+            std::fs::write(&config_path, config.to_toml())?;
+            Some((child, RewardServiceClient::new(channel)))
+        } else {
+            None
+        };
         let mut learner = spur_command(run_dir, "learner")?
             .arg("learner")
             .arg("--config")
@@ -79,24 +117,20 @@ impl Cluster {
             .arg(run_dir)
             .spawn()
             .context("cannot start the learner process")?;
-        // The learner writes its bound address once it listens.
-        let addr = loop {
-            if let Some(status) = learner.try_wait()? {
-                bail!(
-                    "the learner exited during start-up ({status}):\n{}",
-                    log_tail(run_dir, "learner", 20)
-                );
-            }
-            if let Ok(a) = std::fs::read_to_string(&addr_file) {
-                break format!("http://{}", a.trim());
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        };
-        let channel = wait_serving(&addr, &mut learner, run_dir).await?;
+        let addr = wait_addr(
+            &run_dir.join(spur_learner::ADDR_FILE),
+            &mut learner,
+            run_dir,
+            "learner",
+        )
+        .await?;
+        let channel =
+            wait_serving(&addr, "spur.v1.Learner", &mut learner, run_dir, "learner").await?;
         let mut cluster = Self {
             run_dir: run_dir.to_path_buf(),
             addr,
             learner,
+            reward,
             actors: Vec::new(),
             config_path,
             client: LearnerClient::new(channel),
@@ -134,11 +168,25 @@ impl Cluster {
         }
     }
 
+    pub async fn reward_status(&mut self) -> Option<RewardServiceStatus> {
+        let (_, client) = self.reward.as_mut()?;
+        let call = client.get_status(RewardStatusRequest {});
+        match tokio::time::timeout(Duration::from_secs(2), call).await {
+            Ok(Ok(r)) => Some(r.into_inner()),
+            _ => None,
+        }
+    }
+
     /// Looks at every child once: a learner exit is reported; a crashed actor is
     /// replaced (up to [`MAX_ACTOR_RESTARTS`] times per slot, then reported).
     pub fn poll(&mut self) -> anyhow::Result<Option<Event>> {
         if let Some(status) = self.learner.try_wait()? {
             return Ok(Some(Event::LearnerExited(status)));
+        }
+        if let Some((child, _)) = self.reward.as_mut() {
+            if let Some(status) = child.try_wait()? {
+                return Ok(Some(Event::RewardServiceExited(status)));
+            }
         }
         for i in 0..self.actors.len() {
             let Some(child) = self.actors[i].child.as_mut() else {
@@ -189,8 +237,14 @@ impl Cluster {
             terminate(child);
         }
         terminate(&mut self.learner);
+        if let Some((child, _)) = self.reward.as_mut() {
+            terminate(child);
+        }
         let deadline = tokio::time::Instant::now() + grace;
         for child in self.actors.iter_mut().filter_map(|s| s.child.as_mut()) {
+            stop_child(child, deadline).await;
+        }
+        if let Some((child, _)) = self.reward.as_mut() {
             stop_child(child, deadline).await;
         }
         stop_child(&mut self.learner, deadline).await
@@ -223,20 +277,49 @@ fn terminate(child: &mut Child) {
     }
 }
 
-/// Polls gRPC health until the learner serves (or exits, which is an error).
-async fn wait_serving(addr: &str, learner: &mut Child, run_dir: &Path) -> anyhow::Result<Channel> {
+/// Waits for a child to write the address it bound (an exit is an error).
+async fn wait_addr(
+    file: &Path,
+    child: &mut Child,
+    run_dir: &Path,
+    name: &str,
+) -> anyhow::Result<String> {
+    let _ = std::fs::remove_file(file);
+    for _ in 0..1200 {
+        if let Some(status) = child.try_wait()? {
+            bail!(
+                "the {name} exited during start-up ({status}):\n{}",
+                log_tail(run_dir, name, 20)
+            );
+        }
+        if let Ok(a) = std::fs::read_to_string(file) {
+            return Ok(format!("http://{}", a.trim()));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    bail!("the {name} did not bind a port within 60 s")
+}
+
+/// Polls gRPC health until `service` serves (or the child exits, an error).
+async fn wait_serving(
+    addr: &str,
+    service: &str,
+    child: &mut Child,
+    run_dir: &Path,
+    name: &str,
+) -> anyhow::Result<Channel> {
     let endpoint = Channel::from_shared(addr.to_string())?;
     for _ in 0..600 {
-        if let Some(status) = learner.try_wait()? {
+        if let Some(status) = child.try_wait()? {
             bail!(
-                "the learner exited during start-up ({status}):\n{}",
-                log_tail(run_dir, "learner", 20)
+                "the {name} exited during start-up ({status}):\n{}",
+                log_tail(run_dir, name, 20)
             );
         }
         if let Ok(channel) = endpoint.connect().await {
             let mut health = HealthClient::new(channel.clone());
             let req = HealthCheckRequest {
-                service: "spur.v1.Learner".into(),
+                service: service.into(),
             };
             if let Ok(r) = health.check(req).await {
                 if r.into_inner().status == 1 {
@@ -246,5 +329,5 @@ async fn wait_serving(addr: &str, learner: &mut Child, run_dir: &Path) -> anyhow
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    bail!("the learner at {addr} did not become ready within 60 s")
+    bail!("the {name} at {addr} did not become ready within 60 s")
 }

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use indicatif::{ProgressBar, ProgressStyle};
 use spur_core::Config;
-use spur_proto::v1::LearnerStatus;
+use spur_proto::v1::{LearnerStatus, RewardServiceStatus};
 
 use crate::cluster::{log_tail, Cluster, Event};
 use crate::{default_run_dir, LocalArgs};
@@ -22,15 +22,13 @@ pub async fn run(mut config: Config, args: LocalArgs) -> anyhow::Result<ExitCode
         config.run.actors = n;
         config.validate()?;
     }
-    // Children find each other through the run directory, so any free port will do.
-    config.learner.listen = "127.0.0.1:0".into();
     let run_dir = args.run_dir.unwrap_or_else(|| default_run_dir(&config));
     std::fs::create_dir_all(&run_dir)
         .with_context(|| format!("cannot create run directory {}", run_dir.display()))?;
-    std::fs::write(run_dir.join("config.toml"), config.to_toml())?;
     println!("run directory: {}", run_dir.display());
 
-    let mut cluster = Cluster::start(&run_dir, config.run.actors).await?;
+    // Children find each other through the run directory, on ports they pick.
+    let mut cluster = Cluster::start(&config, &run_dir, config.run.actors).await?;
     let progress = Progress::new(config.stop.env_steps);
     let mut last_status: Option<LearnerStatus> = None;
     let mut interrupt = std::pin::pin!(crate::shutdown::signal());
@@ -40,8 +38,9 @@ pub async fn run(mut config: Config, args: LocalArgs) -> anyhow::Result<ExitCode
             _ = &mut interrupt => break Outcome::Interrupted,
             _ = tick.tick() => {}
         }
+        let judge = cluster.reward_status().await;
         if let Some(s) = cluster.status().await {
-            progress.update(&s);
+            progress.update(&s, judge.as_ref());
             last_status = Some(s);
         }
         match cluster.poll()? {
@@ -50,6 +49,12 @@ pub async fn run(mut config: Config, args: LocalArgs) -> anyhow::Result<ExitCode
                 break Outcome::Failed(format!(
                     "the learner failed ({status}):\n{}",
                     log_tail(&run_dir, "learner", 30)
+                ))
+            }
+            Some(Event::RewardServiceExited(status)) => {
+                break Outcome::Failed(format!(
+                    "the reward service stopped ({status}):\n{}",
+                    log_tail(&run_dir, "reward-service", 30)
                 ))
             }
             Some(Event::ActorFailed { index, status }) => {
@@ -120,8 +125,14 @@ impl Progress {
         }
     }
 
-    fn update(&self, s: &LearnerStatus) {
-        let msg = status_line(s);
+    fn update(&self, s: &LearnerStatus, judge: Option<&RewardServiceStatus>) {
+        let mut msg = status_line(s);
+        if let Some(j) = judge {
+            msg.push_str(&format!(
+                " | judge: {} labels ({} helpful), {} calls, backlog {}",
+                j.labels, j.positive_labels, j.llm_calls, j.backlog
+            ));
+        }
         match &self.bar {
             Some(bar) => {
                 bar.set_position(s.env_steps);

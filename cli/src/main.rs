@@ -34,7 +34,10 @@ enum Command {
     Learner(LearnerArgs),
     /// Run one rollout actor against a learner.
     Actor(ActorArgs),
-    /// Start a learner and N actors as child processes on this machine.
+    /// Run the reward service: label event texts, keep them, publish reward models.
+    RewardService(RewardServiceArgs),
+    /// Start a learner and N actors (and the reward service when intrinsic rewards
+    /// are on) as child processes on this machine.
     Local(LocalArgs),
     /// Measure throughput.
     #[command(subcommand)]
@@ -87,6 +90,15 @@ struct ActorArgs {
     /// Position among the actors; spreads environment seeds.
     #[arg(long, default_value_t = 0)]
     index: u32,
+}
+
+#[derive(Args)]
+struct RewardServiceArgs {
+    #[command(flatten)]
+    config: ConfigArgs,
+    /// Run directory to write the bound address into.
+    #[arg(long)]
+    run_dir: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -154,6 +166,17 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             spur_actor::run(config, opts, shutdown::signal())
                 .await
                 .context("actor failed")?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::RewardService(a) => {
+            let config = a.config.load()?;
+            let opts = spur_reward_service::ServiceOptions {
+                root: PathBuf::from("."),
+                run_dir: a.run_dir,
+            };
+            spur_reward_service::run(config, opts, shutdown::signal())
+                .await
+                .context("reward service failed")?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Local(a) => {

@@ -7,7 +7,9 @@
 //! - `vtrace`, `ppo`: the V-trace targets and the PPO loss
 //! - `checkpoint`: atomic, versioned checkpoints
 //! - `device`: config device strings to `tch::Device`
+//! - `backoff`: jittered exponential backoff for reconnecting clients
 
+pub mod backoff;
 pub mod checkpoint;
 pub mod config;
 pub mod device;

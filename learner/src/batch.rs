@@ -21,6 +21,10 @@ pub struct Batch {
     pub truncated: Vec<u8>,
     /// For each truncated step (t, b), the row of its final observation; else 0.
     pub final_row: Vec<usize>,
+    /// `T * B` event texts and their per-episode counts, or empty when no chunk
+    /// carries text.
+    pub event_texts: Vec<String>,
+    pub event_counts: Vec<u32>,
 }
 
 impl Batch {
@@ -43,7 +47,10 @@ impl Batch {
             terminated: Vec::with_capacity(n),
             truncated: Vec::with_capacity(n),
             final_row: Vec::with_capacity(n),
+            event_texts: Vec::new(),
+            event_counts: Vec::new(),
         };
+        let has_text = chunks.iter().any(|c| !c.event_texts.is_empty());
         let mut cursors = vec![0usize; chunks.len()];
         for t in 0..=t_len {
             for c in chunks {
@@ -62,6 +69,15 @@ impl Batch {
                 b.rewards.extend_from_slice(&c.rewards[r.clone()]);
                 b.terminated.extend_from_slice(&c.terminated[r.clone()]);
                 b.truncated.extend_from_slice(&c.truncated[r.clone()]);
+                if has_text {
+                    if c.event_texts.is_empty() {
+                        b.event_texts.extend(r.clone().map(|_| String::new()));
+                        b.event_counts.extend(r.clone().map(|_| 0));
+                    } else {
+                        b.event_texts.extend_from_slice(&c.event_texts[r.clone()]);
+                        b.event_counts.extend_from_slice(&c.event_counts[r.clone()]);
+                    }
+                }
                 for &tr in &c.truncated[r] {
                     if tr == 1 {
                         let k = cursors[ci];

@@ -9,6 +9,7 @@
 //! - `trainer.rs`: the training thread (V-trace targets, PPO updates, checkpoints)
 //! - `batch.rs`: chunks to a time-major batch
 //! - `broadcast.rs`: latest-wins weight broadcast, chunked under the message limit
+//! - `intrinsic.rs`: the reward-model subscription and reward mixing
 //! - `state.rs`: counters and episode statistics shared by handlers and trainer
 //! - `metrics.rs`: `metrics.jsonl`
 //! - `error.rs`: errors and their gRPC statuses
@@ -16,6 +17,7 @@
 mod batch;
 mod broadcast;
 mod error;
+mod intrinsic;
 mod metrics;
 mod service;
 mod state;
@@ -136,7 +138,17 @@ pub async fn serve(
         },
         broadcaster: broadcaster.clone(),
     };
+    let intrinsic = config.intrinsic.enabled.then(|| {
+        let table = Arc::new(intrinsic::RewardTable::default());
+        tokio::spawn(intrinsic::subscribe(
+            config.reward_service.addr.clone(),
+            table.clone(),
+            shared.clone().stop_flag(),
+        ));
+        table
+    });
     let trainer = Trainer {
+        intrinsic,
         config: config.clone(),
         run_dir: run_dir.clone(),
         model,

@@ -31,6 +31,9 @@ pub struct MetricsRow {
     pub grad_norm: f64,
     pub approx_kl: f64,
     pub minibatch_steps: u64,
+    pub intrinsic_reward_mean: f64,
+    pub reward_model_version: u64,
+    pub reward_labels: u64,
     pub batch_steps: u64,
 }
 

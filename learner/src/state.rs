@@ -3,7 +3,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use spur_proto::v1::{ActorInfo, EpisodeSummary, LearnerStatus};
 
@@ -21,7 +21,11 @@ pub struct Shared {
     pub env_steps_budget: u64,
     /// f64 bits of the recent env steps per second.
     steps_per_sec: AtomicU64,
-    pub stop_requested: AtomicBool,
+    pub reward_model_version: AtomicU64,
+    pub reward_labels: AtomicU64,
+    /// f64 bits of the last batch's mean intrinsic reward.
+    intrinsic_reward_mean: AtomicU64,
+    pub stop_requested: Arc<AtomicBool>,
     pub training_finished: AtomicBool,
     episodes: Mutex<EpisodeWindow>,
     actors: Mutex<HashMap<String, ActorInfo>>,
@@ -53,12 +57,22 @@ impl Shared {
         }
     }
 
+    /// The flag set when a shutdown is requested, for tasks that outlive a borrow.
+    pub fn stop_flag(&self) -> Arc<AtomicBool> {
+        self.stop_requested.clone()
+    }
+
     pub fn version(&self) -> u64 {
         self.policy_version.load(Ordering::Acquire)
     }
 
     pub fn set_steps_per_sec(&self, v: f64) {
         self.steps_per_sec.store(v.to_bits(), Ordering::Relaxed);
+    }
+
+    pub fn set_intrinsic_reward_mean(&self, v: f64) {
+        self.intrinsic_reward_mean
+            .store(v.to_bits(), Ordering::Relaxed);
     }
 
     pub fn steps_per_sec(&self) -> f64 {
@@ -140,6 +154,11 @@ impl Shared {
             training_finished: self.training_finished.load(Ordering::Acquire),
             env_steps_budget: self.env_steps_budget,
             actors,
+            reward_model_version: self.reward_model_version.load(Ordering::Relaxed),
+            reward_labels: self.reward_labels.load(Ordering::Relaxed),
+            intrinsic_reward_mean: f64::from_bits(
+                self.intrinsic_reward_mean.load(Ordering::Relaxed),
+            ),
         }
     }
 }

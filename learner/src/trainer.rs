@@ -31,6 +31,8 @@ pub const META_ENV_STEPS: &str = "spur.env_steps";
 pub const META_UPDATES: &str = "spur.updates";
 
 pub struct Trainer {
+    /// The reward model, when intrinsic rewards are on.
+    pub intrinsic: Option<Arc<crate::intrinsic::RewardTable>>,
     pub config: Config,
     pub run_dir: PathBuf,
     pub model: ActorCritic,
@@ -63,6 +65,8 @@ struct UpdateStats {
     behaviour_kl: f64,
     /// Gradient L2 norm before clipping, averaged over minibatches.
     grad_norm: f64,
+    /// Mean intrinsic term per step of the batch.
+    intrinsic_reward_mean: f64,
     /// KL from the pre-update policy at the last minibatch.
     approx_kl: f64,
     /// The update stopped before its last minibatch because of `target_kl`.
@@ -159,6 +163,18 @@ impl Trainer {
             last_tick = (now, env_steps);
 
             let ep = self.shared.episode_stats();
+            let (rm_version, rm_labels) = self
+                .intrinsic
+                .as_ref()
+                .map_or((0, 0), |t| (t.version(), t.label_count() as u64));
+            self.shared
+                .reward_model_version
+                .store(rm_version, Ordering::Relaxed);
+            self.shared
+                .reward_labels
+                .store(rm_labels, Ordering::Relaxed);
+            self.shared
+                .set_intrinsic_reward_mean(stats.intrinsic_reward_mean);
             let row = MetricsRow {
                 time_s: start.elapsed().as_secs_f64(),
                 env_steps,
@@ -182,6 +198,9 @@ impl Trainer {
                 grad_norm: stats.grad_norm,
                 approx_kl: stats.approx_kl,
                 minibatch_steps: stats.steps as u64,
+                intrinsic_reward_mean: stats.intrinsic_reward_mean,
+                reward_model_version: rm_version,
+                reward_labels: rm_labels,
                 batch_steps: batch.len() as u64,
             };
             if let Err(e) = metrics.write(&row) {
@@ -289,6 +308,15 @@ impl Trainer {
             (v, vf, to_vec(&lp))
         });
         let next_values = batch.next_values(&values_obs, &values_final);
+        let (rewards, intrinsic_mean) = match &self.intrinsic {
+            Some(table) => table.mix(
+                &batch.rewards,
+                &batch.event_texts,
+                &batch.event_counts,
+                &self.config.intrinsic,
+            ),
+            None => (batch.rewards.clone(), 0.0),
+        };
         let log_rhos: Vec<f32> = target_lp
             .iter()
             .zip(&batch.behaviour_log_probs)
@@ -299,7 +327,7 @@ impl Trainer {
                 rollout_len: t_len,
                 batch: w,
                 log_rhos: &log_rhos,
-                rewards: &batch.rewards,
+                rewards: &rewards,
                 values: &values_obs[..batch.len()],
                 next_values: &next_values,
                 terminated: &batch.terminated,
@@ -327,6 +355,7 @@ impl Trainer {
 
         let mb = (n / lc.minibatches as i64).max(1);
         let mut stats = UpdateStats {
+            intrinsic_reward_mean: intrinsic_mean,
             behaviour_kl: -log_rhos.iter().map(|&x| x as f64).sum::<f64>()
                 / log_rhos.len().max(1) as f64,
             ..Default::default()

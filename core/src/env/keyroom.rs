@@ -4,21 +4,18 @@
 //! intrinsic reward rarely stumbles on it in larger rooms. Each step may emit a short
 //! English event text ("you pick up the key", "the door is locked", ...).
 //!
-//! Observation: one-hot planes (wall, key, locked door, open door, goal, agent) over
-//! the walled `(size + 2)^2` grid, flattened, plus a has-key flag.
+//! Observation (14 floats, positions scaled by the room size): the agent's position,
+//! the offsets from the agent to the key (0 once carried), the door and the goal,
+//! whether the agent carries the key, whether the door is open, and the four
+//! neighbouring cells' blocking flags (north, east, south, west).
 
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
 use super::{Env, EnvSpec, StepOutcome};
 
-const PLANES: usize = 6;
-const WALL: usize = 0;
-const KEY: usize = 1;
-const LOCKED: usize = 2;
-const OPEN: usize = 3;
-const GOAL: usize = 4;
-const AGENT: usize = 5;
+/// Length of the observation.
+pub const OBS_DIM: usize = 14;
 
 /// Actions: move north, east, south, west, or search in place.
 pub const ACTIONS: [&str; 5] = ["north", "east", "south", "west", "search"];
@@ -45,6 +42,8 @@ pub struct KeyRoom {
     limit: u32,
     cells: Vec<Cell>,
     agent: (usize, usize),
+    door: (usize, usize),
+    goal: (usize, usize),
     key: Option<(usize, usize)>,
     has_key: bool,
     steps: u32,
@@ -58,6 +57,8 @@ impl KeyRoom {
             limit: limit.unwrap_or((4 * size * size) as u32),
             cells: vec![Cell::Floor; side * side],
             agent: (1, 1),
+            door: (1, 1),
+            goal: (1, 1),
             key: None,
             has_key: false,
             steps: 0,
@@ -78,23 +79,37 @@ impl KeyRoom {
     }
 
     fn write_obs(&self, obs: &mut [f32]) {
-        obs.fill(0.0);
-        let n = self.side() * self.side();
-        for (i, c) in self.cells.iter().enumerate() {
-            let plane = match c {
-                Cell::Floor => continue,
-                Cell::Wall => WALL,
-                Cell::LockedDoor => LOCKED,
-                Cell::OpenDoor => OPEN,
-                Cell::Goal => GOAL,
-            };
-            obs[plane * n + i] = 1.0;
-        }
-        if let Some(k) = self.key {
-            obs[KEY * n + self.idx(k)] = 1.0;
-        }
-        obs[AGENT * n + self.idx(self.agent)] = 1.0;
-        obs[PLANES * n] = if self.has_key { 1.0 } else { 0.0 };
+        let scale = 1.0 / self.size as f32;
+        let (ax, ay) = (self.agent.0 as f32, self.agent.1 as f32);
+        let rel = |p: (usize, usize)| ((p.0 as f32 - ax) * scale, (p.1 as f32 - ay) * scale);
+        let (kx, ky) = self.key.map_or((0.0, 0.0), rel);
+        let (dx, dy) = rel(self.door);
+        let (gx, gy) = rel(self.goal);
+        let blocked = |x: usize, y: usize| match self.cells[self.idx((x, y))] {
+            Cell::Wall | Cell::LockedDoor => 1.0,
+            _ => 0.0,
+        };
+        let (x, y) = self.agent;
+        obs.copy_from_slice(&[
+            ax * scale,
+            ay * scale,
+            kx,
+            ky,
+            dx,
+            dy,
+            gx,
+            gy,
+            if self.has_key { 1.0 } else { 0.0 },
+            if self.cells[self.idx(self.door)] == Cell::OpenDoor {
+                1.0
+            } else {
+                0.0
+            },
+            blocked(x, y - 1),
+            blocked(x + 1, y),
+            blocked(x, y + 1),
+            blocked(x - 1, y),
+        ]);
     }
 
     /// An ASCII picture of the grid (`@` agent, `k` key, `+` locked door, `/` open
@@ -128,7 +143,7 @@ impl KeyRoom {
 impl Env for KeyRoom {
     fn spec(&self) -> EnvSpec {
         EnvSpec {
-            obs_dim: PLANES * self.side() * self.side() + 1,
+            obs_dim: OBS_DIM,
             num_actions: ACTIONS.len(),
             has_text: true,
             max_episode_steps: self.limit,
@@ -153,12 +168,14 @@ impl Env for KeyRoom {
         let door = (wx, rng.random_range(1..=self.size));
         let i = self.idx(door);
         self.cells[i] = Cell::LockedDoor;
+        self.door = door;
         let goal = (
             rng.random_range(wx + 1..=self.size),
             rng.random_range(1..=self.size),
         );
         let i = self.idx(goal);
         self.cells[i] = Cell::Goal;
+        self.goal = goal;
         let left = |rng: &mut SmallRng| (rng.random_range(1..wx), rng.random_range(1..=self.size));
         self.agent = left(&mut rng);
         let mut key = left(&mut rng);
@@ -259,7 +276,8 @@ mod tests {
             let key = env.key.unwrap();
             let texts = walk(&mut env, key, &mut obs);
             assert_eq!(texts.last().unwrap(), TEXT_PICK_UP_KEY);
-            assert_eq!(obs[obs.len() - 1], 1.0);
+            assert_eq!(obs[8], 1.0, "carries the key");
+            assert_eq!((obs[2], obs[3]), (0.0, 0.0), "no key left in the room");
             let door_i = env
                 .cells
                 .iter()
@@ -268,8 +286,14 @@ mod tests {
             let door = (door_i % env.side(), door_i / env.side());
             walk(&mut env, (door.0 - 1, door.1), &mut obs);
             let mut text = String::new();
+            assert_eq!(obs[11], 1.0, "the locked door blocks the way east");
             env.step(1, &mut obs, &mut text);
             assert_eq!(text, TEXT_UNLOCK_DOOR);
+            assert_eq!(
+                (obs[9], obs[11]),
+                (1.0, 0.0),
+                "the door is open and passable"
+            );
             env.step(1, &mut obs, &mut text);
             assert_eq!(text, TEXT_THROUGH_DOOR);
             let goal_i = env.cells.iter().position(|c| *c == Cell::Goal).unwrap();

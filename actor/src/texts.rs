@@ -1,0 +1,129 @@
+//! Sends new event texts to the reward service. The rollout thread keeps a bounded
+//! set of texts it has already handed over, so common texts cross the wire once;
+//! this task streams them in batches and reconnects with backoff. After a reconnect
+//! it asks the rollout thread to forget its set, so texts that may have been lost
+//! with the old stream are sent again (the service deduplicates).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use spur_core::backoff::Backoff;
+use spur_proto::v1::reward_service_client::RewardServiceClient;
+use spur_proto::v1::TextBatch;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Endpoint;
+use tracing::{info, warn};
+
+/// Texts an actor remembers as sent before it starts over.
+pub const MAX_SENT_TEXTS: usize = 1 << 16;
+
+/// The rollout thread's memory of texts already handed over.
+pub struct SentTexts {
+    seen: std::collections::HashSet<String>,
+    forget: Arc<AtomicBool>,
+}
+
+impl SentTexts {
+    pub fn new(forget: Arc<AtomicBool>) -> Self {
+        Self {
+            seen: Default::default(),
+            forget,
+        }
+    }
+
+    /// The texts among `texts` not sent before (each once), marked as sent.
+    pub fn new_texts<'a>(&mut self, texts: impl IntoIterator<Item = &'a String>) -> Vec<String> {
+        if self.forget.swap(false, Ordering::AcqRel) || self.seen.len() > MAX_SENT_TEXTS {
+            self.seen.clear();
+        }
+        texts
+            .into_iter()
+            .filter(|t| !t.is_empty() && self.seen.insert((*t).clone()))
+            .cloned()
+            .collect()
+    }
+
+    /// Texts that could not be handed over are to be sent again later.
+    pub fn unmark(&mut self, texts: &[String]) {
+        for t in texts {
+            self.seen.remove(t);
+        }
+    }
+}
+
+pub async fn submit(
+    endpoint: Endpoint,
+    actor_id: String,
+    mut batches: mpsc::Receiver<Vec<String>>,
+    forget: Arc<AtomicBool>,
+    max_backoff: Duration,
+) {
+    let mut backoff = Backoff::new(max_backoff);
+    let mut first = true;
+    loop {
+        let channel = match endpoint.connect().await {
+            Ok(c) => c,
+            Err(e) => {
+                let delay = backoff.next_delay();
+                warn!(actor_id, error = %e, ?delay, "cannot reach the reward service, retrying");
+                tokio::time::sleep(delay).await;
+                if batches.is_closed() {
+                    return;
+                }
+                continue;
+            }
+        };
+        if !first {
+            info!(actor_id, "reward service stream reopened; resending texts");
+            forget.store(true, Ordering::Release);
+        }
+        first = false;
+        let (tx, rx) = mpsc::channel(4);
+        let mut client = RewardServiceClient::new(channel);
+        let mut call =
+            tokio::spawn(async move { client.submit_texts(ReceiverStream::new(rx)).await });
+        loop {
+            tokio::select! {
+                batch = batches.recv() => {
+                    let Some(texts) = batch else {
+                        drop(tx);
+                        let _ = call.await;
+                        return;
+                    };
+                    let msg = TextBatch { actor_id: actor_id.clone(), texts };
+                    if tx.send(msg).await.is_err() {
+                        break;
+                    }
+                    backoff.reset();
+                }
+                r = &mut call => {
+                    if let Ok(Err(status)) = r {
+                        warn!(actor_id, error = %status.message(), "reward service stream ended");
+                    }
+                    break;
+                }
+            }
+        }
+        tokio::time::sleep(backoff.next_delay()).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_text_once_until_forgotten() {
+        let forget = Arc::new(AtomicBool::new(false));
+        let mut s = SentTexts::new(forget.clone());
+        let batch: Vec<String> = ["a", "", "b", "a"].iter().map(|t| t.to_string()).collect();
+        assert_eq!(s.new_texts(&batch), vec!["a".to_string(), "b".to_string()]);
+        assert!(s.new_texts(&batch).is_empty());
+        s.unmark(&["b".to_string()]);
+        assert_eq!(s.new_texts(&batch), vec!["b".to_string()]);
+        forget.store(true, Ordering::Release);
+        assert_eq!(s.new_texts(&batch).len(), 2);
+    }
+}

@@ -1,0 +1,86 @@
+//! The reward pipeline end to end over real gRPC: actor texts reach the reward
+//! service, labels come back to the learner as reward-model versions, and the
+//! learner's intrinsic rewards follow them.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use spur_core::config::{Config, EnvKind};
+use spur_proto::v1::reward_service_client::RewardServiceClient;
+use spur_proto::v1::RewardStatusRequest;
+use spur_tests::{spawn_actor, tiny_cartpole, TestLearner};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn actor_texts_become_labels_the_learner_uses() -> anyhow::Result<()> {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let store = std::env::temp_dir().join(format!("spur-e2e-labels-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&store);
+
+    let mut config: Config = tiny_cartpole(0);
+    config.env.kind = EnvKind::Keyroom;
+    config.env.keyroom_size = 4;
+    config.intrinsic.enabled = true;
+    config.reward_service.store = store.join("labels.redb").display().to_string();
+
+    // The reward service with the built-in rule judge, on a free port.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let reward_addr = format!("http://{}", listener.local_addr()?);
+    config.reward_service.addr = reward_addr.clone();
+    let (stop_rs, rs_stopped) = tokio::sync::oneshot::channel::<()>();
+    let opts = spur_reward_service::ServiceOptions {
+        root,
+        run_dir: None,
+    };
+    let service = tokio::spawn(spur_reward_service::serve(
+        config.clone(),
+        opts,
+        listener,
+        async {
+            let _ = rs_stopped.await;
+        },
+    ));
+
+    let learner = TestLearner::start(config.clone(), "intrinsic").await?;
+    let (stop_actor, actor) = spawn_actor(&config, &learner.addr, 0);
+
+    // Keyroom emits texts; the rule judge finds "you pick up the key" and friends
+    // helpful. The learner must end up holding exactly the service's table.
+    let mut rs = RewardServiceClient::connect(reward_addr).await?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let (judge, seen) = loop {
+        let j = rs.get_status(RewardStatusRequest {}).await?.into_inner();
+        let l = learner.status().await?;
+        if j.positive_labels >= 1
+            && l.reward_labels == j.labels
+            && l.reward_model_version == j.model_version
+            && l.intrinsic_reward_mean > 0.0
+        {
+            break (j, l);
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "labels never reached the learner: judge {j:?}, learner {l:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(
+        judge.texts_seen >= judge.labels,
+        "texts came from the actor"
+    );
+    assert_eq!(
+        judge.calls_per_labelled_text, 1.0,
+        "one judge look per unique text"
+    );
+    assert!(
+        seen.reward_model_version >= 2,
+        "labels arrived as new versions"
+    );
+
+    let _ = stop_actor.send(());
+    actor.await??;
+    learner.stop().await?;
+    let _ = stop_rs.send(());
+    service.await??;
+    let _ = std::fs::remove_dir_all(&store);
+    Ok(())
+}
