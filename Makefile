@@ -14,7 +14,7 @@ export LIBTORCH_USE_PYTORCH := 1
 export VIRTUAL_ENV          := $(abspath $(VENV))
 export PATH                 := $(VIRTUAL_ENV)/bin:$(PATH)
 
-.PHONY: run test build setup bench fmt lint clean
+.PHONY: run test build setup bench keyroom keyroom-table fmt lint clean
 
 ## run: train cartpole with 2 actor processes in local mode (offline defaults)
 run: build
@@ -39,6 +39,14 @@ $(TORCH_STAMP):
 ## bench: end-to-end, env-only and inference-only throughput in one run
 bench: build
 	./target/release/spur bench throughput --config $(CONFIG) $(ARGS)
+
+## keyroom: the sparse-reward keyroom with ONI intrinsic rewards (rule judge, offline)
+keyroom: build
+	./target/release/spur local --config configs/keyroom-oni.toml $(ARGS)
+
+## keyroom-table: success rates with and without intrinsic rewards, 3 seeds each
+keyroom-table: build
+	python3 scripts/keyroom_table.py $(ARGS)
 
 fmt:
 	cargo fmt --all

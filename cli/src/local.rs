@@ -31,6 +31,7 @@ pub async fn run(mut config: Config, args: LocalArgs) -> anyhow::Result<ExitCode
     let mut cluster = Cluster::start(&config, &run_dir, config.run.actors).await?;
     let progress = Progress::new(config.stop.env_steps);
     let mut last_status: Option<LearnerStatus> = None;
+    let mut last_judge: Option<RewardServiceStatus> = None;
     let mut interrupt = std::pin::pin!(crate::shutdown::signal());
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     let outcome = loop {
@@ -40,8 +41,11 @@ pub async fn run(mut config: Config, args: LocalArgs) -> anyhow::Result<ExitCode
         }
         let judge = cluster.reward_status().await;
         if let Some(s) = cluster.status().await {
-            progress.update(&s, judge.as_ref());
+            progress.update(&s, judge.as_ref().or(last_judge.as_ref()));
             last_status = Some(s);
+        }
+        if judge.is_some() {
+            last_judge = judge;
         }
         match cluster.poll()? {
             Some(Event::LearnerExited(status)) if status.success() => break Outcome::Finished,
@@ -67,6 +71,9 @@ pub async fn run(mut config: Config, args: LocalArgs) -> anyhow::Result<ExitCode
         }
     };
     progress.finish();
+    if let Some(j) = &last_judge {
+        write_judge_summary(&run_dir, j);
+    }
     match outcome {
         Outcome::Finished => {
             cluster.wait_actors(Duration::from_secs(10)).await;
@@ -163,6 +170,37 @@ fn status_line(s: &LearnerStatus) -> String {
         s.connected_actors,
         s.dropped_stale_chunks
     )
+}
+
+/// Keeps the reward service's last counters in the run directory, next to the
+/// learner's metrics.
+fn write_judge_summary(run_dir: &std::path::Path, j: &RewardServiceStatus) {
+    let summary = serde_json::json!({
+        "judge": j.judge,
+        "prompt_version": j.prompt_version,
+        "model_version": j.model_version,
+        "texts_seen": j.texts_seen,
+        "unique_texts": j.unique_texts,
+        "store_hits": j.store_hits,
+        "labels": j.labels,
+        "positive_labels": j.positive_labels,
+        "llm_calls": j.llm_calls,
+        "llm_failures": j.llm_failures,
+        "unparseable_answers": j.unparseable_answers,
+        "backlog": j.backlog,
+        "shed_texts": j.shed_texts,
+        "llm_latency_p50_ms": j.llm_latency_p50_ms,
+        "llm_latency_p99_ms": j.llm_latency_p99_ms,
+        "calls_per_labelled_text": j.calls_per_labelled_text,
+    });
+    let path = run_dir.join("reward_service.json");
+    if let Err(e) = std::fs::write(&path, format!("{summary:#}\n")) {
+        tracing::warn!(error = %e, path = %path.display(), "cannot write the judge summary");
+    }
+    println!(
+        "judge:       {} labels ({} helpful), {} calls, {:.2} calls per labelled text, {} store hits",
+        j.labels, j.positive_labels, j.llm_calls, j.calls_per_labelled_text, j.store_hits
+    );
 }
 
 fn print_summary(run_dir: &std::path::Path, last: Option<&LearnerStatus>) {

@@ -271,6 +271,9 @@ pub struct LearnerConfig {
     pub c_clip: f64,
     /// PPO ratio clip.
     pub clip_eps: f64,
+    /// Advantages are divided by max(std, this) per minibatch, so a batch with no
+    /// reward signal does not turn into unit-size noise.
+    pub advantage_std_floor: f64,
     pub value_coef: f64,
     pub entropy_coef: f64,
     pub max_grad_norm: f64,
@@ -305,6 +308,7 @@ impl Default for LearnerConfig {
             rho_clip: 1.0,
             c_clip: 1.0,
             clip_eps: 0.2,
+            advantage_std_floor: 1e-3,
             value_coef: 0.5,
             entropy_coef: 0.0,
             max_grad_norm: 0.5,

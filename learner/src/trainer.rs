@@ -365,7 +365,10 @@ impl Trainer {
             for m in 0..(n / mb) {
                 let idx = perm.narrow(0, m * mb, mb);
                 let adv = advantages.index_select(0, &idx);
-                let adv = (&adv - adv.mean(Kind::Float)) / (adv.std(true) + 1e-8);
+                // Scale by the spread, but never blow near-zero advantages (a batch
+                // without any reward) up into unit-size noise.
+                let std = adv.std(true).clamp_min(lc.advantage_std_floor);
+                let adv = (&adv - adv.mean(Kind::Float)) / std;
                 let eval = self
                     .model
                     .evaluate(&obs.index_select(0, &idx), &actions.index_select(0, &idx));

@@ -1,0 +1,77 @@
+#!/usr/bin/env python3
+"""Keyroom success rate with and without ONI intrinsic rewards, several seeds each,
+the same env-step budget for every run. Prints a markdown table.
+
+Usage: scripts/keyroom_table.py [--seeds 3] [--steps 1000000] [--spur target/release/spur]
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+VARIANTS = [
+    ("extrinsic only", "configs/keyroom.toml"),
+    ("ONI retrieval (rule judge)", "configs/keyroom-oni.toml"),
+]
+
+
+def last_row(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return rows
+
+
+def first_reaching(rows, rate):
+    for r in rows:
+        if r["episodes"] >= 100 and r["success_rate"] >= rate:
+            return r["env_steps"]
+    return None
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=1_000_000)
+    ap.add_argument("--spur", default="target/release/spur")
+    args = ap.parse_args()
+    out = tempfile.mkdtemp(prefix="spur-keyroom-table-")
+    store = os.path.join(out, "labels.redb")
+    results = []
+    for name, config in VARIANTS:
+        for seed in range(1, args.seeds + 1):
+            run_dir = os.path.join(out, f"{os.path.basename(config)[:-5]}-seed{seed}")
+            cmd = [
+                args.spur, "local", "--config", config, "--run-dir", run_dir,
+                "--set", f"run.seed={seed}",
+                "--set", f"stop.env_steps={args.steps}",
+                "--set", f"reward_service.store={store}",
+            ]
+            print(f"running {name}, seed {seed} ...", file=sys.stderr, flush=True)
+            subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            rows = last_row(run_dir)
+            judge = {}
+            jpath = os.path.join(run_dir, "reward_service.json")
+            if os.path.exists(jpath):
+                with open(jpath) as f:
+                    judge = json.load(f)
+            results.append((name, seed, rows, judge))
+    print(f"keyroom {15}x{15}, 200-step limit, {args.steps:,} env steps per run\n")
+    print("| variant | seed | success rate (last 100 episodes) | env steps to 80% | judge calls | labels | calls per labelled text |")
+    print("|---|---|---|---|---|---|---|")
+    for name, seed, rows, judge in results:
+        hit = first_reaching(rows, 0.8)
+        print(
+            f"| {name} | {seed} | {rows[-1]['success_rate']:.2f} | "
+            f"{f'{hit:,}' if hit else 'never'} | {judge.get('llm_calls', '-')} | "
+            f"{judge.get('labels', '-')} | "
+            f"{judge['calls_per_labelled_text']:.2f} |" if judge else
+            f"| {name} | {seed} | {rows[-1]['success_rate']:.2f} | "
+            f"{f'{hit:,}' if hit else 'never'} | - | - | - |"
+        )
+    print(f"\nrun directories: {out}")
+
+
+if __name__ == "__main__":
+    main()
