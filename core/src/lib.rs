@@ -7,6 +7,7 @@
 //! - `vtrace`, `ppo`: the V-trace targets and the PPO loss
 //! - `checkpoint`: atomic, versioned checkpoints
 //! - `device`: config device strings to `tch::Device`
+//! - `text_model`: the char-level CNN behind the distilled intrinsic reward models
 //! - `backoff`: jittered exponential backoff for reconnecting clients
 
 pub mod backoff;
@@ -18,6 +19,7 @@ pub mod error;
 pub mod model;
 pub mod ppo;
 pub mod tensor;
+pub mod text_model;
 pub mod trajectory;
 pub mod vtrace;
 
