@@ -12,8 +12,13 @@ import sys
 import tempfile
 
 VARIANTS = [
-    ("extrinsic only", "configs/keyroom.toml"),
-    ("ONI retrieval (rule judge)", "configs/keyroom-oni.toml"),
+    ("extrinsic only", "configs/keyroom.toml", []),
+    ("ONI retrieval (rule judge)", "configs/keyroom-oni.toml", []),
+    (
+        "ONI classification (rule judge)",
+        "configs/keyroom-oni.toml",
+        ["--set", "intrinsic.model=classification"],
+    ),
 ]
 
 
@@ -39,15 +44,15 @@ def main():
     out = tempfile.mkdtemp(prefix="spur-keyroom-table-")
     store = os.path.join(out, "labels.redb")
     results = []
-    for name, config in VARIANTS:
+    for v, (name, config, extra) in enumerate(VARIANTS):
         for seed in range(1, args.seeds + 1):
-            run_dir = os.path.join(out, f"{os.path.basename(config)[:-5]}-seed{seed}")
+            run_dir = os.path.join(out, f"variant{v}-seed{seed}")
             cmd = [
                 args.spur, "local", "--config", config, "--run-dir", run_dir,
                 "--set", f"run.seed={seed}",
                 "--set", f"stop.env_steps={args.steps}",
                 "--set", f"reward_service.store={store}",
-            ]
+            ] + extra
             print(f"running {name}, seed {seed} ...", file=sys.stderr, flush=True)
             subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             rows = last_row(run_dir)
@@ -57,7 +62,8 @@ def main():
                 with open(jpath) as f:
                     judge = json.load(f)
             results.append((name, seed, rows, judge))
-    print(f"keyroom {15}x{15}, 200-step limit, {args.steps:,} env steps per run\n")
+    print(f"keyroom 15x15, 200-step limit, {args.steps:,} env steps per run; one label")
+    print("store shared by all runs, so only the first ONI run calls the judge\n")
     print("| variant | seed | success rate (last 100 episodes) | env steps to 80% | judge calls | labels | calls per labelled text |")
     print("|---|---|---|---|---|---|---|")
     for name, seed, rows, judge in results:

@@ -5,21 +5,31 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use spur_core::config::{Config, EnvKind};
+use spur_core::config::{Config, EnvKind, RewardModelKind};
 use spur_proto::v1::reward_service_client::RewardServiceClient;
 use spur_proto::v1::RewardStatusRequest;
 use spur_tests::{spawn_actor, tiny_cartpole, TestLearner};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn actor_texts_become_labels_the_learner_uses() -> anyhow::Result<()> {
+async fn retrieval_labels_reach_the_learner() -> anyhow::Result<()> {
+    pipeline(RewardModelKind::Retrieval).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn classification_network_reaches_the_learner() -> anyhow::Result<()> {
+    pipeline(RewardModelKind::Classification).await
+}
+
+async fn pipeline(kind: RewardModelKind) -> anyhow::Result<()> {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-    let store = std::env::temp_dir().join(format!("spur-e2e-labels-{}", std::process::id()));
+    let store = std::env::temp_dir().join(format!("spur-e2e-{kind:?}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&store);
 
     let mut config: Config = tiny_cartpole(0);
     config.env.kind = EnvKind::Keyroom;
     config.env.keyroom_size = 4;
     config.intrinsic.enabled = true;
+    config.intrinsic.model = kind;
     config.reward_service.store = store.join("labels.redb").display().to_string();
 
     // The reward service with the built-in rule judge, on a free port.
@@ -40,7 +50,7 @@ async fn actor_texts_become_labels_the_learner_uses() -> anyhow::Result<()> {
         },
     ));
 
-    let learner = TestLearner::start(config.clone(), "intrinsic").await?;
+    let learner = TestLearner::start(config.clone(), &format!("intrinsic-{kind:?}")).await?;
     let (stop_actor, actor) = spawn_actor(&config, &learner.addr, 0);
 
     // Keyroom emits texts; the rule judge finds "you pick up the key" and friends
@@ -50,8 +60,15 @@ async fn actor_texts_become_labels_the_learner_uses() -> anyhow::Result<()> {
     let (judge, seen) = loop {
         let j = rs.get_status(RewardStatusRequest {}).await?.into_inner();
         let l = learner.status().await?;
+        // Retrieval: the learner holds exactly the service's table. Classification: it
+        // holds the service's newest network and scores texts with it.
+        let same_model = match kind {
+            RewardModelKind::Retrieval => l.reward_labels == j.labels,
+            RewardModelKind::Classification => l.reward_labels > 0,
+        };
         if j.positive_labels >= 1
-            && l.reward_labels == j.labels
+            && same_model
+            && l.reward_model_version >= 2
             && l.reward_model_version == j.model_version
             && l.intrinsic_reward_mean > 0.0
         {

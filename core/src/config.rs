@@ -41,6 +41,9 @@ pub struct Config {
 pub enum RewardModelKind {
     /// The label table itself: a labelled text's reward is its label.
     Retrieval,
+    /// A char-level CNN trained on the labels: reward 1 when p(helpful) > 0.5, so
+    /// texts the judge has not seen yet get a reward too.
+    Classification,
 }
 
 /// How the learner mixes rewards:
@@ -117,6 +120,9 @@ pub struct RewardServiceConfig {
     /// Name of the environment variable holding the API key (the key is never logged).
     pub api_key_env: String,
     pub max_tokens: u32,
+    /// Training steps of a distilled model each time new labels arrive.
+    pub distill_steps: u32,
+    pub distill_lr: f64,
 }
 
 impl Default for RewardServiceConfig {
@@ -141,6 +147,8 @@ impl Default for RewardServiceConfig {
             openai_model: "default".into(),
             api_key_env: "OPENAI_API_KEY".into(),
             max_tokens: 2048,
+            distill_steps: 30,
+            distill_lr: 3e-3,
         }
     }
 }

@@ -147,27 +147,7 @@ impl ActorCritic {
         version: u64,
         metadata: &HashMap<String, String>,
     ) -> Result<Vec<u8>, ModelError> {
-        let mut named: Vec<(String, Tensor)> = self.vs.variables().into_iter().collect();
-        named.sort_by(|a, b| a.0.cmp(&b.0));
-        let mut blobs = Vec::with_capacity(named.len());
-        for (name, t) in &named {
-            let t = t.to_device(Device::Cpu).to_kind(Kind::Float).contiguous();
-            let shape: Vec<usize> = t.size().iter().map(|&d| d as usize).collect();
-            let values = Vec::<f32>::try_from(t.view([-1]))?;
-            let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-            blobs.push((name.clone(), shape, bytes));
-        }
-        let views = blobs
-            .iter()
-            .map(|(name, shape, bytes)| {
-                TensorView::new(Dtype::F32, shape.clone(), bytes)
-                    .map(|v| (name.clone(), v))
-                    .map_err(|e| ModelError::Weights(e.to_string()))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        let mut info = metadata.clone();
-        info.insert(VERSION_KEY.into(), version.to_string());
-        safetensors::serialize(views, Some(info)).map_err(|e| ModelError::Weights(e.to_string()))
+        vars_to_safetensors(&self.vs, version, metadata)
     }
 
     /// Loads weights produced by [`to_safetensors`](Self::to_safetensors) by a model of
@@ -177,45 +157,7 @@ impl ActorCritic {
         &mut self,
         bytes: &[u8],
     ) -> Result<HashMap<String, String>, ModelError> {
-        let metadata = read_metadata(bytes)?;
-        let st = SafeTensors::deserialize(bytes).map_err(|e| ModelError::Weights(e.to_string()))?;
-        let mut vars: Vec<(String, Tensor)> = self.vs.variables().into_iter().collect();
-        vars.sort_by(|a, b| a.0.cmp(&b.0));
-        let mut staged = Vec::with_capacity(vars.len());
-        for (name, var) in &vars {
-            let view = st
-                .tensor(name)
-                .map_err(|_| ModelError::Weights(format!("tensor `{name}` is missing")))?;
-            let want: Vec<usize> = var.size().iter().map(|&d| d as usize).collect();
-            if view.dtype() != Dtype::F32 || view.shape() != want.as_slice() {
-                return Err(ModelError::Weights(format!(
-                    "tensor `{name}` is {:?} {:?}, expected F32 {:?}",
-                    view.dtype(),
-                    view.shape(),
-                    want
-                )));
-            }
-            let values: Vec<f32> = view
-                .data()
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes(b.try_into().expect("chunks of 4 bytes")))
-                .collect();
-            if values.iter().any(|v| !v.is_finite()) {
-                return Err(ModelError::Weights(format!(
-                    "tensor `{name}` holds a non-finite value"
-                )));
-            }
-            staged.push((
-                var.shallow_clone(),
-                Tensor::from_slice(&values).view(var.size().as_slice()),
-            ));
-        }
-        tch::no_grad(|| {
-            for (mut var, src) in staged {
-                var.copy_(&src.to_device(var.device()));
-            }
-        });
-        Ok(metadata)
+        load_vars(&self.vs, bytes)
     }
 
     /// Copies every weight from `other` (same architecture).
@@ -223,6 +165,79 @@ impl ActorCritic {
         self.vs.copy(&other.vs)?;
         Ok(())
     }
+}
+
+/// Every variable of `vs` as f32 safetensors, with `metadata` and the version.
+pub fn vars_to_safetensors(
+    vs: &nn::VarStore,
+    version: u64,
+    metadata: &HashMap<String, String>,
+) -> Result<Vec<u8>, ModelError> {
+    let mut named: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+    named.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut blobs = Vec::with_capacity(named.len());
+    for (name, t) in &named {
+        let t = t.to_device(Device::Cpu).to_kind(Kind::Float).contiguous();
+        let shape: Vec<usize> = t.size().iter().map(|&d| d as usize).collect();
+        let values = Vec::<f32>::try_from(t.view([-1]))?;
+        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        blobs.push((name.clone(), shape, bytes));
+    }
+    let views = blobs
+        .iter()
+        .map(|(name, shape, bytes)| {
+            TensorView::new(Dtype::F32, shape.clone(), bytes)
+                .map(|v| (name.clone(), v))
+                .map_err(|e| ModelError::Weights(e.to_string()))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut info = metadata.clone();
+    info.insert(VERSION_KEY.into(), version.to_string());
+    safetensors::serialize(views, Some(info)).map_err(|e| ModelError::Weights(e.to_string()))
+}
+
+/// Copies a payload from [`vars_to_safetensors`] into `vs` (same architecture); nothing
+/// changes unless every tensor is present, finite and of the right shape.
+pub fn load_vars(vs: &nn::VarStore, bytes: &[u8]) -> Result<HashMap<String, String>, ModelError> {
+    let metadata = read_metadata(bytes)?;
+    let st = SafeTensors::deserialize(bytes).map_err(|e| ModelError::Weights(e.to_string()))?;
+    let mut vars: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+    vars.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut staged = Vec::with_capacity(vars.len());
+    for (name, var) in &vars {
+        let view = st
+            .tensor(name)
+            .map_err(|_| ModelError::Weights(format!("tensor `{name}` is missing")))?;
+        let want: Vec<usize> = var.size().iter().map(|&d| d as usize).collect();
+        if view.dtype() != Dtype::F32 || view.shape() != want.as_slice() {
+            return Err(ModelError::Weights(format!(
+                "tensor `{name}` is {:?} {:?}, expected F32 {:?}",
+                view.dtype(),
+                view.shape(),
+                want
+            )));
+        }
+        let values: Vec<f32> = view
+            .data()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes(b.try_into().expect("chunks of 4 bytes")))
+            .collect();
+        if values.iter().any(|v| !v.is_finite()) {
+            return Err(ModelError::Weights(format!(
+                "tensor `{name}` holds a non-finite value"
+            )));
+        }
+        staged.push((
+            var.shallow_clone(),
+            Tensor::from_slice(&values).view(var.size().as_slice()),
+        ));
+    }
+    tch::no_grad(|| {
+        for (mut var, src) in staged {
+            var.copy_(&src.to_device(var.device()));
+        }
+    });
+    Ok(metadata)
 }
 
 /// The metadata of a safetensors payload, without decoding its tensors.

@@ -7,6 +7,7 @@
 //! embedding, one width-3 convolution with ReLU, a max over positions and a linear head.
 
 use tch::nn::{self, Module, OptimizerConfig};
+
 use tch::{Device, Kind, Tensor};
 
 use crate::error::ModelError;
@@ -16,11 +17,17 @@ pub const MAX_CHARS: usize = 64;
 const EMBED: i64 = 16;
 const CHANNELS: i64 = 64;
 
+/// The network alone: what a reward-model consumer needs for inference.
 pub struct CharCnn {
     vs: nn::VarStore,
     embed: nn::Embedding,
     conv: nn::Conv1D,
     head: nn::Linear,
+}
+
+/// The network with its optimizer, for the reward service that trains it.
+pub struct CharCnnTrainer {
+    pub net: CharCnn,
     opt: nn::Optimizer,
 }
 
@@ -39,7 +46,7 @@ pub fn encode(texts: &[&str], device: Device) -> Tensor {
 
 impl CharCnn {
     /// A model with `outputs` outputs (2 for classification, 1 for ranking).
-    pub fn new(outputs: i64, lr: f64, device: Device) -> Result<Self, ModelError> {
+    pub fn new(outputs: i64, device: Device) -> Self {
         let vs = nn::VarStore::new(device);
         let root = vs.root();
         let embed = nn::embedding(&root / "embed", 256, EMBED, Default::default());
@@ -54,14 +61,23 @@ impl CharCnn {
             },
         );
         let head = nn::linear(&root / "head", CHANNELS, outputs, Default::default());
-        let opt = nn::Adam::default().build(&vs, lr)?;
-        Ok(Self {
+        Self {
             vs,
             embed,
             conv,
             head,
-            opt,
-        })
+        }
+    }
+
+    /// Weights as safetensors with `version` in the metadata.
+    pub fn to_safetensors(&self, version: u64) -> Result<Vec<u8>, ModelError> {
+        crate::model::vars_to_safetensors(&self.vs, version, &Default::default())
+    }
+
+    /// Loads weights from [`to_safetensors`](Self::to_safetensors); returns the version.
+    pub fn load_safetensors(&mut self, bytes: &[u8]) -> Result<u64, ModelError> {
+        let meta = crate::model::load_vars(&self.vs, bytes)?;
+        crate::model::payload_version(&meta)
     }
 
     pub fn device(&self) -> Device {
@@ -79,15 +95,6 @@ impl CharCnn {
         self.head.forward(&x)
     }
 
-    /// One Adam step of cross-entropy on `labels` (0 or 1); returns the loss.
-    pub fn train_classifier(&mut self, texts: &[&str], labels: &[i64]) -> f64 {
-        let ids = encode(texts, self.device());
-        let target = Tensor::from_slice(labels).to_device(self.device());
-        let loss = self.forward(&ids).cross_entropy_for_logits(&target);
-        self.opt.backward_step(&loss);
-        loss.double_value(&[])
-    }
-
     /// p(helpful) for each text.
     pub fn helpful_probability(&self, texts: &[&str]) -> Vec<f32> {
         tch::no_grad(|| {
@@ -99,12 +106,43 @@ impl CharCnn {
         })
     }
 
+    /// The ranking score of each text.
+    pub fn scores(&self, texts: &[&str]) -> Vec<f32> {
+        tch::no_grad(|| {
+            let s = self.forward(&encode(texts, self.device())).squeeze_dim(1);
+            Vec::<f32>::try_from(s.to_device(Device::Cpu)).expect("a float tensor converts")
+        })
+    }
+}
+
+impl CharCnnTrainer {
+    pub fn new(outputs: i64, lr: f64, device: Device) -> Result<Self, ModelError> {
+        let net = CharCnn::new(outputs, device);
+        let opt = nn::Adam::default().build(&net.vs, lr)?;
+        Ok(Self { net, opt })
+    }
+
+    /// One Adam step of cross-entropy on `labels` (0 or 1); returns the loss.
+    pub fn train_classifier(&mut self, texts: &[&str], labels: &[i64]) -> f64 {
+        let ids = encode(texts, self.net.device());
+        let target = Tensor::from_slice(labels).to_device(self.net.device());
+        let loss = self.net.forward(&ids).cross_entropy_for_logits(&target);
+        self.opt.backward_step(&loss);
+        loss.double_value(&[])
+    }
+
     /// One Adam step of the Bradley–Terry loss: `prefer` is 1 when the first text of
     /// a pair shows more progress, 0 when the second does, 0.5 for a tie.
     pub fn train_ranker(&mut self, first: &[&str], second: &[&str], prefer: &[f32]) -> f64 {
-        let sa = self.forward(&encode(first, self.device())).squeeze_dim(1);
-        let sb = self.forward(&encode(second, self.device())).squeeze_dim(1);
-        let y = Tensor::from_slice(prefer).to_device(self.device());
+        let sa = self
+            .net
+            .forward(&encode(first, self.net.device()))
+            .squeeze_dim(1);
+        let sb = self
+            .net
+            .forward(&encode(second, self.net.device()))
+            .squeeze_dim(1);
+        let y = Tensor::from_slice(prefer).to_device(self.net.device());
         let loss = (sa - sb).binary_cross_entropy_with_logits::<Tensor>(
             &y,
             None,
@@ -113,14 +151,6 @@ impl CharCnn {
         );
         self.opt.backward_step(&loss);
         loss.double_value(&[])
-    }
-
-    /// The ranking score of each text.
-    pub fn scores(&self, texts: &[&str]) -> Vec<f32> {
-        tch::no_grad(|| {
-            let s = self.forward(&encode(texts, self.device())).squeeze_dim(1);
-            Vec::<f32>::try_from(s.to_device(Device::Cpu)).expect("a float tensor converts")
-        })
     }
 }
 
@@ -167,14 +197,14 @@ mod tests {
         let mut rng = SmallRng::seed_from_u64(0);
         let train = sample(&mut rng, &WORDS[..8], 128);
         let test = sample(&mut rng, &WORDS[8..], 200);
-        let mut m = CharCnn::new(2, 3e-3, Device::Cpu).unwrap();
+        let mut m = CharCnnTrainer::new(2, 3e-3, Device::Cpu).unwrap();
         let texts: Vec<&str> = train.iter().map(|(t, _)| t.as_str()).collect();
         let labels: Vec<i64> = train.iter().map(|(_, g)| *g as i64).collect();
         for _ in 0..100 {
             m.train_classifier(&texts, &labels);
         }
         let held: Vec<&str> = test.iter().map(|(t, _)| t.as_str()).collect();
-        let p = m.helpful_probability(&held);
+        let p = m.net.helpful_probability(&held);
         let correct = p
             .iter()
             .zip(&test)
@@ -209,7 +239,7 @@ mod tests {
                 std::cmp::Ordering::Equal => 0.5,
             });
         }
-        let mut m = CharCnn::new(1, 3e-3, Device::Cpu).unwrap();
+        let mut m = CharCnnTrainer::new(1, 3e-3, Device::Cpu).unwrap();
         let f: Vec<&str> = first.iter().map(String::as_str).collect();
         let s: Vec<&str> = second.iter().map(String::as_str).collect();
         for _ in 0..150 {
@@ -219,7 +249,7 @@ mod tests {
         for w in &WORDS[8..] {
             let texts: Vec<String> = levels.iter().map(|l| l.replace("{}", w)).collect();
             let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
-            let sc = m.scores(&refs);
+            let sc = m.net.scores(&refs);
             assert!(sc.windows(2).all(|p| p[0] < p[1]), "{w}: {sc:?}");
         }
     }

@@ -7,22 +7,31 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use spur_core::backoff::Backoff;
 use spur_core::config::IntrinsicConfig;
+use spur_core::text_model::CharCnn;
 use spur_proto::v1::reward_service_client::RewardServiceClient;
 use spur_proto::v1::{RewardModelRequest, RewardModelUpdate};
 use spur_proto::MAX_MESSAGE_BYTES;
 use tonic::transport::Endpoint;
 use tracing::{info, warn};
 
-/// The learner's copy of the reward model.
+/// The learner's copy of the reward model: the label table (`retrieval`) or the
+/// newest network (`classification`) with its rewards cached per text.
 #[derive(Default)]
 pub struct RewardTable {
     labels: RwLock<HashMap<String, f32>>,
     version: AtomicU64,
+    network: Mutex<Option<Network>>,
+}
+
+struct Network {
+    net: CharCnn,
+    /// Reward per text under the current weights.
+    cache: HashMap<String, f32>,
 }
 
 impl RewardTable {
@@ -30,14 +39,37 @@ impl RewardTable {
         self.version.load(Ordering::Acquire)
     }
 
+    /// Labels held (retrieval), or texts scored so far (classification).
     pub fn label_count(&self) -> usize {
-        self.labels
-            .read()
-            .expect("reward table lock poisoned")
-            .len()
+        let net = self.network.lock().expect("reward network lock poisoned");
+        match net.as_ref() {
+            Some(n) => n.cache.len(),
+            None => self
+                .labels
+                .read()
+                .expect("reward table lock poisoned")
+                .len(),
+        }
     }
 
     pub fn apply(&self, update: RewardModelUpdate) {
+        if !update.weights.is_empty() {
+            let mut guard = self.network.lock().expect("reward network lock poisoned");
+            let n = guard.get_or_insert_with(|| Network {
+                net: CharCnn::new(2, tch::Device::Cpu),
+                cache: HashMap::new(),
+            });
+            match n.net.load_safetensors(&update.weights) {
+                Ok(_) => {
+                    n.cache.clear();
+                    self.version.store(update.version, Ordering::Release);
+                }
+                Err(e) => {
+                    warn!(version = update.version, error = %e, "ignoring unusable reward-model weights")
+                }
+            }
+            return;
+        }
         let mut labels = self.labels.write().expect("reward table lock poisoned");
         if update.full {
             labels.clear();
@@ -58,7 +90,27 @@ impl RewardTable {
         counts: &[u32],
         c: &IntrinsicConfig,
     ) -> (Vec<f32>, f64) {
+        let mut net = self.network.lock().expect("reward network lock poisoned");
+        if let Some(n) = net.as_mut() {
+            // Score the texts this version has not seen, in one batch.
+            let mut fresh: Vec<&str> = texts
+                .iter()
+                .zip(counts)
+                .filter(|(t, &k)| k > 0 && !n.cache.contains_key(t.as_str()))
+                .map(|(t, _)| t.as_str())
+                .collect();
+            fresh.sort_unstable();
+            fresh.dedup();
+            if !fresh.is_empty() {
+                let p = n.net.helpful_probability(&fresh);
+                for (t, p) in fresh.iter().zip(p) {
+                    n.cache
+                        .insert(t.to_string(), if p > 0.5 { 1.0 } else { 0.0 });
+                }
+            }
+        }
         let labels = self.labels.read().expect("reward table lock poisoned");
+        let table = net.as_ref().map(|n| &n.cache).unwrap_or(&labels);
         let clip = c.clip_max as f32;
         let mut intrinsic_sum = 0.0f64;
         let mixed = rewards
@@ -68,7 +120,7 @@ impl RewardTable {
                 let ext = c.c_ext as f32 * r.clamp(-clip, clip);
                 let int = match (texts.get(i), counts.get(i)) {
                     (Some(t), Some(&n)) if n > 0 => {
-                        let v = labels.get(t).copied().unwrap_or(0.0) as f64;
+                        let v = table.get(t).copied().unwrap_or(0.0) as f64;
                         c.c_int * v * (n as f64).powf(-c.beta)
                     }
                     _ => 0.0,
@@ -173,5 +225,39 @@ mod tests {
             ..Default::default()
         });
         assert_eq!(t.label_count(), 2);
+    }
+}
+
+#[cfg(test)]
+mod network_tests {
+    use super::*;
+    use spur_core::text_model::CharCnnTrainer;
+
+    #[test]
+    fn classification_weights_score_texts() {
+        let mut t = CharCnnTrainer::new(2, 3e-3, tch::Device::Cpu).unwrap();
+        for _ in 0..50 {
+            t.train_classifier(&["you pick up the key", "you bump into a wall"], &[1, 0]);
+        }
+        let table = RewardTable::default();
+        table.apply(RewardModelUpdate {
+            version: 2,
+            full: true,
+            weights: t.net.to_safetensors(2).unwrap(),
+            ..Default::default()
+        });
+        let c = IntrinsicConfig {
+            enabled: true,
+            c_int: 1.0,
+            ..Default::default()
+        };
+        let texts: Vec<String> = ["you pick up the key", "you bump into a wall"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let (mixed, _) = table.mix(&[0.0, 0.0], &texts, &[1, 1], &c);
+        assert_eq!(mixed, vec![1.0, 0.0]);
+        assert_eq!(table.label_count(), 2);
+        assert_eq!(table.version(), 2);
     }
 }

@@ -28,7 +28,9 @@ pub struct Labeler {
     pub judge: Judge,
     pub judge_id: String,
     pub store: Arc<LabelStore>,
-    pub model: RetrievalModel,
+    pub model: Arc<RetrievalModel>,
+    /// Labels for the distilled network, when one is trained.
+    pub distill: Option<Mutex<crate::distill::LabelSender>>,
     pub stats: Stats,
     pub backlog: Mutex<Backlog>,
     pub batch_size: usize,
@@ -57,7 +59,8 @@ impl Labeler {
         prompt_version: String,
         judge: Judge,
         store: Arc<LabelStore>,
-        model: RetrievalModel,
+        model: Arc<RetrievalModel>,
+        distill: Option<crate::distill::LabelSender>,
         backlog: usize,
         batch_size: usize,
         max_concurrent: usize,
@@ -70,6 +73,7 @@ impl Labeler {
             judge,
             store,
             model,
+            distill: distill.map(Mutex::new),
             stats: Stats::default(),
             backlog: Mutex::new(Backlog::new(backlog)),
             batch_size,
@@ -192,6 +196,15 @@ impl Labeler {
             match committed {
                 Ok(Ok(added)) => {
                     debug!(labels = added.len(), "labels committed");
+                    if let Some(tx) = &self.distill {
+                        let parsed: Vec<(String, bool)> = added
+                            .iter()
+                            .filter_map(|(t, r)| r.helpful.map(|h| (t.clone(), h)))
+                            .collect();
+                        if !parsed.is_empty() {
+                            let _ = tx.lock().expect("distill lock poisoned").send(parsed);
+                        }
+                    }
                     self.model
                         .add(added.into_iter().map(|(t, r)| (t, r.value())).collect());
                 }

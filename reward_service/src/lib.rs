@@ -9,10 +9,12 @@
 //! - `judge/`: the rule judge and the OpenAI-compatible client
 //! - `prompt.rs`, `parse.rs`: prompt templates with versions; the strict answer parser
 //! - `store.rs`: the redb label store
-//! - `model.rs`: the retrieval reward model (the label table) and its versions
+//! - `model.rs`: the label table and the reward-model versions subscribers receive
+//! - `distill.rs`: training the `classification` network on the labels
 //! - `stats.rs`: counters and judge latency percentiles
 
 mod backlog;
+mod distill;
 pub mod error;
 pub mod judge;
 mod labeler;
@@ -28,7 +30,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use spur_core::config::{Config, JudgeKind};
+use spur_core::config::{Config, JudgeKind, RewardModelKind};
 use spur_proto::v1::reward_service_server::RewardServiceServer;
 use spur_proto::MAX_MESSAGE_BYTES;
 use tokio::net::TcpListener;
@@ -124,16 +126,36 @@ pub async fn serve(
         judge = judge.id(),
         "label store open"
     );
-    let model = RetrievalModel::new(
+    let networks = config.intrinsic.model == RewardModelKind::Classification;
+    let parsed: Vec<(String, bool)> = known
+        .iter()
+        .filter_map(|(t, rec)| rec.helpful.map(|h| (t.clone(), h)))
+        .collect();
+    let model = Arc::new(RetrievalModel::new(
         prompt_version.clone(),
+        networks,
         known.into_iter().map(|(t, rec)| (t, rec.value())),
-    );
+    ));
+    let distill_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (distill, distill_thread) = if networks {
+        let (tx, handle) = distill::spawn(
+            parsed,
+            r.distill_steps,
+            r.distill_lr,
+            model.clone(),
+            distill_stop.clone(),
+        )?;
+        (Some(tx), Some(handle))
+    } else {
+        (None, None)
+    };
     let labeler = Arc::new(Labeler::new(
         prompt,
         prompt_version,
         judge,
         store,
         model,
+        distill,
         r.backlog as usize,
         r.batch_size as usize,
         r.max_concurrent as usize,
@@ -189,6 +211,11 @@ pub async fn serve(
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     drop(labeler);
+    if let Some(handle) = distill_thread {
+        // Ends after its current training step.
+        distill_stop.store(true, std::sync::atomic::Ordering::Release);
+        let _ = tokio::task::spawn_blocking(move || handle.join()).await;
+    }
     result?;
     info!("reward service stopped");
     Ok(())

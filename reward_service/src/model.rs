@@ -9,22 +9,52 @@ use spur_proto::v1::{LabelEntry, RewardModelUpdate};
 use tokio::sync::broadcast;
 
 pub const KIND_RETRIEVAL: &str = "retrieval";
+pub const KIND_CLASSIFICATION: &str = "classification";
 
+/// The label table, and what subscribers receive: the table and its deltas
+/// (`retrieval`), or the newest network weights (`classification`).
 pub struct RetrievalModel {
     prompt_version: String,
+    /// Publish network weights instead of label deltas.
+    networks: bool,
     state: Mutex<(u64, HashMap<String, f32>)>,
+    latest_weights: Mutex<Option<Arc<RewardModelUpdate>>>,
     deltas: broadcast::Sender<Arc<RewardModelUpdate>>,
 }
 
 impl RetrievalModel {
-    /// Starts from the labels already in the store (version 1).
-    pub fn new(prompt_version: String, labels: impl IntoIterator<Item = (String, f32)>) -> Self {
+    /// Starts from the labels already in the store (version 1). With `networks`,
+    /// subscribers get weights from [`publish_weights`](Self::publish_weights).
+    pub fn new(
+        prompt_version: String,
+        networks: bool,
+        labels: impl IntoIterator<Item = (String, f32)>,
+    ) -> Self {
         let (deltas, _) = broadcast::channel(256);
         Self {
             prompt_version,
+            networks,
             state: Mutex::new((1, labels.into_iter().collect())),
+            latest_weights: Mutex::new(None),
             deltas,
         }
+    }
+
+    /// Publishes a new network version to subscribers.
+    pub fn publish_weights(&self, weights: Vec<u8>, loss: f64) {
+        let mut s = self.state.lock().expect("model lock poisoned");
+        s.0 += 1;
+        let update = Arc::new(RewardModelUpdate {
+            version: s.0,
+            kind: KIND_CLASSIFICATION.into(),
+            prompt_version: self.prompt_version.clone(),
+            full: true,
+            labels: Vec::new(),
+            weights,
+            loss,
+        });
+        *self.latest_weights.lock().expect("model lock poisoned") = Some(update.clone());
+        let _ = self.deltas.send(update);
     }
 
     pub fn version(&self) -> u64 {
@@ -55,10 +85,13 @@ impl RetrievalModel {
             return;
         }
         let mut s = self.state.lock().expect("model lock poisoned");
-        s.0 += 1;
         for (t, v) in &labels {
             s.1.insert(t.clone(), *v);
         }
+        if self.networks {
+            return; // subscribers get weights, not labels
+        }
+        s.0 += 1;
         let update = RewardModelUpdate {
             version: s.0,
             kind: KIND_RETRIEVAL.into(),
@@ -68,6 +101,7 @@ impl RetrievalModel {
                 .into_iter()
                 .map(|(text, value)| LabelEntry { text, value })
                 .collect(),
+            ..Default::default()
         };
         let _ = self.deltas.send(Arc::new(update));
     }
@@ -94,6 +128,7 @@ impl RetrievalModel {
                     value: *v,
                 })
                 .collect(),
+            ..Default::default()
         };
         (full, rx)
     }
