@@ -78,13 +78,13 @@ pub async fn run(mut config: Config, args: LocalArgs) -> anyhow::Result<ExitCode
         Outcome::Finished => {
             cluster.wait_actors(Duration::from_secs(10)).await;
             cluster.stop(STOP_GRACE).await;
-            print_summary(&run_dir, last_status.as_ref());
+            print_summary(&run_dir, last_status.as_ref(), "done");
             Ok(ExitCode::SUCCESS)
         }
         Outcome::Interrupted => {
             eprintln!("interrupted: stopping actors and learner (the learner checkpoints first)");
             let learner = cluster.stop(STOP_GRACE).await;
-            print_summary(&run_dir, last_status.as_ref());
+            print_summary(&run_dir, last_status.as_ref(), "stopped");
             match learner {
                 Some(s) if s.success() => Ok(ExitCode::from(130)),
                 _ => bail!(
@@ -203,7 +203,7 @@ fn write_judge_summary(run_dir: &std::path::Path, j: &RewardServiceStatus) {
     );
 }
 
-fn print_summary(run_dir: &std::path::Path, last: Option<&LearnerStatus>) {
+fn print_summary(run_dir: &std::path::Path, last: Option<&LearnerStatus>, how: &str) {
     // The learner's final numbers are the last line of metrics.jsonl.
     let metrics = run_dir.join("metrics.jsonl");
     let last_row = std::fs::read_to_string(&metrics)
@@ -212,7 +212,7 @@ fn print_summary(run_dir: &std::path::Path, last: Option<&LearnerStatus>) {
         .and_then(|l| serde_json::from_str::<serde_json::Value>(&l).ok());
     match (last_row, last) {
         (Some(row), _) => println!(
-            "done: {} env steps, mean return {:.1} (last 100 episodes), success {:.0}%, policy version {}",
+            "{how}: {} env steps, mean return {:.1} (last 100 episodes), success {:.0}%, policy version {}",
             row["env_steps"],
             row["episode_return_mean"].as_f64().unwrap_or(0.0),
             row["success_rate"].as_f64().unwrap_or(0.0) * 100.0,
