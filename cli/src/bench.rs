@@ -51,15 +51,20 @@ fn env_only(config: &Config, secs: f64) -> f64 {
     steps as f64 / start.elapsed().as_secs_f64()
 }
 
-fn inference_only(config: &Config, secs: f64) -> f64 {
-    let venv = vec_env(config);
-    let spec = venv.spec().clone();
-    let model = ActorCritic::new(
+/// A fresh policy on the CPU for `venv`'s environment.
+fn cpu_policy(config: &Config, venv: &VecEnv) -> ActorCritic {
+    let spec = venv.spec();
+    ActorCritic::new(
         spec.obs_dim,
         spec.num_actions,
         &config.model.hidden,
         tch::Device::Cpu,
-    );
+    )
+}
+
+fn inference_only(config: &Config, secs: f64) -> f64 {
+    let venv = vec_env(config);
+    let model = cpu_policy(config, &venv);
     let obs = venv.observations().to_vec();
     let (start, mut steps) = (Instant::now(), 0u64);
     while start.elapsed().as_secs_f64() < secs {
@@ -73,13 +78,7 @@ fn inference_only(config: &Config, secs: f64) -> f64 {
 
 fn rollout_only(config: &Config, secs: f64) -> f64 {
     let mut venv = vec_env(config);
-    let spec = venv.spec().clone();
-    let model = ActorCritic::new(
-        spec.obs_dim,
-        spec.num_actions,
-        &config.model.hidden,
-        tch::Device::Cpu,
-    );
+    let model = cpu_policy(config, &venv);
     let (start, mut steps) = (Instant::now(), 0u64);
     while start.elapsed().as_secs_f64() < secs {
         for _ in 0..16 {
