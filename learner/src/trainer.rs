@@ -63,7 +63,8 @@ struct UpdateStats {
     clip_fraction: f64,
     /// Estimated KL(mu || pi) between behaviour and current policy: 0 when on-policy.
     behaviour_kl: f64,
-    /// Gradient L2 norm before clipping, averaged over minibatches.
+    /// Gradient L2 norm before clipping, of the update's first minibatch (measured
+    /// once per update to keep the minibatch loop lean).
     grad_norm: f64,
     /// Mean intrinsic term per step of the batch.
     intrinsic_reward_mean: f64,
@@ -391,7 +392,9 @@ impl Trainer {
                 }
                 opt.zero_grad();
                 loss.total.backward();
-                stats.grad_norm += grad_norm(self.model.var_store());
+                if stats.steps == 0 {
+                    stats.grad_norm = grad_norm(self.model.var_store());
+                }
                 opt.clip_grad_norm(lc.max_grad_norm);
                 opt.step();
                 stats.policy_loss += loss.policy;
@@ -411,7 +414,6 @@ impl Trainer {
         stats.value_loss /= k;
         stats.entropy /= k;
         stats.clip_fraction /= k;
-        stats.grad_norm /= k;
         stats
     }
 }
