@@ -80,27 +80,12 @@ impl Cluster {
         let config_path = run_dir.join("config.toml");
         std::fs::write(&config_path, config.to_toml())?;
         let reward = if config.intrinsic.enabled {
-            let mut child = spur_command(run_dir, "reward-service")?
-                .arg("reward-service")
-                .arg("--config")
-                .arg(&config_path)
-                .arg("--run-dir")
-                .arg(run_dir)
-                .spawn()
-                .context("cannot start the reward service process")?;
-            let addr = wait_addr(
-                &run_dir.join(spur_reward_service::ADDR_FILE),
-                &mut child,
+            let (child, addr, channel) = start_server(
                 run_dir,
+                &config_path,
                 "reward-service",
-            )
-            .await?;
-            let channel = wait_serving(
-                &addr,
+                spur_reward_service::ADDR_FILE,
                 "spur.v1.RewardService",
-                &mut child,
-                run_dir,
-                "reward-service",
             )
             .await?;
             config.reward_service.addr = addr;
@@ -109,23 +94,14 @@ impl Cluster {
         } else {
             None
         };
-        let mut learner = spur_command(run_dir, "learner")?
-            .arg("learner")
-            .arg("--config")
-            .arg(&config_path)
-            .arg("--run-dir")
-            .arg(run_dir)
-            .spawn()
-            .context("cannot start the learner process")?;
-        let addr = wait_addr(
-            &run_dir.join(spur_learner::ADDR_FILE),
-            &mut learner,
+        let (learner, addr, channel) = start_server(
             run_dir,
+            &config_path,
             "learner",
+            spur_learner::ADDR_FILE,
+            "spur.v1.Learner",
         )
         .await?;
-        let channel =
-            wait_serving(&addr, "spur.v1.Learner", &mut learner, run_dir, "learner").await?;
         let mut cluster = Self {
             run_dir: run_dir.to_path_buf(),
             addr,
@@ -275,6 +251,28 @@ fn terminate(child: &mut Child) {
             libc::kill(pid as libc::pid_t, libc::SIGTERM);
         }
     }
+}
+
+/// Starts `spur <role> --config .. --run-dir ..`, waits for the address it writes to
+/// `addr_file` and for its gRPC health to report `health_service` as serving.
+async fn start_server(
+    run_dir: &Path,
+    config_path: &Path,
+    role: &str,
+    addr_file: &str,
+    health_service: &str,
+) -> anyhow::Result<(Child, String, Channel)> {
+    let mut child = spur_command(run_dir, role)?
+        .arg(role)
+        .arg("--config")
+        .arg(config_path)
+        .arg("--run-dir")
+        .arg(run_dir)
+        .spawn()
+        .with_context(|| format!("cannot start the {role} process"))?;
+    let addr = wait_addr(&run_dir.join(addr_file), &mut child, run_dir, role).await?;
+    let channel = wait_serving(&addr, health_service, &mut child, run_dir, role).await?;
+    Ok((child, addr, channel))
 }
 
 /// Waits for a child to write the address it bound (an exit is an error).
