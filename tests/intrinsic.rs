@@ -20,6 +20,11 @@ async fn classification_network_reaches_the_learner() -> anyhow::Result<()> {
     pipeline(RewardModelKind::Classification).await
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ranking_network_reaches_the_learner() -> anyhow::Result<()> {
+    pipeline(RewardModelKind::Ranking).await
+}
+
 async fn pipeline(kind: RewardModelKind) -> anyhow::Result<()> {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
     let store = std::env::temp_dir().join(format!("spur-e2e-{kind:?}-{}", std::process::id()));
@@ -62,15 +67,22 @@ async fn pipeline(kind: RewardModelKind) -> anyhow::Result<()> {
         let l = learner.status().await?;
         // Retrieval: the learner holds exactly the service's table. Classification: it
         // holds the service's newest network and scores texts with it.
+        // Ranking: pairs were judged and the learner's normalized scores are in use
+        // (they centre on 0, so their mean can have either sign).
         let same_model = match kind {
             RewardModelKind::Retrieval => l.reward_labels == j.labels,
             RewardModelKind::Classification => l.reward_labels > 0,
+            RewardModelKind::Ranking => l.reward_labels > 0 && j.ranked_pairs > 0,
+        };
+        let rewarded = match kind {
+            RewardModelKind::Ranking => l.intrinsic_reward_mean != 0.0,
+            _ => l.intrinsic_reward_mean > 0.0,
         };
         if j.positive_labels >= 1
             && same_model
             && l.reward_model_version >= 2
             && l.reward_model_version == j.model_version
-            && l.intrinsic_reward_mean > 0.0
+            && rewarded
         {
             break (j, l);
         }
@@ -92,6 +104,18 @@ async fn pipeline(kind: RewardModelKind) -> anyhow::Result<()> {
         seen.reward_model_version >= 2,
         "labels arrived as new versions"
     );
+    let expected_kind = match kind {
+        RewardModelKind::Retrieval => "retrieval",
+        RewardModelKind::Classification => "classification",
+        RewardModelKind::Ranking => "ranking",
+    };
+    assert_eq!(judge.model_kind, expected_kind);
+    if kind != RewardModelKind::Retrieval {
+        assert!(
+            seen.reward_model_loss > 0.0,
+            "the network's loss came along"
+        );
+    }
 
     let _ = stop_actor.send(());
     actor.await??;

@@ -136,9 +136,18 @@ impl Progress {
         let mut msg = status_line(s);
         if let Some(j) = judge {
             msg.push_str(&format!(
-                " | judge: {} labels ({} helpful), {} calls, backlog {}",
-                j.labels, j.positive_labels, j.llm_calls, j.backlog
+                " | judge: {} labels ({} helpful), {} calls (p50 {:.0} ms), backlog {} | {} v{}",
+                j.labels,
+                j.positive_labels,
+                j.llm_calls,
+                j.llm_latency_p50_ms,
+                j.backlog,
+                j.model_kind,
+                j.model_version
             ));
+            if j.model_loss > 0.0 {
+                msg.push_str(&format!(" loss {:.3}", j.model_loss));
+            }
         }
         match &self.bar {
             Some(bar) => {
@@ -192,6 +201,9 @@ fn write_judge_summary(run_dir: &std::path::Path, j: &RewardServiceStatus) {
         "llm_latency_p50_ms": j.llm_latency_p50_ms,
         "llm_latency_p99_ms": j.llm_latency_p99_ms,
         "calls_per_labelled_text": j.calls_per_labelled_text,
+        "ranked_pairs": j.ranked_pairs,
+        "model_kind": j.model_kind,
+        "model_loss": j.model_loss,
     });
     let path = run_dir.join("reward_service.json");
     if let Err(e) = std::fs::write(&path, format!("{summary:#}\n")) {

@@ -44,6 +44,9 @@ pub enum RewardModelKind {
     /// A char-level CNN trained on the labels: reward 1 when p(helpful) > 0.5, so
     /// texts the judge has not seen yet get a reward too.
     Classification,
+    /// A char-level CNN scalar trained on ranked pairs (Bradley–Terry, ties 0.5):
+    /// reward is the score normalized by a running mean and std.
+    Ranking,
 }
 
 /// How the learner mixes rewards:
@@ -59,6 +62,8 @@ pub struct IntrinsicConfig {
     pub clip_max: f64,
     /// Repeat decay: the n-th occurrence of a text in an episode earns n^(-beta).
     pub beta: f64,
+    /// `ranking`: normalized scores are clipped to [-rank_clip, rank_clip].
+    pub rank_clip: f64,
 }
 
 impl Default for IntrinsicConfig {
@@ -70,6 +75,7 @@ impl Default for IntrinsicConfig {
             c_int: 0.4,
             clip_max: 10.0,
             beta: 3.0,
+            rank_clip: 3.0,
         }
     }
 }
@@ -97,6 +103,11 @@ pub struct RewardServiceConfig {
     pub rules: String,
     /// Prompt template for labelling texts (`{goal}`, `{count}`, `{events}`).
     pub prompt: String,
+    /// Prompt template for ranking pairs of texts (`ranking` reward model).
+    pub rank_prompt: String,
+    /// `ranking`: pairs each new text is judged in, against texts already judged
+    /// (or other new ones).
+    pub pairs_per_text: u32,
     /// The environment's goal, in words, for the prompt.
     pub goal: String,
     /// Most texts waiting for a label; the oldest are shed beyond it.
@@ -134,6 +145,8 @@ impl Default for RewardServiceConfig {
             judge: JudgeKind::Rules,
             rules: "judges/keyroom.rules".into(),
             prompt: "prompts/classify.txt".into(),
+            rank_prompt: "prompts/rank.txt".into(),
+            pairs_per_text: 2,
             goal: "prompts/keyroom-goal.txt".into(),
             backlog: 10_000,
             batch_size: 32,
@@ -484,6 +497,16 @@ impl Config {
             "must be at least 1",
         )?;
         check(l.epochs >= 1, "learner.epochs", "must be at least 1")?;
+        check(
+            self.intrinsic.rank_clip > 0.0,
+            "intrinsic.rank_clip",
+            "must be positive",
+        )?;
+        check(
+            self.reward_service.pairs_per_text >= 1,
+            "reward_service.pairs_per_text",
+            "must be at least 1",
+        )?;
         check(
             l.minibatches >= 1,
             "learner.minibatches",

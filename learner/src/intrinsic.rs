@@ -14,24 +14,110 @@ use spur_core::backoff::Backoff;
 use spur_core::config::IntrinsicConfig;
 use spur_core::text_model::CharCnn;
 use spur_proto::v1::reward_service_client::RewardServiceClient;
-use spur_proto::v1::{RewardModelRequest, RewardModelUpdate};
+use spur_proto::v1::{
+    RewardModelRequest, RewardModelUpdate, RewardServiceStatus, RewardStatusRequest,
+};
 use spur_proto::MAX_MESSAGE_BYTES;
 use tonic::transport::Endpoint;
 use tracing::{info, warn};
 
 /// The learner's copy of the reward model: the label table (`retrieval`) or the
-/// newest network (`classification`) with its rewards cached per text.
+/// newest network (`classification`, `ranking`) with its outputs cached per text.
 #[derive(Default)]
 pub struct RewardTable {
     labels: RwLock<HashMap<String, f32>>,
     version: AtomicU64,
     network: Mutex<Option<Network>>,
+    /// The reward service's latest counters, for the learner's metrics.
+    service: Mutex<Option<RewardServiceStatus>>,
 }
 
+/// How often the learner asks the reward service for its counters.
+const STATUS_POLL: Duration = Duration::from_secs(2);
+
 struct Network {
+    ranking: bool,
     net: CharCnn,
-    /// Reward per text under the current weights.
+    /// Per text under the current weights: the reward (classification) or the raw
+    /// score (ranking).
     cache: HashMap<String, f32>,
+    /// Training loss the service reported with these weights.
+    loss: f64,
+    /// Running mean and variance of the scores of the texts in recent batches
+    /// (ranking), one entry per occurrence.
+    stats: Option<(f64, f64)>,
+}
+
+/// Weight of the newest batch in the running score statistics.
+const SCORE_STATS_RATE: f64 = 0.05;
+
+/// Smallest standard deviation ranking scores are divided by.
+const SCORE_STD_FLOOR: f64 = 1e-3;
+
+impl Network {
+    /// Scores the texts of the batch this version has not seen, in one pass, and
+    /// (ranking) folds the batch's scores into the running statistics.
+    fn score(&mut self, texts: &[String], counts: &[u32]) {
+        let mut fresh: Vec<&str> = texts
+            .iter()
+            .zip(counts)
+            .filter(|(t, &k)| k > 0 && !self.cache.contains_key(t.as_str()))
+            .map(|(t, _)| t.as_str())
+            .collect();
+        fresh.sort_unstable();
+        fresh.dedup();
+        if !fresh.is_empty() {
+            let values = if self.ranking {
+                self.net.scores(&fresh)
+            } else {
+                let p = self.net.helpful_probability(&fresh);
+                p.into_iter()
+                    .map(|p| if p > 0.5 { 1.0 } else { 0.0 })
+                    .collect()
+            };
+            for (t, v) in fresh.iter().zip(values) {
+                self.cache.insert(t.to_string(), v);
+            }
+        }
+        if !self.ranking {
+            return;
+        }
+        let (mut n, mut sum, mut sq) = (0.0f64, 0.0f64, 0.0f64);
+        for (t, &k) in texts.iter().zip(counts) {
+            if k > 0 {
+                let v = self.cache[t.as_str()] as f64;
+                n += 1.0;
+                sum += v;
+                sq += v * v;
+            }
+        }
+        if n == 0.0 {
+            return;
+        }
+        let (m, v) = (sum / n, (sq / n - (sum / n).powi(2)).max(0.0));
+        self.stats = Some(match self.stats {
+            None => (m, v),
+            Some((m0, v0)) => {
+                let r = SCORE_STATS_RATE;
+                let mean = m0 + r * (m - m0);
+                // the batch's spread plus how far its mean moved
+                let var = (1.0 - r) * v0 + r * (v + (m - m0) * (m - mean));
+                (mean, var.max(0.0))
+            }
+        });
+    }
+
+    /// The intrinsic reward of a scored text.
+    fn reward(&self, text: &str, rank_clip: f64) -> f64 {
+        let Some(&v) = self.cache.get(text) else {
+            return 0.0;
+        };
+        if !self.ranking {
+            return v as f64;
+        }
+        let (mean, var) = self.stats.unwrap_or((v as f64, 1.0));
+        ((v as f64 - mean) / var.sqrt().max(SCORE_STD_FLOOR)).clamp(-rank_clip, rank_clip)
+    }
 }
 
 impl RewardTable {
@@ -39,7 +125,7 @@ impl RewardTable {
         self.version.load(Ordering::Acquire)
     }
 
-    /// Labels held (retrieval), or texts scored so far (classification).
+    /// Labels held (retrieval), or texts scored so far (networks).
     pub fn label_count(&self) -> usize {
         let net = self.network.lock().expect("reward network lock poisoned");
         match net.as_ref() {
@@ -52,16 +138,35 @@ impl RewardTable {
         }
     }
 
+    /// The reward service's latest counters, if it has answered.
+    pub fn service_status(&self) -> Option<RewardServiceStatus> {
+        self.service.lock().expect("status lock poisoned").clone()
+    }
+
+    /// Training loss of the network held (0 for the label table).
+    pub fn loss(&self) -> f64 {
+        let net = self.network.lock().expect("reward network lock poisoned");
+        net.as_ref().map_or(0.0, |n| n.loss)
+    }
+
     pub fn apply(&self, update: RewardModelUpdate) {
         if !update.weights.is_empty() {
+            let ranking = update.kind == "ranking";
             let mut guard = self.network.lock().expect("reward network lock poisoned");
+            if guard.as_ref().is_some_and(|n| n.ranking != ranking) {
+                *guard = None;
+            }
             let n = guard.get_or_insert_with(|| Network {
-                net: CharCnn::new(2, tch::Device::Cpu),
+                ranking,
+                net: CharCnn::new(if ranking { 1 } else { 2 }, tch::Device::Cpu),
                 cache: HashMap::new(),
+                loss: 0.0,
+                stats: None,
             });
             match n.net.load_safetensors(&update.weights) {
                 Ok(_) => {
                     n.cache.clear();
+                    n.loss = update.loss;
                     self.version.store(update.version, Ordering::Release);
                 }
                 Err(e) => {
@@ -92,25 +197,13 @@ impl RewardTable {
     ) -> (Vec<f32>, f64) {
         let mut net = self.network.lock().expect("reward network lock poisoned");
         if let Some(n) = net.as_mut() {
-            // Score the texts this version has not seen, in one batch.
-            let mut fresh: Vec<&str> = texts
-                .iter()
-                .zip(counts)
-                .filter(|(t, &k)| k > 0 && !n.cache.contains_key(t.as_str()))
-                .map(|(t, _)| t.as_str())
-                .collect();
-            fresh.sort_unstable();
-            fresh.dedup();
-            if !fresh.is_empty() {
-                let p = n.net.helpful_probability(&fresh);
-                for (t, p) in fresh.iter().zip(p) {
-                    n.cache
-                        .insert(t.to_string(), if p > 0.5 { 1.0 } else { 0.0 });
-                }
-            }
+            n.score(texts, counts);
         }
         let labels = self.labels.read().expect("reward table lock poisoned");
-        let table = net.as_ref().map(|n| &n.cache).unwrap_or(&labels);
+        let value = |t: &str| match net.as_ref() {
+            Some(n) => n.reward(t, c.rank_clip),
+            None => labels.get(t).copied().unwrap_or(0.0) as f64,
+        };
         let clip = c.clip_max as f32;
         let mut intrinsic_sum = 0.0f64;
         let mixed = rewards
@@ -119,10 +212,7 @@ impl RewardTable {
             .map(|(i, &r)| {
                 let ext = c.c_ext as f32 * r.clamp(-clip, clip);
                 let int = match (texts.get(i), counts.get(i)) {
-                    (Some(t), Some(&n)) if n > 0 => {
-                        let v = table.get(t).copied().unwrap_or(0.0) as f64;
-                        c.c_int * v * (n as f64).powf(-c.beta)
-                    }
+                    (Some(t), Some(&n)) if n > 0 => c.c_int * value(t) * (n as f64).powf(-c.beta),
                     _ => 0.0,
                 };
                 intrinsic_sum += int;
@@ -142,6 +232,7 @@ pub async fn subscribe(addr: String, table: Arc<RewardTable>, stop: Arc<AtomicBo
             return;
         }
     };
+    tokio::spawn(poll_status(endpoint.clone(), table.clone(), stop.clone()));
     let mut backoff = Backoff::new(Duration::from_secs(5));
     while !stop.load(Ordering::Acquire) {
         let stream = match endpoint.connect().await {
@@ -178,6 +269,25 @@ pub async fn subscribe(addr: String, table: Arc<RewardTable>, stop: Arc<AtomicBo
             }
         }
         tokio::time::sleep(backoff.next_delay()).await;
+    }
+}
+
+/// Keeps the reward service's counters in `table` until `stop` is set.
+async fn poll_status(endpoint: Endpoint, table: Arc<RewardTable>, stop: Arc<AtomicBool>) {
+    let mut client = None;
+    while !stop.load(Ordering::Acquire) {
+        if client.is_none() {
+            client = endpoint.connect().await.ok().map(RewardServiceClient::new);
+        }
+        if let Some(c) = client.as_mut() {
+            match c.get_status(RewardStatusRequest {}).await {
+                Ok(s) => {
+                    *table.service.lock().expect("status lock poisoned") = Some(s.into_inner())
+                }
+                Err(_) => client = None,
+            }
+        }
+        tokio::time::sleep(STATUS_POLL).await;
     }
 }
 
@@ -259,5 +369,53 @@ mod network_tests {
         assert_eq!(mixed, vec![1.0, 0.0]);
         assert_eq!(table.label_count(), 2);
         assert_eq!(table.version(), 2);
+    }
+
+    #[test]
+    fn ranking_scores_are_normalized_and_ordered() {
+        let mut t = CharCnnTrainer::new(1, 3e-3, tch::Device::Cpu).unwrap();
+        for _ in 0..100 {
+            t.train_ranker(
+                &["you pick up the key", "you reach the goal"],
+                &["you bump into a wall", "you pick up the key"],
+                &[1.0, 1.0],
+            );
+        }
+        let table = RewardTable::default();
+        table.apply(RewardModelUpdate {
+            version: 5,
+            kind: "ranking".into(),
+            full: true,
+            weights: t.net.to_safetensors(5).unwrap(),
+            loss: 0.25,
+            ..Default::default()
+        });
+        let c = IntrinsicConfig {
+            enabled: true,
+            c_int: 1.0,
+            beta: 0.0,
+            rank_clip: 3.0,
+            ..Default::default()
+        };
+        let texts: Vec<String> = [
+            "you bump into a wall",
+            "you bump into a wall",
+            "you pick up the key",
+            "you reach the goal",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let (mixed, mean) = table.mix(&[0.0; 4], &texts, &[1, 1, 1, 1], &c);
+        // the goal beats the key beats the wall, on the normalized scale
+        assert!(mixed[3] > mixed[2] && mixed[2] > mixed[0], "{mixed:?}");
+        assert_eq!(mixed[0], mixed[1]);
+        // normalized by this batch's own statistics: mean 0, std 1 per occurrence
+        assert!(mean.abs() < 1e-4, "{mean}");
+        let var: f32 = mixed.iter().map(|x| x * x).sum::<f32>() / 4.0;
+        assert!((var - 1.0).abs() < 1e-3, "{var}");
+        assert!(mixed.iter().all(|x| x.abs() <= 3.0));
+        assert_eq!(table.loss(), 0.25);
+        assert_eq!(table.version(), 5);
     }
 }

@@ -34,7 +34,54 @@ pub struct MetricsRow {
     pub intrinsic_reward_mean: f64,
     pub reward_model_version: u64,
     pub reward_labels: u64,
+    pub reward_model_loss: f64,
     pub batch_steps: u64,
+    /// The reward service's counters at this update, when it runs.
+    #[serde(flatten)]
+    pub judge: Option<JudgeMetrics>,
+}
+
+/// The reward service's counters, as `judge_*` columns of `metrics.jsonl`.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct JudgeMetrics {
+    pub judge_texts_seen: u64,
+    pub judge_unique_texts: u64,
+    /// Submitted texts answered from the label store, over texts seen.
+    pub judge_store_hit_rate: f64,
+    pub judge_labels: u64,
+    pub judge_ranked_pairs: u64,
+    pub judge_llm_calls: u64,
+    pub judge_llm_failures: u64,
+    pub judge_llm_latency_p50_ms: f64,
+    pub judge_llm_latency_p99_ms: f64,
+    pub judge_unparseable_answers: u64,
+    pub judge_backlog: u64,
+    pub judge_shed_texts: u64,
+    pub judge_calls_per_labelled_text: f64,
+    pub judge_model_version: u64,
+    pub judge_model_loss: f64,
+}
+
+impl From<&spur_proto::v1::RewardServiceStatus> for JudgeMetrics {
+    fn from(s: &spur_proto::v1::RewardServiceStatus) -> Self {
+        Self {
+            judge_texts_seen: s.texts_seen,
+            judge_unique_texts: s.unique_texts,
+            judge_store_hit_rate: s.store_hits as f64 / s.texts_seen.max(1) as f64,
+            judge_labels: s.labels,
+            judge_ranked_pairs: s.ranked_pairs,
+            judge_llm_calls: s.llm_calls,
+            judge_llm_failures: s.llm_failures,
+            judge_llm_latency_p50_ms: s.llm_latency_p50_ms,
+            judge_llm_latency_p99_ms: s.llm_latency_p99_ms,
+            judge_unparseable_answers: s.unparseable_answers,
+            judge_backlog: s.backlog,
+            judge_shed_texts: s.shed_texts,
+            judge_calls_per_labelled_text: s.calls_per_labelled_text,
+            judge_model_version: s.model_version,
+            judge_model_loss: s.model_loss,
+        }
+    }
 }
 
 pub struct MetricsWriter {

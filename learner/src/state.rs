@@ -25,6 +25,8 @@ pub struct Shared {
     pub reward_labels: AtomicU64,
     /// f64 bits of the last batch's mean intrinsic reward.
     intrinsic_reward_mean: AtomicU64,
+    /// f64 bits of the reward network's training loss.
+    reward_model_loss: AtomicU64,
     pub stop_requested: Arc<AtomicBool>,
     pub training_finished: AtomicBool,
     episodes: Mutex<EpisodeWindow>,
@@ -73,6 +75,10 @@ impl Shared {
     pub fn set_intrinsic_reward_mean(&self, v: f64) {
         self.intrinsic_reward_mean
             .store(v.to_bits(), Ordering::Relaxed);
+    }
+
+    pub fn set_reward_model_loss(&self, v: f64) {
+        self.reward_model_loss.store(v.to_bits(), Ordering::Relaxed);
     }
 
     pub fn steps_per_sec(&self) -> f64 {
@@ -159,6 +165,7 @@ impl Shared {
             intrinsic_reward_mean: f64::from_bits(
                 self.intrinsic_reward_mean.load(Ordering::Relaxed),
             ),
+            reward_model_loss: f64::from_bits(self.reward_model_loss.load(Ordering::Relaxed)),
         }
     }
 }

@@ -164,10 +164,11 @@ impl Trainer {
             last_tick = (now, env_steps);
 
             let ep = self.shared.episode_stats();
-            let (rm_version, rm_labels) = self
-                .intrinsic
-                .as_ref()
-                .map_or((0, 0), |t| (t.version(), t.label_count() as u64));
+            let (rm_version, rm_labels, rm_loss) =
+                self.intrinsic.as_ref().map_or((0, 0, 0.0), |t| {
+                    (t.version(), t.label_count() as u64, t.loss())
+                });
+            self.shared.set_reward_model_loss(rm_loss);
             self.shared
                 .reward_model_version
                 .store(rm_version, Ordering::Relaxed);
@@ -202,7 +203,13 @@ impl Trainer {
                 intrinsic_reward_mean: stats.intrinsic_reward_mean,
                 reward_model_version: rm_version,
                 reward_labels: rm_labels,
+                reward_model_loss: rm_loss,
                 batch_steps: batch.len() as u64,
+                judge: self
+                    .intrinsic
+                    .as_ref()
+                    .and_then(|t| t.service_status())
+                    .map(|s| crate::metrics::JudgeMetrics::from(&s)),
             };
             if let Err(e) = metrics.write(&row) {
                 warn!(error = %e, "cannot write metrics.jsonl");

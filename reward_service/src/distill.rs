@@ -1,8 +1,14 @@
-//! Distils the judge's labels into the `classification` reward model: a char-level
-//! CNN (`spur_core::text_model`) trained on its own thread. Each time new labels
-//! arrive it takes `distill_steps` Adam steps on class-balanced minibatches of all
-//! labels so far and publishes the weights as a new reward-model version. Unlike the
-//! label table, the network also rewards texts the judge has not seen yet.
+//! Distils the judge's verdicts into a network reward model (`spur_core::text_model`,
+//! a char-level CNN) trained on its own thread:
+//!
+//! - `classification`: two outputs, cross-entropy on class-balanced minibatches of
+//!   the labels (helpful / not helpful);
+//! - `ranking`: one output, the Bradley–Terry loss on minibatches of ranked pairs
+//!   (ties count as 0.5; each pair is shown in a random order).
+//!
+//! Each time new verdicts arrive it takes `distill_steps` Adam steps on all verdicts
+//! so far and publishes the weights as a new reward-model version. Unlike the label
+//! table, a network also rewards texts the judge has not seen yet.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
@@ -14,58 +20,106 @@ use rand::{Rng, SeedableRng};
 use spur_core::text_model::CharCnnTrainer;
 use tracing::{info, warn};
 
-use crate::model::RetrievalModel;
+use crate::model::{RetrievalModel, KIND_RANKING};
+use crate::store::Pair;
 
-/// Texts per training minibatch.
+/// Texts (or pairs) per training minibatch.
 const MINIBATCH: usize = 128;
 
-/// Hands labelled texts (text, helpful) to the training thread.
-pub type LabelSender = mpsc::Sender<Vec<(String, bool)>>;
+/// Verdicts for the training thread.
+pub enum Verdicts {
+    /// (text, helpful)
+    Labels(Vec<(String, bool)>),
+    /// (pair, preference for the first text)
+    Pairs(Vec<(Pair, f32)>),
+}
 
-/// Starts the training thread with the labels already stored. The thread ends when
-/// `stop` is set or every sender is dropped; join it before the process exits.
+/// Hands new verdicts to the training thread.
+pub type VerdictSender = mpsc::Sender<Verdicts>;
+
+/// Everything the network is trained on.
+#[derive(Default)]
+struct Data {
+    pos: Vec<String>,
+    neg: Vec<String>,
+    pairs: Vec<(Pair, f32)>,
+}
+
+impl Data {
+    fn add(&mut self, v: Verdicts) {
+        match v {
+            Verdicts::Labels(labels) => {
+                for (t, h) in labels {
+                    if h {
+                        self.pos.push(t)
+                    } else {
+                        self.neg.push(t)
+                    }
+                }
+            }
+            Verdicts::Pairs(pairs) => self.pairs.extend(pairs),
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.pos.is_empty() && self.neg.is_empty() && self.pairs.is_empty()
+    }
+}
+
+/// Starts the training thread for the `kind` network (`model::KIND_*`) with the
+/// verdicts already stored. The thread ends when `stop` is set or every sender is
+/// dropped; join it before the process exits.
 pub fn spawn(
-    initial: Vec<(String, bool)>,
+    kind: &'static str,
+    initial: Verdicts,
     steps: u32,
     lr: f64,
     publisher: Arc<RetrievalModel>,
     stop: Arc<AtomicBool>,
-) -> std::io::Result<(LabelSender, std::thread::JoinHandle<()>)> {
-    let (tx, rx) = mpsc::channel::<Vec<(String, bool)>>();
+) -> std::io::Result<(VerdictSender, std::thread::JoinHandle<()>)> {
+    let (tx, rx) = mpsc::channel::<Verdicts>();
+    let ranking = kind == KIND_RANKING;
     let handle = std::thread::Builder::new()
         .name("spur-distill".into())
         .spawn(move || {
             tch::set_num_threads(1);
             tch::manual_seed(0);
-            let mut trainer = match CharCnnTrainer::new(2, lr, tch::Device::Cpu) {
+            let outputs = if ranking { 1 } else { 2 };
+            let mut trainer = match CharCnnTrainer::new(outputs, lr, tch::Device::Cpu) {
                 Ok(t) => t,
                 Err(e) => {
-                    warn!(error = %e, "cannot build the classification model");
+                    warn!(kind, error = %e, "cannot build the reward network");
                     return;
                 }
             };
             let mut rng = SmallRng::seed_from_u64(0);
-            let (mut pos, mut neg): (Vec<String>, Vec<String>) = (Vec::new(), Vec::new());
-            add(initial, &mut pos, &mut neg);
-            let mut pending = !pos.is_empty() || !neg.is_empty();
+            let mut data = Data::default();
+            data.add(initial);
+            let mut pending = !data.is_empty();
             loop {
                 if pending {
-                    let loss = train(&mut trainer, &pos, &neg, steps, &mut rng);
+                    let loss = if ranking {
+                        train_ranker(&mut trainer, &data.pairs, steps, &mut rng)
+                    } else {
+                        train_classifier(&mut trainer, &data.pos, &data.neg, steps, &mut rng)
+                    };
                     let version = publisher.version() + 1;
                     match trainer.net.to_safetensors(version) {
                         Ok(bytes) => {
                             publisher.publish_weights(bytes, loss);
                             info!(
+                                kind,
                                 loss,
-                                positives = pos.len(),
-                                negatives = neg.len(),
-                                "classification model updated"
+                                positives = data.pos.len(),
+                                negatives = data.neg.len(),
+                                pairs = data.pairs.len(),
+                                "reward network updated"
                             );
                         }
-                        Err(e) => warn!(error = %e, "cannot serialize the classification model"),
+                        Err(e) => warn!(error = %e, "cannot serialize the reward network"),
                     }
                 }
-                // Wait for labels, then take everything that queued up meanwhile.
+                // Wait for verdicts, then take everything that queued up meanwhile.
                 let batch = loop {
                     if stop.load(Ordering::Acquire) {
                         return;
@@ -76,9 +130,9 @@ pub fn spawn(
                         Err(mpsc::RecvTimeoutError::Disconnected) => return,
                     }
                 };
-                add(batch, &mut pos, &mut neg);
+                data.add(batch);
                 while let Ok(more) = rx.try_recv() {
-                    add(more, &mut pos, &mut neg);
+                    data.add(more);
                 }
                 pending = true;
             }
@@ -86,18 +140,8 @@ pub fn spawn(
     Ok((tx, handle))
 }
 
-fn add(batch: Vec<(String, bool)>, pos: &mut Vec<String>, neg: &mut Vec<String>) {
-    for (t, h) in batch {
-        if h {
-            pos.push(t)
-        } else {
-            neg.push(t)
-        }
-    }
-}
-
 /// `steps` Adam steps on minibatches drawn half from each class (when both exist).
-fn train(
+fn train_classifier(
     t: &mut CharCnnTrainer,
     pos: &[String],
     neg: &[String],
@@ -121,6 +165,39 @@ fn train(
             labels.push(from_pos as i64);
         }
         loss = t.train_classifier(&texts, &labels);
+    }
+    loss
+}
+
+/// `steps` Adam steps of the Bradley–Terry loss on pairs drawn uniformly, each in
+/// a random order so the network cannot learn a position.
+fn train_ranker(
+    t: &mut CharCnnTrainer,
+    pairs: &[(Pair, f32)],
+    steps: u32,
+    rng: &mut SmallRng,
+) -> f64 {
+    let mut loss = 0.0;
+    if pairs.is_empty() {
+        return loss;
+    }
+    for _ in 0..steps {
+        let mut first: Vec<&str> = Vec::with_capacity(MINIBATCH);
+        let mut second: Vec<&str> = Vec::with_capacity(MINIBATCH);
+        let mut prefer: Vec<f32> = Vec::with_capacity(MINIBATCH);
+        for _ in 0..MINIBATCH {
+            let ((a, b), p) = &pairs[rng.random_range(0..pairs.len())];
+            if rng.random_bool(0.5) {
+                first.push(a);
+                second.push(b);
+                prefer.push(*p);
+            } else {
+                first.push(b);
+                second.push(a);
+                prefer.push(1.0 - *p);
+            }
+        }
+        loss = t.train_ranker(&first, &second, &prefer);
     }
     loss
 }

@@ -61,11 +61,22 @@ fn build_judge(
     root: &Path,
 ) -> Result<(Judge, prompt::Prompt, String), ServiceError> {
     let r = &config.reward_service;
-    let prompt = prompt::Prompt::load(&root.join(&r.prompt), &root.join(&r.goal))?;
+    let template = if config.intrinsic.model == RewardModelKind::Ranking {
+        &r.rank_prompt
+    } else {
+        &r.prompt
+    };
+    let prompt = prompt::Prompt::load(&root.join(template), &root.join(&r.goal))?;
     match r.judge {
         JudgeKind::Rules => {
+            // The rule judge ignores the prompt's words, but not what it asks for.
             let rules = RulesJudge::load(&root.join(&r.rules))?;
-            let version = format!("rules-{}", prompt::version_of(&[&rules.source]));
+            let asks = if config.intrinsic.model == RewardModelKind::Ranking {
+                "rules-rank"
+            } else {
+                "rules"
+            };
+            let version = format!("{asks}-{}", prompt::version_of(&[&rules.source]));
             Ok((Judge::Rules(rules), prompt, version))
         }
         JudgeKind::Openai => {
@@ -119,36 +130,58 @@ pub async fn serve(
     let r = &config.reward_service;
     let (judge, prompt, prompt_version) = build_judge(&config, &opts.root)?;
     let store = Arc::new(store::LabelStore::open(&opts.root.join(&r.store))?);
-    let known = store.all(&prompt_version)?;
+    let kind = config.intrinsic.model;
+    let network = match kind {
+        RewardModelKind::Retrieval => None,
+        RewardModelKind::Classification => Some(model::KIND_CLASSIFICATION),
+        RewardModelKind::Ranking => Some(model::KIND_RANKING),
+    };
+    // What earlier runs with this judge and prompt left: labels, or ranked pairs.
+    let (known, initial) = if kind == RewardModelKind::Ranking {
+        let pairs = store.all_pairs(&prompt_version)?;
+        let known: Vec<(String, f32)> = labeler::pair_values(&pairs).into_iter().collect();
+        let prefs = pairs
+            .into_iter()
+            .filter_map(|(pair, rec)| rec.verdict.map(|p| (pair, p)))
+            .collect();
+        (known, distill::Verdicts::Pairs(prefs))
+    } else {
+        let labels = store.all(&prompt_version)?;
+        let parsed = labels
+            .iter()
+            .filter_map(|(t, rec)| rec.verdict.map(|h| (t.clone(), h)))
+            .collect();
+        let known = labels
+            .into_iter()
+            .map(|(t, rec)| (t, rec.value()))
+            .collect();
+        (known, distill::Verdicts::Labels(parsed))
+    };
     info!(
-        labels = known.len(),
+        texts = known.len(),
         prompt_version,
         judge = judge.id(),
+        model = ?kind,
         "label store open"
     );
-    let networks = config.intrinsic.model == RewardModelKind::Classification;
-    let parsed: Vec<(String, bool)> = known
-        .iter()
-        .filter_map(|(t, rec)| rec.helpful.map(|h| (t.clone(), h)))
-        .collect();
-    let model = Arc::new(RetrievalModel::new(
-        prompt_version.clone(),
-        networks,
-        known.into_iter().map(|(t, rec)| (t, rec.value())),
-    ));
+    let judged: Vec<String> = known.iter().map(|(t, _)| t.clone()).collect();
+    let model = Arc::new(RetrievalModel::new(prompt_version.clone(), network, known));
     let distill_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let (distill, distill_thread) = if networks {
-        let (tx, handle) = distill::spawn(
-            parsed,
-            r.distill_steps,
-            r.distill_lr,
-            model.clone(),
-            distill_stop.clone(),
-        )?;
-        (Some(tx), Some(handle))
-    } else {
-        (None, None)
+    let (distill, distill_thread) = match network {
+        Some(kind) => {
+            let (tx, handle) = distill::spawn(
+                kind,
+                initial,
+                r.distill_steps,
+                r.distill_lr,
+                model.clone(),
+                distill_stop.clone(),
+            )?;
+            (Some(tx), Some(handle))
+        }
+        None => (None, None),
     };
+    let pairs_per_text = (kind == RewardModelKind::Ranking).then_some(r.pairs_per_text as usize);
     let labeler = Arc::new(Labeler::new(
         prompt,
         prompt_version,
@@ -156,6 +189,8 @@ pub async fn serve(
         store,
         model,
         distill,
+        pairs_per_text,
+        judged,
         r.backlog as usize,
         r.batch_size as usize,
         r.max_concurrent as usize,

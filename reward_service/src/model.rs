@@ -10,30 +10,33 @@ use tokio::sync::broadcast;
 
 pub const KIND_RETRIEVAL: &str = "retrieval";
 pub const KIND_CLASSIFICATION: &str = "classification";
+pub const KIND_RANKING: &str = "ranking";
 
 /// The label table, and what subscribers receive: the table and its deltas
-/// (`retrieval`), or the newest network weights (`classification`).
+/// (`retrieval`), or the newest network weights (`classification`, `ranking`).
+/// For `ranking` the table holds every text judged in some pair, with 1 for texts
+/// that showed more progress than their partner at least once.
 pub struct RetrievalModel {
     prompt_version: String,
-    /// Publish network weights instead of label deltas.
-    networks: bool,
+    /// The kind of network whose weights subscribers get instead of label deltas.
+    network: Option<&'static str>,
     state: Mutex<(u64, HashMap<String, f32>)>,
     latest_weights: Mutex<Option<Arc<RewardModelUpdate>>>,
     deltas: broadcast::Sender<Arc<RewardModelUpdate>>,
 }
 
 impl RetrievalModel {
-    /// Starts from the labels already in the store (version 1). With `networks`,
-    /// subscribers get weights from [`publish_weights`](Self::publish_weights).
+    /// Starts from the labels already in the store (version 1). With a `network`
+    /// kind, subscribers get weights from [`publish_weights`](Self::publish_weights).
     pub fn new(
         prompt_version: String,
-        networks: bool,
+        network: Option<&'static str>,
         labels: impl IntoIterator<Item = (String, f32)>,
     ) -> Self {
         let (deltas, _) = broadcast::channel(256);
         Self {
             prompt_version,
-            networks,
+            network,
             state: Mutex::new((1, labels.into_iter().collect())),
             latest_weights: Mutex::new(None),
             deltas,
@@ -46,7 +49,7 @@ impl RetrievalModel {
         s.0 += 1;
         let update = Arc::new(RewardModelUpdate {
             version: s.0,
-            kind: KIND_CLASSIFICATION.into(),
+            kind: self.network.unwrap_or(KIND_CLASSIFICATION).into(),
             prompt_version: self.prompt_version.clone(),
             full: true,
             labels: Vec::new(),
@@ -55,6 +58,17 @@ impl RetrievalModel {
         });
         *self.latest_weights.lock().expect("model lock poisoned") = Some(update.clone());
         let _ = self.deltas.send(update);
+    }
+
+    /// The kind subscribers get, and the newest network's training loss.
+    pub fn kind_and_loss(&self) -> (&'static str, f64) {
+        let loss = self
+            .latest_weights
+            .lock()
+            .expect("model lock poisoned")
+            .as_ref()
+            .map_or(0.0, |u| u.loss);
+        (self.network.unwrap_or(KIND_RETRIEVAL), loss)
     }
 
     pub fn version(&self) -> u64 {
@@ -86,9 +100,10 @@ impl RetrievalModel {
         }
         let mut s = self.state.lock().expect("model lock poisoned");
         for (t, v) in &labels {
-            s.1.insert(t.clone(), *v);
+            let old = s.1.entry(t.clone()).or_insert(*v);
+            *old = old.max(*v);
         }
-        if self.networks {
+        if self.network.is_some() {
             return; // subscribers get weights, not labels
         }
         s.0 += 1;
@@ -106,7 +121,8 @@ impl RetrievalModel {
         let _ = self.deltas.send(Arc::new(update));
     }
 
-    /// The whole table as one update, plus a receiver for later versions.
+    /// The newest network, or else the whole table, as one update, plus a receiver
+    /// for later versions.
     pub fn subscribe(
         &self,
     ) -> (
@@ -115,6 +131,14 @@ impl RetrievalModel {
     ) {
         let s = self.state.lock().expect("model lock poisoned");
         let rx = self.deltas.subscribe();
+        if let Some(w) = self
+            .latest_weights
+            .lock()
+            .expect("model lock poisoned")
+            .as_ref()
+        {
+            return ((**w).clone(), rx);
+        }
         let full = RewardModelUpdate {
             version: s.0,
             kind: KIND_RETRIEVAL.into(),

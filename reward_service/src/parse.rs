@@ -1,14 +1,25 @@
-//! The strict answer parser. The prompt asks for exactly one line per event, in
-//! order, each `<n>: helpful` or `<n>: not helpful`, and nothing else. An answer in
-//! any other shape (reasoning before the verdict, a lone ":", the label word inside a
-//! sentence, a missing or extra line, an HTML error page) is unparseable as a whole:
-//! a judge that was steered off the format has no say, and nothing becomes a
-//! positive label by accident.
+//! The strict answer parser. The prompt asks for exactly one line per item, in
+//! order, each `<n>: <verdict>` with one of the prompt's verdict words, and nothing
+//! else: `helpful` / `not helpful` for single texts, `first` / `second` / `tie` for
+//! pairs. An answer in any other shape (reasoning before the verdict, a lone ":", the
+//! label word inside a sentence, a missing or extra line, an HTML error page) is
+//! unparseable as a whole: a judge that was steered off the format has no say, and
+//! nothing becomes a positive label by accident.
 
 use thiserror::Error;
 
 pub const HELPFUL: &str = "helpful";
 pub const NOT_HELPFUL: &str = "not helpful";
+pub const FIRST: &str = "first";
+pub const SECOND: &str = "second";
+pub const TIE: &str = "tie";
+
+/// Verdict words of the labelling prompt.
+const LABEL_WORDS: [(&str, bool); 2] = [(HELPFUL, true), (NOT_HELPFUL, false)];
+
+/// Verdict words of the ranking prompt, as the probability that the first text of
+/// the pair shows more progress (Bradley–Terry target; a tie is 0.5).
+const PAIR_WORDS: [(&str, f32); 3] = [(FIRST, 1.0), (SECOND, 0.0), (TIE, 0.5)];
 
 #[derive(Debug, Error, PartialEq)]
 pub enum ParseError {
@@ -16,12 +27,26 @@ pub enum ParseError {
     Empty,
     #[error("expected {expected} lines, got {got}")]
     LineCount { expected: usize, got: usize },
-    #[error("line {line} is not `<n>: helpful` or `<n>: not helpful`")]
+    #[error("line {line} is not `<n>: <verdict>` with one of the prompt's verdicts")]
     BadLine { line: usize },
 }
 
 /// One verdict per event (true = helpful), or why the answer does not count.
 pub fn parse_labels(answer: &str, count: usize) -> Result<Vec<bool>, ParseError> {
+    parse_lines(answer, count, &LABEL_WORDS)
+}
+
+/// One preference per pair (1 first, 0 second, 0.5 tie), or why the answer does not
+/// count.
+pub fn parse_preferences(answer: &str, count: usize) -> Result<Vec<f32>, ParseError> {
+    parse_lines(answer, count, &PAIR_WORDS)
+}
+
+fn parse_lines<T: Copy>(
+    answer: &str,
+    count: usize,
+    words: &[(&str, T)],
+) -> Result<Vec<T>, ParseError> {
     let lines: Vec<&str> = answer
         .trim()
         .lines()
@@ -46,21 +71,36 @@ pub fn parse_labels(answer: &str, count: usize) -> Result<Vec<bool>, ParseError>
             if n != (i + 1).to_string() {
                 return Err(ParseError::BadLine { line: i + 1 });
             }
-            match verdict {
-                HELPFUL => Ok(true),
-                NOT_HELPFUL => Ok(false),
-                _ => Err(ParseError::BadLine { line: i + 1 }),
-            }
+            words
+                .iter()
+                .find(|(w, _)| *w == verdict)
+                .map(|&(_, v)| v)
+                .ok_or(ParseError::BadLine { line: i + 1 })
         })
         .collect()
 }
 
 /// The answer a perfect judge gives for `labels` (used by the rule judge).
 pub fn format_labels(labels: &[bool]) -> String {
-    labels
+    format_lines(labels, &LABEL_WORDS)
+}
+
+/// The answer a perfect judge gives for `preferences` (1, 0 or 0.5 each).
+pub fn format_preferences(preferences: &[f32]) -> String {
+    format_lines(preferences, &PAIR_WORDS)
+}
+
+fn format_lines<T: Copy + PartialEq>(verdicts: &[T], words: &[(&str, T)]) -> String {
+    verdicts
         .iter()
         .enumerate()
-        .map(|(i, &h)| format!("{}: {}\n", i + 1, if h { HELPFUL } else { NOT_HELPFUL }))
+        .map(|(i, v)| {
+            let word = words
+                .iter()
+                .find(|(_, w)| w == v)
+                .map_or("?", |(word, _)| word);
+            format!("{}: {word}\n", i + 1)
+        })
         .collect()
 }
 
@@ -116,5 +156,28 @@ mod tests {
                 got: 2
             })
         );
+    }
+
+    #[test]
+    fn pairs_take_first_second_or_tie_only() {
+        assert_eq!(
+            parse_preferences("1: first\n2: tie\n3: second\n", 3).unwrap(),
+            vec![1.0, 0.5, 0.0]
+        );
+        assert_eq!(
+            parse_preferences(&format_preferences(&[0.0, 1.0, 0.5]), 3).unwrap(),
+            vec![0.0, 1.0, 0.5]
+        );
+        for answer in [
+            "1: helpful",
+            "1: First",
+            "1: the first one",
+            "1: first or second",
+            "Thought process: the key\n1: first",
+            ":",
+        ] {
+            assert!(parse_preferences(answer, 1).is_err(), "accepted {answer:?}");
+        }
+        assert!(parse_labels("1: first", 1).is_err());
     }
 }

@@ -55,13 +55,38 @@ impl Prompt {
         let events: String = texts
             .iter()
             .enumerate()
-            .map(|(i, t)| format!("{}. {}\n", i + 1, t.replace('\n', " ")))
+            .map(|(i, t)| format!("{}. {}\n", i + 1, one_line(t)))
             .collect();
+        self.fill(texts.len(), &events)
+    }
+
+    /// The ranking prompt for `pairs`, numbered from 1, each on its own two lines.
+    pub fn render_pairs(&self, pairs: &[(String, String)]) -> String {
+        let events: String = pairs
+            .iter()
+            .enumerate()
+            .map(|(i, (a, b))| {
+                format!(
+                    "{}. first: {}\n   second: {}\n",
+                    i + 1,
+                    one_line(a),
+                    one_line(b)
+                )
+            })
+            .collect();
+        self.fill(pairs.len(), &events)
+    }
+
+    fn fill(&self, count: usize, events: &str) -> String {
         self.template
             .replace("{goal}", &self.goal)
-            .replace("{count}", &texts.len().to_string())
+            .replace("{count}", &count.to_string())
             .replace("{events}", events.trim_end())
     }
+}
+
+fn one_line(text: &str) -> String {
+    text.replace('\n', " ")
 }
 
 #[cfg(test)]
@@ -81,6 +106,8 @@ mod tests {
             "lose".into(),
         );
         assert_ne!(p.version, q.version);
+        let pairs = p.render_pairs(&[("a".into(), "b".into())]);
+        assert_eq!(pairs, "Goal: win\n1 events:\n1. first: a\n   second: b\n");
         assert_eq!(p.version.len(), 16);
     }
 }

@@ -93,6 +93,7 @@ impl RewardService for RewardGrpc {
             (b.depth() as u64, b.shed)
         };
         let judged = Stats::get(&s.texts_judged);
+        let (kind, loss) = l.model.kind_and_loss();
         Ok(Response::new(RewardServiceStatus {
             judge: l.judge_id.clone(),
             prompt_version: l.prompt_version.clone(),
@@ -114,6 +115,9 @@ impl RewardService for RewardGrpc {
             } else {
                 0.0
             },
+            ranked_pairs: Stats::get(&s.ranked_pairs),
+            model_kind: kind.into(),
+            model_loss: loss,
         }))
     }
 }

@@ -16,6 +16,8 @@ pub struct Stats {
     pub texts_judged: AtomicU64,
     pub llm_failures: AtomicU64,
     pub unparseable: AtomicU64,
+    /// Pairs the judge ranked and the store kept.
+    pub ranked_pairs: AtomicU64,
     latencies_ms: Mutex<VecDeque<f64>>,
 }
 

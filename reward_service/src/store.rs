@@ -1,24 +1,28 @@
 //! The label store: an embedded transactional database (redb) keyed by
-//! (prompt version, text). Each record keeps the verdict, the judge's raw answer, the
-//! judge's id and the time. A batch of labels is committed in one durable
-//! transaction before any of it is published, and an existing label is never
-//! overwritten, so a crash can lose at most labels nobody has seen yet.
+//! (prompt version, text) for single-text labels and (prompt version, first text,
+//! second text) for ranked pairs. Each record keeps the verdict, the judge's raw
+//! answer, the judge's id and the time. A batch of labels is committed in one
+//! durable transaction before any of it is published, and an existing label is
+//! never overwritten, so a crash can lose at most labels nobody has seen yet.
 
 use std::path::{Path, PathBuf};
 
 use redb::{Database, ReadableTable, TableDefinition};
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::error::ServiceError;
 
 const LABELS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("labels");
+const PAIRS: TableDefinition<(&str, &str, &str), &[u8]> = TableDefinition::new("pairs");
 
-/// One stored label.
+/// One stored verdict of the judge.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct LabelRecord {
-    /// `Some(true)`: helpful, `Some(false)`: not helpful, `None`: the judge's answers
-    /// could not be parsed within the budget (counts as 0 reward, never positive).
-    pub helpful: Option<bool>,
+pub struct Record<V> {
+    /// The parsed verdict, or `None` when the judge's answers could not be parsed
+    /// within the budget (counts as 0 reward, never positive).
+    #[serde(alias = "helpful")]
+    pub verdict: Option<V>,
     /// The judge's raw answer to the request that produced this label.
     pub raw_answer: String,
     /// Which judge answered (`rules:<file>` or `openai:<model>`).
@@ -29,10 +33,20 @@ pub struct LabelRecord {
     pub attempts: u32,
 }
 
+/// A single text's label: `Some(true)` helpful, `Some(false)` not helpful.
+pub type LabelRecord = Record<bool>;
+
+/// A ranked pair's preference: 1 when the first text shows more progress, 0 when the
+/// second does, 0.5 for a tie.
+pub type PairRecord = Record<f32>;
+
+/// A ranked pair of texts, (first, second).
+pub type Pair = (String, String);
+
 impl LabelRecord {
     /// The retrieval model's reward for this label.
     pub fn value(&self) -> f32 {
-        if self.helpful == Some(true) {
+        if self.verdict == Some(true) {
             1.0
         } else {
             0.0
@@ -58,6 +72,7 @@ impl LabelStore {
         // Make sure the table exists so readers never see "no such table".
         let txn = db.begin_write().map_err(|e| err(&e))?;
         txn.open_table(LABELS).map_err(|e| err(&e))?;
+        txn.open_table(PAIRS).map_err(|e| err(&e))?;
         txn.commit().map_err(|e| err(&e))?;
         Ok(Self {
             db,
@@ -101,9 +116,8 @@ impl LabelStore {
                 if table.get(key).map_err(|e| self.err(e))?.is_some() {
                     continue;
                 }
-                let bytes = serde_json::to_vec(&record).expect("a label record always serializes");
                 table
-                    .insert(key, bytes.as_slice())
+                    .insert(key, encode(&record).as_slice())
                     .map_err(|e| self.err(e))?;
                 added.push((text, record));
             }
@@ -133,19 +147,71 @@ impl LabelStore {
         }
         Ok(out)
     }
+
+    /// Stores the ranked pairs that are not stored yet, in one durable transaction;
+    /// returns those it added.
+    pub fn put_new_pairs(
+        &self,
+        prompt_version: &str,
+        pairs: Vec<(Pair, PairRecord)>,
+    ) -> Result<Vec<(Pair, PairRecord)>, ServiceError> {
+        let txn = self.db.begin_write().map_err(|e| self.err(e))?;
+        let mut added = Vec::with_capacity(pairs.len());
+        {
+            let mut table = txn.open_table(PAIRS).map_err(|e| self.err(e))?;
+            for ((a, b), record) in pairs {
+                let key = (prompt_version, a.as_str(), b.as_str());
+                if table.get(key).map_err(|e| self.err(e))?.is_some() {
+                    continue;
+                }
+                table
+                    .insert(key, encode(&record).as_slice())
+                    .map_err(|e| self.err(e))?;
+                added.push(((a, b), record));
+            }
+        }
+        txn.commit().map_err(|e| self.err(e))?;
+        Ok(added)
+    }
+
+    /// Every ranked pair stored under `prompt_version`.
+    pub fn all_pairs(&self, prompt_version: &str) -> Result<Vec<(Pair, PairRecord)>, ServiceError> {
+        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
+        let table = txn.open_table(PAIRS).map_err(|e| self.err(e))?;
+        let mut out = Vec::new();
+        for item in table
+            .range((prompt_version, "", "")..)
+            .map_err(|e| self.err(e))?
+        {
+            let (k, v) = item.map_err(|e| self.err(e))?;
+            let (pv, a, b) = k.value();
+            if pv != prompt_version {
+                break;
+            }
+            match decode(v.value()) {
+                Ok(r) => out.push(((a.to_string(), b.to_string()), r)),
+                Err(e) => tracing::warn!(a, b, error = %e, "skipping an unreadable pair record"),
+            }
+        }
+        Ok(out)
+    }
 }
 
-fn decode(bytes: &[u8]) -> Result<LabelRecord, serde_json::Error> {
+fn decode<V: DeserializeOwned>(bytes: &[u8]) -> Result<Record<V>, serde_json::Error> {
     serde_json::from_slice(bytes)
+}
+
+fn encode<V: Serialize>(record: &Record<V>) -> Vec<u8> {
+    serde_json::to_vec(record).expect("a label record always serializes")
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn record(h: Option<bool>) -> LabelRecord {
-        LabelRecord {
-            helpful: h,
+    fn record<V>(h: Option<V>) -> Record<V> {
+        Record {
+            verdict: h,
             raw_answer: "1: helpful".into(),
             judge: "test".into(),
             unix_ms: 1,
@@ -175,11 +241,33 @@ mod tests {
                 .unwrap();
         }
         let s = LabelStore::open(&path).unwrap();
-        assert_eq!(s.get("v1", "a").unwrap().unwrap().helpful, Some(true));
-        assert_eq!(s.get("v2", "a").unwrap().unwrap().helpful, Some(false));
+        assert_eq!(s.get("v1", "a").unwrap().unwrap().verdict, Some(true));
+        assert_eq!(s.get("v2", "a").unwrap().unwrap().verdict, Some(false));
         assert!(s.get("v1", "zzz").unwrap().is_none());
         let all: Vec<String> = s.all("v1").unwrap().into_iter().map(|(t, _)| t).collect();
         assert_eq!(all, vec!["a".to_string(), "b".to_string()]);
+        let pair = ("a".to_string(), "b".to_string());
+        let added = s
+            .put_new_pairs("v1", vec![(pair.clone(), record(Some(1.0f32)))])
+            .unwrap();
+        assert_eq!(added.len(), 1);
+        assert!(s
+            .put_new_pairs("v1", vec![(pair.clone(), record(Some(0.0f32)))])
+            .unwrap()
+            .is_empty());
+        drop(s);
+        let s = LabelStore::open(&path).unwrap();
+        let pairs = s.all_pairs("v1").unwrap();
+        assert_eq!(pairs.len(), 1);
+        assert_eq!(pairs[0].0, pair);
+        assert_eq!(pairs[0].1.verdict, Some(1.0));
+        assert!(s.all_pairs("v2").unwrap().is_empty());
+        // records written before the field was renamed still read
+        let old: LabelRecord = serde_json::from_str(
+            r#"{"helpful":true,"raw_answer":"","judge":"j","unix_ms":1,"attempts":1}"#,
+        )
+        .unwrap();
+        assert_eq!(old.verdict, Some(true));
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -12,7 +12,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
-use spur_core::config::{Config, JudgeKind};
+use spur_core::config::{Config, JudgeKind, RewardModelKind};
 use spur_proto::v1::reward_service_client::RewardServiceClient;
 use spur_proto::v1::{RewardModelRequest, RewardServiceStatus, RewardStatusRequest, TextBatch};
 use spur_reward_service::store::LabelStore;
@@ -50,6 +50,36 @@ fn events(prompt: &str) -> Vec<String> {
         .collect()
 }
 
+/// The numbered pairs of a rendered ranking prompt ("1. first: a" / "second: b").
+fn pairs(prompt: &str) -> Vec<(String, String)> {
+    let lines: Vec<&str> = prompt.lines().collect();
+    lines
+        .windows(2)
+        .filter_map(|w| {
+            let (n, first) = w[0].split_once(". first: ")?;
+            n.parse::<usize>().ok()?;
+            let second = w[1].trim().strip_prefix("second: ")?;
+            Some((first.to_string(), second.to_string()))
+        })
+        .collect()
+}
+
+/// The correct ranking: a text mentioning a key beats one that does not.
+fn rank(pairs: &[(String, String)]) -> String {
+    pairs
+        .iter()
+        .enumerate()
+        .map(|(i, (a, b))| {
+            let verdict = match (a.contains("key"), b.contains("key")) {
+                (true, false) => "first",
+                (false, true) => "second",
+                _ => "tie",
+            };
+            format!("{}: {verdict}\n", i + 1)
+        })
+        .collect()
+}
+
 async fn completions(
     State(stub): State<Arc<Stub>>,
     Json(body): Json<serde_json::Value>,
@@ -62,7 +92,15 @@ async fn completions(
         .unwrap_or_default()
         .to_string();
     let texts = events(&prompt);
+    let pairs = pairs(&prompt);
     stub.batch_sizes.lock().unwrap().push(texts.len());
+    let answer = |texts: &[String]| {
+        if pairs.is_empty() {
+            answer(texts)
+        } else {
+            rank(&pairs)
+        }
+    };
     let act = stub
         .script
         .lock()
@@ -351,7 +389,7 @@ async fn malformed_answers_never_become_positive_labels() {
     let st = LabelStore::open(&store).unwrap();
     let pv = s.prompt_version;
     let rec = st.get(&pv, "a key glints").unwrap().unwrap();
-    assert_eq!(rec.helpful, None);
+    assert_eq!(rec.verdict, None);
     assert_eq!(rec.attempts, 2);
 }
 
@@ -380,5 +418,55 @@ async fn labels_survive_a_restart_with_zero_repeated_calls() {
         "no call for a stored label"
     );
     assert_eq!(s.llm_calls, 0);
+    svc.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ranked_pairs_are_stored_and_survive_a_restart() {
+    let (url, stub) = start_stub(vec![]).await;
+    let store = temp_store("ranking");
+    let mut cfg = config(&url, &store);
+    cfg.intrinsic.model = RewardModelKind::Ranking;
+    cfg.reward_service.pairs_per_text = 2;
+    let all = texts(9);
+    let refs: Vec<&str> = all.iter().map(String::as_str).collect();
+    let mut svc = Service::start(&cfg).await;
+    svc.submit(&refs).await;
+    let s = svc.wait_for("9 ranked texts", |s| s.labels == 9).await;
+    assert_eq!(s.model_kind, "ranking");
+    assert!(s.ranked_pairs >= 9, "each new text is in pairs: {s:?}");
+    assert_eq!(s.unparseable_answers, 0);
+    assert_eq!(s.calls_per_labelled_text, 1.0);
+    svc.stop().await;
+    let calls = stub.calls.load(Ordering::SeqCst);
+
+    // Every stored preference is the judge's: key texts beat the others.
+    let st = LabelStore::open(&store).unwrap();
+    let stored = st.all_pairs(&s.prompt_version).unwrap();
+    assert_eq!(stored.len() as u64, s.ranked_pairs);
+    for ((a, b), rec) in &stored {
+        let want = match (a.contains("key"), b.contains("key")) {
+            (true, false) => 1.0,
+            (false, true) => 0.0,
+            _ => 0.5,
+        };
+        assert_eq!(rec.verdict, Some(want), "{a} vs {b}");
+        assert!(rec.judge.contains("stub-model"));
+    }
+    drop(st);
+
+    let mut svc = Service::start(&cfg).await;
+    assert_eq!(
+        svc.status().await.labels,
+        9,
+        "ranked texts loaded from the store"
+    );
+    svc.submit(&refs).await;
+    svc.wait_for("store hits", |s| s.store_hits == 9).await;
+    assert_eq!(
+        stub.calls.load(Ordering::SeqCst),
+        calls,
+        "no call for a ranked text"
+    );
     svc.stop().await;
 }

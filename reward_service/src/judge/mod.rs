@@ -27,11 +27,20 @@ impl Judge {
         }
     }
 
-    /// The raw answer for `texts`, asked with `prompt`.
-    pub async fn answer(&self, texts: &[String], prompt: &str) -> Result<String, JudgeError> {
-        match self {
-            Judge::Rules(j) => Ok(j.answer(texts)),
-            Judge::OpenAi(j) => j.answer(prompt).await,
+    /// The raw answer for `task`, asked with `prompt`.
+    pub async fn answer(&self, task: &Task<'_>, prompt: &str) -> Result<String, JudgeError> {
+        match (self, task) {
+            (Judge::Rules(j), Task::Label(texts)) => Ok(j.answer(texts)),
+            (Judge::Rules(j), Task::Rank(pairs)) => Ok(j.answer_pairs(pairs)),
+            (Judge::OpenAi(j), _) => j.answer(prompt).await,
         }
     }
+}
+
+/// What a judge is asked about.
+pub enum Task<'a> {
+    /// Is each text helpful toward the goal?
+    Label(&'a [String]),
+    /// Which text of each pair shows more progress?
+    Rank(&'a [(String, String)]),
 }
