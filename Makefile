@@ -4,7 +4,8 @@
 VENV          := .venv
 TORCH_VERSION := 2.13.0
 TORCH_STAMP   := $(VENV)/.torch-$(TORCH_VERSION)
-CONFIG        ?= configs/cartpole.toml
+CONFIG        ?= configs/keyroom-oni.toml
+BENCH_CONFIG  ?= configs/cartpole.toml
 ARGS          ?=
 
 # tch builds against the torch wheel in the project venv; torch-sys runs `python`
@@ -14,9 +15,10 @@ export LIBTORCH_USE_PYTORCH := 1
 export VIRTUAL_ENV          := $(abspath $(VENV))
 export PATH                 := $(VIRTUAL_ENV)/bin:$(PATH)
 
-.PHONY: run test build setup bench keyroom keyroom-table fmt lint clean
+.PHONY: run test build setup bench cartpole keyroom-table fmt lint clean
 
-## run: train cartpole with 2 actor processes in local mode (offline defaults)
+## run: keyroom with ONI intrinsic rewards from the built-in rule judge: learner,
+## reward service and 2 actors as separate processes (offline defaults)
 run: build
 	./target/release/spur local --config $(CONFIG) $(ARGS)
 
@@ -38,11 +40,11 @@ $(TORCH_STAMP):
 
 ## bench: end-to-end, env-only and inference-only throughput in one run
 bench: build
-	./target/release/spur bench throughput --config $(CONFIG) $(ARGS)
+	./target/release/spur bench throughput --config $(BENCH_CONFIG) $(ARGS)
 
-## keyroom: the sparse-reward keyroom with ONI intrinsic rewards (rule judge, offline)
-keyroom: build
-	./target/release/spur local --config configs/keyroom-oni.toml $(ARGS)
+## cartpole: the dense-reward smoke run (stops at mean return 475)
+cartpole: build
+	./target/release/spur local --config configs/cartpole.toml $(ARGS)
 
 ## keyroom-table: success rates with and without intrinsic rewards, 3 seeds each
 keyroom-table: build

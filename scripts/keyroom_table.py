@@ -19,6 +19,11 @@ VARIANTS = [
         "configs/keyroom-oni.toml",
         ["--set", "intrinsic.model=classification"],
     ),
+    (
+        "ONI ranking (rule judge)",
+        "configs/keyroom-oni.toml",
+        ["--set", "intrinsic.model=ranking"],
+    ),
 ]
 
 
@@ -64,17 +69,17 @@ def main():
             results.append((name, seed, rows, judge))
     print(f"keyroom 15x15, 200-step limit, {args.steps:,} env steps per run; one label")
     print("store shared by all runs, so only the first ONI run calls the judge\n")
-    print("| variant | seed | success rate (last 100 episodes) | env steps to 80% | judge calls | labels | calls per labelled text |")
-    print("|---|---|---|---|---|---|---|")
+    print("| variant | seed | success rate (last 100 episodes) | env steps to 80% | judge calls | labelled texts | ranked pairs | calls per labelled text |")
+    print("|---|---|---|---|---|---|---|---|")
     for name, seed, rows, judge in results:
         hit = first_reaching(rows, 0.8)
         print(
             f"| {name} | {seed} | {rows[-1]['success_rate']:.2f} | "
             f"{f'{hit:,}' if hit else 'never'} | {judge.get('llm_calls', '-')} | "
-            f"{judge.get('labels', '-')} | "
+            f"{judge.get('labels', '-')} | {judge.get('ranked_pairs', 0)} | "
             f"{judge['calls_per_labelled_text']:.2f} |" if judge else
             f"| {name} | {seed} | {rows[-1]['success_rate']:.2f} | "
-            f"{f'{hit:,}' if hit else 'never'} | - | - | - |"
+            f"{f'{hit:,}' if hit else 'never'} | - | - | - | - |"
         )
     print(f"\nrun directories: {out}")
 

@@ -79,12 +79,14 @@ pub async fn run(mut config: Config, args: LocalArgs) -> anyhow::Result<ExitCode
             cluster.wait_actors(Duration::from_secs(10)).await;
             cluster.stop(STOP_GRACE).await;
             print_summary(&run_dir, last_status.as_ref(), "done");
+            write_curves(&run_dir);
             Ok(ExitCode::SUCCESS)
         }
         Outcome::Interrupted => {
             eprintln!("interrupted: stopping actors and learner (the learner checkpoints first)");
             let learner = cluster.stop(STOP_GRACE).await;
             print_summary(&run_dir, last_status.as_ref(), "stopped");
+            write_curves(&run_dir);
             match learner {
                 Some(s) if s.success() => Ok(ExitCode::from(130)),
                 _ => bail!(
@@ -179,6 +181,16 @@ fn status_line(s: &LearnerStatus) -> String {
         s.connected_actors,
         s.dropped_stale_chunks
     )
+}
+
+/// The run's learning curves, `<run dir>/curves.png`; a run too short to have
+/// metrics gets none.
+fn write_curves(run_dir: &std::path::Path) {
+    let out = run_dir.join("curves.png");
+    match crate::plot::write_plot(&[run_dir.to_path_buf()], &out) {
+        Ok(()) => println!("plot:        {}", out.display()),
+        Err(e) => tracing::warn!(error = %format!("{e:#}"), "no learning-curve plot"),
+    }
 }
 
 /// Keeps the reward service's last counters in the run directory, next to the

@@ -5,6 +5,7 @@ mod bench;
 mod cluster;
 mod local;
 mod logging;
+mod plot;
 mod shutdown;
 
 use std::path::PathBuf;
@@ -42,6 +43,8 @@ enum Command {
     /// Measure throughput.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Learning curves of one or more runs as a PNG (runs overlaid).
+    Plot(plot::PlotArgs),
 }
 
 #[derive(Args, Clone)]
@@ -184,6 +187,10 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             local::run(config, a).await
         }
         Command::Bench(BenchCommand::Throughput(a)) => bench::throughput(a).await,
+        Command::Plot(a) => {
+            plot::run(a)?;
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 
