@@ -195,12 +195,14 @@ fn draw(runs: &[Run], out: &Path) -> Result<(), Box<dyn std::error::Error>> {
 /// 1234567 -> "1.2M", 0.25 -> "0.25".
 fn short_number(v: f64) -> String {
     let a = v.abs();
-    if a >= 1e6 {
+    if a < 1e-9 {
+        "0".into()
+    } else if a >= 1e6 {
         format!("{:.1}M", v / 1e6)
     } else if a >= 1e4 {
         format!("{:.0}k", v / 1e3)
-    } else if a >= 100.0 || a < 1e-9 {
-        format!("{:.0}", v + 0.0)
+    } else if a >= 100.0 {
+        format!("{v:.0}")
     } else if a >= 0.1 {
         format!("{v:.2}")
     } else {
