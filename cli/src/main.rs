@@ -3,10 +3,12 @@
 
 mod bench;
 mod cluster;
+mod eval;
 mod local;
 mod logging;
 mod plot;
 mod shutdown;
+mod status;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -45,6 +47,11 @@ enum Command {
     Bench(BenchCommand),
     /// Learning curves of one or more runs as a PNG (runs overlaid).
     Plot(plot::PlotArgs),
+    /// Play episodes with a checkpoint's policy: mean return, success rate, and a
+    /// text rendering of one episode for grid environments.
+    Eval(eval::EvalArgs),
+    /// A live summary of a running learner and reward service.
+    Status(status::StatusArgs),
 }
 
 #[derive(Args, Clone)]
@@ -189,6 +196,14 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         Command::Bench(BenchCommand::Throughput(a)) => bench::throughput(a).await,
         Command::Plot(a) => {
             plot::run(a)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Eval(a) => {
+            eval::run(a)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Status(a) => {
+            status::run(a).await?;
             Ok(ExitCode::SUCCESS)
         }
     }

@@ -150,6 +150,10 @@ impl Env for KeyRoom {
         }
     }
 
+    fn render_text(&self) -> Option<String> {
+        Some(self.render())
+    }
+
     fn reset(&mut self, seed: u64, obs: &mut [f32]) {
         let mut rng = SmallRng::seed_from_u64(seed);
         let side = self.side();

@@ -44,6 +44,10 @@ pub trait Env: Send {
     /// Applies `action`, writes the next observation and, for text environments, the
     /// event text of this step into `text` (left empty when nothing happened).
     fn step(&mut self, action: usize, obs: &mut [f32], text: &mut String) -> StepOutcome;
+    /// A text picture of the current state, for environments that have one.
+    fn render_text(&self) -> Option<String> {
+        None
+    }
 }
 
 /// Builds one environment as the config describes.

@@ -1,0 +1,253 @@
+//! `spur eval CHECKPOINT`: plays N episodes with a checkpoint's policy (sampled, or
+//! greedy with `--greedy`), reports mean return, success rate and episode length, and for grid
+//! environments writes a text rendering of one episode.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use clap::Args;
+use spur_core::env::make_env;
+use spur_core::model::ActorCritic;
+use spur_core::Config;
+
+use crate::ConfigArgs;
+
+#[derive(Args)]
+pub struct EvalArgs {
+    /// A checkpoint file, or a run directory (its newest checkpoint).
+    checkpoint: PathBuf,
+    /// Config of the run (default: config.toml of the checkpoint's run directory).
+    #[command(flatten)]
+    config: ConfigArgs,
+    /// Episodes to play.
+    #[arg(long, default_value_t = 100)]
+    episodes: u32,
+    /// Take the most likely action instead of sampling from the policy (a greedy
+    /// policy can loop forever in a grid where the sampled one does not).
+    #[arg(long)]
+    greedy: bool,
+    /// First episode seed (episode i uses seed + i).
+    #[arg(long, default_value_t = 1_000_000)]
+    seed: u64,
+    /// Where to write the rendering of the first episode (grid environments; default
+    /// eval-episode.txt next to the checkpoint's run directory).
+    #[arg(long)]
+    render: Option<PathBuf>,
+}
+
+/// What `spur eval` measured.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EvalReport {
+    pub episodes: u32,
+    pub mean_return: f64,
+    pub success_rate: f64,
+    pub mean_length: f64,
+    /// The first episode, frame by frame, when the environment renders.
+    pub rendering: Option<String>,
+}
+
+/// The checkpoint file and its run directory (if it sits in one).
+fn locate(path: &Path) -> anyhow::Result<(PathBuf, Option<PathBuf>)> {
+    if path.is_dir() {
+        let ckpts = if path.join("checkpoints").is_dir() {
+            path.join("checkpoints")
+        } else {
+            path.to_path_buf()
+        };
+        let Some(newest) = spur_core::checkpoint::load_latest(&ckpts)? else {
+            bail!("no checkpoint in {}", ckpts.display());
+        };
+        let run = ckpts.parent().map(Path::to_path_buf);
+        return Ok((newest.path, run));
+    }
+    let run = path
+        .parent()
+        .filter(|d| d.file_name().is_some_and(|n| n == "checkpoints"))
+        .and_then(Path::parent)
+        .map(Path::to_path_buf);
+    Ok((path.to_path_buf(), run))
+}
+
+pub fn run(args: EvalArgs) -> anyhow::Result<()> {
+    let (ckpt, run_dir) = locate(&args.checkpoint)?;
+    let mut cargs = args.config.clone();
+    if cargs.config.is_none() {
+        cargs.config = run_dir
+            .as_ref()
+            .map(|d| d.join("config.toml"))
+            .filter(|p| p.exists());
+        if cargs.config.is_none() {
+            bail!(
+                "{} is not in a run directory with a config.toml: pass --config",
+                ckpt.display()
+            );
+        }
+    }
+    let config = cargs.load()?;
+    let loaded = spur_core::checkpoint::load_file(&ckpt)?;
+    let report = evaluate(
+        &config,
+        &loaded.bytes,
+        args.episodes,
+        args.greedy,
+        args.seed,
+    )
+    .with_context(|| format!("cannot evaluate {}", ckpt.display()))?;
+    println!(
+        "checkpoint:   {} (policy version {})",
+        ckpt.display(),
+        loaded.version
+    );
+    println!(
+        "policy:       {}, {} episodes",
+        if args.greedy { "greedy" } else { "sampled" },
+        report.episodes
+    );
+    println!("mean return:  {:.3}", report.mean_return);
+    println!("success rate: {:.1}%", report.success_rate * 100.0);
+    println!("mean length:  {:.1} steps", report.mean_length);
+    if let Some(text) = &report.rendering {
+        let out = args.render.clone().unwrap_or_else(|| {
+            run_dir
+                .clone()
+                .unwrap_or_else(|| PathBuf::from("."))
+                .join("eval-episode.txt")
+        });
+        std::fs::write(&out, text).with_context(|| format!("cannot write {}", out.display()))?;
+        println!("rendering:    {}", out.display());
+    }
+    Ok(())
+}
+
+/// Plays `episodes` episodes of the config's environment with the policy `weights`.
+pub fn evaluate(
+    config: &Config,
+    weights: &[u8],
+    episodes: u32,
+    greedy: bool,
+    seed: u64,
+) -> anyhow::Result<EvalReport> {
+    tch::manual_seed(seed as i64);
+    let mut env = make_env(&config.env);
+    let spec = env.spec();
+    let mut model = ActorCritic::new(
+        spec.obs_dim,
+        spec.num_actions,
+        &config.model.hidden,
+        tch::Device::Cpu,
+    );
+    model
+        .load_safetensors(weights)
+        .context("the checkpoint does not fit this config's environment and model")?;
+    let mut obs = vec![0.0f32; spec.obs_dim];
+    let mut text = String::new();
+    let (mut total_return, mut successes, mut total_len) = (0.0f64, 0u32, 0u64);
+    let mut rendering = None;
+    for e in 0..episodes {
+        env.reset(seed + e as u64, &mut obs);
+        let mut frames = String::new();
+        let mut record = |step: u32, env: &dyn spur_core::env::Env, event: &str| {
+            if e == 0 {
+                if let Some(pic) = env.render_text() {
+                    let _ = writeln!(frames, "step {step}{}", event_suffix(event));
+                    frames.push_str(&pic);
+                    frames.push('\n');
+                }
+            }
+        };
+        record(0, env.as_ref(), "");
+        let (mut ret, mut len) = (0.0f64, 0u32);
+        loop {
+            let (action, _) = model.act(&obs, greedy);
+            let out = env.step(action[0] as usize, &mut obs, &mut text);
+            ret += out.reward as f64;
+            len += 1;
+            record(len, env.as_ref(), &text);
+            if out.terminated || out.truncated {
+                successes += out.success as u32;
+                if e == 0 && !frames.is_empty() {
+                    let _ = writeln!(
+                        frames,
+                        "episode over after {len} steps: return {ret:.2}, {}",
+                        if out.success {
+                            "reached the goal"
+                        } else {
+                            "goal not reached"
+                        }
+                    );
+                }
+                break;
+            }
+        }
+        if e == 0 && !frames.is_empty() {
+            rendering = Some(frames);
+        }
+        total_return += ret;
+        total_len += len as u64;
+    }
+    let n = episodes.max(1) as f64;
+    Ok(EvalReport {
+        episodes,
+        mean_return: total_return / n,
+        success_rate: successes as f64 / n,
+        mean_length: total_len as f64 / n,
+        rendering,
+    })
+}
+
+fn event_suffix(event: &str) -> String {
+    if event.is_empty() {
+        String::new()
+    } else {
+        format!(": {event}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use spur_core::config::EnvKind;
+    use std::collections::HashMap;
+
+    #[test]
+    fn plays_episodes_and_renders_grids() {
+        let mut config = Config::from_toml_str("").unwrap();
+        config.env.kind = EnvKind::Keyroom;
+        config.env.keyroom_size = 5;
+        config.env.max_episode_steps = 30;
+        let spec = spur_core::env::env_spec(&config.env);
+        let model = ActorCritic::new(
+            spec.obs_dim,
+            spec.num_actions,
+            &config.model.hidden,
+            tch::Device::Cpu,
+        );
+        let weights = model.to_safetensors(7, &HashMap::new()).unwrap();
+        let r = evaluate(&config, &weights, 5, false, 3).unwrap();
+        assert_eq!(r.episodes, 5);
+        assert!(r.mean_length > 0.0 && r.mean_length <= 30.0);
+        assert!((0.0..=1.0).contains(&r.success_rate));
+        let pic = r.rendering.expect("keyroom renders");
+        assert!(pic.starts_with("step 0\n"), "{pic}");
+        assert!(pic.contains('@') && pic.contains("episode over after"));
+
+        // Weights of another shape are refused with a clear error.
+        config.model.hidden = vec![3];
+        let err = evaluate(&config, &weights, 1, true, 0).unwrap_err();
+        assert!(format!("{err:#}").contains("does not fit"), "{err:#}");
+
+        // Cartpole has no picture.
+        let mut cp = Config::from_toml_str("").unwrap();
+        cp.env.kind = EnvKind::Cartpole;
+        let spec = spur_core::env::env_spec(&cp.env);
+        let m = ActorCritic::new(
+            spec.obs_dim,
+            spec.num_actions,
+            &cp.model.hidden,
+            tch::Device::Cpu,
+        );
+        let w = m.to_safetensors(1, &HashMap::new()).unwrap();
+        assert!(evaluate(&cp, &w, 2, true, 0).unwrap().rendering.is_none());
+    }
+}
