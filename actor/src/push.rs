@@ -75,6 +75,7 @@ pub async fn push(
                     Ok(Some(_)) => {
                         unacked -= 1;
                         stats.acked_chunks += 1;
+                        metrics::counter!("spur_actor_acked_chunks_total").increment(1);
                         continue;
                     }
                     Ok(None) => break Status::unavailable("the learner closed the stream"),
@@ -94,6 +95,7 @@ pub async fn push(
                                     Ok(Ok(Some(_))) => {
                                         unacked -= 1;
                                         stats.acked_chunks += 1;
+                                        metrics::counter!("spur_actor_acked_chunks_total").increment(1);
                                     }
                                     _ => break,
                                 }
@@ -107,6 +109,7 @@ pub async fn push(
                             Ok(Some(_)) => {
                                 unacked = unacked.saturating_sub(1);
                                 stats.acked_chunks += 1;
+                                metrics::counter!("spur_actor_acked_chunks_total").increment(1);
                                 continue;
                             }
                             Ok(None) => break Status::unavailable("the learner closed the stream"),
@@ -127,6 +130,7 @@ pub async fn push(
         }
         stats.unacked_on_break += unacked as u64;
         stats.reconnects += 1;
+        metrics::counter!("spur_actor_reconnects_total").increment(1);
         let delay = backoff.next_delay();
         warn!(actor_id, code = ?broke.code(), error = %broke.message(), ?delay, "trajectory stream ended, reconnecting");
         tokio::time::sleep(delay).await;

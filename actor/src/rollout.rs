@@ -131,6 +131,9 @@ impl Rollout {
             }
             stats.env_steps += (t_len * n) as u64;
             stats.chunks += 1;
+            metrics::counter!("spur_actor_env_steps_total").increment((t_len * n) as u64);
+            metrics::counter!("spur_actor_chunks_total").increment(1);
+            metrics::gauge!("spur_actor_policy_version").set(chunk_version as f64);
             if self.chunks.blocking_send(c).is_err() {
                 break; // the push task is gone
             }

@@ -37,6 +37,7 @@ pub struct Cluster {
     pub reward: Option<(Child, RewardServiceClient<Channel>)>,
     pub actors: Vec<ActorSlot>,
     config_path: PathBuf,
+    config: Config,
     client: LearnerClient<Channel>,
 }
 
@@ -59,6 +60,15 @@ fn spur_command(run_dir: &Path, log_name: &str) -> anyhow::Result<Command> {
         .process_group(0)
         .kill_on_drop(true);
     Ok(cmd)
+}
+
+/// `--set run.prometheus_listen=...` giving the `slot`-th child its own port, when
+/// Prometheus metrics are on.
+fn prometheus_args(config: &Config, slot: u16) -> Vec<String> {
+    match crate::prometheus::child_listen(&config.run.prometheus_listen, slot) {
+        Some(addr) => vec!["--set".into(), format!("run.prometheus_listen={addr}")],
+        None => Vec::new(),
+    }
 }
 
 /// The last `n` lines of a child's log, for error messages.
@@ -86,6 +96,7 @@ impl Cluster {
                 "reward-service",
                 spur_reward_service::ADDR_FILE,
                 "spur.v1.RewardService",
+                prometheus_args(&config, 0),
             )
             .await?;
             config.reward_service.addr = addr;
@@ -100,6 +111,7 @@ impl Cluster {
             "learner",
             spur_learner::ADDR_FILE,
             "spur.v1.Learner",
+            prometheus_args(&config, 1),
         )
         .await?;
         let mut cluster = Self {
@@ -109,6 +121,7 @@ impl Cluster {
             reward,
             actors: Vec::new(),
             config_path,
+            config: config.clone(),
             client: LearnerClient::new(channel),
         };
         for index in 0..actors {
@@ -132,6 +145,7 @@ impl Cluster {
             .arg(&self.addr)
             .arg("--index")
             .arg(index.to_string())
+            .args(prometheus_args(&self.config, 2 + index as u16))
             .spawn()
             .with_context(|| format!("cannot start actor {index}"))
     }
@@ -261,6 +275,7 @@ async fn start_server(
     role: &str,
     addr_file: &str,
     health_service: &str,
+    extra: Vec<String>,
 ) -> anyhow::Result<(Child, String, Channel)> {
     let mut child = spur_command(run_dir, role)?
         .arg(role)
@@ -268,6 +283,7 @@ async fn start_server(
         .arg(config_path)
         .arg("--run-dir")
         .arg(run_dir)
+        .args(extra)
         .spawn()
         .with_context(|| format!("cannot start the {role} process"))?;
     let addr = wait_addr(&run_dir.join(addr_file), &mut child, run_dir, role).await?;

@@ -7,6 +7,7 @@ mod eval;
 mod local;
 mod logging;
 mod plot;
+mod prometheus;
 mod shutdown;
 mod status;
 
@@ -156,6 +157,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
     match command {
         Command::Learner(a) => {
             let config = a.config.load()?;
+            prometheus::install(&config.run.prometheus_listen, "learner")?;
             let run_dir = a.run_dir.unwrap_or_else(|| default_run_dir(&config));
             let opts = spur_learner::LearnerOptions {
                 run_dir,
@@ -168,6 +170,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         }
         Command::Actor(a) => {
             let config = a.config.load()?;
+            prometheus::install(&config.run.prometheus_listen, "actor")?;
             let opts = spur_actor::ActorOptions {
                 actor_id: a.actor_id.unwrap_or_else(|| format!("actor-{}", a.index)),
                 index: a.index,
@@ -180,6 +183,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         }
         Command::RewardService(a) => {
             let config = a.config.load()?;
+            prometheus::install(&config.run.prometheus_listen, "reward-service")?;
             let opts = spur_reward_service::ServiceOptions {
                 root: PathBuf::from("."),
                 run_dir: a.run_dir,

@@ -180,6 +180,10 @@ pub struct RunConfig {
     /// Intra-op threads for libtorch in each process (1 avoids oversubscription when
     /// several roles share a machine).
     pub torch_threads: u32,
+    /// Where each role serves Prometheus `/metrics` (`0.0.0.0:9100`); empty: off.
+    /// `spur local` gives its children consecutive ports from this one (reward
+    /// service, learner, then actors).
+    pub prometheus_listen: String,
 }
 
 impl Default for RunConfig {
@@ -190,6 +194,7 @@ impl Default for RunConfig {
             seed: 1,
             actors: 2,
             torch_threads: 1,
+            prometheus_listen: String::new(),
         }
     }
 }
@@ -438,6 +443,16 @@ impl Config {
         }
         let l = &self.learner;
         check(!self.run.name.is_empty(), "run.name", "must not be empty")?;
+        check(
+            self.run.prometheus_listen.is_empty()
+                || self
+                    .run
+                    .prometheus_listen
+                    .parse::<std::net::SocketAddr>()
+                    .is_ok(),
+            "run.prometheus_listen",
+            "must be empty (off) or a socket address such as 0.0.0.0:9100",
+        )?;
         check(self.run.actors >= 1, "run.actors", "must be at least 1")?;
         check(
             self.run.torch_threads >= 1,

@@ -18,6 +18,7 @@ pub mod env;
 pub mod error;
 pub mod model;
 pub mod ppo;
+pub mod prom;
 pub mod tensor;
 pub mod text_model;
 pub mod trajectory;

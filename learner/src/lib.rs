@@ -167,6 +167,21 @@ pub async fn serve(
         })
         .map_err(io_err)?;
 
+    // Prometheus gauges that move even while no update runs.
+    let gauges = shared.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+        while !gauges.stop_requested.load(Ordering::Acquire) {
+            tick.tick().await;
+            let s = gauges.status(0);
+            ::metrics::gauge!("spur_learner_connected_actors").set(s.connected_actors as f64);
+            ::metrics::gauge!("spur_learner_env_steps").set(s.env_steps as f64);
+            ::metrics::gauge!("spur_learner_policy_version").set(s.policy_version as f64);
+            ::metrics::gauge!("spur_learner_dropped_stale_chunks")
+                .set(s.dropped_stale_chunks as f64);
+        }
+    });
+
     let stopper = shared.clone();
     tokio::spawn(async move {
         shutdown.await;

@@ -211,6 +211,7 @@ impl Trainer {
                     .and_then(|t| t.service_status())
                     .map(|s| crate::metrics::JudgeMetrics::from(&s)),
             };
+            spur_core::prom::publish("spur_learner", &row);
             if let Err(e) = metrics.write(&row) {
                 warn!(error = %e, "cannot write metrics.jsonl");
             }

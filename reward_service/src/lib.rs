@@ -197,6 +197,16 @@ pub async fn serve(
         r.unparseable_budget,
     ));
     let workers = tokio::spawn(labeler.clone().run());
+    // Prometheus gauges, refreshed every second (no-ops without an exporter).
+    let weak = Arc::downgrade(&labeler);
+    let gauges = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            let Some(l) = weak.upgrade() else { return };
+            service::publish_gauges(&service::status(&l));
+        }
+    });
 
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter
@@ -237,6 +247,8 @@ pub async fn serve(
     };
     workers.abort();
     let _ = workers.await;
+    gauges.abort();
+    let _ = gauges.await;
     // Wait for in-flight judge requests to let go of the store before returning, so
     // a new service can open it at once.
     for _ in 0..500 {

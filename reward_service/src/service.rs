@@ -85,39 +85,73 @@ impl RewardService for RewardGrpc {
         &self,
         _request: Request<RewardStatusRequest>,
     ) -> Result<Response<RewardServiceStatus>, Status> {
-        let l = &self.labeler;
-        let s = &l.stats;
-        let labels = l.model.label_count() as u64;
-        let (backlog, shed) = {
-            let b = l.backlog.lock().expect("backlog lock poisoned");
-            (b.depth() as u64, b.shed)
-        };
-        let judged = Stats::get(&s.texts_judged);
-        let (kind, loss) = l.model.kind_and_loss();
-        Ok(Response::new(RewardServiceStatus {
-            judge: l.judge_id.clone(),
-            prompt_version: l.prompt_version.clone(),
-            model_version: l.model.version(),
-            texts_seen: Stats::get(&s.texts_seen),
-            unique_texts: labels + backlog,
-            store_hits: Stats::get(&s.store_hits),
-            labels,
-            positive_labels: l.model.positives() as u64,
-            llm_calls: Stats::get(&s.llm_calls),
-            llm_failures: Stats::get(&s.llm_failures),
-            unparseable_answers: Stats::get(&s.unparseable),
-            backlog,
-            shed_texts: shed,
-            llm_latency_p50_ms: s.latency_quantile(0.5),
-            llm_latency_p99_ms: s.latency_quantile(0.99),
-            calls_per_labelled_text: if labels > 0 {
-                judged as f64 / labels as f64
-            } else {
-                0.0
-            },
-            ranked_pairs: Stats::get(&s.ranked_pairs),
-            model_kind: kind.into(),
-            model_loss: loss,
-        }))
+        Ok(Response::new(status(&self.labeler)))
+    }
+}
+
+/// The service's counters, as `GetStatus` answers them.
+pub fn status(labeler: &Labeler) -> RewardServiceStatus {
+    let l = labeler;
+    let s = &l.stats;
+    let labels = l.model.label_count() as u64;
+    let (backlog, shed) = {
+        let b = l.backlog.lock().expect("backlog lock poisoned");
+        (b.depth() as u64, b.shed)
+    };
+    let judged = Stats::get(&s.texts_judged);
+    let (kind, loss) = l.model.kind_and_loss();
+    RewardServiceStatus {
+        judge: l.judge_id.clone(),
+        prompt_version: l.prompt_version.clone(),
+        model_version: l.model.version(),
+        texts_seen: Stats::get(&s.texts_seen),
+        unique_texts: labels + backlog,
+        store_hits: Stats::get(&s.store_hits),
+        labels,
+        positive_labels: l.model.positives() as u64,
+        llm_calls: Stats::get(&s.llm_calls),
+        llm_failures: Stats::get(&s.llm_failures),
+        unparseable_answers: Stats::get(&s.unparseable),
+        backlog,
+        shed_texts: shed,
+        llm_latency_p50_ms: s.latency_quantile(0.5),
+        llm_latency_p99_ms: s.latency_quantile(0.99),
+        calls_per_labelled_text: if labels > 0 {
+            judged as f64 / labels as f64
+        } else {
+            0.0
+        },
+        ranked_pairs: Stats::get(&s.ranked_pairs),
+        model_kind: kind.into(),
+        model_loss: loss,
+    }
+}
+
+/// Sets the Prometheus gauges `spur_reward_*` from the counters.
+pub fn publish_gauges(s: &RewardServiceStatus) {
+    let gauges = [
+        ("texts_seen", s.texts_seen as f64),
+        ("unique_texts", s.unique_texts as f64),
+        ("store_hits", s.store_hits as f64),
+        (
+            "store_hit_rate",
+            s.store_hits as f64 / s.texts_seen.max(1) as f64,
+        ),
+        ("labels", s.labels as f64),
+        ("positive_labels", s.positive_labels as f64),
+        ("ranked_pairs", s.ranked_pairs as f64),
+        ("llm_calls", s.llm_calls as f64),
+        ("llm_failures", s.llm_failures as f64),
+        ("unparseable_answers", s.unparseable_answers as f64),
+        ("backlog", s.backlog as f64),
+        ("shed_texts", s.shed_texts as f64),
+        ("llm_latency_p50_ms", s.llm_latency_p50_ms),
+        ("llm_latency_p99_ms", s.llm_latency_p99_ms),
+        ("calls_per_labelled_text", s.calls_per_labelled_text),
+        ("model_version", s.model_version as f64),
+        ("model_loss", s.model_loss),
+    ];
+    for (name, v) in gauges {
+        metrics::gauge!(format!("spur_reward_{name}")).set(v);
     }
 }
