@@ -21,6 +21,7 @@ mod intrinsic;
 mod metrics;
 mod service;
 mod state;
+mod tensorboard;
 mod trainer;
 
 use std::future::Future;

@@ -91,6 +91,14 @@ impl Trainer {
                     source,
                 }
             })?;
+        // TensorBoard is a convenience: a run without it still trains and logs.
+        let mut tensorboard = match crate::tensorboard::TensorBoard::create(&self.run_dir) {
+            Ok(tb) => Some(tb),
+            Err(e) => {
+                warn!(error = %e, "no TensorBoard event file for this run");
+                None
+            }
+        };
         let ckpt_dir = self.run_dir.join("checkpoints");
         let start = Instant::now();
         let mut last_tick = (
@@ -212,6 +220,12 @@ impl Trainer {
                     .map(|s| crate::metrics::JudgeMetrics::from(&s)),
             };
             spur_core::prom::publish("spur_learner", &row);
+            if let Some(tb) = tensorboard.as_mut() {
+                if let Err(e) = tb.write(env_steps as i64, &row) {
+                    warn!(error = %e, "cannot write the TensorBoard event file, stopping it");
+                    tensorboard = None;
+                }
+            }
             if let Err(e) = metrics.write(&row) {
                 warn!(error = %e, "cannot write metrics.jsonl");
             }
