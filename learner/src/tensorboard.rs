@@ -19,11 +19,12 @@ pub struct TensorBoard {
 
 /// The TensorBoard tag of a metrics column.
 pub fn tag(column: &str) -> String {
+    if let Some(rest) = column.strip_prefix("judge_") {
+        return format!("judge/{rest}");
+    }
     let group = if column.starts_with("episode") || column == "success_rate" || column == "episodes"
     {
         "episode"
-    } else if column.starts_with("judge_") {
-        return format!("judge/{}", &column["judge_".len()..]);
     } else if column.ends_with("_loss")
         || matches!(
             column,
