@@ -8,8 +8,19 @@ use spur_tests::{spawn_actor, tiny_cartpole, TestLearner};
 /// above a random policy's (about 22) within a small budget.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cartpole_return_rises_well_above_random() -> anyhow::Result<()> {
-    let config = tiny_cartpole(200_000);
-    let learner = TestLearner::start(config.clone(), "learns").await?;
+    learns(tiny_cartpole(200_000), "learns").await
+}
+
+/// The same with GAE advantages instead of V-trace.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cartpole_learns_with_gae_advantages() -> anyhow::Result<()> {
+    let mut config = tiny_cartpole(200_000);
+    config.learner.advantage = spur_core::config::AdvantageKind::Gae;
+    learns(config, "learns-gae").await
+}
+
+async fn learns(config: spur_core::Config, name: &str) -> anyhow::Result<()> {
+    let learner = TestLearner::start(config.clone(), name).await?;
     let actors: Vec<_> = (0..2)
         .map(|i| spawn_actor(&config, &learner.addr, i))
         .collect();

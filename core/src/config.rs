@@ -318,6 +318,17 @@ pub struct LearnerConfig {
     pub weights_chunk_bytes: u32,
     /// `auto`, `cpu`, `cuda` or `cuda:N` for the learner's model.
     pub device: String,
+    /// How advantages are estimated: `vtrace` (off-policy corrected) or `gae`.
+    pub advantage: AdvantageKind,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum AdvantageKind {
+    /// V-trace (IMPALA): truncated importance weights correct for the policy lag.
+    Vtrace,
+    /// Generalized advantage estimation with the current critic, no correction.
+    Gae,
 }
 
 impl Default for LearnerConfig {
@@ -345,6 +356,7 @@ impl Default for LearnerConfig {
             checkpoint_every: 50,
             weights_chunk_bytes: 1 << 20,
             device: "auto".into(),
+            advantage: AdvantageKind::Vtrace,
         }
     }
 }

@@ -10,6 +10,7 @@
 //! - `text_model`: the char-level CNN behind the distilled intrinsic reward models
 //! - `backoff`: jittered exponential backoff for reconnecting clients
 
+pub mod advantage;
 pub mod backoff;
 pub mod checkpoint;
 pub mod config;

@@ -9,8 +9,9 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use spur_core::advantage::{gae, GaeInput};
 use spur_core::checkpoint;
-use spur_core::config::Config;
+use spur_core::config::{AdvantageKind, Config};
 use spur_core::model::ActorCritic;
 use spur_core::ppo::{ppo_loss, PpoParams};
 use spur_core::trajectory::Chunk;
@@ -345,31 +346,49 @@ impl Trainer {
             .zip(&batch.behaviour_log_probs)
             .map(|(a, b)| a - b)
             .collect();
-        let vt = vtrace(
-            &VTraceInput {
-                rollout_len: t_len,
-                batch: w,
-                log_rhos: &log_rhos,
-                rewards: &rewards,
-                values: &values_obs[..batch.len()],
-                next_values: &next_values,
-                terminated: &batch.terminated,
-                truncated: &batch.truncated,
-            },
-            &VTraceParams {
-                gamma: lc.gamma as f32,
-                lambda: lc.lambda as f32,
-                rho_clip: lc.rho_clip as f32,
-                c_clip: lc.c_clip as f32,
-                pg_rho_clip: lc.rho_clip as f32,
-            },
-        );
+        let (pg_advantages, value_targets) = match lc.advantage {
+            AdvantageKind::Vtrace => {
+                let vt = vtrace(
+                    &VTraceInput {
+                        rollout_len: t_len,
+                        batch: w,
+                        log_rhos: &log_rhos,
+                        rewards: &rewards,
+                        values: &values_obs[..batch.len()],
+                        next_values: &next_values,
+                        terminated: &batch.terminated,
+                        truncated: &batch.truncated,
+                    },
+                    &VTraceParams {
+                        gamma: lc.gamma as f32,
+                        lambda: lc.lambda as f32,
+                        rho_clip: lc.rho_clip as f32,
+                        c_clip: lc.c_clip as f32,
+                        pg_rho_clip: lc.rho_clip as f32,
+                    },
+                );
+                (vt.pg_advantages, vt.vs)
+            }
+            AdvantageKind::Gae => gae(
+                &GaeInput {
+                    rollout_len: t_len,
+                    batch: w,
+                    rewards: &rewards,
+                    values: &values_obs[..batch.len()],
+                    next_values: &next_values,
+                    terminated: &batch.terminated,
+                    truncated: &batch.truncated,
+                },
+                lc.gamma as f32,
+                lc.lambda as f32,
+            ),
+        };
         // Decoupled PPO: the ratio is taken against the proximal policy (these
-        // weights before this update), while V-trace's truncated importance weights
+        // weights before this update); with V-trace, its truncated importance weights
         // inside the advantages correct for the older behaviour policy.
         let proximal = Tensor::from_slice(&target_lp).to_device(dev);
-        let advantages = Tensor::from_slice(&vt.pg_advantages).to_device(dev);
-        let targets = Tensor::from_slice(&vt.vs).to_device(dev);
+        let advantages = Tensor::from_slice(&pg_advantages).to_device(dev);
+        let targets = Tensor::from_slice(&value_targets).to_device(dev);
         let params = PpoParams {
             clip_eps: lc.clip_eps,
             value_coef: lc.value_coef,

@@ -1,0 +1,284 @@
+//! Advantage estimators besides V-trace (`vtrace.rs`):
+//!
+//! - [`gae`]: generalized advantage estimation (Schulman et al., 2016) over
+//!   time-major `[T, B]` arrays with the current critic, no off-policy correction.
+//! - [`group_advantages`]: UI-S1's critic-free estimator over a group of complete
+//!   episodes that share a task: discounted step returns
+//!   `R_t = r_t + gamma_s * R_{t+1}`, a step-level z-score of `R_t` over the
+//!   group's episodes that reach step t, an episode-level z-score of each episode's
+//!   return over the group, combined as `w_E * A_E + w_S * A_S`.
+//!
+//! Episode ends follow `vtrace.rs`: a terminated step has no future; a truncated one
+//! bootstraps from the value of its final observation (GAE). UI-S1's estimator has no
+//! critic, so there both simply end the episode's sums.
+
+/// Inputs of [`gae`], each of length `T * B` in time-major order.
+pub struct GaeInput<'a> {
+    pub rollout_len: usize,
+    pub batch: usize,
+    pub rewards: &'a [f32],
+    /// `V(x_t)` under the current critic.
+    pub values: &'a [f32],
+    /// `V(x_{t+1})` in the same episode, or the value of the final observation when
+    /// step t was truncated (ignored when terminated).
+    pub next_values: &'a [f32],
+    pub terminated: &'a [u8],
+    pub truncated: &'a [u8],
+}
+
+/// GAE advantages and the value targets `advantage + V`.
+pub fn gae(input: &GaeInput, gamma: f32, lambda: f32) -> (Vec<f32>, Vec<f32>) {
+    let (t_len, b) = (input.rollout_len, input.batch);
+    let n = t_len * b;
+    for len in [
+        input.rewards.len(),
+        input.values.len(),
+        input.next_values.len(),
+        input.terminated.len(),
+        input.truncated.len(),
+    ] {
+        assert_eq!(len, n, "every GAE input holds T * B values");
+    }
+    let mut adv = vec![0.0f32; n];
+    // Advantage of the next step in each column while walking backwards.
+    let mut next = vec![0.0f32; b];
+    for t in (0..t_len).rev() {
+        for (j, next_j) in next.iter_mut().enumerate() {
+            let i = t * b + j;
+            let terminated = input.terminated[i] == 1;
+            let ended = terminated || input.truncated[i] == 1;
+            let bootstrap = if terminated {
+                0.0
+            } else {
+                gamma * input.next_values[i]
+            };
+            let delta = input.rewards[i] + bootstrap - input.values[i];
+            // The trace stops at an episode end and at the end of the rollout.
+            let carry = if ended || t + 1 == t_len {
+                0.0
+            } else {
+                gamma * lambda * *next_j
+            };
+            adv[i] = delta + carry;
+            *next_j = adv[i];
+        }
+    }
+    let targets = adv.iter().zip(input.values).map(|(a, v)| a + v).collect();
+    (adv, targets)
+}
+
+/// `R_t = r_t + gamma * R_{t+1}` within one episode (nothing after its last step).
+pub fn discounted_returns(rewards: &[f32], gamma: f64) -> Vec<f64> {
+    let mut out = vec![0.0f64; rewards.len()];
+    let mut acc = 0.0f64;
+    for t in (0..rewards.len()).rev() {
+        acc = rewards[t] as f64 + gamma * acc;
+        out[t] = acc;
+    }
+    out
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct GroupParams {
+    /// Discount of the step returns (UI-S1 uses 0.5).
+    pub gamma_step: f64,
+    /// Weight of the episode-level term.
+    pub w_episode: f64,
+    /// Weight of the step-level term.
+    pub w_step: f64,
+    /// Added to the standard deviation before dividing.
+    pub eps: f64,
+}
+
+impl Default for GroupParams {
+    fn default() -> Self {
+        Self {
+            gamma_step: 0.5,
+            w_episode: 1.0,
+            w_step: 1.0,
+            eps: 1e-6,
+        }
+    }
+}
+
+/// `(x - mean) / (std + eps)` for each of `xs` (population std); all 0 for fewer
+/// than two values.
+fn z_scores(xs: &[f64], eps: f64) -> Vec<f64> {
+    if xs.len() < 2 {
+        return vec![0.0; xs.len()];
+    }
+    let n = xs.len() as f64;
+    let mean = xs.iter().sum::<f64>() / n;
+    let var = xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / n;
+    let std = var.sqrt();
+    xs.iter().map(|x| (x - mean) / (std + eps)).collect()
+}
+
+/// UI-S1 advantages for a group of complete episodes (their step rewards, any
+/// lengths): one advantage per step of each episode. A step index only some
+/// episodes reach is scored among those; a step reached by one episode alone, like a
+/// group of one, gets no step-level term.
+pub fn group_advantages(episodes: &[&[f32]], p: &GroupParams) -> Vec<Vec<f32>> {
+    let returns: Vec<Vec<f64>> = episodes
+        .iter()
+        .map(|r| discounted_returns(r, p.gamma_step))
+        .collect();
+    let totals: Vec<f64> = episodes
+        .iter()
+        .map(|r| r.iter().map(|&x| x as f64).sum())
+        .collect();
+    let a_episode = z_scores(&totals, p.eps);
+    let mut out: Vec<Vec<f32>> = episodes.iter().map(|r| vec![0.0; r.len()]).collect();
+    let longest = episodes.iter().map(|r| r.len()).max().unwrap_or(0);
+    for t in 0..longest {
+        let present: Vec<usize> = (0..episodes.len())
+            .filter(|&i| episodes[i].len() > t)
+            .collect();
+        let at_t: Vec<f64> = present.iter().map(|&i| returns[i][t]).collect();
+        for (&i, a_step) in present.iter().zip(z_scores(&at_t, p.eps)) {
+            out[i][t] = (p.w_episode * a_episode[i] + p.w_step * a_step) as f32;
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vtrace::{vtrace, VTraceInput, VTraceParams};
+
+    fn close(a: &[f32], b: &[f32]) -> bool {
+        a.len() == b.len() && a.iter().zip(b).all(|(x, y)| (x - y).abs() < 1e-5)
+    }
+
+    #[test]
+    fn gae_by_hand_with_termination_and_truncation() {
+        // One column, T = 4: steps 0-1 end by termination at step 1, steps 2-3 are a
+        // new episode truncated at step 3 (final observation worth 10).
+        let (g, l) = (0.9f32, 0.5f32);
+        let rewards = [1.0, 2.0, 0.0, 1.0];
+        let values = [0.5, 1.0, 2.0, 3.0];
+        let next_values = [1.0, 99.0, 3.0, 10.0];
+        let (adv, targets) = gae(
+            &GaeInput {
+                rollout_len: 4,
+                batch: 1,
+                rewards: &rewards,
+                values: &values,
+                next_values: &next_values,
+                terminated: &[0, 1, 0, 0],
+                truncated: &[0, 0, 0, 1],
+            },
+            g,
+            l,
+        );
+        let d1 = 2.0 - 1.0; // terminated: no bootstrap
+        let d0 = 1.0 + g * 1.0 - 0.5;
+        let d3 = 1.0 + g * 10.0 - 3.0; // truncated: bootstrap from the final obs
+        let d2 = 0.0 + g * 3.0 - 2.0;
+        let want = [d0 + g * l * d1, d1, d2 + g * l * d3, d3];
+        assert!(close(&adv, &want), "{adv:?} vs {want:?}");
+        let want_targets: Vec<f32> = want.iter().zip(values).map(|(a, v)| a + v).collect();
+        assert!(close(&targets, &want_targets));
+    }
+
+    #[test]
+    fn gae_is_on_policy_vtrace() {
+        // With the behaviour policy equal to the target, V-trace's value targets
+        // minus V are GAE advantages (lambda-returns), whatever the episode ends.
+        let (t_len, b) = (5, 2);
+        let rewards: Vec<f32> = (0..10).map(|i| (i % 3) as f32 - 0.5).collect();
+        let values: Vec<f32> = (0..10).map(|i| 0.1 * i as f32).collect();
+        let next_values: Vec<f32> = (0..10).map(|i| 0.3 * i as f32 - 1.0).collect();
+        let terminated = [0, 0, 0, 1, 0, 0, 0, 0, 0, 0];
+        let truncated = [0, 0, 0, 0, 0, 0, 1, 0, 0, 0];
+        let (adv, _) = gae(
+            &GaeInput {
+                rollout_len: t_len,
+                batch: b,
+                rewards: &rewards,
+                values: &values,
+                next_values: &next_values,
+                terminated: &terminated,
+                truncated: &truncated,
+            },
+            0.95,
+            0.8,
+        );
+        let vt = vtrace(
+            &VTraceInput {
+                rollout_len: t_len,
+                batch: b,
+                log_rhos: &[0.0; 10],
+                rewards: &rewards,
+                values: &values,
+                next_values: &next_values,
+                terminated: &terminated,
+                truncated: &truncated,
+            },
+            &VTraceParams {
+                gamma: 0.95,
+                lambda: 0.8,
+                rho_clip: 1.0,
+                c_clip: 1.0,
+                pg_rho_clip: 1.0,
+            },
+        );
+        let from_vtrace: Vec<f32> = vt.vs.iter().zip(&values).map(|(s, v)| s - v).collect();
+        assert!(close(&adv, &from_vtrace), "{adv:?} vs {from_vtrace:?}");
+    }
+
+    #[test]
+    fn discounted_returns_by_hand() {
+        let r = discounted_returns(&[1.0, 0.0, 2.0], 0.5);
+        assert_eq!(r, vec![1.0 + 0.25 * 2.0, 1.0, 2.0]);
+    }
+
+    #[test]
+    fn group_advantages_by_hand() {
+        let p = GroupParams::default();
+        // Two episodes of different lengths: [1, 0] and [0, 0, 1].
+        let a = [1.0f32, 0.0];
+        let b = [0.0f32, 0.0, 1.0];
+        let out = group_advantages(&[&a, &b], &p);
+        // Episode returns 1 and 1: zero spread, A_E = 0.
+        // Step 0: R = 1 (a) and 0.25 (b): z = +1 / -1. Step 1: R = 0 and 0.5: -1 / +1.
+        // Step 2: only b reaches it: no step term.
+        let want_a = [1.0f32, -1.0];
+        let want_b = [-1.0f32, 1.0, 0.0];
+        assert!(close(&out[0], &want_a), "{:?}", out[0]);
+        assert!(close(&out[1], &want_b), "{:?}", out[1]);
+
+        // Episode term: returns 2, 0, 1 -> mean 1, std sqrt(2/3).
+        let (x, y, z) = ([2.0f32], [0.0f32], [1.0f32]);
+        let w = GroupParams { w_step: 0.0, ..p };
+        let out = group_advantages(&[&x, &y, &z], &w);
+        let s = (2.0f64 / 3.0).sqrt();
+        let want = [(1.0 / s) as f32, (-1.0 / s) as f32, 0.0];
+        for (o, w) in out.iter().zip(want) {
+            assert!((o[0] - w).abs() < 1e-4, "{out:?}");
+        }
+        // Weights scale the terms.
+        let both = group_advantages(
+            &[&x, &y, &z],
+            &GroupParams {
+                w_episode: 2.0,
+                w_step: 0.5,
+                ..p
+            },
+        );
+        // One step each: R_0 = the return, so A_S = A_E.
+        assert!((both[0][0] - 2.5 * want[0]).abs() < 1e-4, "{both:?}");
+    }
+
+    #[test]
+    fn a_group_of_one_or_without_spread_gets_zero() {
+        let p = GroupParams::default();
+        let one = [1.0f32, 2.0, 3.0];
+        assert_eq!(group_advantages(&[&one], &p), vec![vec![0.0; 3]]);
+        let same = [0.5f32, 0.5];
+        let out = group_advantages(&[&same, &same, &same], &p);
+        assert!(out.iter().flatten().all(|&x| x == 0.0));
+        assert!(group_advantages(&[], &p).is_empty());
+    }
+}
