@@ -45,7 +45,9 @@ impl Rollout {
         let n = self.config.env.num_envs as usize;
         let t_len = self.config.actor.rollout_len as usize;
         let envs = (0..n).map(|_| make_env(&self.config.env)).collect();
-        let mut venv = VecEnv::new(envs, self.seed);
+        let group_size = self.config.actor.group_size as usize;
+        let mut venv = VecEnv::grouped(envs, self.seed, group_size);
+        let grouped = group_size > 1;
         let spec = venv.spec().clone();
         let d = spec.obs_dim;
         let device = resolve_device(&self.config.model.device);
@@ -89,6 +91,8 @@ impl Rollout {
                 step_indices: Vec::with_capacity(t_len * n),
                 finished_episodes: Vec::new(),
                 event_counts: Vec::with_capacity(if spec.has_text { t_len * n } else { 0 }),
+                group_ids: Vec::with_capacity(if grouped { t_len * n } else { 0 }),
+                group_size: if grouped { group_size as u32 } else { 0 },
             };
             for _ in 0..t_len {
                 if let Some(v) = self.try_swap(&mut model, false) {
@@ -100,6 +104,9 @@ impl Rollout {
                 c.observations.extend_from_slice(obs);
                 c.episode_ids.extend_from_slice(venv.episode_ids());
                 c.step_indices.extend_from_slice(venv.step_indices());
+                if grouped {
+                    c.group_ids.extend_from_slice(venv.group_ids());
+                }
                 let out = venv.step(&actions);
                 c.actions.extend_from_slice(&actions);
                 c.behaviour_log_probs.extend_from_slice(&log_probs);

@@ -261,6 +261,9 @@ pub struct ActorConfig {
     pub max_unacked_chunks: u32,
     /// Upper bound of the reconnect backoff, in milliseconds.
     pub max_backoff_ms: u64,
+    /// Episodes per group for UI-S1's advantages: each actor's envs come in blocks of
+    /// this many whose k-th episodes share a task seed (1: no groups).
+    pub group_size: u32,
 }
 
 impl Default for ActorConfig {
@@ -271,6 +274,7 @@ impl Default for ActorConfig {
             send_queue: 1,
             max_unacked_chunks: 1,
             max_backoff_ms: 5000,
+            group_size: 1,
         }
     }
 }
@@ -318,8 +322,18 @@ pub struct LearnerConfig {
     pub weights_chunk_bytes: u32,
     /// `auto`, `cpu`, `cuda` or `cuda:N` for the learner's model.
     pub device: String,
-    /// How advantages are estimated: `vtrace` (off-policy corrected) or `gae`.
+    /// How advantages are estimated: `vtrace` (off-policy corrected), `gae`, `uis1`
+    /// (critic-free, over groups of episodes) or `hybrid` (V-trace plus UI-S1's
+    /// episode-level term). `uis1` and `hybrid` need `actor.group_size` >= 2.
     pub advantage: AdvantageKind,
+    /// UI-S1: discount of the step returns.
+    pub gamma_step: f64,
+    /// UI-S1: weights of the episode-level and step-level terms.
+    pub w_episode: f64,
+    pub w_step: f64,
+    /// Groups whose episodes are still running, at most; the oldest beyond are given
+    /// up (and counted).
+    pub max_open_groups: u32,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -329,6 +343,10 @@ pub enum AdvantageKind {
     Vtrace,
     /// Generalized advantage estimation with the current critic, no correction.
     Gae,
+    /// UI-S1: step-level and episode-level z-scores within groups of episodes.
+    Uis1,
+    /// V-trace advantages as the step-level term plus UI-S1's episode-level term.
+    Hybrid,
 }
 
 impl Default for LearnerConfig {
@@ -357,6 +375,10 @@ impl Default for LearnerConfig {
             weights_chunk_bytes: 1 << 20,
             device: "auto".into(),
             advantage: AdvantageKind::Vtrace,
+            gamma_step: 0.5,
+            w_episode: 1.0,
+            w_step: 1.0,
+            max_open_groups: 4096,
         }
     }
 }
@@ -473,6 +495,12 @@ impl Config {
         )?;
         check(self.env.num_envs >= 1, "env.num_envs", "must be at least 1")?;
         check(
+            (1..=crate::trajectory::MAX_GROUP_SIZE).contains(&self.actor.group_size)
+                && self.env.num_envs.is_multiple_of(self.actor.group_size),
+            "actor.group_size",
+            "must be at least 1 and divide env.num_envs",
+        )?;
+        check(
             (3..=64).contains(&self.env.keyroom_size),
             "env.keyroom_size",
             "must be between 3 and 64",
@@ -524,6 +552,22 @@ impl Config {
             "must be at least 1",
         )?;
         check(l.epochs >= 1, "learner.epochs", "must be at least 1")?;
+        check(
+            !matches!(l.advantage, AdvantageKind::Uis1 | AdvantageKind::Hybrid)
+                || self.actor.group_size >= 2,
+            "learner.advantage",
+            "uis1 and hybrid compare episodes within groups: set actor.group_size >= 2",
+        )?;
+        check(
+            (0.0..=1.0).contains(&l.gamma_step),
+            "learner.gamma_step",
+            "must be in [0, 1]",
+        )?;
+        check(
+            l.max_open_groups >= 1,
+            "learner.max_open_groups",
+            "must be at least 1",
+        )?;
         check(
             self.intrinsic.rank_clip > 0.0,
             "intrinsic.rank_clip",

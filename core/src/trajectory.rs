@@ -9,6 +9,8 @@ use crate::tensor::{decode, encode};
 
 /// Largest `num_envs` a single chunk may carry.
 pub const MAX_ENVS_PER_CHUNK: usize = 1 << 16;
+/// Most episodes a group may hold.
+pub const MAX_GROUP_SIZE: u32 = 1024;
 /// Longest event text accepted, in bytes.
 pub const MAX_EVENT_TEXT_BYTES: usize = 4096;
 
@@ -38,6 +40,10 @@ pub struct Chunk {
     pub finished_episodes: Vec<EpisodeSummary>,
     /// `T * N` per-episode occurrence counts of the event texts, or empty.
     pub event_counts: Vec<u32>,
+    /// `T * N` group ids of the steps' episodes, or empty when not grouped.
+    pub group_ids: Vec<u64>,
+    /// Episodes per group (0 or 1 when not grouped).
+    pub group_size: u32,
 }
 
 /// What the receiver knows about chunks it accepts.
@@ -75,6 +81,8 @@ impl Chunk {
             step_indices: Some(encode(&[t, n], &self.step_indices)),
             finished_episodes: self.finished_episodes.clone(),
             event_counts: self.event_counts.clone(),
+            group_ids: self.group_ids.clone(),
+            group_size: self.group_size,
         }
     }
 
@@ -195,6 +203,25 @@ impl Chunk {
                 format!("count {i} must be 0 exactly when its text is empty"),
             ));
         }
+        if !msg.group_ids.is_empty() && msg.group_ids.len() != t * n {
+            return Err(WireError::invalid(
+                "group_ids",
+                format!(
+                    "holds {} ids, expected none or rollout_len * num_envs = {}",
+                    msg.group_ids.len(),
+                    t * n
+                ),
+            ));
+        }
+        if !msg.group_ids.is_empty() && !(2..=MAX_GROUP_SIZE).contains(&msg.group_size) {
+            return Err(WireError::invalid(
+                "group_size",
+                format!(
+                    "is {}, grouped chunks need 2..={MAX_GROUP_SIZE}",
+                    msg.group_size
+                ),
+            ));
+        }
         let episode_ids = decode::<i64>("episode_ids", msg.episode_ids.as_ref(), &[t, n])?;
         let step_indices = decode::<i64>("step_indices", msg.step_indices.as_ref(), &[t, n])?;
         if step_indices.iter().any(|&s| s < 0) {
@@ -231,6 +258,12 @@ impl Chunk {
             episode_ids,
             step_indices,
             finished_episodes: msg.finished_episodes,
+            group_size: if msg.group_ids.is_empty() {
+                0
+            } else {
+                msg.group_size
+            },
+            group_ids: msg.group_ids,
             event_counts: msg.event_counts,
         })
     }
@@ -265,6 +298,8 @@ pub(crate) mod tests {
                 success: false,
             }],
             event_counts: vec![],
+            group_ids: vec![],
+            group_size: 0,
         }
     }
 

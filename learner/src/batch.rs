@@ -145,6 +145,8 @@ mod tests {
             step_indices: vec![0; t * n],
             finished_episodes: Vec::<EpisodeSummary>::new(),
             event_counts: vec![],
+            group_ids: vec![],
+            group_size: 0,
         }
     }
 

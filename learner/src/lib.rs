@@ -16,6 +16,7 @@
 
 mod batch;
 mod broadcast;
+mod episodes;
 mod error;
 mod intrinsic;
 mod metrics;

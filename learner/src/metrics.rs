@@ -36,6 +36,8 @@ pub struct MetricsRow {
     pub reward_labels: u64,
     pub reward_model_loss: f64,
     pub batch_steps: u64,
+    /// Groups of episodes dropped before they were complete (UI-S1 estimators).
+    pub groups_given_up: u64,
     /// The reward service's counters at this update, when it runs.
     #[serde(flatten)]
     pub judge: Option<JudgeMetrics>,

@@ -9,7 +9,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use spur_core::advantage::{gae, GaeInput};
+use spur_core::advantage::{gae, group_advantages, GaeInput, GroupParams};
 use spur_core::checkpoint;
 use spur_core::config::{AdvantageKind, Config};
 use spur_core::model::ActorCritic;
@@ -23,6 +23,7 @@ use tracing::{info, warn};
 
 use crate::batch::Batch;
 use crate::broadcast::{Broadcaster, Published};
+use crate::episodes::{episodes_batch, Assembler, GroupLayout};
 use crate::error::LearnerError;
 use crate::metrics::{MetricsRow, MetricsWriter};
 use crate::state::Shared;
@@ -107,11 +108,22 @@ impl Trainer {
             self.shared.env_steps.load(Ordering::Relaxed),
         );
         let mut rate = 0.0f64;
+        // UI-S1's estimators train on complete groups of episodes.
+        let grouped = matches!(lc.advantage, AdvantageKind::Uis1 | AdvantageKind::Hybrid);
+        let mut assembler = grouped.then(|| {
+            let spec = spur_core::env::env_spec(&self.config.env);
+            Assembler::new(
+                self.config.actor.group_size as usize,
+                spec.max_episode_steps as usize + 1,
+                lc.max_open_groups as usize,
+            )
+        });
         'train: loop {
             // Gather a batch.
             let mut chunks = Vec::new();
             let mut steps = 0usize;
             let mut lag_sum = 0u64;
+            let mut taken = 0usize;
             while steps < lc.batch_steps as usize {
                 if self.should_stop() {
                     break 'train;
@@ -134,10 +146,25 @@ impl Trainer {
                     continue;
                 }
                 lag_sum += lag as u64;
-                steps += chunk.steps();
-                chunks.push(chunk);
+                taken += 1;
+                match assembler.as_mut() {
+                    Some(a) => {
+                        a.push(&chunk);
+                        steps = a.ready_steps();
+                    }
+                    None => {
+                        steps += chunk.steps();
+                        chunks.push(chunk);
+                    }
+                }
             }
-            let batch = Batch::from_chunks(&chunks);
+            let (batch, layout) = match assembler.as_mut() {
+                Some(a) => {
+                    let (b, l) = episodes_batch(&a.take_ready(), self.model.obs_dim());
+                    (b, Some(l))
+                }
+                None => (Batch::from_chunks(&chunks), None),
+            };
             let lr = if self.config.stop.env_steps > 0 && lc.lr_anneal {
                 let done = self.shared.env_steps.load(Ordering::Relaxed) as f64
                     / self.config.stop.env_steps as f64;
@@ -146,7 +173,7 @@ impl Trainer {
                 lc.lr
             };
             opt.set_lr(lr);
-            let stats = self.update(&batch, &mut opt);
+            let stats = self.update(&batch, &mut opt, layout.as_ref());
             self.version += 1;
             self.updates += 1;
             self.shared
@@ -196,7 +223,8 @@ impl Trainer {
                 episodes: ep.total,
                 policy_version: self.version,
                 updates: self.updates,
-                policy_lag_mean: lag_sum as f64 / chunks.len().max(1) as f64,
+                policy_lag_mean: lag_sum as f64 / taken.max(1) as f64,
+                groups_given_up: assembler.as_ref().map_or(0, |a| a.given_up),
                 dropped_stale_chunks: self.shared.dropped_stale_chunks.load(Ordering::Relaxed),
                 queue_depth: (self.rx.len()) as u32,
                 connected_actors: self.shared.connected_actors.load(Ordering::Relaxed),
@@ -275,6 +303,37 @@ impl Trainer {
         })
     }
 
+    /// UI-S1's advantages per step: `uis1` combines the step-level and episode-level
+    /// z-scores; `hybrid` takes V-trace's advantage as the step-level term.
+    fn group_advantages(
+        &self,
+        rewards: &[f32],
+        vtrace_adv: &[f32],
+        layout: &GroupLayout,
+    ) -> Vec<f32> {
+        let lc = &self.config.learner;
+        let hybrid = lc.advantage == AdvantageKind::Hybrid;
+        let params = GroupParams {
+            gamma_step: lc.gamma_step,
+            w_episode: lc.w_episode,
+            w_step: if hybrid { 0.0 } else { lc.w_step },
+            ..GroupParams::default()
+        };
+        let mut adv = vec![0.0f32; rewards.len()];
+        for group in layout {
+            let episodes: Vec<&[f32]> = group.iter().map(|&(s, l)| &rewards[s..s + l]).collect();
+            for (&(s, l), a) in group.iter().zip(group_advantages(&episodes, &params)) {
+                adv[s..s + l].copy_from_slice(&a);
+            }
+        }
+        if hybrid {
+            for (a, v) in adv.iter_mut().zip(vtrace_adv) {
+                *a += lc.w_step as f32 * v;
+            }
+        }
+        adv
+    }
+
     fn should_stop(&self) -> bool {
         self.shared.stop_requested.load(Ordering::Acquire)
     }
@@ -304,7 +363,13 @@ impl Trainer {
         Ok(path)
     }
 
-    fn update(&mut self, batch: &Batch, opt: &mut nn::Optimizer) -> UpdateStats {
+    /// One update on `batch`; `layout` says where each group's episodes are (UI-S1).
+    fn update(
+        &mut self,
+        batch: &Batch,
+        opt: &mut nn::Optimizer,
+        layout: Option<&GroupLayout>,
+    ) -> UpdateStats {
         let lc = &self.config.learner;
         let dev = self.model.device();
         let (t_len, w) = (batch.rollout_len, batch.width);
@@ -347,7 +412,7 @@ impl Trainer {
             .map(|(a, b)| a - b)
             .collect();
         let (pg_advantages, value_targets) = match lc.advantage {
-            AdvantageKind::Vtrace => {
+            AdvantageKind::Vtrace | AdvantageKind::Uis1 | AdvantageKind::Hybrid => {
                 let vt = vtrace(
                     &VTraceInput {
                         rollout_len: t_len,
@@ -367,7 +432,15 @@ impl Trainer {
                         pg_rho_clip: lc.rho_clip as f32,
                     },
                 );
-                (vt.pg_advantages, vt.vs)
+                match layout {
+                    // The critic learns V-trace targets in every mode; only the
+                    // policy's advantages differ.
+                    Some(layout) => (
+                        self.group_advantages(&rewards, &vt.pg_advantages, layout),
+                        vt.vs,
+                    ),
+                    None => (vt.pg_advantages, vt.vs),
+                }
             }
             AdvantageKind::Gae => gae(
                 &GaeInput {

@@ -1,6 +1,10 @@
 //! `VecEnv`: many environments stepped in lock-step with one flat observation buffer.
 //! An episode that ends is reset at once (its last observation is kept for
 //! bootstrapping truncated episodes), and each new episode gets a fresh seed.
+//!
+//! With groups (`group_size` G > 1), envs come in blocks of G: the k-th episode of
+//! every env in a block starts from the same task seed, which is also the episode's
+//! group id, so the G k-th episodes of a block form one group (UI-S1).
 
 use std::collections::HashMap;
 
@@ -36,12 +40,35 @@ pub struct VecEnv {
     returns: Vec<f32>,
     /// Per env: occurrences of each event text in the current episode.
     seen: Vec<HashMap<String, u32>>,
+    /// Episodes per group (1: no groups).
+    group_size: usize,
+    /// Per env: episodes it has started, and the group of the current one.
+    started: Vec<u64>,
+    group_ids: Vec<u64>,
     out: VecStep,
+}
+
+/// A well-spread 64-bit value for `x` (SplitMix64's finalizer).
+fn mix(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    x ^ (x >> 31)
 }
 
 impl VecEnv {
     /// Wraps `envs` (all of the same spec) and resets each from `seed`.
     pub fn new(envs: Vec<Box<dyn Env>>, seed: u64) -> Self {
+        Self::grouped(envs, seed, 1)
+    }
+
+    /// Like [`new`](Self::new), with envs in groups of `group_size` (which must
+    /// divide their number).
+    pub fn grouped(envs: Vec<Box<dyn Env>>, seed: u64, group_size: usize) -> Self {
+        assert!(
+            group_size >= 1 && envs.len().is_multiple_of(group_size),
+            "the number of envs must be a multiple of the group size"
+        );
         assert!(!envs.is_empty(), "a VecEnv needs at least one env");
         let spec = envs[0].spec();
         let n = envs.len();
@@ -54,6 +81,9 @@ impl VecEnv {
             step_indices: vec![0; n],
             returns: vec![0.0; n],
             seen: vec![HashMap::new(); n],
+            group_size,
+            started: vec![0; n],
+            group_ids: vec![0; n],
             out: VecStep {
                 rewards: vec![0.0; n],
                 terminated: vec![0; n],
@@ -93,12 +123,28 @@ impl VecEnv {
         &self.step_indices
     }
 
+    /// Group of each env's current episode (its task seed); meaningful with groups.
+    pub fn group_ids(&self) -> &[u64] {
+        &self.group_ids
+    }
+
+    pub fn group_size(&self) -> usize {
+        self.group_size
+    }
+
     fn start_episode(&mut self, i: usize) {
         let d = self.spec.obs_dim;
         // SplitMix-style spread so neighbouring episodes get unrelated seeds.
-        let seed = self
-            .seed
-            .wrapping_add(self.episodes_started.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        let seed = if self.group_size > 1 {
+            // The k-th episode of each env in block j: one task per (seed, j, k).
+            let block = (i / self.group_size) as u64;
+            mix(mix(self.seed ^ mix(block)) ^ self.started[i])
+        } else {
+            self.seed
+                .wrapping_add(self.episodes_started.wrapping_mul(0x9E37_79B9_7F4A_7C15))
+        };
+        self.group_ids[i] = seed;
+        self.started[i] += 1;
         self.envs[i].reset(seed, &mut self.obs[i * d..(i + 1) * d]);
         self.episode_ids[i] = self.episodes_started as i64;
         self.episodes_started += 1;
@@ -175,6 +221,32 @@ mod tests {
         }
         assert_eq!(v.episode_ids(), &[3, 4, 5]);
         assert_eq!(v.step_indices(), &[0, 0, 0]);
+    }
+
+    #[test]
+    fn groups_share_task_seeds_episode_by_episode() {
+        use crate::env::KeyRoom;
+        let envs: Vec<Box<dyn Env>> = (0..4)
+            .map(|_| Box::new(KeyRoom::new(5, Some(3))) as _)
+            .collect();
+        let mut v = VecEnv::grouped(envs, 7, 2);
+        let d = v.spec().obs_dim;
+        let g0 = v.group_ids().to_vec();
+        assert_eq!(g0[0], g0[1]);
+        assert_eq!(g0[2], g0[3]);
+        assert_ne!(g0[0], g0[2]);
+        // The same task: the same first observation within a block.
+        let obs = v.observations().to_vec();
+        assert_eq!(obs[..d], obs[d..2 * d]);
+        // After the step limit every env starts its second episode: a new group,
+        // shared again within each block.
+        for _ in 0..3 {
+            v.step(&[4, 4, 4, 4]);
+        }
+        let g1 = v.group_ids().to_vec();
+        assert_eq!(g1[0], g1[1]);
+        assert_ne!(g1[0], g0[0]);
+        assert_ne!(g1[0], g1[2]);
     }
 
     #[test]
