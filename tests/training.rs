@@ -19,6 +19,24 @@ async fn cartpole_learns_with_gae_advantages() -> anyhow::Result<()> {
     learns(config, "learns-gae").await
 }
 
+/// UI-S1's critic-free estimator over groups of 4 episodes that share a start state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cartpole_learns_with_uis1_group_advantages() -> anyhow::Result<()> {
+    let mut config = tiny_cartpole(200_000);
+    config.learner.advantage = spur_core::config::AdvantageKind::Uis1;
+    config.actor.group_size = 4;
+    learns(config, "learns-uis1").await
+}
+
+/// V-trace plus UI-S1's episode-level term.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cartpole_learns_with_hybrid_advantages() -> anyhow::Result<()> {
+    let mut config = tiny_cartpole(200_000);
+    config.learner.advantage = spur_core::config::AdvantageKind::Hybrid;
+    config.actor.group_size = 4;
+    learns(config, "learns-hybrid").await
+}
+
 async fn learns(config: spur_core::Config, name: &str) -> anyhow::Result<()> {
     let learner = TestLearner::start(config.clone(), name).await?;
     let actors: Vec<_> = (0..2)
