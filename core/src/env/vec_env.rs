@@ -2,9 +2,11 @@
 //! An episode that ends is reset at once (its last observation is kept for
 //! bootstrapping truncated episodes), and each new episode gets a fresh seed.
 //!
-//! With groups (`group_size` G > 1), envs come in blocks of G: the k-th episode of
-//! every env in a block starts from the same task seed, which is also the episode's
-//! group id, so the G k-th episodes of a block form one group (UI-S1).
+//! With groups (`group_size` G > 1), envs come in blocks of G, and each block fills
+//! one group at a time: the next G episodes started in the block share a task seed,
+//! which is also their group id (UI-S1). Usually that is one episode per env; an env
+//! whose episode ends early may run the same task again. Filling groups in start
+//! order keeps a group's episodes close in time, so none of them waits long.
 
 use std::collections::HashMap;
 
@@ -42,8 +44,11 @@ pub struct VecEnv {
     seen: Vec<HashMap<String, u32>>,
     /// Episodes per group (1: no groups).
     group_size: usize,
-    /// Per env: episodes it has started, and the group of the current one.
-    started: Vec<u64>,
+    /// Per block: the group being filled, its episodes started, groups opened.
+    block_group: Vec<u64>,
+    block_filled: Vec<usize>,
+    block_groups: Vec<u64>,
+    /// Per env: the group of the current episode.
     group_ids: Vec<u64>,
     out: VecStep,
 }
@@ -82,7 +87,9 @@ impl VecEnv {
             returns: vec![0.0; n],
             seen: vec![HashMap::new(); n],
             group_size,
-            started: vec![0; n],
+            block_group: vec![0; n / group_size],
+            block_filled: vec![group_size; n / group_size],
+            block_groups: vec![0; n / group_size],
             group_ids: vec![0; n],
             out: VecStep {
                 rewards: vec![0.0; n],
@@ -136,15 +143,20 @@ impl VecEnv {
         let d = self.spec.obs_dim;
         // SplitMix-style spread so neighbouring episodes get unrelated seeds.
         let seed = if self.group_size > 1 {
-            // The k-th episode of each env in block j: one task per (seed, j, k).
-            let block = (i / self.group_size) as u64;
-            mix(mix(self.seed ^ mix(block)) ^ self.started[i])
+            let j = i / self.group_size;
+            if self.block_filled[j] == self.group_size {
+                // Open the block's next group: one task per (seed, block, count).
+                self.block_groups[j] += 1;
+                self.block_group[j] = mix(mix(self.seed ^ mix(j as u64)) ^ self.block_groups[j]);
+                self.block_filled[j] = 0;
+            }
+            self.block_filled[j] += 1;
+            self.block_group[j]
         } else {
             self.seed
                 .wrapping_add(self.episodes_started.wrapping_mul(0x9E37_79B9_7F4A_7C15))
         };
         self.group_ids[i] = seed;
-        self.started[i] += 1;
         self.envs[i].reset(seed, &mut self.obs[i * d..(i + 1) * d]);
         self.episode_ids[i] = self.episodes_started as i64;
         self.episodes_started += 1;
@@ -247,6 +259,23 @@ mod tests {
         assert_eq!(g1[0], g1[1]);
         assert_ne!(g1[0], g0[0]);
         assert_ne!(g1[0], g1[2]);
+
+        // Groups fill in start order: an env that ends early takes the next slot of
+        // its block's open group, and the group after it opens once that is full.
+        let envs: Vec<Box<dyn Env>> = vec![
+            Box::new(KeyRoom::new(5, Some(1))),
+            Box::new(KeyRoom::new(5, Some(3))),
+        ];
+        let mut v = VecEnv::grouped(envs, 7, 2);
+        let first = v.group_ids()[0];
+        v.step(&[4, 4]); // env 0 ends (1-step limit): the block's group 2 opens
+        let second = v.group_ids()[0];
+        assert_ne!(second, first);
+        v.step(&[4, 4]); // env 0 ends again: group 2's second slot
+        assert_eq!(v.group_ids()[0], second);
+        v.step(&[4, 4]); // both end: group 3 opens and takes both
+        assert_ne!(v.group_ids()[0], second);
+        assert_eq!(v.group_ids()[0], v.group_ids()[1]);
     }
 
     #[test]
