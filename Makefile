@@ -15,7 +15,7 @@ export LIBTORCH_USE_PYTORCH := 1
 export VIRTUAL_ENV          := $(abspath $(VENV))
 export PATH                 := $(VIRTUAL_ENV)/bin:$(PATH)
 
-.PHONY: run test build setup bench cartpole keyroom-table fmt lint clean
+.PHONY: run test build setup bench cartpole keyroom-table advantage-table semi-online fmt lint clean
 
 ## run: keyroom with ONI intrinsic rewards from the built-in rule judge: learner,
 ## reward service and 2 actors as separate processes (offline defaults)
@@ -49,6 +49,18 @@ cartpole: build
 ## keyroom-table: success rates with and without intrinsic rewards, 3 seeds each
 keyroom-table: build
 	python3 scripts/keyroom_table.py $(ARGS)
+
+## advantage-table: keyroom success with vtrace, gae, uis1 and hybrid advantages
+advantage-table: build
+	python3 scripts/keyroom_table.py --table advantages $(ARGS)
+
+## semi-online: UI-S1's semi-online mode on generated keyroom expert data, then its
+## semi-online score (progress, success, their mean)
+semi-online: build
+	./target/release/spur expert --config configs/keyroom.toml --episodes 1000 --out runs/keyroom-expert.jsonl
+	rm -rf runs/semi-online
+	./target/release/spur local --config configs/keyroom-replay.toml --run-dir runs/semi-online $(ARGS)
+	./target/release/spur eval runs/semi-online --greedy
 
 fmt:
 	cargo fmt --all

@@ -1,8 +1,13 @@
 #!/usr/bin/env python3
-"""Keyroom success rate with and without ONI intrinsic rewards, several seeds each,
-the same env-step budget for every run. Prints a markdown table.
+"""Keyroom success rates, several seeds per variant, the same env-step budget for
+every run. Prints a markdown table.
 
-Usage: scripts/keyroom_table.py [--seeds 3] [--steps 1000000] [--spur target/release/spur]
+  --table rewards     extrinsic only vs ONI retrieval, classification, ranking
+  --table advantages  vtrace, gae, uis1, hybrid (all with ONI retrieval rewards and
+                      groups of 4 episodes)
+
+Usage: scripts/keyroom_table.py [--table rewards] [--seeds 3] [--steps 1000000]
+                                [--spur target/release/spur]
 """
 import argparse
 import json
@@ -27,6 +32,14 @@ VARIANTS = [
 ]
 
 
+GROUPED = ["--set", "actor.group_size=4"]
+ADVANTAGES = [
+    (f"{name} (ONI retrieval)", "configs/keyroom-oni.toml",
+     GROUPED + ["--set", f"learner.advantage={name}"])
+    for name in ["vtrace", "gae", "uis1", "hybrid"]
+]
+
+
 def last_row(run_dir):
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f if line.strip()]
@@ -45,11 +58,13 @@ def main():
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=1_000_000)
     ap.add_argument("--spur", default="target/release/spur")
+    ap.add_argument("--table", choices=["rewards", "advantages"], default="rewards")
     args = ap.parse_args()
+    variants = VARIANTS if args.table == "rewards" else ADVANTAGES
     out = tempfile.mkdtemp(prefix="spur-keyroom-table-")
     store = os.path.join(out, "labels.redb")
     results = []
-    for v, (name, config, extra) in enumerate(VARIANTS):
+    for v, (name, config, extra) in enumerate(variants):
         for seed in range(1, args.seeds + 1):
             run_dir = os.path.join(out, f"variant{v}-seed{seed}")
             cmd = [

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use clap::Args;
-use spur_core::env::make_env;
+use spur_core::env::{make_env, Env};
 use spur_core::model::ActorCritic;
 use spur_core::Config;
 
@@ -45,6 +45,19 @@ pub struct EvalReport {
     pub mean_length: f64,
     /// The first episode, frame by frame, when the environment renders.
     pub rendering: Option<String>,
+    /// `replay`: UI-S1's semi-online score.
+    pub semi_online: Option<SemiOnline>,
+}
+
+/// UI-S1's semi-online evaluation on expert trajectories, without patches.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SemiOnline {
+    /// Steps matched before the first mismatch over the trajectory's length, averaged.
+    pub progress: f64,
+    /// Trajectories followed to the end without a mismatch.
+    pub success_rate: f64,
+    /// The mean of the two.
+    pub score: f64,
 }
 
 /// The checkpoint file and its run directory (if it sits in one).
@@ -107,6 +120,12 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     println!("mean return:  {:.3}", report.mean_return);
     println!("success rate: {:.1}%", report.success_rate * 100.0);
     println!("mean length:  {:.1} steps", report.mean_length);
+    if let Some(s) = report.semi_online {
+        println!(
+            "semi-online:  score {:.3} (progress {:.3}, success {:.3})",
+            s.score, s.progress, s.success_rate
+        );
+    }
     if let Some(text) = &report.rendering {
         let out = args.render.clone().unwrap_or_else(|| {
             run_dir
@@ -129,6 +148,9 @@ pub fn evaluate(
     seed: u64,
 ) -> anyhow::Result<EvalReport> {
     tch::manual_seed(seed as i64);
+    if config.env.kind == spur_core::config::EnvKind::Replay {
+        return semi_online(config, weights, episodes, greedy);
+    }
     let mut env = make_env(&config.env);
     let spec = env.spec();
     let mut model = ActorCritic::new(
@@ -193,6 +215,64 @@ pub fn evaluate(
         success_rate: successes as f64 / n,
         mean_length: total_len as f64 / n,
         rendering,
+        semi_online: None,
+    })
+}
+
+/// Plays each expert trajectory (up to `episodes`) without patches: progress is the
+/// share of its steps matched before the first mismatch.
+fn semi_online(
+    config: &Config,
+    weights: &[u8],
+    episodes: u32,
+    greedy: bool,
+) -> anyhow::Result<EvalReport> {
+    let mut env = spur_core::env::Replay::open(Path::new(&config.env.replay_path), 0)
+        .map_err(|e| anyhow::anyhow!(e))?;
+    let spec = env.spec();
+    let mut model = ActorCritic::new(
+        spec.obs_dim,
+        spec.num_actions,
+        &config.model.hidden,
+        tch::Device::Cpu,
+    );
+    model
+        .load_safetensors(weights)
+        .context("the checkpoint does not fit this config's environment and model")?;
+    let n = (episodes as usize).min(env.trajectories()).max(1);
+    let mut obs = vec![0.0f32; spec.obs_dim];
+    let mut text = String::new();
+    let (mut progress, mut successes, mut matched, mut length) = (0.0f64, 0u32, 0.0f64, 0u64);
+    for i in 0..n {
+        env.reset(i as u64, &mut obs);
+        let expert_len = env.expert_len();
+        let mut ok = 0usize;
+        loop {
+            let (action, _) = model.act(&obs, greedy);
+            let out = env.step(action[0] as usize, &mut obs, &mut text);
+            ok += out.reward as usize;
+            if out.terminated || out.truncated {
+                successes += out.success as u32;
+                break;
+            }
+        }
+        progress += ok as f64 / expert_len as f64;
+        matched += ok as f64;
+        length += ok as u64;
+    }
+    let nf = n as f64;
+    let (p, s) = (progress / nf, successes as f64 / nf);
+    Ok(EvalReport {
+        episodes: n as u32,
+        mean_return: matched / nf,
+        success_rate: s,
+        mean_length: length as f64 / nf,
+        rendering: None,
+        semi_online: Some(SemiOnline {
+            progress: p,
+            success_rate: s,
+            score: (p + s) / 2.0,
+        }),
     })
 }
 
@@ -249,5 +329,40 @@ mod tests {
         );
         let w = m.to_safetensors(1, &HashMap::new()).unwrap();
         assert!(evaluate(&cp, &w, 2, true, 0).unwrap().rendering.is_none());
+    }
+
+    #[test]
+    fn semi_online_score_on_expert_data() {
+        let path =
+            std::env::temp_dir().join(format!("spur-eval-expert-{}.jsonl", std::process::id()));
+        let lines: Vec<String> = (0..4)
+            .map(|s| serde_json::to_string(&crate::expert::solve(3, None, s).unwrap()).unwrap())
+            .collect();
+        std::fs::write(&path, lines.join("\n")).unwrap();
+        let config = Config::load(
+            None,
+            Vec::new(),
+            &[
+                "env.kind=replay".into(),
+                format!("env.replay_path={}", path.display()),
+            ],
+        )
+        .unwrap();
+        let spec = spur_core::env::env_spec(&config.env);
+        let m = ActorCritic::new(
+            spec.obs_dim,
+            spec.num_actions,
+            &config.model.hidden,
+            tch::Device::Cpu,
+        );
+        let w = m.to_safetensors(1, &HashMap::new()).unwrap();
+        let r = evaluate(&config, &w, 10, true, 0).unwrap();
+        let s = r.semi_online.expect("replay gets a semi-online score");
+        assert_eq!(r.episodes, 4, "one episode per trajectory");
+        assert!((0.0..=1.0).contains(&s.progress) && (0.0..=1.0).contains(&s.success_rate));
+        assert!((s.score - (s.progress + s.success_rate) / 2.0).abs() < 1e-12);
+        // Success means following a whole trajectory, so it never beats progress.
+        assert!(s.success_rate <= s.progress + 1e-12);
+        let _ = std::fs::remove_file(&path);
     }
 }

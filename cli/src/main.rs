@@ -4,6 +4,7 @@
 mod bench;
 mod cluster;
 mod eval;
+mod expert;
 mod local;
 mod logging;
 mod plot;
@@ -53,6 +54,8 @@ enum Command {
     Eval(eval::EvalArgs),
     /// A live summary of a running learner and reward service.
     Status(status::StatusArgs),
+    /// Write expert trajectories (keyroom's scripted solver) for the `replay` env.
+    Expert(expert::ExpertArgs),
 }
 
 #[derive(Args, Clone)]
@@ -204,6 +207,10 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         }
         Command::Eval(a) => {
             eval::run(a)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Expert(a) => {
+            expert::run(a)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Status(a) => {

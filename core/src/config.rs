@@ -204,6 +204,8 @@ impl Default for RunConfig {
 pub enum EnvKind {
     Cartpole,
     Keyroom,
+    /// UI-S1's semi-online mode over expert trajectories (`env.replay_path`).
+    Replay,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -217,6 +219,10 @@ pub struct EnvConfig {
     pub max_episode_steps: u32,
     /// Interior side length of the keyroom grid.
     pub keyroom_size: u32,
+    /// `replay`: JSONL file of expert trajectories (`spur expert` writes one).
+    pub replay_path: String,
+    /// `replay`: patches per episode (a mismatch after they are spent ends it).
+    pub replay_patches: u32,
 }
 
 impl Default for EnvConfig {
@@ -226,6 +232,8 @@ impl Default for EnvConfig {
             num_envs: 32,
             max_episode_steps: 0,
             keyroom_size: 5,
+            replay_path: String::new(),
+            replay_patches: 1,
         }
     }
 }
@@ -434,7 +442,17 @@ impl Config {
         for (key, raw) in all {
             set_path(&mut value, &key, parse_scalar(&raw))?;
         }
-        Self::from_table(value)
+        let config = Self::from_table(value)?;
+        if config.env.kind == EnvKind::Replay {
+            // Read the expert data now, so a bad file is a config error, not a crash.
+            crate::env::replay::load_trajectories(Path::new(&config.env.replay_path)).map_err(
+                |message| ConfigError::Invalid {
+                    key: "env.replay_path".into(),
+                    message,
+                },
+            )?;
+        }
+        Ok(config)
     }
 
     /// Parses a TOML string (no overrides) and validates it.
@@ -793,6 +811,23 @@ mod tests {
         assert!(err.to_string().contains("env.num_envs"), "{err}");
         let err = Config::from_toml_str("[env]\nkind = \"pong\"\n").unwrap_err();
         assert!(err.to_string().contains("env.kind"), "{err}");
+        // UI-S1's estimators need groups; groups must divide the envs.
+        let err = Config::from_toml_str("[learner]\nadvantage = \"uis1\"\n").unwrap_err();
+        assert!(err.to_string().contains("actor.group_size"), "{err}");
+        let err =
+            Config::from_toml_str("[env]\nnum_envs = 6\n[actor]\ngroup_size = 4\n").unwrap_err();
+        assert!(err.to_string().contains("actor.group_size"), "{err}");
+        // A replay file that cannot be read is a config error naming the key.
+        let err = Config::load(
+            None,
+            Vec::new(),
+            &[
+                "env.kind=replay".into(),
+                "env.replay_path=/nonexistent/expert.jsonl".into(),
+            ],
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("env.replay_path"), "{err}");
     }
 
     #[test]

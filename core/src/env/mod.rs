@@ -3,10 +3,12 @@
 
 mod cartpole;
 mod keyroom;
+pub mod replay;
 mod vec_env;
 
 pub use cartpole::CartPole;
 pub use keyroom::KeyRoom;
+pub use replay::Replay;
 pub use vec_env::{VecEnv, VecStep};
 
 use crate::config::{EnvConfig, EnvKind};
@@ -56,6 +58,14 @@ pub fn make_env(config: &EnvConfig) -> Box<dyn Env> {
     match config.kind {
         EnvKind::Cartpole => Box::new(CartPole::new(limit)),
         EnvKind::Keyroom => Box::new(KeyRoom::new(config.keyroom_size as usize, limit)),
+        // `Config::load` has read the file already; this fails only if it changed.
+        EnvKind::Replay => Box::new(
+            Replay::open(
+                std::path::Path::new(&config.replay_path),
+                config.replay_patches,
+            )
+            .unwrap_or_else(|e| panic!("env.replay_path: {e}")),
+        ),
     }
 }
 
