@@ -109,3 +109,68 @@ async fn late_actor_gets_latest_weights_and_is_used() -> anyhow::Result<()> {
     learner.stop().await?;
     Ok(())
 }
+
+/// UI-S1's semi-online mode: replaying keyroom expert trajectories (reward 1 per
+/// step that matches the expert, one patch per episode, imitation on patched
+/// steps), the policy comes to follow the expert far beyond a random policy's
+/// fraction of a step.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn semi_online_replay_learns_to_follow_the_expert() -> anyhow::Result<()> {
+    use spur_core::env::replay::{ExpertStep, ExpertTrajectory};
+    use spur_core::env::{Env, KeyRoom};
+    let path = std::env::temp_dir().join(format!("spur-semi-online-{}.jsonl", std::process::id()));
+    let mut lines = Vec::new();
+    let mut total_steps = 0;
+    for seed in 0..200 {
+        let mut env = KeyRoom::new(4, None);
+        let mut obs = vec![0.0f32; env.spec().obs_dim];
+        let mut text = String::new();
+        env.reset(seed, &mut obs);
+        let mut steps = Vec::new();
+        loop {
+            let a = env.expert_action();
+            let before = obs.clone();
+            let out = env.step(a, &mut obs, &mut text);
+            steps.push(ExpertStep {
+                obs: before,
+                action: a as i64,
+                text: text.clone(),
+            });
+            if out.terminated || out.truncated {
+                assert!(out.success, "the scripted solver reaches the goal");
+                break;
+            }
+        }
+        total_steps += steps.len();
+        lines.push(serde_json::to_string(&ExpertTrajectory {
+            num_actions: 5,
+            steps,
+        })?);
+    }
+    std::fs::write(&path, lines.join("\n"))?;
+    let mean_len = total_steps as f64 / 200.0;
+
+    let mut config = tiny_cartpole(150_000);
+    config.env.kind = spur_core::config::EnvKind::Replay;
+    config.env.replay_path = path.display().to_string();
+    config.learner.gamma = 0.5;
+    config.learner.entropy_coef = 0.01;
+    let learner = TestLearner::start(config.clone(), "semi-online").await?;
+    let actors: Vec<_> = (0..2)
+        .map(|i| spawn_actor(&config, &learner.addr, i))
+        .collect();
+    let summary = learner.handle.await??;
+    for (_stop, a) in actors {
+        a.await??;
+    }
+    let _ = std::fs::remove_file(&path);
+    // The return counts matched steps; a random policy matches a fifth of its
+    // actions and stops at the second mismatch.
+    assert!(
+        summary.episode_return_mean > 0.6 * mean_len,
+        "matched {:.1} of {:.1} expert steps",
+        summary.episode_return_mean,
+        mean_len
+    );
+    Ok(())
+}

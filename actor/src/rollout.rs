@@ -48,6 +48,7 @@ impl Rollout {
         let group_size = self.config.actor.group_size as usize;
         let mut venv = VecEnv::grouped(envs, self.seed, group_size);
         let grouped = group_size > 1;
+        let patched_env = self.config.env.kind == spur_core::config::EnvKind::Replay;
         let spec = venv.spec().clone();
         let d = spec.obs_dim;
         let device = resolve_device(&self.config.model.device);
@@ -93,6 +94,7 @@ impl Rollout {
                 event_counts: Vec::with_capacity(if spec.has_text { t_len * n } else { 0 }),
                 group_ids: Vec::with_capacity(if grouped { t_len * n } else { 0 }),
                 group_size: if grouped { group_size as u32 } else { 0 },
+                expert_actions: Vec::with_capacity(if patched_env { t_len * n } else { 0 }),
             };
             for _ in 0..t_len {
                 if let Some(v) = self.try_swap(&mut model, false) {
@@ -111,6 +113,9 @@ impl Rollout {
                 c.actions.extend_from_slice(&actions);
                 c.behaviour_log_probs.extend_from_slice(&log_probs);
                 c.rewards.extend_from_slice(&out.rewards);
+                if patched_env {
+                    c.expert_actions.extend_from_slice(&out.expert_actions);
+                }
                 c.terminated.extend_from_slice(&out.terminated);
                 c.truncated.extend_from_slice(&out.truncated);
                 c.final_observations

@@ -342,6 +342,9 @@ pub struct LearnerConfig {
     /// Groups whose episodes are still running, at most; the oldest beyond are given
     /// up (and counted).
     pub max_open_groups: u32,
+    /// Weight of the imitation term (cross-entropy to the expert's action) on steps
+    /// a `replay` env patched.
+    pub imitation_coef: f64,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -387,6 +390,7 @@ impl Default for LearnerConfig {
             w_episode: 1.0,
             w_step: 1.0,
             max_open_groups: 4096,
+            imitation_coef: 1.0,
         }
     }
 }

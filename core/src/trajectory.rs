@@ -44,6 +44,8 @@ pub struct Chunk {
     pub group_ids: Vec<u64>,
     /// Episodes per group (0 or 1 when not grouped).
     pub group_size: u32,
+    /// `T * N` expert actions of patched steps (-1 elsewhere), or empty.
+    pub expert_actions: Vec<i64>,
 }
 
 /// What the receiver knows about chunks it accepts.
@@ -83,6 +85,7 @@ impl Chunk {
             event_counts: self.event_counts.clone(),
             group_ids: self.group_ids.clone(),
             group_size: self.group_size,
+            expert_actions: self.expert_actions.clone(),
         }
     }
 
@@ -222,6 +225,28 @@ impl Chunk {
                 ),
             ));
         }
+        if !msg.expert_actions.is_empty() {
+            if msg.expert_actions.len() != t * n {
+                return Err(WireError::invalid(
+                    "expert_actions",
+                    format!(
+                        "holds {} actions, expected none or rollout_len * num_envs = {}",
+                        msg.expert_actions.len(),
+                        t * n
+                    ),
+                ));
+            }
+            if let Some(a) = msg
+                .expert_actions
+                .iter()
+                .find(|&&a| a < -1 || a >= want.num_actions as i64)
+            {
+                return Err(WireError::invalid(
+                    "expert_actions",
+                    format!("action {a} is outside -1..{}", want.num_actions),
+                ));
+            }
+        }
         let episode_ids = decode::<i64>("episode_ids", msg.episode_ids.as_ref(), &[t, n])?;
         let step_indices = decode::<i64>("step_indices", msg.step_indices.as_ref(), &[t, n])?;
         if step_indices.iter().any(|&s| s < 0) {
@@ -264,6 +289,7 @@ impl Chunk {
                 msg.group_size
             },
             group_ids: msg.group_ids,
+            expert_actions: msg.expert_actions,
             event_counts: msg.event_counts,
         })
     }
@@ -300,6 +326,7 @@ pub(crate) mod tests {
             event_counts: vec![],
             group_ids: vec![],
             group_size: 0,
+            expert_actions: vec![],
         }
     }
 
@@ -313,6 +340,11 @@ pub(crate) mod tests {
     fn round_trips_through_the_wire() {
         let c = sample_chunk();
         assert_eq!(Chunk::from_proto(c.to_proto(), &WANT).unwrap(), c);
+        let mut g = sample_chunk();
+        g.group_ids = vec![7, 8, 7, 8];
+        g.group_size = 2;
+        g.expert_actions = vec![-1, 1, -1, -1];
+        assert_eq!(Chunk::from_proto(g.to_proto(), &WANT).unwrap(), g);
     }
 
     #[test]
@@ -345,6 +377,22 @@ pub(crate) mod tests {
             (
                 Box::new(|m| m.env_ids.pop().map(|_| ()).unwrap()),
                 "env_ids",
+            ),
+            (Box::new(|m| m.group_ids = vec![1, 2, 3]), "group_ids"),
+            (
+                Box::new(|m| {
+                    m.group_ids = vec![1; 4];
+                    m.group_size = 0;
+                }),
+                "group_size",
+            ),
+            (
+                Box::new(|m| m.expert_actions = vec![-1, 0]),
+                "expert_actions",
+            ),
+            (
+                Box::new(|m| m.expert_actions = vec![-1, 0, 2, -1]),
+                "expert_actions",
             ),
         ];
         for (mangle, field) in cases {

@@ -25,6 +25,9 @@ pub struct Batch {
     /// carries text.
     pub event_texts: Vec<String>,
     pub event_counts: Vec<u32>,
+    /// `T * B` expert actions of patched steps (-1 elsewhere), or empty when no
+    /// chunk carries any.
+    pub expert_actions: Vec<i64>,
 }
 
 impl Batch {
@@ -49,7 +52,9 @@ impl Batch {
             final_row: Vec::with_capacity(n),
             event_texts: Vec::new(),
             event_counts: Vec::new(),
+            expert_actions: Vec::new(),
         };
+        let has_experts = chunks.iter().any(|c| !c.expert_actions.is_empty());
         let has_text = chunks.iter().any(|c| !c.event_texts.is_empty());
         let mut cursors = vec![0usize; chunks.len()];
         for t in 0..=t_len {
@@ -69,6 +74,14 @@ impl Batch {
                 b.rewards.extend_from_slice(&c.rewards[r.clone()]);
                 b.terminated.extend_from_slice(&c.terminated[r.clone()]);
                 b.truncated.extend_from_slice(&c.truncated[r.clone()]);
+                if has_experts {
+                    if c.expert_actions.is_empty() {
+                        b.expert_actions.extend(r.clone().map(|_| -1));
+                    } else {
+                        b.expert_actions
+                            .extend_from_slice(&c.expert_actions[r.clone()]);
+                    }
+                }
                 if has_text {
                     if c.event_texts.is_empty() {
                         b.event_texts.extend(r.clone().map(|_| String::new()));
@@ -147,6 +160,7 @@ mod tests {
             event_counts: vec![],
             group_ids: vec![],
             group_size: 0,
+            expert_actions: vec![],
         }
     }
 

@@ -21,6 +21,8 @@ pub struct Episode {
     /// `L` texts and counts, or empty without text.
     pub event_texts: Vec<String>,
     pub event_counts: Vec<u32>,
+    /// `L` expert actions of patched steps (-1 elsewhere), or empty.
+    pub expert_actions: Vec<i64>,
     /// Ended in a terminal state; otherwise truncated, with this final observation.
     pub terminated: bool,
     pub final_observation: Vec<f32>,
@@ -141,6 +143,9 @@ impl Assembler {
                     e.event_texts.push(c.event_texts[i].clone());
                     e.event_counts.push(c.event_counts[i]);
                 }
+                if !c.expert_actions.is_empty() {
+                    e.expert_actions.push(c.expert_actions[i]);
+                }
                 let terminated = c.terminated[i] == 1;
                 let truncated = c.truncated[i] == 1;
                 if !terminated && !truncated {
@@ -209,7 +214,12 @@ pub fn episodes_batch(groups: &[Group], obs_dim: usize) -> (Batch, GroupLayout) 
         final_row: Vec::with_capacity(total),
         event_texts: Vec::new(),
         event_counts: Vec::new(),
+        expert_actions: Vec::new(),
     };
+    let has_experts = groups
+        .iter()
+        .flatten()
+        .any(|e| !e.expert_actions.is_empty());
     let mut layout = Vec::with_capacity(groups.len());
     for g in groups {
         let mut spans = Vec::with_capacity(g.len());
@@ -228,6 +238,13 @@ pub fn episodes_batch(groups: &[Group], obs_dim: usize) -> (Batch, GroupLayout) 
                 } else {
                     b.event_texts.extend_from_slice(&e.event_texts);
                     b.event_counts.extend_from_slice(&e.event_counts);
+                }
+            }
+            if has_experts {
+                if e.expert_actions.len() == len {
+                    b.expert_actions.extend_from_slice(&e.expert_actions);
+                } else {
+                    b.expert_actions.extend((0..len).map(|_| -1));
                 }
             }
             for s in 0..len {
@@ -289,6 +306,7 @@ mod tests {
             event_counts: vec![],
             group_ids,
             group_size: 2,
+            expert_actions: vec![],
         }
     }
 

@@ -468,6 +468,19 @@ impl Trainer {
             entropy_coef: lc.entropy_coef,
         };
 
+        // Patched steps of a replay env: imitate the expert's action there.
+        let experts = (!batch.expert_actions.is_empty() && lc.imitation_coef > 0.0).then(|| {
+            let mask: Vec<f32> = batch
+                .expert_actions
+                .iter()
+                .map(|&a| (a >= 0) as u8 as f32)
+                .collect();
+            let acts: Vec<i64> = batch.expert_actions.iter().map(|&a| a.max(0)).collect();
+            (
+                Tensor::from_slice(&acts).to_device(dev),
+                Tensor::from_slice(&mask).to_device(dev),
+            )
+        });
         let mb = (n / lc.minibatches as i64).max(1);
         let mut stats = UpdateStats {
             intrinsic_reward_mean: intrinsic_mean,
@@ -496,7 +509,22 @@ impl Trainer {
                     &eval.entropy,
                     &params,
                 );
-                let total = loss.total.double_value(&[]);
+                let loss_total = match &experts {
+                    Some((acts, mask)) => {
+                        let m = mask.index_select(0, &idx);
+                        let lp = self
+                            .model
+                            .logits(&obs.index_select(0, &idx))
+                            .log_softmax(-1, Kind::Float)
+                            .gather(1, &acts.index_select(0, &idx).unsqueeze(1), false)
+                            .squeeze_dim(1);
+                        let imitation =
+                            -(lp * &m).sum(Kind::Float) / m.sum(Kind::Float).clamp_min(1.0);
+                        &loss.total + imitation * lc.imitation_coef
+                    }
+                    None => loss.total.shallow_clone(),
+                };
+                let total = loss_total.double_value(&[]);
                 if !total.is_finite() {
                     warn!(
                         version = self.version,
@@ -505,7 +533,7 @@ impl Trainer {
                     continue;
                 }
                 opt.zero_grad();
-                loss.total.backward();
+                loss_total.backward();
                 if stats.steps == 0 {
                     stats.grad_norm = grad_norm(self.model.var_store());
                 }

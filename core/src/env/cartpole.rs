@@ -82,6 +82,7 @@ impl Env for CartPole {
             terminated,
             truncated: !terminated && self.steps >= self.limit,
             success: !terminated && self.steps >= self.limit,
+            expert_action: None,
         }
     }
 }

@@ -36,6 +36,9 @@ pub struct StepOutcome {
     pub truncated: bool,
     /// The episode ended by reaching its goal (for success rates).
     pub success: bool,
+    /// The expert's action, when the environment patched a mismatch with it (the
+    /// `replay` env); the step's action and reward stay the policy's.
+    pub expert_action: Option<usize>,
 }
 
 /// A single environment with a discrete action space and a flat observation.

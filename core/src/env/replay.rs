@@ -4,8 +4,9 @@
 //! step; the reward is 1 when its action is the expert's, else 0. On a mismatch a
 //! patch puts the expert's action in its place, so the episode goes on along the
 //! expert's path, while the patch budget lasts; after that a mismatch ends the
-//! episode. An episode that reaches the trajectory's end is a success when no step
-//! needed a patch.
+//! episode. A patched step reports the expert's action
+//! (`StepOutcome::expert_action`), which the learner imitates. An episode that
+//! reaches the trajectory's end is a success when no step needed a patch.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -163,6 +164,7 @@ impl Env for Replay {
             }
             self.patches_left -= 1;
             self.patched = true;
+            out.expert_action = Some(step.action as usize);
         }
         // The expert's action was taken (by the policy or by a patch).
         text.push_str(&step.text);
@@ -205,6 +207,11 @@ mod tests {
         assert_eq!(obs, [1.0, 0.0]);
         let o = env.step(0, &mut obs, &mut text); // wrong: patched with the expert's 2
         assert_eq!((o.reward, o.terminated), (0.0, false));
+        assert_eq!(
+            o.expert_action,
+            Some(2),
+            "the patch names the expert's action"
+        );
         assert_eq!(obs, [2.0, 0.0], "the patch follows the expert's path");
         let o = env.step(1, &mut obs, &mut text); // wrong again, no patch left
         assert!(o.terminated && !o.success && o.reward == 0.0);

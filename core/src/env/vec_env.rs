@@ -27,6 +27,8 @@ pub struct VecStep {
     pub event_counts: Vec<u32>,
     /// Last observations of truncated episodes, in env order, `obs_dim` each.
     pub final_observations: Vec<f32>,
+    /// Per env: the expert's action where the env patched a mismatch, else -1.
+    pub expert_actions: Vec<i64>,
     pub finished: Vec<EpisodeSummary>,
 }
 
@@ -98,6 +100,7 @@ impl VecEnv {
                 texts: vec![String::new(); n],
                 event_counts: vec![0; n],
                 final_observations: Vec::new(),
+                expert_actions: vec![-1; n],
                 finished: Vec::new(),
             },
             envs,
@@ -185,6 +188,7 @@ impl VecEnv {
                 *c
             };
             self.out.rewards[i] = o.reward;
+            self.out.expert_actions[i] = o.expert_action.map_or(-1, |a| a as i64);
             self.out.terminated[i] = o.terminated as u8;
             self.out.truncated[i] = o.truncated as u8;
             self.returns[i] += o.reward;
