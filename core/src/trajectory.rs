@@ -54,6 +54,9 @@ pub struct ChunkExpectation {
     pub rollout_len: usize,
     pub obs_dim: usize,
     pub num_actions: usize,
+    /// Episodes per group the receiver trains on (UI-S1 estimators); chunks must
+    /// then carry group ids for groups of exactly this size. 0: any chunk.
+    pub group_size: u32,
 }
 
 impl Chunk {
@@ -247,6 +250,18 @@ impl Chunk {
                 ));
             }
         }
+        if want.group_size > 0 && (msg.group_ids.is_empty() || msg.group_size != want.group_size) {
+            return Err(WireError::invalid(
+                "group_size",
+                format!(
+                    "is {} with {} group ids; this learner trains on groups of {} \
+                     (set actor.group_size to match)",
+                    msg.group_size,
+                    msg.group_ids.len(),
+                    want.group_size
+                ),
+            ));
+        }
         let episode_ids = decode::<i64>("episode_ids", msg.episode_ids.as_ref(), &[t, n])?;
         let step_indices = decode::<i64>("step_indices", msg.step_indices.as_ref(), &[t, n])?;
         if step_indices.iter().any(|&s| s < 0) {
@@ -334,6 +349,7 @@ pub(crate) mod tests {
         rollout_len: 2,
         obs_dim: 3,
         num_actions: 2,
+        group_size: 0,
     };
 
     #[test]
@@ -345,6 +361,19 @@ pub(crate) mod tests {
         g.group_size = 2;
         g.expert_actions = vec![-1, 1, -1, -1];
         assert_eq!(Chunk::from_proto(g.to_proto(), &WANT).unwrap(), g);
+        // A learner that trains on groups takes only groups of its size.
+        let grouped = ChunkExpectation {
+            group_size: 2,
+            ..WANT
+        };
+        assert!(Chunk::from_proto(g.to_proto(), &grouped).is_ok());
+        let err = Chunk::from_proto(sample_chunk().to_proto(), &grouped).unwrap_err();
+        assert!(err.to_string().contains("actor.group_size"), "{err}");
+        let four = ChunkExpectation {
+            group_size: 4,
+            ..WANT
+        };
+        assert!(Chunk::from_proto(g.to_proto(), &four).is_err());
     }
 
     #[test]

@@ -137,6 +137,14 @@ pub async fn serve(
             rollout_len: config.actor.rollout_len as usize,
             obs_dim: spec.obs_dim,
             num_actions: spec.num_actions,
+            group_size: if matches!(
+                config.learner.advantage,
+                spur_core::config::AdvantageKind::Uis1 | spur_core::config::AdvantageKind::Hybrid
+            ) {
+                config.actor.group_size
+            } else {
+                0
+            },
         },
         broadcaster: broadcaster.clone(),
     };
