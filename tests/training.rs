@@ -116,36 +116,14 @@ async fn late_actor_gets_latest_weights_and_is_used() -> anyhow::Result<()> {
 /// fraction of a step.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn semi_online_replay_learns_to_follow_the_expert() -> anyhow::Result<()> {
-    use spur_core::env::replay::{ExpertStep, ExpertTrajectory};
-    use spur_core::env::{Env, KeyRoom};
     let path = std::env::temp_dir().join(format!("spur-semi-online-{}.jsonl", std::process::id()));
     let mut lines = Vec::new();
     let mut total_steps = 0;
     for seed in 0..200 {
-        let mut env = KeyRoom::new(4, None);
-        let mut obs = vec![0.0f32; env.spec().obs_dim];
-        let mut text = String::new();
-        env.reset(seed, &mut obs);
-        let mut steps = Vec::new();
-        loop {
-            let a = env.expert_action();
-            let before = obs.clone();
-            let out = env.step(a, &mut obs, &mut text);
-            steps.push(ExpertStep {
-                obs: before,
-                action: a as i64,
-                text: text.clone(),
-            });
-            if out.terminated || out.truncated {
-                assert!(out.success, "the scripted solver reaches the goal");
-                break;
-            }
-        }
-        total_steps += steps.len();
-        lines.push(serde_json::to_string(&ExpertTrajectory {
-            num_actions: 5,
-            steps,
-        })?);
+        let t = spur_core::env::replay::keyroom_expert(4, None, seed)
+            .expect("the scripted solver reaches the goal");
+        total_steps += t.steps.len();
+        lines.push(serde_json::to_string(&t)?);
     }
     std::fs::write(&path, lines.join("\n"))?;
     let mean_len = total_steps as f64 / 200.0;

@@ -153,15 +153,7 @@ pub fn evaluate(
     }
     let mut env = make_env(&config.env);
     let spec = env.spec();
-    let mut model = ActorCritic::new(
-        spec.obs_dim,
-        spec.num_actions,
-        &config.model.hidden,
-        tch::Device::Cpu,
-    );
-    model
-        .load_safetensors(weights)
-        .context("the checkpoint does not fit this config's environment and model")?;
+    let model = load_policy(&spec, config, weights)?;
     let mut obs = vec![0.0f32; spec.obs_dim];
     let mut text = String::new();
     let (mut total_return, mut successes, mut total_len) = (0.0f64, 0u32, 0u64);
@@ -219,6 +211,24 @@ pub fn evaluate(
     })
 }
 
+/// The config's policy network on the CPU with the checkpoint's `weights`.
+fn load_policy(
+    spec: &spur_core::env::EnvSpec,
+    config: &Config,
+    weights: &[u8],
+) -> anyhow::Result<ActorCritic> {
+    let mut model = ActorCritic::new(
+        spec.obs_dim,
+        spec.num_actions,
+        &config.model.hidden,
+        tch::Device::Cpu,
+    );
+    model
+        .load_safetensors(weights)
+        .context("the checkpoint does not fit this config's environment and model")?;
+    Ok(model)
+}
+
 /// Plays each expert trajectory (up to `episodes`) without patches: progress is the
 /// share of its steps matched before the first mismatch.
 fn semi_online(
@@ -230,19 +240,13 @@ fn semi_online(
     let mut env = spur_core::env::Replay::open(Path::new(&config.env.replay_path), 0)
         .map_err(|e| anyhow::anyhow!(e))?;
     let spec = env.spec();
-    let mut model = ActorCritic::new(
-        spec.obs_dim,
-        spec.num_actions,
-        &config.model.hidden,
-        tch::Device::Cpu,
-    );
-    model
-        .load_safetensors(weights)
-        .context("the checkpoint does not fit this config's environment and model")?;
+    let model = load_policy(&spec, config, weights)?;
     let n = (episodes as usize).min(env.trajectories()).max(1);
     let mut obs = vec![0.0f32; spec.obs_dim];
     let mut text = String::new();
-    let (mut progress, mut successes, mut matched, mut length) = (0.0f64, 0u32, 0.0f64, 0u64);
+    // Without patches an episode ends at the first mismatch, so its length is the
+    // number of steps it matched.
+    let (mut progress, mut successes, mut matched) = (0.0f64, 0u32, 0u64);
     for i in 0..n {
         env.reset(i as u64, &mut obs);
         let expert_len = env.expert_len();
@@ -257,16 +261,15 @@ fn semi_online(
             }
         }
         progress += ok as f64 / expert_len as f64;
-        matched += ok as f64;
-        length += ok as u64;
+        matched += ok as u64;
     }
     let nf = n as f64;
     let (p, s) = (progress / nf, successes as f64 / nf);
     Ok(EvalReport {
         episodes: n as u32,
-        mean_return: matched / nf,
+        mean_return: matched as f64 / nf,
         success_rate: s,
-        mean_length: length as f64 / nf,
+        mean_length: matched as f64 / nf,
         rendering: None,
         semi_online: Some(SemiOnline {
             progress: p,
@@ -336,7 +339,10 @@ mod tests {
         let path =
             std::env::temp_dir().join(format!("spur-eval-expert-{}.jsonl", std::process::id()));
         let lines: Vec<String> = (0..4)
-            .map(|s| serde_json::to_string(&crate::expert::solve(3, None, s).unwrap()).unwrap())
+            .map(|s| {
+                serde_json::to_string(&spur_core::env::replay::keyroom_expert(3, None, s).unwrap())
+                    .unwrap()
+            })
             .collect();
         std::fs::write(&path, lines.join("\n")).unwrap();
         let config = Config::load(

@@ -7,8 +7,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context};
 use clap::Args;
 use spur_core::config::EnvKind;
-use spur_core::env::replay::{ExpertStep, ExpertTrajectory};
-use spur_core::env::{Env, KeyRoom};
+use spur_core::env::replay::keyroom_expert;
 
 use crate::ConfigArgs;
 
@@ -28,35 +27,6 @@ pub struct ExpertArgs {
     out: PathBuf,
 }
 
-/// One solved episode of the keyroom with `seed`.
-pub fn solve(size: usize, limit: Option<u32>, seed: u64) -> anyhow::Result<ExpertTrajectory> {
-    let mut env = KeyRoom::new(size, limit);
-    let spec = env.spec();
-    let mut obs = vec![0.0f32; spec.obs_dim];
-    let mut text = String::new();
-    env.reset(seed, &mut obs);
-    let mut steps = Vec::new();
-    loop {
-        let action = env.expert_action();
-        let before = obs.clone();
-        let out = env.step(action, &mut obs, &mut text);
-        steps.push(ExpertStep {
-            obs: before,
-            action: action as i64,
-            text: text.clone(),
-        });
-        if out.terminated || out.truncated {
-            if !out.success {
-                bail!("the solver did not reach the goal in room {seed} (step limit too short?)");
-            }
-            return Ok(ExpertTrajectory {
-                num_actions: spec.num_actions,
-                steps,
-            });
-        }
-    }
-}
-
 pub fn run(args: ExpertArgs) -> anyhow::Result<()> {
     let config = args.config.load()?;
     if config.env.kind != EnvKind::Keyroom {
@@ -71,7 +41,8 @@ pub fn run(args: ExpertArgs) -> anyhow::Result<()> {
     let mut w = std::io::BufWriter::new(file);
     let mut steps = 0usize;
     for i in 0..args.episodes as u64 {
-        let t = solve(config.env.keyroom_size as usize, limit, args.seed + i)?;
+        let t = keyroom_expert(config.env.keyroom_size as usize, limit, args.seed + i)
+            .map_err(|e| anyhow::anyhow!(e))?;
         steps += t.steps.len();
         serde_json::to_writer(&mut w, &t)?;
         w.write_all(b"\n")?;

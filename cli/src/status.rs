@@ -62,26 +62,27 @@ fn with_scheme(addr: &str) -> String {
     }
 }
 
-pub async fn run(args: StatusArgs) -> anyhow::Result<()> {
-    let (learner_addr, reward_addr) = resolve(&args)?;
-    let learner = Endpoint::from_shared(learner_addr.clone())
-        .with_context(|| format!("bad learner address {learner_addr}"))?
+/// A channel to `addr` with short timeouts: a status call should answer quickly.
+async fn connect(addr: &str) -> anyhow::Result<tonic::transport::Channel> {
+    Ok(Endpoint::from_shared(addr.to_string())
+        .with_context(|| format!("bad address {addr}"))?
         .connect_timeout(Duration::from_secs(3))
         .timeout(Duration::from_secs(3))
         .connect()
+        .await?)
+}
+
+pub async fn run(args: StatusArgs) -> anyhow::Result<()> {
+    let (learner_addr, reward_addr) = resolve(&args)?;
+    let learner = connect(&learner_addr)
         .await
         .with_context(|| format!("cannot reach the learner at {learner_addr}"))?;
     let mut learner = LearnerClient::new(learner);
     let mut reward = match &reward_addr {
-        Some(addr) => match Endpoint::from_shared(addr.clone())?
-            .connect_timeout(Duration::from_secs(3))
-            .timeout(Duration::from_secs(3))
-            .connect()
-            .await
-        {
+        Some(addr) => match connect(addr).await {
             Ok(ch) => Some(RewardServiceClient::new(ch)),
             Err(e) => {
-                eprintln!("(reward service at {addr} unreachable: {e})");
+                eprintln!("(reward service at {addr} unreachable: {e:#})");
                 None
             }
         },

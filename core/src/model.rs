@@ -23,6 +23,8 @@ pub struct ActorCritic {
 
 /// Output of [`ActorCritic::evaluate`], all with gradients.
 pub struct Evaluation {
+    /// `[B, num_actions]` log-probabilities of every action.
+    pub all_log_probs: Tensor,
     pub log_probs: Tensor,
     pub entropy: Tensor,
     pub values: Tensor,
@@ -135,6 +137,7 @@ impl ActorCritic {
         let log_probs = log_p.gather(1, &actions.unsqueeze(1), false).squeeze_dim(1);
         let entropy = -(log_p.exp() * &log_p).sum_dim_intlist(-1, false, Kind::Float);
         Evaluation {
+            all_log_probs: log_p,
             log_probs,
             entropy,
             values: self.values(obs),

@@ -512,10 +512,8 @@ impl Trainer {
                 let loss_total = match &experts {
                     Some((acts, mask)) => {
                         let m = mask.index_select(0, &idx);
-                        let lp = self
-                            .model
-                            .logits(&obs.index_select(0, &idx))
-                            .log_softmax(-1, Kind::Float)
+                        let lp = eval
+                            .all_log_probs
                             .gather(1, &acts.index_select(0, &idx).unsqueeze(1), false)
                             .squeeze_dim(1);
                         let imitation =

@@ -358,10 +358,12 @@ impl Labeler {
         let pool = judged.len() + batch.len() - 1;
         let mut rng = rand::rng();
         let mut seen: HashSet<(&str, &str)> = HashSet::new();
+        // Pairs each text is in so far (a text may already be someone's partner).
+        let mut paired: HashMap<&str, usize> = HashMap::new();
         let mut pairs = Vec::new();
         for (i, text) in batch.iter().enumerate() {
             for _ in 0..k.min(pool) * 4 {
-                if pairs.iter().filter(|(a, b)| a == text || b == text).count() >= k {
+                if paired.get(text.as_str()).copied().unwrap_or(0) >= k {
                     break;
                 }
                 let j = rng.random_range(0..pool);
@@ -379,6 +381,8 @@ impl Labeler {
                 if partner == text || !seen.insert(key) {
                     continue;
                 }
+                *paired.entry(text).or_default() += 1;
+                *paired.entry(partner).or_default() += 1;
                 pairs.push(if rng.random_bool(0.5) {
                     (text.clone(), partner.clone())
                 } else {

@@ -71,6 +71,43 @@ pub fn load_trajectories(path: &Path) -> Result<Vec<ExpertTrajectory>, String> {
     Ok(out)
 }
 
+/// One keyroom episode solved by the scripted solver (`KeyRoom::expert_action`),
+/// recorded as an expert trajectory: the observation before each step, the action
+/// and the event text it produced.
+pub fn keyroom_expert(
+    size: usize,
+    limit: Option<u32>,
+    seed: u64,
+) -> Result<ExpertTrajectory, String> {
+    let mut env = super::KeyRoom::new(size, limit);
+    let spec = env.spec();
+    let mut obs = vec![0.0f32; spec.obs_dim];
+    let mut text = String::new();
+    env.reset(seed, &mut obs);
+    let mut steps = Vec::new();
+    loop {
+        let action = env.expert_action();
+        let before = obs.clone();
+        let out = env.step(action, &mut obs, &mut text);
+        steps.push(ExpertStep {
+            obs: before,
+            action: action as i64,
+            text: text.clone(),
+        });
+        if out.terminated || out.truncated {
+            if !out.success {
+                return Err(format!(
+                    "the solver did not reach the goal in room {seed} (step limit too short?)"
+                ));
+            }
+            return Ok(ExpertTrajectory {
+                num_actions: spec.num_actions,
+                steps,
+            });
+        }
+    }
+}
+
 /// Each file is read once per process and shared by its environments.
 fn shared(path: &Path) -> Result<Arc<Vec<ExpertTrajectory>>, String> {
     static CACHE: OnceLock<Mutex<HashMap<std::path::PathBuf, Arc<Vec<ExpertTrajectory>>>>> =
@@ -149,8 +186,8 @@ impl Env for Replay {
 
     fn step(&mut self, action: usize, obs: &mut [f32], text: &mut String) -> StepOutcome {
         text.clear();
-        let data = self.data.clone();
-        let step = &data[self.current].steps[self.t];
+        // Through the field, not `trajectory()`, so the counters below stay writable.
+        let step = &self.data[self.current].steps[self.t];
         let matched = action as i64 == step.action;
         let mut out = StepOutcome {
             reward: if matched { 1.0 } else { 0.0 },
