@@ -4,6 +4,7 @@
 VENV          := .venv
 TORCH_VERSION := 2.13.0
 TORCH_STAMP   := $(VENV)/.torch-$(TORCH_VERSION)
+BRIDGE_STAMP  := $(VENV)/.bridge
 CONFIG        ?= configs/keyroom-oni.toml
 BENCH_CONFIG  ?= configs/cartpole.toml
 ARGS          ?=
@@ -30,12 +31,22 @@ test: setup
 build: setup
 	cargo build --release --locked -p spur
 
-## setup: the project venv with the pinned torch (idempotent; fast when present)
-setup: $(TORCH_STAMP)
+## setup: the project venv with the pinned torch and the environment bridge's
+## packages (gymnasium, nle, minihack, grpcio); idempotent, fast when present
+setup: $(TORCH_STAMP) $(BRIDGE_STAMP)
 
 $(TORCH_STAMP):
 	python3 -m venv $(VENV)
-	$(VENV)/bin/python -m pip install --quiet torch==$(TORCH_VERSION)
+	$(VENV)/bin/python -m pip install --quiet --no-cache-dir torch==$(TORCH_VERSION)
+	touch $@
+
+# The bridge package is installed editable; its gRPC stubs are generated from
+# env.proto by grpcio-tools into bridge/python/spur_bridge/_proto.
+$(BRIDGE_STAMP): $(TORCH_STAMP) bridge/python/requirements.txt bridge/python/pyproject.toml proto/spur/v1/env.proto
+	$(VENV)/bin/python -m pip install --quiet --no-cache-dir -r bridge/python/requirements.txt
+	$(VENV)/bin/python -m pip install --quiet --no-cache-dir --no-deps -e bridge/python
+	$(VENV)/bin/python -m grpc_tools.protoc -Ispur_bridge/_proto=proto/spur/v1 \
+	  --python_out=bridge/python --grpc_python_out=bridge/python spur_bridge/_proto/env.proto
 	touch $@
 
 ## bench: end-to-end, env-only and inference-only throughput in one run

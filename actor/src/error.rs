@@ -10,6 +10,8 @@ pub enum ActorError {
     Model(#[from] spur_core::ModelError),
     #[error("the learner rejected a chunk: {0}")]
     Rejected(String),
+    #[error(transparent)]
+    Env(#[from] spur_core::EnvError),
     #[error("rollout thread failed: {0}")]
     Rollout(String),
 }

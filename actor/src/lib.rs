@@ -89,7 +89,7 @@ pub async fn run(
         stopper.store(true, Ordering::Release);
     });
 
-    let has_text = spur_core::env::env_spec(&config.env).has_text;
+    let has_text = spur_core::env::env_spec(&config.env)?.has_text;
     let texts = if config.intrinsic.enabled && has_text {
         let endpoint = Endpoint::from_shared(config.reward_service.addr.clone())
             .map_err(|e| ActorError::Address {

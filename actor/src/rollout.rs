@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use spur_core::config::Config;
 use spur_core::device::resolve_device;
-use spur_core::env::{make_env, VecEnv};
+use spur_core::env::{make_batch, VecEnv};
 use spur_core::model::ActorCritic;
 use spur_core::trajectory::Chunk;
 use tokio::runtime::Handle;
@@ -44,15 +44,15 @@ impl Rollout {
         tch::set_num_threads(self.config.run.torch_threads as i32);
         let n = self.config.env.num_envs as usize;
         let t_len = self.config.actor.rollout_len as usize;
-        let envs = (0..n).map(|_| make_env(&self.config.env)).collect();
         let group_size = self.config.actor.group_size as usize;
-        let mut venv = VecEnv::grouped(envs, self.seed, group_size);
+        let batch = make_batch(&self.config.env, n)?;
+        let mut venv = VecEnv::from_batch(batch, self.seed, group_size)?;
         let grouped = group_size > 1;
         let patched_env = self.config.env.kind == spur_core::config::EnvKind::Replay;
         let spec = venv.spec().clone();
         let d = spec.obs_dim;
         let device = resolve_device(&self.config.model.device);
-        let mut model = ActorCritic::new(d, spec.num_actions, &self.config.model.hidden, device);
+        let mut model = ActorCritic::for_spec(&spec, &self.config.model, device)?;
         let mut stats = RolloutStats::default();
 
         // Act only with the learner's weights: wait for the first version.
@@ -109,7 +109,7 @@ impl Rollout {
                 if grouped {
                     c.group_ids.extend_from_slice(venv.group_ids());
                 }
-                let out = venv.step(&actions);
+                let out = venv.step(&actions)?;
                 c.actions.extend_from_slice(&actions);
                 c.behaviour_log_probs.extend_from_slice(&log_probs);
                 c.rewards.extend_from_slice(&out.rewards);

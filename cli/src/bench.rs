@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use clap::Args;
 use rand::Rng;
-use spur_core::env::{make_env, VecEnv};
+use spur_core::env::{make_batch, VecEnv};
 use spur_core::model::ActorCritic;
 use spur_core::Config;
 
@@ -27,15 +27,14 @@ pub struct ThroughputArgs {
     warmup: f64,
 }
 
-fn vec_env(config: &Config) -> VecEnv {
-    let envs = (0..config.env.num_envs)
-        .map(|_| make_env(&config.env))
-        .collect();
-    VecEnv::new(envs, config.run.seed)
+fn vec_env(config: &Config) -> anyhow::Result<VecEnv> {
+    let batch = make_batch(&config.env, config.env.num_envs as usize)?;
+    Ok(VecEnv::from_batch(batch, config.run.seed, 1)?)
 }
 
-fn env_only(config: &Config, secs: f64) -> f64 {
-    let mut venv = vec_env(config);
+/// Env steps/s with random actions.
+pub fn env_only(config: &Config, secs: f64) -> anyhow::Result<f64> {
+    let mut venv = vec_env(config)?;
     let n = venv.num_envs();
     let a = venv.spec().num_actions as i64;
     let mut rng = rand::rng();
@@ -44,27 +43,25 @@ fn env_only(config: &Config, secs: f64) -> f64 {
     while start.elapsed().as_secs_f64() < secs {
         for _ in 0..64 {
             actions.iter_mut().for_each(|x| *x = rng.random_range(0..a));
-            venv.step(&actions);
+            venv.step(&actions)?;
         }
         steps += 64 * n as u64;
     }
-    steps as f64 / start.elapsed().as_secs_f64()
+    Ok(steps as f64 / start.elapsed().as_secs_f64())
 }
 
 /// A fresh policy on the CPU for `venv`'s environment.
-fn cpu_policy(config: &Config, venv: &VecEnv) -> ActorCritic {
-    let spec = venv.spec();
-    ActorCritic::new(
-        spec.obs_dim,
-        spec.num_actions,
-        &config.model.hidden,
+fn cpu_policy(config: &Config, venv: &VecEnv) -> anyhow::Result<ActorCritic> {
+    Ok(ActorCritic::for_spec(
+        venv.spec(),
+        &config.model,
         tch::Device::Cpu,
-    )
+    )?)
 }
 
-fn inference_only(config: &Config, secs: f64) -> f64 {
-    let venv = vec_env(config);
-    let model = cpu_policy(config, &venv);
+fn inference_only(config: &Config, secs: f64) -> anyhow::Result<f64> {
+    let venv = vec_env(config)?;
+    let model = cpu_policy(config, &venv)?;
     let obs = venv.observations().to_vec();
     let (start, mut steps) = (Instant::now(), 0u64);
     while start.elapsed().as_secs_f64() < secs {
@@ -73,24 +70,32 @@ fn inference_only(config: &Config, secs: f64) -> f64 {
         }
         steps += 16 * venv.num_envs() as u64;
     }
-    steps as f64 / start.elapsed().as_secs_f64()
+    Ok(steps as f64 / start.elapsed().as_secs_f64())
 }
 
-fn rollout_only(config: &Config, secs: f64) -> f64 {
-    let mut venv = vec_env(config);
-    let model = cpu_policy(config, &venv);
+fn rollout_only(config: &Config, secs: f64) -> anyhow::Result<f64> {
+    let mut venv = vec_env(config)?;
+    let model = cpu_policy(config, &venv)?;
     let (start, mut steps) = (Instant::now(), 0u64);
     while start.elapsed().as_secs_f64() < secs {
         for _ in 0..16 {
             let (actions, _) = model.act(venv.observations(), false);
-            venv.step(&actions);
+            venv.step(&actions)?;
         }
         steps += 16 * venv.num_envs() as u64;
     }
-    steps as f64 / start.elapsed().as_secs_f64()
+    Ok(steps as f64 / start.elapsed().as_secs_f64())
 }
 
-async fn end_to_end(config: &Config, warmup: f64, secs: f64) -> anyhow::Result<(f64, u64)> {
+/// Runs `f` on a thread of its own: bridge envs run their own runtime, which cannot
+/// start inside this async one.
+pub async fn off_runtime<T: Send + 'static>(
+    f: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
+) -> anyhow::Result<T> {
+    tokio::task::spawn_blocking(f).await?
+}
+
+pub async fn end_to_end(config: &Config, warmup: f64, secs: f64) -> anyhow::Result<(f64, u64)> {
     let mut config = config.clone();
     config.stop.env_steps = 0;
     config.stop.target_return = 0.0;
@@ -130,9 +135,15 @@ pub async fn throughput(args: ThroughputArgs) -> anyhow::Result<std::process::Ex
         config.run.actors,
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
-    let env = env_only(&config, secs);
-    let inference = inference_only(&config, secs);
-    let rollout = rollout_only(&config, secs);
+    let c = config.clone();
+    let (env, inference, rollout) = off_runtime(move || {
+        Ok((
+            env_only(&c, secs)?,
+            inference_only(&c, secs)?,
+            rollout_only(&c, secs)?,
+        ))
+    })
+    .await?;
     let (e2e, dropped) = end_to_end(&config, args.warmup, secs).await?;
     println!(
         "{:<44} {:>12} {:>10}",

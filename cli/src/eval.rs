@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use clap::Args;
-use spur_core::env::{make_env, Env};
+use spur_core::env::{make_batch, Env, EnvBatch, StepOutcome};
 use spur_core::model::ActorCritic;
 use spur_core::Config;
 
@@ -151,19 +151,20 @@ pub fn evaluate(
     if config.env.kind == spur_core::config::EnvKind::Replay {
         return semi_online(config, weights, episodes, greedy);
     }
-    let mut env = make_env(&config.env);
-    let spec = env.spec();
+    let mut env = make_batch(&config.env, 1)?;
+    let spec = env.spec().clone();
     let model = load_policy(&spec, config, weights)?;
     let mut obs = vec![0.0f32; spec.obs_dim];
-    let mut text = String::new();
+    let mut text = vec![String::new()];
+    let mut outcome = vec![StepOutcome::default()];
     let (mut total_return, mut successes, mut total_len) = (0.0f64, 0u32, 0u64);
     let mut rendering = None;
     for e in 0..episodes {
-        env.reset(seed + e as u64, &mut obs);
+        env.reset(&[0], &[seed + e as u64], &mut obs)?;
         let mut frames = String::new();
-        let mut record = |step: u32, env: &dyn spur_core::env::Env, event: &str| {
+        let mut record = |step: u32, env: &dyn EnvBatch, event: &str| {
             if e == 0 {
-                if let Some(pic) = env.render_text() {
+                if let Some(pic) = env.render_text(0) {
                     let _ = writeln!(frames, "step {step}{}", event_suffix(event));
                     frames.push_str(&pic);
                     frames.push('\n');
@@ -174,10 +175,11 @@ pub fn evaluate(
         let (mut ret, mut len) = (0.0f64, 0u32);
         loop {
             let (action, _) = model.act(&obs, greedy);
-            let out = env.step(action[0] as usize, &mut obs, &mut text);
+            env.step(&action, &mut obs, &mut text, &mut outcome)?;
+            let out = outcome[0];
             ret += out.reward as f64;
             len += 1;
-            record(len, env.as_ref(), &text);
+            record(len, env.as_ref(), &text[0]);
             if out.terminated || out.truncated {
                 successes += out.success as u32;
                 if e == 0 && !frames.is_empty() {
@@ -217,12 +219,7 @@ fn load_policy(
     config: &Config,
     weights: &[u8],
 ) -> anyhow::Result<ActorCritic> {
-    let mut model = ActorCritic::new(
-        spec.obs_dim,
-        spec.num_actions,
-        &config.model.hidden,
-        tch::Device::Cpu,
-    );
+    let mut model = ActorCritic::for_spec(spec, &config.model, tch::Device::Cpu)?;
     model
         .load_safetensors(weights)
         .context("the checkpoint does not fit this config's environment and model")?;
@@ -299,13 +296,8 @@ mod tests {
         config.env.kind = EnvKind::Keyroom;
         config.env.keyroom_size = 5;
         config.env.max_episode_steps = 30;
-        let spec = spur_core::env::env_spec(&config.env);
-        let model = ActorCritic::new(
-            spec.obs_dim,
-            spec.num_actions,
-            &config.model.hidden,
-            tch::Device::Cpu,
-        );
+        let spec = spur_core::env::env_spec(&config.env).unwrap();
+        let model = ActorCritic::for_spec(&spec, &config.model, tch::Device::Cpu).unwrap();
         let weights = model.to_safetensors(7, &HashMap::new()).unwrap();
         let r = evaluate(&config, &weights, 5, false, 3).unwrap();
         assert_eq!(r.episodes, 5);
@@ -323,13 +315,8 @@ mod tests {
         // Cartpole has no picture.
         let mut cp = Config::from_toml_str("").unwrap();
         cp.env.kind = EnvKind::Cartpole;
-        let spec = spur_core::env::env_spec(&cp.env);
-        let m = ActorCritic::new(
-            spec.obs_dim,
-            spec.num_actions,
-            &cp.model.hidden,
-            tch::Device::Cpu,
-        );
+        let spec = spur_core::env::env_spec(&cp.env).unwrap();
+        let m = ActorCritic::for_spec(&spec, &cp.model, tch::Device::Cpu).unwrap();
         let w = m.to_safetensors(1, &HashMap::new()).unwrap();
         assert!(evaluate(&cp, &w, 2, true, 0).unwrap().rendering.is_none());
     }
@@ -354,13 +341,8 @@ mod tests {
             ],
         )
         .unwrap();
-        let spec = spur_core::env::env_spec(&config.env);
-        let m = ActorCritic::new(
-            spec.obs_dim,
-            spec.num_actions,
-            &config.model.hidden,
-            tch::Device::Cpu,
-        );
+        let spec = spur_core::env::env_spec(&config.env).unwrap();
+        let m = ActorCritic::for_spec(&spec, &config.model, tch::Device::Cpu).unwrap();
         let w = m.to_safetensors(1, &HashMap::new()).unwrap();
         let r = evaluate(&config, &w, 10, true, 0).unwrap();
         let s = r.semi_online.expect("replay gets a semi-online score");

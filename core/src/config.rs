@@ -206,6 +206,9 @@ pub enum EnvKind {
     Keyroom,
     /// UI-S1's semi-online mode over expert trajectories (`env.replay_path`).
     Replay,
+    /// Any Gymnasium id (NetHack and MiniHack included) through the Python bridge
+    /// (`bridge/python`), `env.gym_id` with `env.num_envs` envs per actor.
+    Gym,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -223,6 +226,19 @@ pub struct EnvConfig {
     pub replay_path: String,
     /// `replay`: patches per episode (a mismatch after they are spent ends it).
     pub replay_patches: u32,
+    /// `gym`: the Gymnasium id, e.g. `CartPole-v1`, `NetHackScore-v0`,
+    /// `MiniHack-Room-5x5-v0`.
+    pub gym_id: String,
+    /// `gym`: env servers this actor steps (`host:port`), which split `num_envs`
+    /// evenly; empty: the actor starts `servers` bridge processes itself.
+    pub remote: Vec<String>,
+    /// `gym`: bridge processes each actor starts when `remote` is empty.
+    pub servers: u32,
+    /// `gym`: the Python that runs the bridge; empty: `$VIRTUAL_ENV/bin/python`,
+    /// then `.venv/bin/python`, then `python3`.
+    pub python: String,
+    /// `gym`, NetHack and MiniHack: side of the glyph crop around the hero (odd).
+    pub crop: u32,
 }
 
 impl Default for EnvConfig {
@@ -234,6 +250,11 @@ impl Default for EnvConfig {
             keyroom_size: 5,
             replay_path: String::new(),
             replay_patches: 1,
+            gym_id: String::new(),
+            remote: Vec::new(),
+            servers: 1,
+            python: String::new(),
+            crop: 9,
         }
     }
 }
@@ -241,15 +262,28 @@ impl Default for EnvConfig {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct ModelConfig {
-    /// Hidden layer widths of the policy and value MLPs.
+    /// `auto` (the NetHack network for observations with a glyph crop, stats and a
+    /// message, else the MLP), `mlp` or `nethack`.
+    pub arch: ModelArch,
+    /// Hidden layer widths of the policy and value MLPs (`nethack`: the first is the
+    /// width of the shared core).
     pub hidden: Vec<u32>,
     /// `auto` (CUDA when present), `cpu`, `cuda` or `cuda:N`.
     pub device: String,
 }
 
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ModelArch {
+    Auto,
+    Mlp,
+    Nethack,
+}
+
 impl Default for ModelConfig {
     fn default() -> Self {
         Self {
+            arch: ModelArch::Auto,
             hidden: vec![64, 64],
             device: "auto".into(),
         }
@@ -522,6 +556,33 @@ impl Config {
             "actor.group_size",
             "must be at least 1 and divide env.num_envs",
         )?;
+        if self.env.kind == EnvKind::Gym {
+            let e = &self.env;
+            check(
+                !e.gym_id.is_empty(),
+                "env.gym_id",
+                "must name a Gymnasium id for env.kind = \"gym\"",
+            )?;
+            check(
+                e.crop % 2 == 1 && e.crop <= 21,
+                "env.crop",
+                "must be odd and at most 21",
+            )?;
+            let servers = if e.remote.is_empty() {
+                e.servers
+            } else {
+                e.remote.len() as u32
+            };
+            check(
+                servers >= 1 && e.num_envs.is_multiple_of(servers),
+                if e.remote.is_empty() {
+                    "env.servers"
+                } else {
+                    "env.remote"
+                },
+                "the env servers must split env.num_envs evenly (at least one server)",
+            )?;
+        }
         check(
             (3..=64).contains(&self.env.keyroom_size),
             "env.keyroom_size",

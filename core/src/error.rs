@@ -50,3 +50,17 @@ pub enum ModelError {
     #[error("io: {0}")]
     Io(#[from] std::io::Error),
 }
+
+/// An environment that cannot be built or stepped: a bridge process that would not
+/// start, an env server that is gone or answers out of protocol.
+#[derive(Debug, Error)]
+pub enum EnvError {
+    #[error("env bridge `{command}` did not start: {message}")]
+    Spawn { command: String, message: String },
+    #[error("env server {addr}: {message}")]
+    Server { addr: String, message: String },
+    #[error("env server {addr} broke the protocol: {message}")]
+    Protocol { addr: String, message: String },
+    #[error("{0}")]
+    Config(String),
+}

@@ -26,4 +26,4 @@ pub mod trajectory;
 pub mod vtrace;
 
 pub use config::Config;
-pub use error::{ConfigError, ModelError, WireError};
+pub use error::{ConfigError, EnvError, ModelError, WireError};

@@ -1,6 +1,8 @@
-//! The MLP actor-critic policy (tch): separate policy and value MLPs with tanh
-//! activations, batched sampling for actors, log-prob/entropy/value evaluation for the
-//! learner, and weights as safetensors bytes with a version in the metadata.
+//! The actor-critic policy (tch): either separate policy and value MLPs with tanh
+//! activations, or, for NetHack and MiniHack observations, a shared network of a
+//! glyph-crop CNN, a bottom-line-stats MLP and a char-level message encoder. Batched
+//! sampling for actors, log-prob/entropy/value evaluation for the learner, and weights
+//! as safetensors bytes with a version in the metadata.
 
 use std::collections::HashMap;
 
@@ -8,17 +10,139 @@ use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 use tch::nn::{self, Module};
 use tch::{Device, Kind, Tensor};
 
+use crate::config::{ModelArch, ModelConfig};
+use crate::env::EnvSpec;
 use crate::error::ModelError;
 
 /// Metadata key holding the policy version inside a weights payload.
 pub const VERSION_KEY: &str = "spur.policy_version";
 
+/// NetHack's glyph ids run from 0 to this (`MAX_GLYPH`, "nothing", pads the crop).
+const MAX_GLYPH: i64 = 5976;
+
 pub struct ActorCritic {
     vs: nn::VarStore,
-    policy: Vec<nn::Linear>,
-    value: Vec<nn::Linear>,
+    body: Body,
     obs_dim: usize,
     num_actions: usize,
+}
+
+enum Body {
+    Mlp {
+        policy: Vec<nn::Linear>,
+        value: Vec<nn::Linear>,
+    },
+    NetHack(Box<NetHackNet>),
+}
+
+/// Glyph crop -> embedding -> two 3x3 convolutions; stats -> signed log -> linear;
+/// message bytes -> embedding -> strided 1-D convolution -> max over positions. The
+/// three are joined by one shared core layer feeding the policy and value heads.
+struct NetHackNet {
+    crop_at: i64,
+    crop: i64,
+    stats_at: i64,
+    n_stats: i64,
+    msg_at: i64,
+    n_msg: i64,
+    glyph_emb: nn::Embedding,
+    conv1: nn::Conv2D,
+    conv2: nn::Conv2D,
+    crop_fc: nn::Linear,
+    stats_fc: nn::Linear,
+    msg_emb: nn::Embedding,
+    msg_conv: nn::Conv1D,
+    core: nn::Linear,
+    pi: nn::Linear,
+    v: nn::Linear,
+}
+
+impl NetHackNet {
+    /// The network for `spec`, whose fields must include `glyphs_crop` (square),
+    /// `blstats` and `message`.
+    fn new(path: &nn::Path, spec: &EnvSpec, core: i64, num_actions: i64) -> Result<Self, String> {
+        let need = |name: &str| {
+            spec.field(name)
+                .map(|(at, f)| (at as i64, f.shape.clone()))
+                .ok_or_else(|| format!("the nethack network needs an observation field `{name}`"))
+        };
+        let (crop_at, crop_shape) = need("glyphs_crop")?;
+        let (stats_at, stats_shape) = need("blstats")?;
+        let (msg_at, msg_shape) = need("message")?;
+        if crop_shape.len() != 2 || crop_shape[0] != crop_shape[1] {
+            return Err(format!("`glyphs_crop` must be square, not {crop_shape:?}"));
+        }
+        let crop = crop_shape[0] as i64;
+        let n_msg = msg_shape.iter().product::<usize>() as i64;
+        if n_msg < 8 {
+            return Err(format!("`message` must hold at least 8 bytes, not {n_msg}"));
+        }
+        let conv = nn::ConvConfig {
+            padding: 1,
+            ..Default::default()
+        };
+        let msg_conv = nn::ConvConfig {
+            stride: 4,
+            ..Default::default()
+        };
+        let n_stats = stats_shape.iter().product::<usize>() as i64;
+        Ok(Self {
+            crop_at,
+            crop,
+            stats_at,
+            n_stats,
+            msg_at,
+            n_msg,
+            glyph_emb: nn::embedding(path / "glyph_emb", MAX_GLYPH + 1, 16, Default::default()),
+            conv1: nn::conv2d(path / "conv1", 16, 32, 3, conv),
+            conv2: nn::conv2d(path / "conv2", 32, 32, 3, conv),
+            crop_fc: nn::linear(path / "crop_fc", 32 * crop * crop, 256, Default::default()),
+            stats_fc: nn::linear(path / "stats_fc", n_stats, 64, Default::default()),
+            msg_emb: nn::embedding(path / "msg_emb", 256, 16, Default::default()),
+            msg_conv: nn::conv1d(path / "msg_conv", 16, 64, 8, msg_conv),
+            core: nn::linear(path / "core", 256 + 64 + 64, core, Default::default()),
+            pi: nn::linear(path / "pi", core, num_actions, Default::default()),
+            v: nn::linear(path / "v", core, 1, Default::default()),
+        })
+    }
+
+    fn torso(&self, obs: &Tensor) -> Tensor {
+        let b = obs.size()[0];
+        let c = self.crop;
+        let glyphs = obs
+            .narrow(1, self.crop_at, c * c)
+            .to_kind(Kind::Int64)
+            .clamp(0, MAX_GLYPH)
+            .view([b, c, c]);
+        let g = self
+            .glyph_emb
+            .forward(&glyphs)
+            .permute([0, 3, 1, 2])
+            .apply(&self.conv1)
+            .elu()
+            .apply(&self.conv2)
+            .elu()
+            .flatten(1, -1)
+            .apply(&self.crop_fc)
+            .elu();
+        let stats = obs.narrow(1, self.stats_at, self.n_stats);
+        // Signed log: hit points, gold and turn counts span many orders of magnitude.
+        let stats = (stats.sign() * stats.abs().log1p())
+            .apply(&self.stats_fc)
+            .elu();
+        let bytes = obs
+            .narrow(1, self.msg_at, self.n_msg)
+            .to_kind(Kind::Int64)
+            .clamp(0, 255);
+        let m = self
+            .msg_emb
+            .forward(&bytes)
+            .permute([0, 2, 1])
+            .apply(&self.msg_conv)
+            .elu()
+            .amax(-1, false);
+        Tensor::cat(&[g, stats, m], 1).apply(&self.core).elu()
+    }
 }
 
 /// Output of [`ActorCritic::evaluate`], all with gradients.
@@ -53,7 +177,59 @@ fn run_mlp(layers: &[nn::Linear], x: &Tensor) -> Tensor {
         })
 }
 
+/// Scales a policy head's last layer down, so a fresh policy explores evenly (a small
+/// last layer, as PPO implementations commonly do).
+fn near_uniform(last: &nn::Linear) {
+    tch::no_grad(|| {
+        let _ = last.ws.shallow_clone().g_mul_scalar_(0.01);
+        if let Some(b) = &last.bs {
+            let _ = b.shallow_clone().zero_();
+        }
+    });
+}
+
 impl ActorCritic {
+    /// The architecture `config.arch` names for `spec` (`auto`: the NetHack network
+    /// when the observation has a glyph crop, stats and a message).
+    pub fn for_spec(
+        spec: &EnvSpec,
+        config: &ModelConfig,
+        device: Device,
+    ) -> Result<Self, ModelError> {
+        let nethack = match config.arch {
+            ModelArch::Mlp => false,
+            ModelArch::Nethack => true,
+            ModelArch::Auto => ["glyphs_crop", "blstats", "message"]
+                .iter()
+                .all(|f| spec.field(f).is_some()),
+        };
+        if !nethack {
+            return Ok(Self::new(
+                spec.obs_dim,
+                spec.num_actions,
+                &config.hidden,
+                device,
+            ));
+        }
+        let vs = nn::VarStore::new(device);
+        let core = config.hidden.first().copied().unwrap_or(256) as i64;
+        let net = NetHackNet::new(
+            &(vs.root() / "nethack"),
+            spec,
+            core,
+            spec.num_actions as i64,
+        )
+        .map_err(ModelError::Weights)?;
+        near_uniform(&net.pi);
+        Ok(Self {
+            vs,
+            body: Body::NetHack(Box::new(net)),
+            obs_dim: spec.obs_dim,
+            num_actions: spec.num_actions,
+        })
+    }
+
+    /// The MLP architecture.
     pub fn new(obs_dim: usize, num_actions: usize, hidden: &[u32], device: Device) -> Self {
         let vs = nn::VarStore::new(device);
         let root = vs.root();
@@ -65,19 +241,10 @@ impl ActorCritic {
         v_sizes.push(1);
         let policy = mlp(&(&root / "policy"), &pi_sizes);
         let value = mlp(&(&root / "value"), &v_sizes);
-        // A near-uniform initial policy explores evenly (a small last layer, as PPO
-        // implementations commonly do).
-        tch::no_grad(|| {
-            let last = policy.last().expect("the policy has at least one layer");
-            let _ = last.ws.shallow_clone().g_mul_scalar_(0.01);
-            if let Some(b) = &last.bs {
-                let _ = b.shallow_clone().zero_();
-            }
-        });
+        near_uniform(policy.last().expect("the policy has at least one layer"));
         Self {
             vs,
-            policy,
-            value,
+            body: Body::Mlp { policy, value },
             obs_dim,
             num_actions,
         }
@@ -100,11 +267,28 @@ impl ActorCritic {
     }
 
     pub fn logits(&self, obs: &Tensor) -> Tensor {
-        run_mlp(&self.policy, obs)
+        match &self.body {
+            Body::Mlp { policy, .. } => run_mlp(policy, obs),
+            Body::NetHack(n) => n.torso(obs).apply(&n.pi),
+        }
     }
 
     pub fn values(&self, obs: &Tensor) -> Tensor {
-        run_mlp(&self.value, obs).squeeze_dim(-1)
+        match &self.body {
+            Body::Mlp { value, .. } => run_mlp(value, obs).squeeze_dim(-1),
+            Body::NetHack(n) => n.torso(obs).apply(&n.v).squeeze_dim(-1),
+        }
+    }
+
+    /// Logits and values in one pass (the NetHack network shares its torso).
+    fn logits_and_values(&self, obs: &Tensor) -> (Tensor, Tensor) {
+        match &self.body {
+            Body::Mlp { .. } => (self.logits(obs), self.values(obs)),
+            Body::NetHack(n) => {
+                let h = n.torso(obs);
+                (h.apply(&n.pi), h.apply(&n.v).squeeze_dim(-1))
+            }
+        }
     }
 
     /// Samples one action per row of `obs` (`n * obs_dim` floats) without gradients;
@@ -133,14 +317,15 @@ impl ActorCritic {
 
     /// Log-probabilities of `actions`, the policy entropy and the values, with gradients.
     pub fn evaluate(&self, obs: &Tensor, actions: &Tensor) -> Evaluation {
-        let log_p = self.logits(obs).log_softmax(-1, Kind::Float);
+        let (logits, values) = self.logits_and_values(obs);
+        let log_p = logits.log_softmax(-1, Kind::Float);
         let log_probs = log_p.gather(1, &actions.unsqueeze(1), false).squeeze_dim(1);
         let entropy = -(log_p.exp() * &log_p).sum_dim_intlist(-1, false, Kind::Float);
         Evaluation {
             all_log_probs: log_p,
             log_probs,
             entropy,
-            values: self.values(obs),
+            values,
         }
     }
 

@@ -18,6 +18,8 @@ pub enum LearnerError {
     },
     #[error(transparent)]
     Model(#[from] ModelError),
+    #[error(transparent)]
+    Env(#[from] spur_core::EnvError),
     #[error("training diverged: {0}")]
     Diverged(String),
     #[error("grpc server: {0}")]

@@ -95,9 +95,9 @@ pub async fn serve(
 
     tch::set_num_threads(config.run.torch_threads as i32);
     tch::manual_seed(config.run.seed as i64);
-    let spec = env_spec(&config.env);
+    let spec = env_spec(&config.env)?;
     let device = resolve_device(&config.learner.device);
-    let mut model = ActorCritic::new(spec.obs_dim, spec.num_actions, &config.model.hidden, device);
+    let mut model = ActorCritic::for_spec(&spec, &config.model, device)?;
     let (mut version, mut updates, mut env_steps) = (1u64, 0u64, 0u64);
     if opts.resume {
         match checkpoint::load_latest(&run_dir.join("checkpoints"))? {
@@ -162,6 +162,7 @@ pub async fn serve(
         config: config.clone(),
         run_dir: run_dir.clone(),
         model,
+        spec,
         version,
         updates,
         shared: shared.clone(),

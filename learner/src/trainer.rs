@@ -38,6 +38,8 @@ pub struct Trainer {
     pub config: Config,
     pub run_dir: PathBuf,
     pub model: ActorCritic,
+    /// The environment's spec (episode step limits for grouped rollouts).
+    pub spec: spur_core::env::EnvSpec,
     pub version: u64,
     pub updates: u64,
     pub shared: Arc<Shared>,
@@ -111,10 +113,9 @@ impl Trainer {
         // UI-S1's estimators train on complete groups of episodes.
         let grouped = matches!(lc.advantage, AdvantageKind::Uis1 | AdvantageKind::Hybrid);
         let mut assembler = grouped.then(|| {
-            let spec = spur_core::env::env_spec(&self.config.env);
             Assembler::new(
                 self.config.actor.group_size as usize,
-                spec.max_episode_steps as usize + 1,
+                self.spec.max_episode_steps as usize + 1,
                 lc.max_open_groups as usize,
             )
         });

@@ -1,6 +1,7 @@
 //! The `spur.v1` gRPC protocol, generated from `spur/v1/spur.proto` at build time.
 //!
-//! Everything that crosses a process boundary is defined there: trajectory chunks,
+//! Everything that crosses a process boundary is defined there (and in `env.proto`, the
+//! environment bridge): trajectory chunks,
 //! versioned weights and status. Conversions between these messages and tensors live
 //! in `spur-core` (`tensor.rs`, `trajectory.rs`).
 

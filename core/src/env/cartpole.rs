@@ -48,6 +48,7 @@ impl Env for CartPole {
             num_actions: 2,
             has_text: false,
             max_episode_steps: self.limit,
+            fields: Vec::new(),
         }
     }
 

@@ -177,6 +177,7 @@ impl Env for KeyRoom {
             num_actions: ACTIONS.len(),
             has_text: true,
             max_episode_steps: self.limit,
+            fields: Vec::new(),
         }
     }
 

@@ -1,17 +1,22 @@
-//! Environments: the `Env` trait, the built-in `cartpole` and `keyroom`, and
-//! `VecEnv`, which steps many of them in lock-step and resets ended episodes.
+//! Environments: the `Env` trait, the built-in `cartpole` and `keyroom`, the
+//! `EnvBatch` trait for envs stepped together (in process, or K at a time by a
+//! remote env server through the Python bridge), and `VecEnv`, which steps a batch in
+//! lock-step and starts the next episode of every env whose episode ended.
 
 mod cartpole;
 mod keyroom;
+pub mod remote;
 pub mod replay;
 mod vec_env;
 
 pub use cartpole::CartPole;
 pub use keyroom::KeyRoom;
+pub use remote::RemoteBatch;
 pub use replay::Replay;
 pub use vec_env::{VecEnv, VecStep};
 
 use crate::config::{EnvConfig, EnvKind};
+use crate::error::EnvError;
 
 /// Shapes an environment exposes to policies.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -24,6 +29,36 @@ pub struct EnvSpec {
     pub has_text: bool,
     /// Episode step limit; reaching it truncates the episode.
     pub max_episode_steps: u32,
+    /// Named parts of the flat observation, in layout order (bridge envs; empty for
+    /// the built-in ones). Architectures such as the NetHack network read them.
+    pub fields: Vec<ObsField>,
+}
+
+/// One named part of a flat observation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObsField {
+    pub name: String,
+    pub shape: Vec<usize>,
+}
+
+impl ObsField {
+    pub fn size(&self) -> usize {
+        self.shape.iter().product()
+    }
+}
+
+impl EnvSpec {
+    /// Offset and field of the part called `name`.
+    pub fn field(&self, name: &str) -> Option<(usize, &ObsField)> {
+        let mut at = 0;
+        for f in &self.fields {
+            if f.name == name {
+                return Some((at, f));
+            }
+            at += f.size();
+        }
+        None
+    }
 }
 
 /// Outcome of one step.
@@ -55,7 +90,98 @@ pub trait Env: Send {
     }
 }
 
-/// Builds one environment as the config describes.
+/// Environments stepped together. An env whose episode ends keeps its last
+/// observation until [`reset`](EnvBatch::reset) starts its next one.
+pub trait EnvBatch: Send {
+    fn spec(&self) -> &EnvSpec;
+    fn num_envs(&self) -> usize;
+    /// Starts a new episode in each env of `envs` from the matching seed, writing its
+    /// first observation into that env's slot of `obs` (`num_envs * obs_dim`).
+    fn reset(&mut self, envs: &[usize], seeds: &[u64], obs: &mut [f32]) -> Result<(), EnvError>;
+    /// Steps every env with its action, writing next observations into `obs`, event
+    /// texts into `texts` and outcomes into `outcomes` (one per env each).
+    fn step(
+        &mut self,
+        actions: &[i64],
+        obs: &mut [f32],
+        texts: &mut [String],
+        outcomes: &mut [StepOutcome],
+    ) -> Result<(), EnvError>;
+    /// A text picture of env `i`'s current state, for environments that have one.
+    fn render_text(&self, _i: usize) -> Option<String> {
+        None
+    }
+}
+
+/// In-process environments as a batch.
+pub struct LocalBatch {
+    envs: Vec<Box<dyn Env>>,
+    spec: EnvSpec,
+}
+
+impl LocalBatch {
+    /// Wraps `envs`, which must share one spec.
+    pub fn new(envs: Vec<Box<dyn Env>>) -> Self {
+        assert!(!envs.is_empty(), "a batch needs at least one env");
+        let spec = envs[0].spec();
+        Self { envs, spec }
+    }
+}
+
+impl EnvBatch for LocalBatch {
+    fn spec(&self) -> &EnvSpec {
+        &self.spec
+    }
+
+    fn num_envs(&self) -> usize {
+        self.envs.len()
+    }
+
+    fn reset(&mut self, envs: &[usize], seeds: &[u64], obs: &mut [f32]) -> Result<(), EnvError> {
+        let d = self.spec.obs_dim;
+        for (&i, &seed) in envs.iter().zip(seeds) {
+            self.envs[i].reset(seed, &mut obs[i * d..(i + 1) * d]);
+        }
+        Ok(())
+    }
+
+    fn step(
+        &mut self,
+        actions: &[i64],
+        obs: &mut [f32],
+        texts: &mut [String],
+        outcomes: &mut [StepOutcome],
+    ) -> Result<(), EnvError> {
+        let d = self.spec.obs_dim;
+        for (i, env) in self.envs.iter_mut().enumerate() {
+            texts[i].clear();
+            outcomes[i] = env.step(
+                actions[i] as usize,
+                &mut obs[i * d..(i + 1) * d],
+                &mut texts[i],
+            );
+        }
+        Ok(())
+    }
+
+    fn render_text(&self, i: usize) -> Option<String> {
+        self.envs[i].render_text()
+    }
+}
+
+/// Builds `n` environments as the config describes, as one batch: in process for the
+/// built-in kinds, through bridge processes or env servers for `gym`.
+pub fn make_batch(config: &EnvConfig, n: usize) -> Result<Box<dyn EnvBatch>, EnvError> {
+    match config.kind {
+        EnvKind::Gym => Ok(Box::new(RemoteBatch::connect(config, n)?)),
+        _ => Ok(Box::new(LocalBatch::new(
+            (0..n).map(|_| make_env(config)).collect(),
+        ))),
+    }
+}
+
+/// Builds one built-in environment as the config describes (`gym` envs live in
+/// bridge processes: use [`make_batch`]).
 pub fn make_env(config: &EnvConfig) -> Box<dyn Env> {
     let limit = (config.max_episode_steps > 0).then_some(config.max_episode_steps);
     match config.kind {
@@ -69,10 +195,15 @@ pub fn make_env(config: &EnvConfig) -> Box<dyn Env> {
             )
             .unwrap_or_else(|e| panic!("env.replay_path: {e}")),
         ),
+        EnvKind::Gym => panic!("gym envs run in bridge processes: use make_batch"),
     }
 }
 
-/// The spec of the environment the config describes.
-pub fn env_spec(config: &EnvConfig) -> EnvSpec {
-    make_env(config).spec()
+/// The spec of the environment the config describes (for `gym`, asked of an env
+/// server or a short-lived bridge process, once per process and config).
+pub fn env_spec(config: &EnvConfig) -> Result<EnvSpec, EnvError> {
+    match config.kind {
+        EnvKind::Gym => remote::spec(config),
+        _ => Ok(make_env(config).spec()),
+    }
 }

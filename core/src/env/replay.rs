@@ -173,6 +173,7 @@ impl Env for Replay {
                 .iter()
                 .any(|t| t.steps.iter().any(|s| !s.text.is_empty())),
             max_episode_steps: longest as u32,
+            fields: Vec::new(),
         }
     }
 

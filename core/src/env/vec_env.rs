@@ -12,7 +12,8 @@ use std::collections::HashMap;
 
 use spur_proto::v1::EpisodeSummary;
 
-use super::{Env, EnvSpec};
+use super::{Env, EnvBatch, EnvSpec, LocalBatch, StepOutcome};
+use crate::error::EnvError;
 
 /// What one lock-step produced, for all environments (index = env).
 #[derive(Debug, Default)]
@@ -33,7 +34,11 @@ pub struct VecStep {
 }
 
 pub struct VecEnv {
-    envs: Vec<Box<dyn Env>>,
+    batch: Box<dyn EnvBatch>,
+    outcomes: Vec<StepOutcome>,
+    /// Envs whose episode ended this step, and the seeds of their next episodes.
+    ended: Vec<usize>,
+    seeds: Vec<u64>,
     spec: EnvSpec,
     obs: Vec<f32>,
     seed: u64,
@@ -72,13 +77,24 @@ impl VecEnv {
     /// Like [`new`](Self::new), with envs in groups of `group_size` (which must
     /// divide their number).
     pub fn grouped(envs: Vec<Box<dyn Env>>, seed: u64, group_size: usize) -> Self {
+        Self::from_batch(Box::new(LocalBatch::new(envs)), seed, group_size)
+            .expect("in-process envs do not fail")
+    }
+
+    /// Steps `batch` with envs in groups of `group_size` (which must divide their
+    /// number), starting every env's first episode from `seed`.
+    pub fn from_batch(
+        batch: Box<dyn EnvBatch>,
+        seed: u64,
+        group_size: usize,
+    ) -> Result<Self, EnvError> {
+        let n = batch.num_envs();
         assert!(
-            group_size >= 1 && envs.len().is_multiple_of(group_size),
+            group_size >= 1 && n.is_multiple_of(group_size),
             "the number of envs must be a multiple of the group size"
         );
-        assert!(!envs.is_empty(), "a VecEnv needs at least one env");
-        let spec = envs[0].spec();
-        let n = envs.len();
+        assert!(n > 0, "a VecEnv needs at least one env");
+        let spec = batch.spec().clone();
         let mut v = Self {
             obs: vec![0.0; n * spec.obs_dim],
             spec,
@@ -103,12 +119,13 @@ impl VecEnv {
                 expert_actions: vec![-1; n],
                 finished: Vec::new(),
             },
-            envs,
+            batch,
+            outcomes: vec![StepOutcome::default(); n],
+            ended: (0..n).collect(),
+            seeds: Vec::with_capacity(n),
         };
-        for i in 0..n {
-            v.start_episode(i);
-        }
-        v
+        v.start_episodes()?;
+        Ok(v)
     }
 
     pub fn spec(&self) -> &EnvSpec {
@@ -116,7 +133,7 @@ impl VecEnv {
     }
 
     pub fn num_envs(&self) -> usize {
-        self.envs.len()
+        self.batch.num_envs()
     }
 
     /// Current observations, `num_envs * obs_dim`.
@@ -142,8 +159,26 @@ impl VecEnv {
         self.group_size
     }
 
-    fn start_episode(&mut self, i: usize) {
-        let d = self.spec.obs_dim;
+    /// Starts the next episode of every env in `self.ended`, in env order, with one
+    /// batch reset.
+    fn start_episodes(&mut self) -> Result<(), EnvError> {
+        if self.ended.is_empty() {
+            return Ok(());
+        }
+        let ended = std::mem::take(&mut self.ended);
+        self.seeds.clear();
+        for &i in &ended {
+            let seed = self.next_seed(i);
+            self.seeds.push(seed);
+        }
+        let result = self.batch.reset(&ended, &self.seeds, &mut self.obs);
+        self.ended = ended;
+        self.ended.clear();
+        result
+    }
+
+    /// The seed of env `i`'s next episode, with its bookkeeping started.
+    fn next_seed(&mut self, i: usize) -> u64 {
         // SplitMix-style spread so neighbouring episodes get unrelated seeds.
         let seed = if self.group_size > 1 {
             let j = i / self.group_size;
@@ -160,26 +195,31 @@ impl VecEnv {
                 .wrapping_add(self.episodes_started.wrapping_mul(0x9E37_79B9_7F4A_7C15))
         };
         self.group_ids[i] = seed;
-        self.envs[i].reset(seed, &mut self.obs[i * d..(i + 1) * d]);
         self.episode_ids[i] = self.episodes_started as i64;
         self.episodes_started += 1;
         self.step_indices[i] = 0;
         self.returns[i] = 0.0;
         self.seen[i].clear();
+        seed
     }
 
     /// Steps every env with its action; ended episodes are reset, so
     /// [`observations`](Self::observations) is the next input for every env.
-    pub fn step(&mut self, actions: &[i64]) -> &VecStep {
-        assert_eq!(actions.len(), self.envs.len(), "one action per env");
+    pub fn step(&mut self, actions: &[i64]) -> Result<&VecStep, EnvError> {
+        assert_eq!(actions.len(), self.num_envs(), "one action per env");
         let d = self.spec.obs_dim;
         self.out.final_observations.clear();
         self.out.finished.clear();
-        for (i, &action) in actions.iter().enumerate() {
-            let text = &mut self.out.texts[i];
-            text.clear();
-            let obs = &mut self.obs[i * d..(i + 1) * d];
-            let o = self.envs[i].step(action as usize, obs, text);
+        self.batch.step(
+            actions,
+            &mut self.obs,
+            &mut self.out.texts,
+            &mut self.outcomes,
+        )?;
+        for i in 0..actions.len() {
+            let text = &self.out.texts[i];
+            let obs = &self.obs[i * d..(i + 1) * d];
+            let o = self.outcomes[i];
             self.out.event_counts[i] = if text.is_empty() {
                 0
             } else {
@@ -202,10 +242,11 @@ impl VecEnv {
                     length: self.step_indices[i] as u32,
                     success: o.success,
                 });
-                self.start_episode(i);
+                self.ended.push(i);
             }
         }
-        &self.out
+        self.start_episodes()?;
+        Ok(&self.out)
     }
 }
 
@@ -222,7 +263,7 @@ mod tests {
         let mut v = VecEnv::new(envs, 11);
         assert_eq!(v.episode_ids(), &[0, 1, 2]);
         for step in 1..=5 {
-            let out = v.step(&[0, 1, 0]);
+            let out = v.step(&[0, 1, 0]).unwrap();
             if step < 5 {
                 assert!(out.truncated.iter().all(|&t| t == 0));
             } else {
@@ -257,7 +298,7 @@ mod tests {
         // After the step limit every env starts its second episode: a new group,
         // shared again within each block.
         for _ in 0..3 {
-            v.step(&[4, 4, 4, 4]);
+            v.step(&[4, 4, 4, 4]).unwrap();
         }
         let g1 = v.group_ids().to_vec();
         assert_eq!(g1[0], g1[1]);
@@ -272,12 +313,12 @@ mod tests {
         ];
         let mut v = VecEnv::grouped(envs, 7, 2);
         let first = v.group_ids()[0];
-        v.step(&[4, 4]); // env 0 ends (1-step limit): the block's group 2 opens
+        v.step(&[4, 4]).unwrap(); // env 0 ends (1-step limit): the block's group 2 opens
         let second = v.group_ids()[0];
         assert_ne!(second, first);
-        v.step(&[4, 4]); // env 0 ends again: group 2's second slot
+        v.step(&[4, 4]).unwrap(); // env 0 ends again: group 2's second slot
         assert_eq!(v.group_ids()[0], second);
-        v.step(&[4, 4]); // both end: group 3 opens and takes both
+        v.step(&[4, 4]).unwrap(); // both end: group 3 opens and takes both
         assert_ne!(v.group_ids()[0], second);
         assert_eq!(v.group_ids()[0], v.group_ids()[1]);
     }
@@ -288,7 +329,9 @@ mod tests {
         let envs: Vec<Box<dyn Env>> = vec![Box::new(KeyRoom::new(4, Some(3)))];
         let mut v = VecEnv::new(envs, 1);
         // "search" three times: the same text, counted 1, 2, 3; then a new episode.
-        let counts: Vec<u32> = (0..4).map(|_| v.step(&[4]).event_counts[0]).collect();
+        let counts: Vec<u32> = (0..4)
+            .map(|_| v.step(&[4]).unwrap().event_counts[0])
+            .collect();
         assert_eq!(counts, vec![1, 2, 3, 1]);
     }
 }

@@ -1,0 +1,65 @@
+"""`python -m spur_bridge --env-id ID --num-envs K [--listen HOST:PORT]`
+
+Prints `SPUR_BRIDGE_LISTENING <port>` on stdout once it serves (so a parent that
+asked for port 0 learns the port), then serves until SIGTERM or SIGINT. Failures to
+start (an unknown env id, say) print one line on stderr and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+
+
+def _exit_with_parent() -> None:
+    """Linux: ask for SIGTERM when the parent dies, so a killed actor leaves no bridge."""
+    try:
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    except OSError:
+        pass
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="spur_bridge", description=__doc__.splitlines()[0])
+    p.add_argument("--env-id", required=True, help="a Gymnasium id, e.g. CartPole-v1, NetHackScore-v0")
+    p.add_argument("--num-envs", type=int, default=16, help="environments stepped per call")
+    p.add_argument("--listen", default="127.0.0.1:0", help="host:port (port 0: any free port)")
+    p.add_argument("--crop", type=int, default=9, help="NetHack: side of the glyph crop around the hero")
+    p.add_argument("--max-episode-steps", type=int, default=0, help="step limit (0: the env's own)")
+    p.add_argument("--exit-with-parent", action="store_true", help="stop when the parent process dies")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="spur_bridge %(levelname)s %(message)s")
+    if args.exit_with_parent:
+        _exit_with_parent()
+
+    from .envs import BridgeError, make_batch
+    from .server import serve
+
+    try:
+        batch = make_batch(args.env_id, args.num_envs, args.crop, args.max_episode_steps)
+        server, port = serve(batch, args.listen)
+    except BridgeError as e:
+        print(f"spur_bridge: {e}", file=sys.stderr, flush=True)
+        return 2
+    print(f"SPUR_BRIDGE_LISTENING {port}", flush=True)
+    logging.info(
+        "serving %s x%d on port %d (obs %d floats, %d actions)",
+        args.env_id, batch.num_envs, port, batch.obs_dim, batch.num_actions,
+    )
+    done = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: done.set())
+    done.wait()
+    server.stop(grace=1).wait()
+    os._exit(0)  # NetHack's C library does not always let the interpreter exit cleanly
+
+
+if __name__ == "__main__":
+    sys.exit(main())
