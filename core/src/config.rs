@@ -893,6 +893,20 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().contains("env.replay_path"), "{err}");
+        // Bridge envs need an id, an odd crop and servers that split the envs.
+        let err = Config::from_toml_str("[env]\nkind = \"gym\"\n").unwrap_err();
+        assert!(err.to_string().contains("env.gym_id"), "{err}");
+        let gym = "[env]\nkind = \"gym\"\ngym_id = \"CartPole-v1\"\nnum_envs = 6\n";
+        Config::from_toml_str(gym).expect("one server for 6 envs");
+        let err = Config::from_toml_str(&format!("{gym}servers = 4\n")).unwrap_err();
+        assert!(err.to_string().contains("env.servers"), "{err}");
+        let err = Config::from_toml_str(&format!(
+            "{gym}remote = [\"a:1\", \"b:2\", \"c:3\", \"d:4\"]\n"
+        ))
+        .unwrap_err();
+        assert!(err.to_string().contains("env.remote"), "{err}");
+        let err = Config::from_toml_str(&format!("{gym}crop = 8\n")).unwrap_err();
+        assert!(err.to_string().contains("env.crop"), "{err}");
     }
 
     #[test]

@@ -485,4 +485,84 @@ mod tests {
             "{lp:?}"
         );
     }
+
+    fn nethack_spec() -> EnvSpec {
+        use crate::env::ObsField;
+        let field = |name: &str, shape: Vec<usize>| ObsField {
+            name: name.into(),
+            shape,
+        };
+        let fields = vec![
+            field("glyphs_crop", vec![5, 5]),
+            field("blstats", vec![27]),
+            field("message", vec![256]),
+        ];
+        EnvSpec {
+            obs_dim: fields.iter().map(ObsField::size).sum(),
+            num_actions: 23,
+            has_text: true,
+            max_episode_steps: 0,
+            fields,
+        }
+    }
+
+    #[test]
+    fn nethack_network_acts_evaluates_and_round_trips() {
+        tch::manual_seed(1);
+        let spec = nethack_spec();
+        let config = ModelConfig {
+            hidden: vec![32],
+            ..Default::default()
+        };
+        // `auto` picks the NetHack network for these fields.
+        let a = ActorCritic::for_spec(&spec, &config, Device::Cpu).unwrap();
+        assert!(a
+            .var_store()
+            .variables()
+            .keys()
+            .any(|k| k.starts_with("nethack.glyph_emb")));
+        // Glyph ids up to MAX_GLYPH, huge stats and message bytes all go through.
+        let mut obs = vec![0.0f32; 3 * spec.obs_dim];
+        for (i, v) in obs.iter_mut().enumerate() {
+            *v = match i % spec.obs_dim {
+                j if j < 25 => ((i * 797) % 5977) as f32,
+                j if j < 52 => (i as f32) * 1000.0 - 5.0,
+                _ => (i % 256) as f32,
+            };
+        }
+        let (actions, lp) = a.act(&obs, false);
+        assert_eq!(actions.len(), 3);
+        assert!(actions.iter().all(|&x| (0..23).contains(&x)));
+        assert!(lp.iter().all(|l| l.is_finite() && *l < 0.0));
+        let x = Tensor::from_slice(&obs).view([3, spec.obs_dim as i64]);
+        let e = a.evaluate(&x, &Tensor::from_slice(&actions));
+        assert_eq!(e.values.size(), vec![3]);
+        assert_eq!(e.all_log_probs.size(), vec![3, 23]);
+        // Different observations give different values: the inputs are read.
+        assert!(e.values.double_value(&[0]) != e.values.double_value(&[1]));
+
+        let mut b = ActorCritic::for_spec(&spec, &config, Device::Cpu).unwrap();
+        b.load_safetensors(&a.to_safetensors(3, &HashMap::new()).unwrap())
+            .unwrap();
+        assert!(a.values(&x).allclose(&b.values(&x), 1e-6, 1e-6, false));
+        // An MLP cannot load NetHack weights.
+        let mut mlp = ActorCritic::new(spec.obs_dim, 23, &[32], Device::Cpu);
+        assert!(mlp
+            .load_safetensors(&a.to_safetensors(3, &HashMap::new()).unwrap())
+            .is_err());
+
+        // Asking for the NetHack network without its fields is a clear error.
+        let plain = EnvSpec {
+            fields: Vec::new(),
+            ..spec
+        };
+        let forced = ModelConfig {
+            arch: ModelArch::Nethack,
+            ..config
+        };
+        let err = ActorCritic::for_spec(&plain, &forced, Device::Cpu)
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains("glyphs_crop"), "{err}");
+    }
 }

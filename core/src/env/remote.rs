@@ -34,8 +34,16 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(60);
 const READY: &str = "SPUR_BRIDGE_LISTENING ";
 
 /// A bridge process this side started; killed when dropped.
-struct BridgeProcess {
+pub struct BridgeProcess {
     child: Child,
+}
+
+impl BridgeProcess {
+    /// Starts `python -m spur_bridge` for `num_envs` envs of `config.gym_id` on a free
+    /// loopback port; returns it with its address once it serves.
+    pub fn spawn(config: &EnvConfig, num_envs: usize) -> Result<(Self, String), EnvError> {
+        spawn_bridge(config, num_envs)
+    }
 }
 
 impl Drop for BridgeProcess {
@@ -45,7 +53,8 @@ impl Drop for BridgeProcess {
     }
 }
 
-/// The Python that runs bridges: `env.python`, else the active or project venv's.
+/// The Python that runs bridges: `env.python`, else the active venv's, else the
+/// project venv's, else `python3`.
 pub fn python(config: &EnvConfig) -> String {
     if !config.python.is_empty() {
         return config.python.clone();
@@ -56,8 +65,14 @@ pub fn python(config: &EnvConfig) -> String {
             return p.to_string_lossy().into_owned();
         }
     }
-    if std::path::Path::new(".venv/bin/python").exists() {
-        return ".venv/bin/python".into();
+    // The project venv: in the working directory, then where this was built.
+    for p in [
+        ".venv/bin/python",
+        concat!(env!("CARGO_MANIFEST_DIR"), "/../.venv/bin/python"),
+    ] {
+        if std::path::Path::new(p).exists() {
+            return p.into();
+        }
     }
     "python3".into()
 }
