@@ -3,9 +3,16 @@
 //! rollout loop without a learner (env + inference), and end-to-end env steps/s of
 //! local mode (learner and actors as processes, training for real). Ratios are
 //! against the env-only baseline measured in the same run.
+//!
+//! `spur bench bridge`: CartPole-v1 stepped through the env bridge (random actions)
+//! against a plain Python loop over the same envs, and NetHack env steps/s of the
+//! full system (local mode, training) against NLE's raw random-action rate, all in
+//! one run.
 
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use anyhow::Context;
 use clap::Args;
 use rand::Rng;
 use spur_core::env::{make_batch, VecEnv};
@@ -158,5 +165,109 @@ pub async fn throughput(args: ThroughputArgs) -> anyhow::Result<std::process::Ex
         println!("{name:<44} {v:>12.0} {:>9.3}x", v / env);
     }
     println!("stale chunks dropped during the end-to-end run: {dropped}");
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
+#[derive(Args)]
+pub struct BridgeArgs {
+    /// Envs of the Python loops and of the first bridge row (later rows: 4x per server).
+    #[arg(long, default_value_t = 16)]
+    num_envs: u32,
+    /// The NetHack run measured end to end.
+    #[arg(long, default_value = "configs/nethack-score.toml")]
+    nethack_config: PathBuf,
+    /// Override a key of the NetHack config (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+    /// Seconds each measurement runs.
+    #[arg(long, default_value_t = 5.0)]
+    seconds: f64,
+    /// Seconds of end-to-end warm-up (bridges importing NetHack, first weights).
+    #[arg(long, default_value_t = 15.0)]
+    warmup: f64,
+}
+
+/// Steps/s of `python -m spur_bridge.bench` (a plain Python loop, random actions).
+fn python_loop(config: &Config, extra: &[&str], secs: f64) -> anyhow::Result<f64> {
+    let python = spur_core::env::remote::python(&config.env);
+    let out = std::process::Command::new(&python)
+        .args(["-m", "spur_bridge.bench", "--env-id", &config.env.gym_id])
+        .args(["--num-envs", &config.env.num_envs.to_string()])
+        .args(["--seconds", &secs.to_string()])
+        .args(extra)
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .with_context(|| format!("cannot run {python}"))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.split_whitespace()
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .with_context(|| {
+            format!(
+                "spur_bridge.bench printed `{}` ({})",
+                text.trim(),
+                out.status
+            )
+        })
+}
+
+pub async fn bridge(args: BridgeArgs) -> anyhow::Result<std::process::ExitCode> {
+    let secs = args.seconds;
+    let mut cartpole = Config::load(
+        None,
+        Vec::new(),
+        &[
+            "env.kind=gym".into(),
+            "env.gym_id=CartPole-v1".into(),
+            format!("env.num_envs={}", args.num_envs),
+        ],
+    )?;
+    println!(
+        "spur bench bridge: {} envs per process, {} cores, {secs} s per measurement",
+        args.num_envs,
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+    println!(
+        "{:<58} {:>12} {:>10}",
+        "measurement", "env steps/s", "ratio"
+    );
+    let row = |name: &str, v: f64, base: f64| println!("{name:<58} {v:>12.0} {:>9.3}x", v / base);
+
+    let c = cartpole.clone();
+    let py = off_runtime(move || python_loop(&c, &[], secs)).await?;
+    row("CartPole-v1, plain Python loop (baseline)", py, py);
+    // One call steps all envs of a server: more envs per call spread its overhead,
+    // more servers step in parallel.
+    let k = args.num_envs;
+    for (servers, per_server) in [(1, k), (1, 4 * k), (2, 4 * k)] {
+        cartpole.env.num_envs = servers * per_server;
+        cartpole.env.servers = servers;
+        let c = cartpole.clone();
+        let v = off_runtime(move || env_only(&c, secs)).await?;
+        let name = format!("  through the bridge: {servers} server(s) x {per_server} envs");
+        row(&name, v, py);
+    }
+
+    let nethack = Config::load(Some(&args.nethack_config), Vec::new(), &args.set)?;
+    let c = nethack.clone();
+    let raw = off_runtime(move || python_loop(&c, &[], secs)).await?;
+    let name = format!("{}, NLE raw random actions (baseline)", nethack.env.gym_id);
+    row(&name, raw, raw);
+    let c = nethack.clone();
+    let all = off_runtime(move || python_loop(&c, &["--all-keys"], secs)).await?;
+    row("  same, NLE computing every observation key", all, raw);
+    let c = nethack.clone();
+    let through = off_runtime(move || env_only(&c, secs)).await?;
+    row(
+        "  through the bridge, random actions, 1 server",
+        through,
+        raw,
+    );
+    let (e2e, _) = end_to_end(&nethack, args.warmup, secs).await?;
+    let name = format!(
+        "  full system (spur local: {} actors, learner, judge)",
+        nethack.run.actors
+    );
+    row(&name, e2e, raw);
     Ok(std::process::ExitCode::SUCCESS)
 }

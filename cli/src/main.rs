@@ -131,6 +131,9 @@ pub struct LocalArgs {
 enum BenchCommand {
     /// End-to-end env steps/s of local mode, env-only and inference-only steps/s.
     Throughput(bench::ThroughputArgs),
+    /// The environment bridge: CartPole-v1 through it vs a plain Python loop, and
+    /// NetHack in the full system vs NLE's raw random-action rate.
+    Bridge(bench::BridgeArgs),
 }
 
 fn main() -> ExitCode {
@@ -201,6 +204,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             local::run(config, a).await
         }
         Command::Bench(BenchCommand::Throughput(a)) => bench::throughput(a).await,
+        Command::Bench(BenchCommand::Bridge(a)) => bench::bridge(a).await,
         Command::Plot(a) => {
             plot::run(a)?;
             Ok(ExitCode::SUCCESS)

@@ -69,6 +69,9 @@ class GymAdapter:
         )
 
     def encode(self, obs, out: np.ndarray) -> None:
+        if len(self.parts) == 1 and self.parts[0][2] == "box":
+            out[:] = np.ravel(obs)  # the common case: one Box
+            return
         at = 0
         for field, key, kind in self.parts:
             value = obs if key is None else obs[key]
@@ -217,24 +220,27 @@ class Batch:
                 "INVALID_ARGUMENT",
                 f"expected {self.num_envs} actions (one per env), got {len(actions)}",
             )
-        for i, a in enumerate(actions):
-            if not 0 <= a < self.num_actions:
-                raise BridgeError(
-                    "INVALID_ARGUMENT",
-                    f"action {a} for env {i} is outside 0..{self.num_actions - 1}",
-                )
-            if not self.running[i]:
-                raise BridgeError(
-                    "FAILED_PRECONDITION", f"env {i} has no running episode: reset it first"
-                )
+        acts = np.asarray(actions, dtype=np.int64)
+        bad = np.flatnonzero((acts < 0) | (acts >= self.num_actions))
+        if bad.size:
+            i = int(bad[0])
+            raise BridgeError(
+                "INVALID_ARGUMENT",
+                f"action {acts[i]} for env {i} is outside 0..{self.num_actions - 1}",
+            )
+        if not all(self.running):
+            i = self.running.index(False)
+            raise BridgeError(
+                "FAILED_PRECONDITION", f"env {i} has no running episode: reset it first"
+            )
         n = self.num_envs
         rewards = np.zeros(n, dtype=np.float32)
         terminated = [False] * n
         truncated = [False] * n
         success = [False] * n
         texts = [""] * n
-        for i, (env, a) in enumerate(zip(self.envs, actions)):
-            obs, reward, term, trunc, info = env.step(int(a))
+        for i, (env, a) in enumerate(zip(self.envs, acts.tolist())):
+            obs, reward, term, trunc, info = env.step(a)
             self.adapter.encode(obs, self.obs[i])
             rewards[i] = float(reward)
             terminated[i], truncated[i] = bool(term), bool(trunc) and not bool(term)
