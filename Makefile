@@ -16,7 +16,7 @@ export LIBTORCH_USE_PYTORCH := 1
 export VIRTUAL_ENV          := $(abspath $(VENV))
 export PATH                 := $(VIRTUAL_ENV)/bin:$(PATH)
 
-.PHONY: run test build setup bench cartpole keyroom-table advantage-table semi-online fmt lint clean
+.PHONY: run test build setup bench bench-bridge cartpole nethack keyroom-table advantage-table semi-online fmt lint clean
 
 ## run: keyroom with ONI intrinsic rewards from the built-in rule judge: learner,
 ## reward service and 2 actors as separate processes (offline defaults)
@@ -52,6 +52,16 @@ $(BRIDGE_STAMP): $(TORCH_STAMP) bridge/python/requirements.txt bridge/python/pyp
 ## bench: end-to-end, env-only and inference-only throughput in one run
 bench: build
 	./target/release/spur bench throughput --config $(BENCH_CONFIG) $(ARGS)
+
+## bench-bridge: CartPole-v1 through the env bridge vs a plain Python loop, NetHack
+## in the full system vs NLE's raw random-action rate
+bench-bridge: build
+	./target/release/spur bench bridge $(ARGS)
+
+## nethack: a short NetHack (NLE score task) run through the env bridge with ONI
+## retrieval rewards from the built-in judge; writes <run>/curves.png
+nethack: build
+	./target/release/spur local --config configs/nethack-score.toml $(ARGS)
 
 ## cartpole: the dense-reward smoke run (stops at mean return 475)
 cartpole: build
