@@ -210,7 +210,8 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Eval(a) => {
-            eval::run(a)?;
+            // Off the async runtime: bridge envs drive a runtime of their own.
+            tokio::task::spawn_blocking(move || eval::run(a)).await??;
             Ok(ExitCode::SUCCESS)
         }
         Command::Expert(a) => {

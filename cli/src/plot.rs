@@ -206,7 +206,9 @@ fn short_number(v: f64) -> String {
     } else if a >= 0.1 {
         format!("{v:.2}")
     } else {
-        format!("{v:.3}")
+        // Two significant digits, so ticks of small values stay apart (0.0015, 0.002).
+        let digits = (1.0 - a.log10().floor()).max(0.0) as usize;
+        format!("{v:.digits$}")
     }
 }
 
@@ -256,5 +258,6 @@ mod tests {
         assert_eq!(short_number(0.0), "0");
         assert_eq!(short_number(-1e-12), "0");
         assert_eq!(short_number(0.0125), "0.013");
+        assert_eq!(short_number(0.0015), "0.0015");
     }
 }

@@ -221,6 +221,9 @@ impl ActorCritic {
         )
         .map_err(ModelError::Weights)?;
         near_uniform(&net.pi);
+        // Values start near 0 as well: large first value errors would reshape the shared
+        // torso before the policy learns anything.
+        near_uniform(&net.v);
         Ok(Self {
             vs,
             body: Body::NetHack(Box::new(net)),
