@@ -52,7 +52,11 @@ fn spur_command(run_dir: &Path, log_name: &str) -> anyhow::Result<Command> {
     let exe = std::env::current_exe().context("cannot find the spur executable")?;
     let logs = run_dir.join("logs");
     std::fs::create_dir_all(&logs)?;
-    let log = std::fs::File::create(logs.join(format!("{log_name}.log")))?;
+    // Appended, so a replaced actor's log still says why its predecessor failed.
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(logs.join(format!("{log_name}.log")))?;
     let mut cmd = Command::new(exe);
     cmd.stdin(Stdio::null())
         .stdout(log.try_clone()?)
@@ -199,7 +203,8 @@ impl Cluster {
             }
             slot.restarts += 1;
             let index = slot.index;
-            warn!(index, %status, restart = slot.restarts, "actor exited, starting a replacement");
+            let last = log_tail(&self.run_dir, &format!("actor-{index}"), 1);
+            warn!(index, %status, restart = slot.restarts, last_log_line = %last, "actor exited, starting a replacement");
             let child = self.spawn_actor(index)?;
             self.actors[i].child = Some(child);
         }
