@@ -33,7 +33,7 @@ def main(argv=None) -> int:
     p.add_argument("--listen", default="127.0.0.1:0", help="host:port (port 0: any free port)")
     p.add_argument("--crop", type=int, default=9, help="NetHack: side of the glyph crop around the hero")
     p.add_argument("--max-episode-steps", type=int, default=0, help="step limit (0: the env's own)")
-    p.add_argument("--exit-with-parent", action="store_true", help="stop when the parent process dies")
+    p.add_argument("--exit-with-parent", action="store_true", help="stop when the parent process (Linux: the thread that started this) dies")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="spur_bridge %(levelname)s %(message)s")
     if args.exit_with_parent:

@@ -82,6 +82,9 @@ pub fn python(config: &EnvConfig) -> String {
 fn spawn_bridge(config: &EnvConfig, num_envs: usize) -> Result<(BridgeProcess, String), EnvError> {
     let python = python(config);
     let mut cmd = Command::new(&python);
+    // `--exit-with-parent` is Linux's parent-death signal, which fires when the
+    // *thread* that started the bridge ends: every caller keeps the batch on the
+    // thread that built it (the rollout thread, a blocking task), which ends with it.
     cmd.args([
         "-m",
         "spur_bridge",
