@@ -255,6 +255,32 @@ fn a_vanished_or_mismatched_server_is_an_error() {
     assert!(matches!(err, EnvError::Server { .. }), "{err}");
 }
 
+/// NLE ignores Gymnasium's reset seed; the bridge seeds the game itself, so a seed
+/// is a dungeon: grouped rollouts (UI-S1) compare episodes of one task.
+#[test]
+fn nethack_seeds_pick_the_dungeon() {
+    for id in ["NetHackScore-v0", "MiniHack-Room-5x5-v0"] {
+        let config = gym_config(id, 3);
+        let mut batch = RemoteBatch::connect(&config.env, 3).unwrap();
+        let d = batch.spec().obs_dim;
+        let mut obs = vec![0.0; 3 * d];
+        batch.reset(&[0, 1, 2], &[7, 7, 8], &mut obs).unwrap();
+        assert_eq!(obs[..d], obs[d..2 * d], "{id}: one seed, one dungeon");
+        assert_ne!(
+            obs[..d],
+            obs[2 * d..],
+            "{id}: another seed, another dungeon"
+        );
+        let first = obs[..d].to_vec();
+        batch.reset(&[2], &[7], &mut obs).unwrap();
+        assert_eq!(
+            obs[2 * d..],
+            first[..],
+            "{id}: the seed repeats its dungeon"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nethack_messages_reach_the_reward_service() -> anyhow::Result<()> {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");

@@ -84,6 +84,10 @@ class GymAdapter:
             at += n
 
     @staticmethod
+    def reset(env, seed: int):
+        return env.reset(seed=seed)
+
+    @staticmethod
     def text(obs, info) -> str:
         return str(info.get("event_text", "") or "")
 
@@ -124,6 +128,14 @@ class NetHackAdapter:
         out[: c * c] = self.padded[y : y + c, x : x + c].reshape(-1)
         out[c * c : c * c + self.n_stats] = obs["blstats"]
         out[c * c + self.n_stats :] = obs["message"]
+
+    @staticmethod
+    def reset(env, seed: int):
+        # NLE ignores Gymnasium's `reset(seed=...)`; its game RNGs are seeded here, so
+        # one seed gives one dungeon (spur's grouped rollouts rely on that).
+        disp = (seed * 0x9E3779B97F4A7C15 + 1) % 2**63
+        env.unwrapped.seed(core=seed, disp=disp, reseed=False)
+        return env.reset()
 
     @staticmethod
     def text(obs, info) -> str:
@@ -206,7 +218,7 @@ class Batch:
                 )
         for i, seed in zip(indices, seeds):
             # Gymnasium seeds are at most 2**63 - 1 for some envs' numpy generators.
-            obs, _ = self.envs[i].reset(seed=int(seed) % (2**63))
+            obs, _ = self.adapter.reset(self.envs[i], int(seed) % (2**63))
             self.adapter.encode(obs, self.obs[i])
             self.running[i] = True
         return self.obs[indices]
