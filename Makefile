@@ -16,7 +16,7 @@ export LIBTORCH_USE_PYTORCH := 1
 export VIRTUAL_ENV          := $(abspath $(VENV))
 export PATH                 := $(VIRTUAL_ENV)/bin:$(PATH)
 
-.PHONY: run test build setup bench bench-bridge cartpole nethack keyroom-table advantage-table semi-online fmt lint clean
+.PHONY: run test build setup bench bench-bridge cartpole nethack nethack-table keyroom-table advantage-table semi-online fmt lint clean
 
 ## run: keyroom with ONI intrinsic rewards from the built-in rule judge: learner,
 ## reward service and 2 actors as separate processes (offline defaults)
@@ -62,6 +62,12 @@ bench-bridge: build
 ## retrieval rewards from the built-in judge; writes <run>/curves.png
 nethack: build
 	./target/release/spur local --config configs/nethack-score.toml $(ARGS)
+
+## nethack-table: NetHack (TASK=score|staircase|oracle) with extrinsic reward only and
+## each ONI variant, 3 seeds each (long: pass ARGS="--seeds 1 --steps 200000")
+TASK ?= score
+nethack-table: build
+	python3 scripts/keyroom_table.py --table nethack-$(TASK) $(ARGS)
 
 ## cartpole: the dense-reward smoke run (stops at mean return 475)
 cartpole: build

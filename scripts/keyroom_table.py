@@ -1,10 +1,13 @@
 #!/usr/bin/env python3
-"""Keyroom success rates, several seeds per variant, the same env-step budget for
-every run. Prints a markdown table.
+"""Success rates and returns, several seeds per variant, the same env-step budget
+for every run. Prints a markdown table.
 
-  --table rewards     extrinsic only vs ONI retrieval, classification, ranking
-  --table advantages  vtrace, gae, uis1, hybrid (all with ONI retrieval rewards and
-                      groups of 4 episodes)
+  --table rewards     keyroom: extrinsic only vs ONI retrieval, classification, ranking
+  --table advantages  keyroom: vtrace, gae, uis1, hybrid (all with ONI retrieval
+                      rewards and groups of 4 episodes)
+  --table nethack-score | nethack-staircase | nethack-oracle
+                      NetHack through the env bridge: extrinsic only vs ONI retrieval,
+                      classification, ranking (configs/nethack-*.toml)
 
 Usage: scripts/keyroom_table.py [--table rewards] [--seeds 3] [--steps 1000000]
                                 [--spur target/release/spur]
@@ -40,6 +43,19 @@ ADVANTAGES = [
 ]
 
 
+def nethack_variants(task):
+    config = f"configs/nethack-{task}.toml"
+    return [
+        ("extrinsic only", config, ["--set", "intrinsic.enabled=false"]),
+        ("ONI retrieval (rule judge)", config, []),
+        ("ONI classification (rule judge)", config, ["--set", "intrinsic.model=classification"]),
+        ("ONI ranking (rule judge)", config, ["--set", "intrinsic.model=ranking"]),
+    ]
+
+
+TABLES = ["rewards", "advantages", "nethack-score", "nethack-staircase", "nethack-oracle"]
+
+
 def last_row(run_dir):
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f if line.strip()]
@@ -58,9 +74,14 @@ def main():
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=1_000_000)
     ap.add_argument("--spur", default="target/release/spur")
-    ap.add_argument("--table", choices=["rewards", "advantages"], default="rewards")
+    ap.add_argument("--table", choices=TABLES, default="rewards")
     args = ap.parse_args()
-    variants = VARIANTS if args.table == "rewards" else ADVANTAGES
+    if args.table == "rewards":
+        variants = VARIANTS
+    elif args.table == "advantages":
+        variants = ADVANTAGES
+    else:
+        variants = nethack_variants(args.table.split("-", 1)[1])
     out = tempfile.mkdtemp(prefix="spur-keyroom-table-")
     store = os.path.join(out, "labels.redb")
     results = []
@@ -82,6 +103,18 @@ def main():
                 with open(jpath) as f:
                     judge = json.load(f)
             results.append((name, seed, rows, judge))
+    if args.table.startswith("nethack"):
+        print(f"{args.table}, {args.steps:,} env steps per run; one label store shared by all runs\n")
+        print("| variant | seed | mean return (last 100 episodes) | success rate | episodes | judge calls |")
+        print("|---|---|---|---|---|---|")
+        for name, seed, rows, judge in results:
+            r = rows[-1]
+            print(
+                f"| {name} | {seed} | {r['episode_return_mean']:.2f} | {r['success_rate']:.2f} | "
+                f"{r['episodes']} | {judge.get('llm_calls', '-')} |"
+            )
+        print(f"\nrun directories: {out}")
+        return
     print(f"keyroom 15x15, 200-step limit, {args.steps:,} env steps per run; one label")
     print("store shared by all runs, so only the first ONI run calls the judge\n")
     print("| variant | seed | success rate (last 100 episodes) | env steps to 80% | judge calls | labelled texts | ranked pairs | calls per labelled text |")
