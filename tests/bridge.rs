@@ -14,7 +14,7 @@ use spur_core::env::{EnvBatch, RemoteBatch, StepOutcome};
 use spur_core::EnvError;
 use spur_proto::v1::env_service_client::EnvServiceClient;
 use spur_proto::v1::reward_service_client::RewardServiceClient;
-use spur_proto::v1::{ResetRequest, RewardStatusRequest, StepRequest};
+use spur_proto::v1::{RenderRequest, ResetRequest, RewardStatusRequest, StepRequest};
 use spur_tests::{spawn_actor, tiny_cartpole, TestLearner};
 
 fn gym_config(gym_id: &str, num_envs: u32) -> Config {
@@ -193,6 +193,15 @@ async fn bad_requests_get_clear_errors() {
         e.message().contains("action 5 for env 2 is outside 0..1"),
         "{e:?}"
     );
+    let e = c.render(RenderRequest { env_index: 9 }).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    // CartPole has no picture.
+    let r = c
+        .render(RenderRequest { env_index: 0 })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(r.text.is_empty());
     // The server kept going: a good step still works.
     let r = c
         .step(StepRequest {
@@ -265,18 +274,23 @@ fn nethack_seeds_pick_the_dungeon() {
         let d = batch.spec().obs_dim;
         let mut obs = vec![0.0; 3 * d];
         batch.reset(&[0, 1, 2], &[7, 7, 8], &mut obs).unwrap();
-        assert_eq!(obs[..d], obs[d..2 * d], "{id}: one seed, one dungeon");
-        assert_ne!(
-            obs[..d],
-            obs[2 * d..],
+        // (`assert!`, not `assert_eq!`: a failure would print 700 floats.)
+        assert!(obs[..d] == obs[d..2 * d], "{id}: one seed, one dungeon");
+        assert!(
+            obs[..d] != obs[2 * d..],
             "{id}: another seed, another dungeon"
         );
         let first = obs[..d].to_vec();
         batch.reset(&[2], &[7], &mut obs).unwrap();
-        assert_eq!(
-            obs[2 * d..],
-            first[..],
+        assert!(
+            obs[2 * d..] == first[..],
             "{id}: the seed repeats its dungeon"
+        );
+        // `spur eval` draws NetHack's map: the hero is on it.
+        let picture = batch.render_text(2).expect("NetHack renders");
+        assert!(
+            picture.contains('@') && picture.contains("HP "),
+            "{picture}"
         );
     }
 }

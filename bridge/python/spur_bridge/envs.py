@@ -88,6 +88,10 @@ class GymAdapter:
         return env.reset(seed=seed)
 
     @staticmethod
+    def render(obs) -> str:
+        return ""
+
+    @staticmethod
     def text(obs, info) -> str:
         return str(info.get("event_text", "") or "")
 
@@ -99,7 +103,8 @@ class GymAdapter:
 class NetHackAdapter:
     """Glyph crop around the hero, bottom-line stats and message bytes."""
 
-    KEYS = ("glyphs", "blstats", "message")
+    # `chars` is not sent to the actor; it draws the map for `render`.
+    KEYS = ("glyphs", "blstats", "message", "chars")
 
     def __init__(self, space: gym.Space, crop: int):
         from nle import nethack
@@ -136,6 +141,19 @@ class NetHackAdapter:
         disp = (seed * 0x9E3779B97F4A7C15 + 1) % 2**63
         env.unwrapped.seed(core=seed, disp=disp, reseed=False)
         return env.reset()
+
+    @staticmethod
+    def render(obs) -> str:
+        """The map as NetHack draws it (blank rows above and below cut) and the main
+        stats; the message is the step's event text, shown by the caller."""
+        rows = [bytes(r).decode("latin-1").rstrip() for r in obs["chars"]]
+        while rows and not rows[-1]:
+            rows.pop()
+        while rows and not rows[0]:
+            rows.pop(0)
+        b = obs["blstats"]
+        stats = f"HP {b[10]}/{b[11]}  depth {b[12]}  gold {b[13]}  XL {b[18]}  turn {b[20]}"
+        return "\n".join([*rows, stats])
 
     @staticmethod
     def text(obs, info) -> str:
@@ -197,6 +215,7 @@ class Batch:
         self.max_episode_steps = int(limit or 0)
         self.obs = np.zeros((num_envs, self.obs_dim), dtype=np.float32)
         self.running = [False] * num_envs
+        self.last = [None] * num_envs  # each env's latest raw observation
 
     @property
     def num_envs(self) -> int:
@@ -220,6 +239,7 @@ class Batch:
             # Gymnasium seeds are at most 2**63 - 1 for some envs' numpy generators.
             obs, _ = self.adapter.reset(self.envs[i], int(seed) % (2**63))
             self.adapter.encode(obs, self.obs[i])
+            self.last[i] = obs
             self.running[i] = True
         return self.obs[indices]
 
@@ -254,6 +274,7 @@ class Batch:
         for i, (env, a) in enumerate(zip(self.envs, acts.tolist())):
             obs, reward, term, trunc, info = env.step(a)
             self.adapter.encode(obs, self.obs[i])
+            self.last[i] = obs
             rewards[i] = float(reward)
             terminated[i], truncated[i] = bool(term), bool(trunc) and not bool(term)
             texts[i] = self.adapter.text(obs, info)
@@ -261,6 +282,12 @@ class Batch:
             if term or trunc:
                 self.running[i] = False
         return self.obs, rewards, terminated, truncated, texts, success
+
+    def render(self, i: int) -> str:
+        """A text picture of env `i`'s latest observation ("" when the env has none)."""
+        if not 0 <= i < self.num_envs:
+            raise BridgeError("INVALID_ARGUMENT", f"env index {i} is outside 0..{self.num_envs - 1}")
+        return "" if self.last[i] is None else self.adapter.render(self.last[i])
 
 
 def make_batch(env_id: str, num_envs: int, crop: int = 9, max_episode_steps: int = 0) -> Batch:

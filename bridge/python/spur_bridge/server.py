@@ -69,6 +69,15 @@ class EnvService(env_pb2_grpc.EnvServiceServicer):
             )
 
 
+    def Render(self, request, context):
+        with self.lock:
+            try:
+                text = self.batch.render(request.env_index)
+            except Exception as e:  # noqa: BLE001
+                self._fail(context, e)
+        return env_pb2.RenderReply(text=text)
+
+
 def serve(batch: Batch, listen: str) -> tuple[grpc.Server, int]:
     """Starts the server on `listen` (`host:port`, port 0 picks a free one); returns it
     with the bound port."""

@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use spur_proto::v1::env_service_client::EnvServiceClient;
-use spur_proto::v1::{EnvSpecReply, EnvSpecRequest, ResetRequest, StepRequest};
+use spur_proto::v1::{EnvSpecReply, EnvSpecRequest, RenderRequest, ResetRequest, StepRequest};
 use tonic::transport::{Channel, Endpoint};
 use tracing::info;
 
@@ -490,6 +490,24 @@ impl EnvBatch for RemoteBatch {
             }
         }
         Ok(())
+    }
+
+    fn render_text(&self, i: usize) -> Option<String> {
+        let s = self
+            .servers
+            .iter()
+            .find(|s| (s.offset..s.offset + s.envs).contains(&i))?;
+        let mut client = s.client.clone();
+        let request = RenderRequest {
+            env_index: (i - s.offset) as u32,
+        };
+        let text = self
+            .rt
+            .block_on(client.render(request))
+            .ok()?
+            .into_inner()
+            .text;
+        (!text.is_empty()).then_some(text)
     }
 }
 
