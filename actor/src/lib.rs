@@ -89,24 +89,17 @@ pub async fn run(
         stopper.store(true, Ordering::Release);
     });
 
-    let has_text = spur_core::env::env_spec(&config.env)?.has_text;
-    let texts = if config.intrinsic.enabled && has_text {
+    let texts = if config.intrinsic.enabled {
         let endpoint = Endpoint::from_shared(config.reward_service.addr.clone())
             .map_err(|e| ActorError::Address {
                 addr: config.reward_service.addr.clone(),
                 message: e.to_string(),
             })?
             .connect_timeout(Duration::from_secs(2));
-        let forget = Arc::new(AtomicBool::new(false));
-        let (tx, rx) = mpsc::channel(64);
-        tokio::spawn(texts::submit(
+        Some(texts::TextSink {
             endpoint,
-            opts.actor_id.clone(),
-            rx,
-            forget.clone(),
             max_backoff,
-        ));
-        Some((tx, texts::SentTexts::new(forget)))
+        })
     } else {
         None
     };

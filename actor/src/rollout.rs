@@ -16,7 +16,7 @@ use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 
 use crate::error::ActorError;
-use crate::texts::SentTexts;
+use crate::texts::TextSink;
 use crate::weights::WeightsUpdate;
 
 pub struct Rollout {
@@ -28,8 +28,8 @@ pub struct Rollout {
     pub chunks: mpsc::Sender<Chunk>,
     pub stop: Arc<AtomicBool>,
     pub rt: Handle,
-    /// New event texts for the reward service, with the memory of texts sent.
-    pub texts: Option<(mpsc::Sender<Vec<String>>, SentTexts)>,
+    /// Where new event texts go, with intrinsic rewards on.
+    pub texts: Option<TextSink>,
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -51,6 +51,11 @@ impl Rollout {
         let patched_env = self.config.env.kind == spur_core::config::EnvKind::Replay;
         let spec = venv.spec().clone();
         let d = spec.obs_dim;
+        // New event texts for the reward service, with the memory of texts sent.
+        let mut texts = match self.texts.take() {
+            Some(sink) if spec.has_text => Some(sink.start(&self.rt, self.actor_id.clone())),
+            _ => None,
+        };
         let device = resolve_device(&self.config.model.device);
         let mut model = ActorCritic::for_spec(&spec, &self.config.model, device)?;
         let mut stats = RolloutStats::default();
@@ -130,7 +135,7 @@ impl Rollout {
             // A chunk that saw a weight swap is tagged with its oldest version, so the
             // learner's lag accounting errs on the safe side; the behaviour
             // log-probs are exact per step either way.
-            if let Some((tx, sent)) = self.texts.as_mut() {
+            if let Some((tx, sent)) = texts.as_mut() {
                 let new = sent.new_texts(&c.event_texts);
                 if !new.is_empty() {
                     // Never wait for the reward service: if it is behind, send later.

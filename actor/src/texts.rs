@@ -53,6 +53,33 @@ impl SentTexts {
     }
 }
 
+/// Where new event texts go. The rollout thread starts it once its envs turn out to
+/// emit text (it knows only after building them; a bridge env is not asked twice).
+pub struct TextSink {
+    pub endpoint: Endpoint,
+    pub max_backoff: Duration,
+}
+
+impl TextSink {
+    /// Spawns the submit task on `rt`; returns its channel and the memory of texts sent.
+    pub fn start(
+        self,
+        rt: &tokio::runtime::Handle,
+        actor_id: String,
+    ) -> (mpsc::Sender<Vec<String>>, SentTexts) {
+        let forget = Arc::new(AtomicBool::new(false));
+        let (tx, rx) = mpsc::channel(64);
+        rt.spawn(submit(
+            self.endpoint,
+            actor_id,
+            rx,
+            forget.clone(),
+            self.max_backoff,
+        ));
+        (tx, SentTexts::new(forget))
+    }
+}
+
 pub async fn submit(
     endpoint: Endpoint,
     actor_id: String,

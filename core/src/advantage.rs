@@ -12,6 +12,8 @@
 //! bootstraps from the value of its final observation (GAE). UI-S1's estimator has no
 //! critic, so there both simply end the episode's sums.
 
+use crate::vtrace::{vtrace, VTraceInput, VTraceParams};
+
 /// Inputs of [`gae`], each of length `T * B` in time-major order.
 pub struct GaeInput<'a> {
     pub rollout_len: usize,
@@ -26,45 +28,37 @@ pub struct GaeInput<'a> {
     pub truncated: &'a [u8],
 }
 
-/// GAE advantages and the value targets `advantage + V`.
+/// GAE advantages and the value targets `advantage + V`. GAE is V-trace on-policy
+/// (every importance ratio 1), so this is [`vtrace`] with zero log-ratios: one
+/// recursion handles episode ends for both.
 pub fn gae(input: &GaeInput, gamma: f32, lambda: f32) -> (Vec<f32>, Vec<f32>) {
-    let (t_len, b) = (input.rollout_len, input.batch);
-    let n = t_len * b;
-    for len in [
-        input.rewards.len(),
-        input.values.len(),
-        input.next_values.len(),
-        input.terminated.len(),
-        input.truncated.len(),
-    ] {
-        assert_eq!(len, n, "every GAE input holds T * B values");
-    }
-    let mut adv = vec![0.0f32; n];
-    // Advantage of the next step in each column while walking backwards.
-    let mut next = vec![0.0f32; b];
-    for t in (0..t_len).rev() {
-        for (j, next_j) in next.iter_mut().enumerate() {
-            let i = t * b + j;
-            let terminated = input.terminated[i] == 1;
-            let ended = terminated || input.truncated[i] == 1;
-            let bootstrap = if terminated {
-                0.0
-            } else {
-                gamma * input.next_values[i]
-            };
-            let delta = input.rewards[i] + bootstrap - input.values[i];
-            // The trace stops at an episode end and at the end of the rollout.
-            let carry = if ended || t + 1 == t_len {
-                0.0
-            } else {
-                gamma * lambda * *next_j
-            };
-            adv[i] = delta + carry;
-            *next_j = adv[i];
-        }
-    }
-    let targets = adv.iter().zip(input.values).map(|(a, v)| a + v).collect();
-    (adv, targets)
+    let on_policy = vec![0.0f32; input.rewards.len()];
+    let out = vtrace(
+        &VTraceInput {
+            rollout_len: input.rollout_len,
+            batch: input.batch,
+            log_rhos: &on_policy,
+            rewards: input.rewards,
+            values: input.values,
+            next_values: input.next_values,
+            terminated: input.terminated,
+            truncated: input.truncated,
+        },
+        &VTraceParams {
+            gamma,
+            lambda,
+            rho_clip: 1.0,
+            c_clip: 1.0,
+            pg_rho_clip: 1.0,
+        },
+    );
+    let adv = out
+        .vs
+        .iter()
+        .zip(input.values)
+        .map(|(vs, v)| vs - v)
+        .collect();
+    (adv, out.vs)
 }
 
 /// `R_t = r_t + gamma * R_{t+1}` within one episode (nothing after its last step).

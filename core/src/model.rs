@@ -17,6 +17,9 @@ use crate::error::ModelError;
 /// Metadata key holding the policy version inside a weights payload.
 pub const VERSION_KEY: &str = "spur.policy_version";
 
+/// The observation fields the NetHack network reads (the bridge's NetHack layout).
+const NETHACK_FIELDS: [&str; 3] = ["glyphs_crop", "blstats", "message"];
+
 /// NetHack's glyph ids run from 0 to this (`MAX_GLYPH`, "nothing", pads the crop).
 const MAX_GLYPH: i64 = 5976;
 
@@ -66,9 +69,10 @@ impl NetHackNet {
                 .map(|(at, f)| (at as i64, f.shape.clone()))
                 .ok_or_else(|| format!("the nethack network needs an observation field `{name}`"))
         };
-        let (crop_at, crop_shape) = need("glyphs_crop")?;
-        let (stats_at, stats_shape) = need("blstats")?;
-        let (msg_at, msg_shape) = need("message")?;
+        let [crop_field, stats_field, msg_field] = NETHACK_FIELDS;
+        let (crop_at, crop_shape) = need(crop_field)?;
+        let (stats_at, stats_shape) = need(stats_field)?;
+        let (msg_at, msg_shape) = need(msg_field)?;
         if crop_shape.len() != 2 || crop_shape[0] != crop_shape[1] {
             return Err(format!("`glyphs_crop` must be square, not {crop_shape:?}"));
         }
@@ -199,9 +203,7 @@ impl ActorCritic {
         let nethack = match config.arch {
             ModelArch::Mlp => false,
             ModelArch::Nethack => true,
-            ModelArch::Auto => ["glyphs_crop", "blstats", "message"]
-                .iter()
-                .all(|f| spec.field(f).is_some()),
+            ModelArch::Auto => NETHACK_FIELDS.iter().all(|f| spec.field(f).is_some()),
         };
         if !nethack {
             return Ok(Self::new(

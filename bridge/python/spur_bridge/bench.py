@@ -25,17 +25,10 @@ def main(argv=None) -> None:
     )
     args = p.parse_args(argv)
 
-    import gymnasium as gym
+    from .envs import make_env
 
-    kwargs = {}
-    if args.env_id.startswith(("NetHack", "MiniHack")):
-        import nle  # noqa: F401
-
-        if args.env_id.startswith("MiniHack"):
-            import minihack  # noqa: F401
-        if not args.all_keys:
-            kwargs["observation_keys"] = ("glyphs", "blstats", "message")
-    envs = [gym.make(args.env_id, **kwargs) for _ in range(args.num_envs)]
+    keys = None if args.all_keys else ("glyphs", "blstats", "message")
+    envs = [make_env(args.env_id, nethack_keys=keys) for _ in range(args.num_envs)]
     for i, e in enumerate(envs):
         e.reset(seed=i)
     n_actions = int(envs[0].action_space.n)

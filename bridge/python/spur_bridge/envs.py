@@ -166,17 +166,18 @@ class NetHackAdapter:
         return bool(terminated and int(info.get("end_status", 0)) == 2)
 
 
-def _make_env(env_id: str, max_episode_steps: int):
+def make_env(env_id: str, max_episode_steps: int = 0, nethack_keys=NetHackAdapter.KEYS):
+    """One env of `env_id`. NetHack and MiniHack compute only `nethack_keys` (None:
+    every observation NLE has)."""
     kwargs = {}
     if _is_nethack(env_id):
         import nle  # noqa: F401  (registers the NetHack ids)
 
         if env_id.startswith("MiniHack"):
             import minihack  # noqa: F401  (registers the MiniHack ids)
-        kwargs["observation_keys"] = NetHackAdapter.KEYS
-        if max_episode_steps > 0:
-            kwargs["max_episode_steps"] = max_episode_steps
-    elif max_episode_steps > 0:
+        if nethack_keys is not None:
+            kwargs["observation_keys"] = nethack_keys
+    if max_episode_steps > 0:
         kwargs["max_episode_steps"] = max_episode_steps
     try:
         return gym.make(env_id, **kwargs)
@@ -191,7 +192,7 @@ class Batch:
         if num_envs < 1:
             raise BridgeError("INVALID_ARGUMENT", "num_envs must be at least 1")
         self.env_id = env_id
-        self.envs = [_make_env(env_id, max_episode_steps) for _ in range(num_envs)]
+        self.envs = [make_env(env_id, max_episode_steps) for _ in range(num_envs)]
         first = self.envs[0]
         if not isinstance(first.action_space, gym.spaces.Discrete):
             raise BridgeError(

@@ -45,20 +45,24 @@ class EnvService(env_pb2_grpc.EnvServiceServicer):
             max_episode_steps=b.max_episode_steps,
         )
 
-    def Reset(self, request, context):
+    def _locked(self, context, work):
+        """Runs `work` under the lock; any failure aborts the call with a status."""
         with self.lock:
             try:
-                obs = self.batch.reset(list(request.env_indices), list(request.seeds))
+                return work()
             except Exception as e:  # noqa: BLE001 (every failure becomes a status)
                 self._fail(context, e)
+
+    def Reset(self, request, context):
+        obs = self._locked(
+            context, lambda: self.batch.reset(list(request.env_indices), list(request.seeds))
+        )
         return env_pb2.ResetReply(observations=np.ascontiguousarray(obs, "<f4").tobytes())
 
     def Step(self, request, context):
-        with self.lock:
-            try:
-                obs, rewards, term, trunc, texts, success = self.batch.step(list(request.actions))
-            except Exception as e:  # noqa: BLE001
-                self._fail(context, e)
+        def step():
+            obs, rewards, term, trunc, texts, success = self.batch.step(list(request.actions))
+            # Serialized under the lock: `obs` is the batch's own buffer.
             return env_pb2.StepReply(
                 observations=np.ascontiguousarray(obs, "<f4").tobytes(),
                 rewards=rewards,
@@ -68,13 +72,10 @@ class EnvService(env_pb2_grpc.EnvServiceServicer):
                 success=success,
             )
 
+        return self._locked(context, step)
 
     def Render(self, request, context):
-        with self.lock:
-            try:
-                text = self.batch.render(request.env_index)
-            except Exception as e:  # noqa: BLE001
-                self._fail(context, e)
+        text = self._locked(context, lambda: self.batch.render(request.env_index))
         return env_pb2.RenderReply(text=text)
 
 

@@ -9,7 +9,7 @@
 //! A server that fails or answers out of protocol is an error for the caller: the
 //! envs' state is gone with it, so there is nothing to retry mid-episode.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -23,6 +23,7 @@ use tracing::info;
 use super::{EnvBatch, EnvSpec, ObsField, StepOutcome};
 use crate::config::EnvConfig;
 use crate::error::EnvError;
+use crate::tensor::Element;
 
 /// Largest message an env server may send (thousands of NetHack observations).
 const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
@@ -36,14 +37,6 @@ const READY: &str = "SPUR_BRIDGE_LISTENING ";
 /// A bridge process this side started; killed when dropped.
 pub struct BridgeProcess {
     child: Child,
-}
-
-impl BridgeProcess {
-    /// Starts `python -m spur_bridge` for `num_envs` envs of `config.gym_id` on a free
-    /// loopback port; returns it with its address once it serves.
-    pub fn spawn(config: &EnvConfig, num_envs: usize) -> Result<(Self, String), EnvError> {
-        spawn_bridge(config, num_envs)
-    }
 }
 
 impl Drop for BridgeProcess {
@@ -77,84 +70,86 @@ pub fn python(config: &EnvConfig) -> String {
     "python3".into()
 }
 
-/// Starts `python -m spur_bridge` for `num_envs` envs on a free loopback port; returns
-/// the process and its address once it serves.
-fn spawn_bridge(config: &EnvConfig, num_envs: usize) -> Result<(BridgeProcess, String), EnvError> {
-    let python = python(config);
-    let mut cmd = Command::new(&python);
-    // `--exit-with-parent` is Linux's parent-death signal, which fires when the
-    // *thread* that started the bridge ends: every caller keeps the batch on the
-    // thread that built it (the rollout thread, a blocking task), which ends with it.
-    cmd.args([
-        "-m",
-        "spur_bridge",
-        "--exit-with-parent",
-        "--listen",
-        "127.0.0.1:0",
-    ])
-    .args(["--env-id", &config.gym_id])
-    .args(["--num-envs", &num_envs.to_string()])
-    .args(["--crop", &config.crop.to_string()])
-    .args(["--max-episode-steps", &config.max_episode_steps.to_string()])
-    .stdin(Stdio::null())
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped());
-    let command = format!("{python} -m spur_bridge --env-id {}", config.gym_id);
-    let spawn_error = |message: String| EnvError::Spawn {
-        command: command.clone(),
-        message,
-    };
-    let mut child = cmd.spawn().map_err(|e| {
-        spawn_error(format!(
-            "{e} (run `make setup`, or set env.python to a Python with spur_bridge)"
-        ))
-    })?;
-    // The bridge's log lines go to ours; the last few explain a failed start.
-    let tail = Arc::new(Mutex::new(VecDeque::new()));
-    let stderr = child.stderr.take().expect("stderr is piped");
-    let tail_w = tail.clone();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            info!(target: "spur_bridge", "{line}");
-            let mut t = tail_w.lock().expect("the tail lock is never poisoned");
-            if t.len() == 20 {
-                t.pop_front();
-            }
-            t.push_back(line);
-        }
-    });
-    let stdout = child.stdout.take().expect("stdout is piped");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if let Some(port) = line.strip_prefix(READY) {
-                let _ = tx.send(port.trim().to_string());
-            }
-        }
-    });
-    let mut process = BridgeProcess { child };
-    match rx.recv_timeout(START_TIMEOUT) {
-        Ok(port) => Ok((process, format!("127.0.0.1:{port}"))),
-        Err(_) => {
-            // Either it exited (the channel closed) or it hung: stop it, then explain.
-            let _ = process.child.kill();
-            let status = process.child.wait().ok();
-            std::thread::sleep(Duration::from_millis(100)); // let the stderr thread drain
-            let said: Vec<String> = tail
-                .lock()
-                .expect("the tail lock is never poisoned")
-                .iter()
-                .cloned()
-                .collect();
-            Err(spawn_error(format!(
-                "exited ({}) before serving; it said: {}",
-                status.map_or("killed after the start timeout".into(), |s| s.to_string()),
-                if said.is_empty() {
-                    "nothing".into()
-                } else {
-                    said.join(" | ")
+impl BridgeProcess {
+    /// Starts `python -m spur_bridge` for `num_envs` envs of `config.gym_id` on a free
+    /// loopback port; returns it with its address once it serves.
+    pub fn spawn(config: &EnvConfig, num_envs: usize) -> Result<(Self, String), EnvError> {
+        let python = python(config);
+        let mut cmd = Command::new(&python);
+        // `--exit-with-parent` is Linux's parent-death signal, which fires when the
+        // *thread* that started the bridge ends: every caller keeps the batch on the
+        // thread that built it (the rollout thread, a blocking task), which ends with it.
+        cmd.args([
+            "-m",
+            "spur_bridge",
+            "--exit-with-parent",
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .args(["--env-id", &config.gym_id])
+        .args(["--num-envs", &num_envs.to_string()])
+        .args(["--crop", &config.crop.to_string()])
+        .args(["--max-episode-steps", &config.max_episode_steps.to_string()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+        let command = format!("{python} -m spur_bridge --env-id {}", config.gym_id);
+        let spawn_error = |message: String| EnvError::Spawn {
+            command: command.clone(),
+            message,
+        };
+        let mut child = cmd.spawn().map_err(|e| {
+            spawn_error(format!(
+                "{e} (run `make setup`, or set env.python to a Python with spur_bridge)"
+            ))
+        })?;
+        // The bridge's log lines go to ours; the last few explain a failed start.
+        let tail = Arc::new(Mutex::new(VecDeque::new()));
+        let stderr = child.stderr.take().expect("stderr is piped");
+        let tail_w = tail.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                info!(target: "spur_bridge", "{line}");
+                let mut t = tail_w.lock().expect("the tail lock is never poisoned");
+                if t.len() == 20 {
+                    t.pop_front();
                 }
-            )))
+                t.push_back(line);
+            }
+        });
+        let stdout = child.stdout.take().expect("stdout is piped");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(port) = line.strip_prefix(READY) {
+                    let _ = tx.send(port.trim().to_string());
+                }
+            }
+        });
+        let mut process = BridgeProcess { child };
+        match rx.recv_timeout(START_TIMEOUT) {
+            Ok(port) => Ok((process, format!("127.0.0.1:{port}"))),
+            Err(_) => {
+                // Either it exited (the channel closed) or it hung: stop it, then explain.
+                let _ = process.child.kill();
+                let status = process.child.wait().ok();
+                std::thread::sleep(Duration::from_millis(100)); // let the stderr thread drain
+                let said: Vec<String> = tail
+                    .lock()
+                    .expect("the tail lock is never poisoned")
+                    .iter()
+                    .cloned()
+                    .collect();
+                Err(spawn_error(format!(
+                    "exited ({}) before serving; it said: {}",
+                    status.map_or("killed after the start timeout".into(), |s| s.to_string()),
+                    if said.is_empty() {
+                        "nothing".into()
+                    } else {
+                        said.join(" | ")
+                    }
+                )))
+            }
         }
     }
 }
@@ -231,7 +226,7 @@ fn decode_f32(addr: &str, bytes: &[u8], out: &mut [f32]) -> Result<(), EnvError>
         ));
     }
     for (o, b) in out.iter_mut().zip(bytes.chunks_exact(4)) {
-        *o = f32::from_le_bytes(b.try_into().expect("chunks of 4 bytes"));
+        *o = f32::read_le(b);
     }
     Ok(())
 }
@@ -245,11 +240,33 @@ struct Server {
     _process: Option<BridgeProcess>,
 }
 
+impl Server {
+    /// This server's envs, as indices into the batch.
+    fn envs_in_batch(&self) -> std::ops::Range<usize> {
+        self.offset..self.offset + self.envs
+    }
+}
+
 pub struct RemoteBatch {
     rt: tokio::runtime::Runtime,
     servers: Vec<Server>,
     spec: EnvSpec,
     num_envs: usize,
+}
+
+/// A call in flight on the batch's runtime.
+type Call<T> = tokio::task::JoinHandle<Result<tonic::Response<T>, tonic::Status>>;
+
+impl RemoteBatch {
+    /// Waits for `call` to server `s`, turning every failure into an [`EnvError`].
+    fn finish<T>(&self, s: &Server, call: Call<T>, what: &str) -> Result<T, EnvError> {
+        Ok(self
+            .rt
+            .block_on(call)
+            .map_err(|e| protocol(&s.addr, format!("{what} call failed: {e}")))?
+            .map_err(|status| server_error(&s.addr, status))?
+            .into_inner())
+    }
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, EnvError> {
@@ -292,7 +309,7 @@ impl RemoteBatch {
                 )));
             }
             for _ in 0..k {
-                let (p, addr) = spawn_bridge(config, n / k)?;
+                let (p, addr) = BridgeProcess::spawn(config, n / k)?;
                 targets.push((addr, Some(p)));
             }
         } else {
@@ -372,7 +389,7 @@ impl EnvBatch for RemoteBatch {
             let (mine, my_seeds): (Vec<u32>, Vec<u64>) = envs
                 .iter()
                 .zip(seeds)
-                .filter(|(&i, _)| (s.offset..s.offset + s.envs).contains(&i))
+                .filter(|(&i, _)| s.envs_in_batch().contains(&i))
                 .map(|(&i, &seed)| ((i - s.offset) as u32, seed))
                 .unzip();
             if mine.is_empty() {
@@ -389,31 +406,14 @@ impl EnvBatch for RemoteBatch {
                 self.rt.spawn(async move { client.reset(request).await }),
             ));
         }
+        let mut firsts = Vec::new();
         for (s, mine, call) in calls {
-            let reply = self
-                .rt
-                .block_on(call)
-                .map_err(|e| protocol(&s.addr, format!("reset call failed: {e}")))?
-                .map_err(|status| server_error(&s.addr, status))?
-                .into_inner();
-            if reply.observations.len() != mine.len() * d * 4 {
-                return Err(protocol(
-                    &s.addr,
-                    format!(
-                        "{} observation bytes for {} reset envs, expected {}",
-                        reply.observations.len(),
-                        mine.len(),
-                        mine.len() * d * 4
-                    ),
-                ));
-            }
-            for (k, &local) in mine.iter().enumerate() {
+            let reply = self.finish(s, call, "reset")?;
+            firsts.resize(mine.len() * d, 0.0);
+            decode_f32(&s.addr, &reply.observations, &mut firsts)?;
+            for (first, &local) in firsts.chunks_exact(d).zip(&mine) {
                 let i = s.offset + local as usize;
-                decode_f32(
-                    &s.addr,
-                    &reply.observations[k * d * 4..(k + 1) * d * 4],
-                    &mut obs[i * d..(i + 1) * d],
-                )?;
+                obs[i * d..(i + 1) * d].copy_from_slice(first);
             }
         }
         Ok(())
@@ -433,18 +433,13 @@ impl EnvBatch for RemoteBatch {
             .map(|s| {
                 let mut client = s.client.clone();
                 let request = StepRequest {
-                    actions: actions[s.offset..s.offset + s.envs].to_vec(),
+                    actions: actions[s.envs_in_batch()].to_vec(),
                 };
                 self.rt.spawn(async move { client.step(request).await })
             })
             .collect();
         for (s, call) in self.servers.iter().zip(calls) {
-            let r = self
-                .rt
-                .block_on(call)
-                .map_err(|e| protocol(&s.addr, format!("step call failed: {e}")))?
-                .map_err(|status| server_error(&s.addr, status))?
-                .into_inner();
+            let r = self.finish(s, call, "step")?;
             let k = s.envs;
             if r.rewards.len() != k
                 || r.terminated.len() != k
@@ -465,7 +460,7 @@ impl EnvBatch for RemoteBatch {
                     ),
                 ));
             }
-            let range = s.offset..s.offset + k;
+            let range = s.envs_in_batch();
             decode_f32(
                 &s.addr,
                 &r.observations,
@@ -496,7 +491,7 @@ impl EnvBatch for RemoteBatch {
         let s = self
             .servers
             .iter()
-            .find(|s| (s.offset..s.offset + s.envs).contains(&i))?;
+            .find(|s| s.envs_in_batch().contains(&i))?;
         let mut client = s.client.clone();
         let request = RenderRequest {
             env_index: (i - s.offset) as u32,
@@ -514,16 +509,13 @@ impl EnvBatch for RemoteBatch {
 /// The spec of `config`'s gym env: asked of the first `env.remote` server, or of a
 /// one-env bridge process started for the question. Cached per process.
 pub fn spec(config: &EnvConfig) -> Result<EnvSpec, EnvError> {
-    static CACHE: OnceLock<Mutex<HashMap<String, EnvSpec>>> = OnceLock::new();
-    let key = format!(
-        "{}|{}|{:?}|{}|{}",
-        config.gym_id, config.crop, config.remote, config.max_episode_steps, config.python
-    );
+    static CACHE: OnceLock<Mutex<Vec<(EnvConfig, EnvSpec)>>> = OnceLock::new();
     let cache = CACHE.get_or_init(Default::default);
-    if let Some(s) = cache
+    if let Some((_, s)) = cache
         .lock()
         .expect("the spec cache is never poisoned")
-        .get(&key)
+        .iter()
+        .find(|(c, _)| c == config)
     {
         return Ok(s.clone());
     }
@@ -535,7 +527,7 @@ pub fn spec(config: &EnvConfig) -> Result<EnvSpec, EnvError> {
                 let (addr, _process) = match config.remote.first() {
                     Some(a) => (a.clone(), None),
                     None => {
-                        let (p, a) = spawn_bridge(config, 1)?;
+                        let (p, a) = BridgeProcess::spawn(config, 1)?;
                         (a, Some(p))
                     }
                 };
@@ -548,6 +540,6 @@ pub fn spec(config: &EnvConfig) -> Result<EnvSpec, EnvError> {
     cache
         .lock()
         .expect("the spec cache is never poisoned")
-        .insert(key, spec.clone());
+        .push((config.clone(), spec.clone()));
     Ok(spec)
 }
