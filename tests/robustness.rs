@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use spur_core::tensor::encode;
+use spur_core::trajectory::Chunk;
 use spur_proto::v1::{SubscribeWeightsRequest, TrajectoryChunk};
 use spur_tests::{spawn_actor, tiny_cartpole, TestLearner};
 use tonic::Code;
@@ -16,6 +17,52 @@ fn malformed() -> TrajectoryChunk {
         num_envs: 2,
         observations: Some(encode(&[33, 3, 4], &vec![0.0f32; 33 * 3 * 4])),
         ..Default::default()
+    }
+}
+
+/// A chunk that passes every check: 32 steps of 3 cartpole envs, produced under
+/// `incarnation`.
+fn valid_chunk(incarnation: u64) -> TrajectoryChunk {
+    let (t, n, d) = (32, 3, 4);
+    Chunk {
+        actor_id: "vandal".into(),
+        policy_version: 1,
+        rollout_len: t,
+        num_envs: n,
+        obs_dim: d,
+        observations: vec![0.0; (t + 1) * n * d],
+        actions: vec![0; t * n],
+        behaviour_log_probs: vec![-0.69; t * n],
+        rewards: vec![1.0; t * n],
+        terminated: vec![0; t * n],
+        truncated: vec![0; t * n],
+        final_observations: vec![],
+        event_texts: vec![],
+        env_ids: (0..n as u32).collect(),
+        episode_ids: vec![0; t * n],
+        step_indices: vec![0; t * n],
+        finished_episodes: vec![],
+        event_counts: vec![],
+        group_ids: vec![],
+        group_size: 0,
+        expert_actions: vec![],
+        learner_incarnation: incarnation,
+    }
+    .to_proto()
+}
+
+/// Pushes one chunk and returns the learner's acknowledgement or error.
+async fn push_one_result(
+    client: &mut spur_proto::v1::learner_client::LearnerClient<tonic::transport::Channel>,
+    chunk: TrajectoryChunk,
+) -> Result<spur_proto::v1::PushAck, tonic::Status> {
+    let mut acks = client
+        .push_trajectories(tokio_stream::iter(vec![chunk]))
+        .await?
+        .into_inner();
+    match acks.message().await? {
+        Some(ack) => Ok(ack),
+        None => Err(tonic::Status::unknown("the stream ended without an answer")),
     }
 }
 
@@ -54,12 +101,18 @@ async fn malformed_chunk_is_rejected_and_others_keep_training() -> anyhow::Resul
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(err.message().contains("observations"), "{}", err.message());
 
-    // A NaN reward is refused too, naming the field.
-    let mut nan = malformed();
-    nan.num_envs = 3;
-    nan.rewards = Some(encode(&[32, 3], &vec![f32::NAN; 96]));
+    // A NaN reward is refused too, naming the field: the same chunk without the NaN
+    // is accepted (it is from another incarnation, so it is counted, not trained on).
+    let ack = push_one_result(&mut client, valid_chunk(7)).await?;
+    assert_eq!(ack.accepted_chunks, 1);
+    assert_eq!(ack.learner_incarnation, before.learner_incarnation);
+    let mut nan = valid_chunk(before.learner_incarnation);
+    let mut rewards = vec![1.0f32; 96];
+    rewards[40] = f32::NAN;
+    nan.rewards = Some(encode(&[32, 3], &rewards));
     let err = push_one(&mut client, nan).await;
     assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("rewards"), "{}", err.message());
 
     // The well-behaved actor keeps being served and trained on.
     let after = learner
@@ -67,12 +120,17 @@ async fn malformed_chunk_is_rejected_and_others_keep_training() -> anyhow::Resul
             s.policy_version >= before.policy_version + 3
         })
         .await?;
-    assert!(after.actors.iter().all(|a| a.actor_id != "vandal"));
+    // Every refusal and drop is counted with its reason.
+    assert_eq!(after.dropped_malformed_chunks, 2);
+    assert_eq!(after.dropped_steps_malformed, 32 * 2 + 32 * 3);
+    assert_eq!(after.dropped_incarnation_chunks, 1);
+    assert_eq!(after.dropped_steps_incarnation, 96);
     // Weights are still served to new subscribers.
     let mut weights = client
         .subscribe_weights(SubscribeWeightsRequest {
             actor_id: "observer".into(),
             have_version: 0,
+            have_incarnation: 0,
         })
         .await?
         .into_inner();
@@ -85,28 +143,42 @@ async fn malformed_chunk_is_rejected_and_others_keep_training() -> anyhow::Resul
     Ok(())
 }
 
-/// A learner that vanishes and comes back: the actor reconnects on its own.
+/// A learner that dies after its last checkpoint and comes back from it, behind the
+/// versions the actor holds: the new incarnation takes the actor over and trains on.
+/// (Before incarnations, the actor's "future" chunks were dropped forever.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn actor_reconnects_after_the_learner_restarts() -> anyhow::Result<()> {
-    let config = tiny_cartpole(0);
+async fn a_learner_resumed_from_an_older_checkpoint_takes_over() -> anyhow::Result<()> {
+    let mut config = tiny_cartpole(0);
+    config.learner.checkpoint_every = 2;
+    config.learner.lr_anneal = true;
+    config.stop.env_steps = 50_000_000; // far away: only the schedule's position matters
     let learner = TestLearner::start(config.clone(), "restart").await?;
     let addr = learner.addr.clone();
     let run_dir = learner.run_dir.clone();
     let (stop, actor) = spawn_actor(&config, &addr, 0);
     learner
         .wait_for(Duration::from_secs(60), "a few updates", |s| {
-            s.policy_version >= 3
+            s.policy_version >= 9
         })
         .await?;
     let first = learner.stop().await?;
-    assert!(first.checkpoint.exists());
+    // Keep only an old checkpoint, as if the learner had died long after writing it.
+    let ckpts = spur_core::checkpoint::list(&run_dir.join("checkpoints"))?;
+    let (old, newer) = ckpts.split_first().expect("checkpoints were written");
+    for p in newer {
+        std::fs::remove_file(p)?;
+    }
+    let resumed_from = spur_core::checkpoint::load_file(old)?;
+    assert!(resumed_from.version < first.policy_version);
+    let meta = |k: &str| -> u64 { resumed_from.metadata[k].parse().unwrap() };
+    let rows_before = metrics_rows(&run_dir);
 
-    // Same port, resumed from the checkpoint.
+    // Same port, resumed from the old checkpoint.
     let socket = addr.trim_start_matches("http://").to_string();
     let listener = tokio::net::TcpListener::bind(&socket).await?;
     let (stop_l, stopped) = tokio::sync::oneshot::channel::<()>();
     let opts = spur_learner::LearnerOptions {
-        run_dir,
+        run_dir: run_dir.clone(),
         resume: true,
     };
     let second = tokio::spawn(spur_learner::serve(config.clone(), opts, listener, async {
@@ -115,30 +187,49 @@ async fn actor_reconnects_after_the_learner_restarts() -> anyhow::Result<()> {
     spur_tests::wait_serving(&addr).await?;
     let mut client = spur_proto::v1::learner_client::LearnerClient::connect(addr.clone()).await?;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    loop {
+    let s = loop {
         let s = client
             .get_status(spur_proto::v1::StatusRequest {})
             .await?
             .into_inner();
-        if s.actors
-            .iter()
-            .any(|a| a.actor_id == "actor-0" && a.chunks >= 2)
-        {
-            assert!(
-                s.policy_version >= first.policy_version,
-                "resumed from the checkpoint"
-            );
-            break;
+        if s.policy_version >= resumed_from.version + 4 {
+            break s;
         }
         assert!(
             tokio::time::Instant::now() < deadline,
-            "the actor never came back: {s:?}"
+            "training did not resume: {s:?}"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    };
+    // Counters continue from the checkpoint, and trained steps are counted apart
+    // from received ones.
+    assert!(s.updates >= meta("spur.updates") + 4, "{s:?}");
+    assert!(s.env_steps > meta("spur.env_steps"), "{s:?}");
+    assert!(s.env_steps_received >= s.env_steps, "{s:?}");
+    assert_ne!(s.learner_incarnation, meta("spur.learner_incarnation"));
+
     let _ = stop.send(());
     let _ = stop_l.send(());
     second.await??;
-    let _ = actor.await?;
+    let summary = actor.await??;
+    assert!(summary.rollout.discarded_chunks <= 1, "{summary:?}");
+
+    // The lr schedule and the clock go on where the checkpoint left them.
+    let rows = metrics_rows(&run_dir);
+    let resumed = &rows[rows_before.len()];
+    assert_eq!(resumed["updates"].as_u64(), Some(meta("spur.updates") + 1));
+    let before_update = resumed["env_steps"].as_f64().unwrap() - resumed["batch_steps"].as_f64().unwrap();
+    let want_lr = config.learner.lr * (1.0 - before_update / config.stop.env_steps as f64);
+    assert!((resumed["lr"].as_f64().unwrap() - want_lr).abs() < 1e-12, "{resumed}");
+    let saved_time: f64 = resumed_from.metadata["spur.time_s"].parse()?;
+    assert!(resumed["time_s"].as_f64().unwrap() >= saved_time, "{resumed}");
     Ok(())
+}
+
+fn metrics_rows(run_dir: &std::path::Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(run_dir.join("metrics.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("metrics rows are JSON"))
+        .collect()
 }

@@ -6,7 +6,10 @@
 //! chunks; the push task (`push.rs`, async) streams them to the learner. Both network
 //! parts reconnect with jittered backoff. With intrinsic rewards on, new event texts
 //! go to the reward service (`texts.rs`). The actor ends when the
-//! learner announces that training has finished, or when `shutdown` resolves.
+//! learner announces that training has finished, or when `shutdown` resolves: one
+//! cancellation token stops every part, the push task sends what the rollout thread
+//! made and waits for its acknowledgements, and every task is joined within
+//! `run.drain_timeout_ms`.
 
 mod error;
 mod push;
@@ -21,6 +24,8 @@ use std::time::Duration;
 
 use spur_core::config::Config;
 use tokio::sync::{mpsc, oneshot, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tonic::transport::Endpoint;
 use tracing::{info, warn};
 
@@ -62,11 +67,13 @@ pub async fn run(
         .connect_timeout(Duration::from_secs(2))
         .tcp_nodelay(true);
     let max_backoff = Duration::from_millis(config.actor.max_backoff_ms);
-    let stop = Arc::new(AtomicBool::new(false));
+    let drain = Duration::from_millis(config.run.drain_timeout_ms);
+    let stop = CancellationToken::new();
     let finished = Arc::new(AtomicBool::new(false));
+    let tasks = TaskTracker::new();
 
     let (slot, slot_rx) = watch::channel(None);
-    let subscriber = tokio::spawn(weights::subscribe(
+    tasks.spawn(weights::subscribe(
         endpoint.clone(),
         opts.actor_id.clone(),
         slot,
@@ -75,18 +82,24 @@ pub async fn run(
         max_backoff,
     ));
     let (chunk_tx, chunk_rx) = mpsc::channel(config.actor.send_queue as usize);
-    let mut pusher = tokio::spawn(push::push(
+    let pusher = tasks.spawn(push::push(
         endpoint,
         opts.actor_id.clone(),
         chunk_rx,
         config.actor.max_unacked_chunks as usize,
         max_backoff,
+        drain,
     ));
 
     let stopper = stop.clone();
-    tokio::spawn(async move {
-        shutdown.await;
-        stopper.store(true, Ordering::Release);
+    tasks.spawn(async move {
+        tokio::select! {
+            _ = shutdown => {
+                info!("shutdown requested, closing the trajectory stream");
+                stopper.cancel();
+            }
+            _ = stopper.cancelled() => {}
+        }
     });
 
     let texts = if config.intrinsic.enabled {
@@ -99,6 +112,7 @@ pub async fn run(
         Some(texts::TextSink {
             endpoint,
             max_backoff,
+            tasks: tasks.clone(),
         })
     } else {
         None
@@ -123,20 +137,30 @@ pub async fn run(
     let rollout = result_rx
         .await
         .map_err(|_| ActorError::Rollout("the rollout thread panicked".into()))?;
-    stop.store(true, Ordering::Release);
-    subscriber.abort();
-    let push = match tokio::time::timeout(Duration::from_secs(5), &mut pusher).await {
+    // The rollout thread is gone (its chunk channel with it): the push task sends
+    // what is left and waits for acknowledgements until the drain deadline.
+    stop.cancel();
+    let deadline = tokio::time::Instant::now() + drain;
+    let push = match tokio::time::timeout_at(deadline, pusher).await {
         Ok(Ok(r)) => r?,
         Ok(Err(e)) => return Err(ActorError::Rollout(e.to_string())),
         Err(_) => {
             warn!(
                 actor_id = opts.actor_id,
-                "could not flush the last chunks in 5 s"
+                ?drain,
+                "could not flush the last chunks by the drain deadline"
             );
-            pusher.abort();
             PushStats::default()
         }
     };
+    tasks.close();
+    if tokio::time::timeout_at(deadline, tasks.wait()).await.is_err() {
+        warn!(
+            actor_id = opts.actor_id,
+            tasks = tasks.len(),
+            "tasks still running at the drain deadline: the weight subscription or the text sender"
+        );
+    }
     let rollout = rollout?;
     let summary = ActorSummary {
         rollout,

@@ -27,6 +27,8 @@ pub struct PushStats {
     /// have reached the learner).
     pub unacked_on_break: u64,
     pub reconnects: u64,
+    /// Chunks still queued when the actor stopped with the learner unreachable.
+    pub unsent_on_stop: u64,
 }
 
 /// Sends every chunk from `chunks` until the rollout thread closes it. Returns an
@@ -37,6 +39,7 @@ pub async fn push(
     mut chunks: mpsc::Receiver<Chunk>,
     max_unacked: usize,
     max_backoff: Duration,
+    drain: Duration,
 ) -> Result<PushStats, ActorError> {
     let mut stats = PushStats::default();
     let mut backoff = Backoff::new(max_backoff);
@@ -59,6 +62,11 @@ pub async fn push(
         let (tx, mut acks) = match opened {
             Ok(pair) => pair,
             Err(status) => {
+                if chunks.is_closed() {
+                    // Stopping, and nobody to hand the rest to.
+                    stats.unsent_on_stop += chunks.len() as u64 + pending.is_some() as u64;
+                    return Ok(stats);
+                }
                 let delay = backoff.next_delay();
                 warn!(actor_id, error = %status.message(), ?delay, "cannot reach the learner, retrying");
                 tokio::time::sleep(delay).await;
@@ -90,8 +98,9 @@ pub async fn push(
                         None => {
                             // Rollout finished: wait for the last acks, then close.
                             drop(tx);
+                            let deadline = tokio::time::Instant::now() + drain;
                             while unacked > 0 {
-                                match tokio::time::timeout(Duration::from_secs(5), acks.message()).await {
+                                match tokio::time::timeout_at(deadline, acks.message()).await {
                                     Ok(Ok(Some(_))) => {
                                         unacked -= 1;
                                         stats.acked_chunks += 1;

@@ -1,10 +1,11 @@
 //! The rollout thread: steps `num_envs` environments in lock-step with one batched
 //! `no_grad` forward pass per step, cuts `rollout_len` steps into a chunk and hands it
 //! to the push task. New weights are swapped in between steps, never waited for.
+//! Weights of a new learner incarnation (a restarted learner) end the chunk being
+//! filled: it was made under a version history the new learner does not have, so it
+//! is discarded and counted, and the next chunk starts with the new weights.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
 use spur_core::config::Config;
 use spur_core::device::resolve_device;
@@ -13,6 +14,7 @@ use spur_core::model::ActorCritic;
 use spur_core::trajectory::Chunk;
 use tokio::runtime::Handle;
 use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::error::ActorError;
@@ -26,7 +28,7 @@ pub struct Rollout {
     pub seed: u64,
     pub weights: watch::Receiver<Option<Arc<WeightsUpdate>>>,
     pub chunks: mpsc::Sender<Chunk>,
-    pub stop: Arc<AtomicBool>,
+    pub stop: CancellationToken,
     pub rt: Handle,
     /// Where new event texts go, with intrinsic rewards on.
     pub texts: Option<TextSink>,
@@ -37,6 +39,15 @@ pub struct RolloutStats {
     pub env_steps: u64,
     pub chunks: u64,
     pub weight_swaps: u64,
+    /// Chunks abandoned half-filled because a new learner incarnation took over.
+    pub discarded_chunks: u64,
+}
+
+/// The weights the policy acts with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Held {
+    version: u64,
+    incarnation: u64,
 }
 
 impl Rollout {
@@ -61,25 +72,29 @@ impl Rollout {
         let mut stats = RolloutStats::default();
 
         // Act only with the learner's weights: wait for the first version.
-        let mut version = loop {
-            if self.stop.load(Ordering::Acquire) {
-                return Ok(stats);
+        let mut held = loop {
+            if let Some(h) = self.try_swap(&mut model, true) {
+                break h;
             }
-            if let Some(v) = self.try_swap(&mut model, true) {
-                break v;
-            }
-            let weights = &mut self.weights;
-            let _ = self.rt.block_on(async {
-                tokio::time::timeout(Duration::from_millis(100), weights.changed()).await
+            let (weights, stop) = (&mut self.weights, &self.stop);
+            let changed = self.rt.block_on(async {
+                tokio::select! {
+                    r = weights.changed() => r.is_ok(),
+                    _ = stop.cancelled() => false,
+                }
             });
+            if !changed {
+                return Ok(stats); // stopped, or the subscriber is gone
+            }
         };
-        info!(actor_id = self.actor_id, version, num_envs = n, "acting");
+        info!(actor_id = self.actor_id, version = held.version, num_envs = n, "acting");
 
         let env_ids: Vec<u32> = (0..n as u32).collect();
-        while !self.stop.load(Ordering::Acquire) {
-            let chunk_version = version;
+        'chunks: while !self.stop.is_cancelled() {
+            let chunk_version = held.version;
             let mut c = Chunk {
                 actor_id: self.actor_id.clone(),
+                learner_incarnation: held.incarnation,
                 policy_version: chunk_version,
                 rollout_len: t_len,
                 num_envs: n,
@@ -102,9 +117,21 @@ impl Rollout {
                 expert_actions: Vec::with_capacity(if patched_env { t_len * n } else { 0 }),
             };
             for _ in 0..t_len {
-                if let Some(v) = self.try_swap(&mut model, false) {
-                    version = v;
+                if let Some(h) = self.try_swap(&mut model, false) {
+                    let new_incarnation = h.incarnation != held.incarnation;
+                    held = h;
                     stats.weight_swaps += 1;
+                    if new_incarnation {
+                        stats.discarded_chunks += 1;
+                        metrics::counter!("spur_actor_discarded_chunks_total").increment(1);
+                        info!(
+                            actor_id = self.actor_id,
+                            incarnation = h.incarnation,
+                            version = h.version,
+                            "new learner incarnation: discarding the chunk in progress"
+                        );
+                        continue 'chunks;
+                    }
                 }
                 let obs = venv.observations();
                 let (actions, log_probs) = model.act(obs, false);
@@ -139,9 +166,14 @@ impl Rollout {
                 let new = sent.new_texts(&c.event_texts);
                 if !new.is_empty() {
                     // Never wait for the reward service: if it is behind, send later.
+                    // The channel is the bounded buffer of unsent texts; what does
+                    // not fit is counted and marked unsent, so it goes again the next
+                    // time it occurs.
                     if let Err(e) = tx.try_send(new) {
                         let (mpsc::error::TrySendError::Full(t)
                         | mpsc::error::TrySendError::Closed(t)) = e;
+                        metrics::counter!("spur_actor_dropped_texts_total")
+                            .increment(t.len() as u64);
                         sent.unmark(&t);
                     }
                 }
@@ -159,14 +191,17 @@ impl Rollout {
     }
 
     /// Loads the newest weights if they changed (or whatever is there, with `force`);
-    /// returns their version.
-    fn try_swap(&mut self, model: &mut ActorCritic, force: bool) -> Option<u64> {
+    /// returns which they are.
+    fn try_swap(&mut self, model: &mut ActorCritic, force: bool) -> Option<Held> {
         if !force && !self.weights.has_changed().unwrap_or(false) {
             return None;
         }
         let update = self.weights.borrow_and_update().clone()?;
         match model.load_safetensors(&update.bytes) {
-            Ok(_) => Some(update.version),
+            Ok(_) => Some(Held {
+                version: update.version,
+                incarnation: update.incarnation,
+            }),
             Err(e) => {
                 warn!(actor_id = self.actor_id, version = update.version, error = %e, "ignoring unusable weights");
                 None

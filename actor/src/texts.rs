@@ -58,6 +58,8 @@ impl SentTexts {
 pub struct TextSink {
     pub endpoint: Endpoint,
     pub max_backoff: Duration,
+    /// The actor's tasks, so shutdown joins the sender.
+    pub tasks: tokio_util::task::TaskTracker,
 }
 
 impl TextSink {
@@ -69,13 +71,13 @@ impl TextSink {
     ) -> (mpsc::Sender<Vec<String>>, SentTexts) {
         let forget = Arc::new(AtomicBool::new(false));
         let (tx, rx) = mpsc::channel(64);
-        rt.spawn(submit(
+        self.tasks.spawn_on(submit(
             self.endpoint,
             actor_id,
             rx,
             forget.clone(),
             self.max_backoff,
-        ));
+        ), rt);
         (tx, SentTexts::new(forget))
     }
 }

@@ -1,10 +1,14 @@
 //! The actor's weight subscription: keeps a watch slot filled with the newest
 //! complete weights payload, reassembling pieces and reconnecting with backoff. The
-//! rollout thread takes from the slot between steps and never waits on it.
+//! rollout thread takes from the slot between steps and never waits on it. The
+//! subscription names the learner incarnation its weights came from, so a restarted
+//! learner sends its own current version even when its number is lower.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
 
 use spur_proto::v1::learner_client::LearnerClient;
 use spur_proto::v1::{SubscribeWeightsRequest, WeightsChunk};
@@ -19,6 +23,8 @@ use spur_core::backoff::Backoff;
 #[derive(Debug)]
 pub struct WeightsUpdate {
     pub version: u64,
+    /// The learner incarnation that published this version.
+    pub incarnation: u64,
     pub bytes: Vec<u8>,
 }
 
@@ -28,6 +34,7 @@ pub type WeightsSlot = watch::Sender<Option<Arc<WeightsUpdate>>>;
 #[derive(Default)]
 pub struct Assembler {
     version: u64,
+    incarnation: u64,
     next: u32,
     total: u64,
     buf: Vec<u8>,
@@ -38,11 +45,13 @@ impl Assembler {
     pub fn push(&mut self, c: WeightsChunk) -> Option<WeightsUpdate> {
         if c.chunk_index == 0 {
             self.version = c.version;
+            self.incarnation = c.learner_incarnation;
             self.next = 0;
             self.total = c.total_bytes;
             self.buf.clear();
         }
         let consistent = c.version == self.version
+            && c.learner_incarnation == self.incarnation
             && c.chunk_index == self.next
             && c.total_bytes == self.total
             && c.num_chunks > c.chunk_index
@@ -68,6 +77,7 @@ impl Assembler {
             }
             return Some(WeightsUpdate {
                 version: self.version,
+                incarnation: self.incarnation,
                 bytes: std::mem::take(&mut self.buf),
             });
         }
@@ -75,18 +85,43 @@ impl Assembler {
     }
 }
 
-/// Runs until training finishes (then sets `finished`) or `stop` is set.
+/// Runs until training finishes (then sets `finished` and cancels `stop`) or until
+/// `stop` is cancelled.
 pub async fn subscribe(
     endpoint: Endpoint,
     actor_id: String,
     slot: WeightsSlot,
     finished: Arc<AtomicBool>,
-    stop: Arc<AtomicBool>,
+    stop: CancellationToken,
+    max_backoff: Duration,
+) {
+    stop.run_until_cancelled(follow(
+        endpoint,
+        actor_id,
+        slot,
+        finished,
+        stop.clone(),
+        max_backoff,
+    ))
+    .await;
+}
+
+async fn follow(
+    endpoint: Endpoint,
+    actor_id: String,
+    slot: WeightsSlot,
+    finished: Arc<AtomicBool>,
+    stop: CancellationToken,
     max_backoff: Duration,
 ) {
     let mut backoff = Backoff::new(max_backoff);
-    while !stop.load(Ordering::Acquire) {
-        let have = slot.borrow().as_ref().map_or(0, |w| w.version);
+    loop {
+        let (have, have_incarnation) = slot
+            .borrow()
+            .as_ref()
+            .map_or((0, 0), |w| (w.version, w.incarnation));
+        // A fresh connection each time: the learner's name is resolved again, so a
+        // restarted learner at a new address is found.
         let stream = match endpoint.connect().await {
             Ok(ch) => {
                 let mut client =
@@ -95,6 +130,7 @@ pub async fn subscribe(
                     .subscribe_weights(SubscribeWeightsRequest {
                         actor_id: actor_id.clone(),
                         have_version: have,
+                        have_incarnation,
                     })
                     .await
             }
@@ -110,19 +146,29 @@ pub async fn subscribe(
             }
         };
         let mut assembler = Assembler::default();
+        let mut known = have_incarnation;
         loop {
             match stream.message().await {
                 Ok(Some(piece)) => {
                     backoff.reset();
                     let done = piece.training_finished;
                     if let Some(update) = assembler.push(piece) {
+                        if update.incarnation != known && known != 0 {
+                            info!(
+                                actor_id,
+                                incarnation = update.incarnation,
+                                version = update.version,
+                                "a new learner incarnation took over, adopting its weights"
+                            );
+                        }
+                        known = update.incarnation;
                         debug!(actor_id, version = update.version, "new weights");
                         slot.send_replace(Some(Arc::new(update)));
                     }
                     if done {
                         info!(actor_id, "the learner finished training");
                         finished.store(true, Ordering::Release);
-                        stop.store(true, Ordering::Release);
+                        stop.cancel();
                         return;
                     }
                 }
@@ -149,6 +195,7 @@ mod tests {
             total_bytes: total,
             data: data.to_vec(),
             training_finished: false,
+            learner_incarnation: 3,
         }
     }
 
@@ -163,6 +210,11 @@ mod tests {
         assert!(a.push(piece(3, 2, 3, 6, &[5, 6])).is_none());
         // a fresh version starts over cleanly
         let w = a.push(piece(4, 0, 1, 1, &[9])).unwrap();
-        assert_eq!(w.version, 4);
+        assert_eq!((w.version, w.incarnation), (4, 3));
+        // pieces of one version from two incarnations never mix
+        assert!(a.push(piece(5, 0, 2, 2, &[1])).is_none());
+        let mut other = piece(5, 1, 2, 2, &[2]);
+        other.learner_incarnation = 4;
+        assert!(a.push(other).is_none());
     }
 }

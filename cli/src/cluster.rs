@@ -1,7 +1,10 @@
-//! A learner and N actors as child processes of this one: started in their own
-//! process group (so a terminal's Ctrl-C reaches only the supervisor, which then stops
-//! them in order), logging to `<run dir>/logs/`, watched, replaced when an actor
-//! crashes, and stopped with SIGTERM, then SIGKILL after a grace period.
+//! A learner, a reward service and N actors as child processes of this one: started
+//! in their own process group (so a terminal's Ctrl-C reaches only the supervisor,
+//! which then stops them in order), logging to `<run dir>/logs/` with their pids in
+//! `<run dir>/pids/`, watched, restarted when they crash (the learner with
+//! `--resume`, the reward service on the same label store, both on the address they
+//! had, so actors find them again), each within `run.max_restarts`, and stopped
+//! with SIGTERM, then SIGKILL after a grace period.
 
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
@@ -18,15 +21,20 @@ use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
 use tracing::warn;
 
-/// How often a crashed actor slot is restarted before the run fails.
-pub const MAX_ACTOR_RESTARTS: u32 = 3;
-
 pub struct ActorSlot {
     pub index: u32,
     pub child: Option<Child>,
     pub restarts: u32,
     /// The actor ended with success (the learner finished training).
     pub done: bool,
+}
+
+/// Restarts of each role so far.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Restarts {
+    pub learner: u32,
+    pub reward_service: u32,
+    pub actors: u32,
 }
 
 pub struct Cluster {
@@ -36,16 +44,34 @@ pub struct Cluster {
     /// The reward service and a client for its status, when intrinsic rewards are on.
     pub reward: Option<(Child, RewardServiceClient<Channel>)>,
     pub actors: Vec<ActorSlot>,
+    pub restarts: Restarts,
     config_path: PathBuf,
     config: Config,
     client: LearnerClient<Channel>,
 }
 
-/// What happened to the children since the last look.
+/// What happened to the children since the last look that ends the run.
 pub enum Event {
-    LearnerExited(ExitStatus),
-    RewardServiceExited(ExitStatus),
-    ActorFailed { index: u32, status: ExitStatus },
+    /// The learner ended by itself with success: training finished.
+    LearnerFinished,
+    /// A role kept failing: its restart budget is spent.
+    Failed {
+        role: String,
+        status: ExitStatus,
+        restarts: u32,
+    },
+}
+
+/// Records a child's pid in `<run dir>/pids/<name>.pid` (for people and fault tests).
+fn write_pid(run_dir: &Path, name: &str, child: &Child) {
+    let Some(pid) = child.id() else { return };
+    let dir = run_dir.join("pids");
+    let written = std::fs::create_dir_all(&dir).and_then(|_| {
+        spur_core::checkpoint::write_atomic(&dir.join(format!("{name}.pid")), pid.to_string().as_bytes())
+    });
+    if let Err(e) = written {
+        warn!(name, error = %e, "cannot write the pid file");
+    }
 }
 
 fn spur_command(run_dir: &Path, log_name: &str) -> anyhow::Result<Command> {
@@ -94,36 +120,24 @@ impl Cluster {
         let config_path = run_dir.join("config.toml");
         std::fs::write(&config_path, config.to_toml())?;
         let reward = if config.intrinsic.enabled {
-            let (child, addr, channel) = start_server(
-                run_dir,
-                &config_path,
-                "reward-service",
-                spur_reward_service::ADDR_FILE,
-                "spur.v1.RewardService",
-                prometheus_args(&config, 0),
-            )
-            .await?;
+            let (child, addr, channel) =
+                start_server(run_dir, &config_path, Role::RewardService, prometheus_args(&config, 0))
+                    .await?;
             config.reward_service.addr = addr;
             std::fs::write(&config_path, config.to_toml())?;
             Some((child, RewardServiceClient::new(channel)))
         } else {
             None
         };
-        let (learner, addr, channel) = start_server(
-            run_dir,
-            &config_path,
-            "learner",
-            spur_learner::ADDR_FILE,
-            "spur.v1.Learner",
-            prometheus_args(&config, 1),
-        )
-        .await?;
+        let (learner, addr, channel) =
+            start_server(run_dir, &config_path, Role::Learner, prometheus_args(&config, 1)).await?;
         let mut cluster = Self {
             run_dir: run_dir.to_path_buf(),
             addr,
             learner,
             reward,
             actors: Vec::new(),
+            restarts: Restarts::default(),
             config_path,
             config: config.clone(),
             client: LearnerClient::new(channel),
@@ -141,7 +155,8 @@ impl Cluster {
     }
 
     fn spawn_actor(&self, index: u32) -> anyhow::Result<Child> {
-        spur_command(&self.run_dir, &format!("actor-{index}"))?
+        let name = format!("actor-{index}");
+        let child = spur_command(&self.run_dir, &name)?
             .arg("actor")
             .arg("--config")
             .arg(&self.config_path)
@@ -151,7 +166,37 @@ impl Cluster {
             .arg(index.to_string())
             .args(prometheus_args(&self.config, 2 + index as u16))
             .spawn()
-            .with_context(|| format!("cannot start actor {index}"))
+            .with_context(|| format!("cannot start actor {index}"))?;
+        write_pid(&self.run_dir, &name, &child);
+        Ok(child)
+    }
+
+    /// Starts the learner again from its newest checkpoint, on the address it had.
+    async fn restart_learner(&mut self) -> anyhow::Result<()> {
+        let listen = self.addr.trim_start_matches("http://").to_string();
+        let mut args = prometheus_args(&self.config, 1);
+        args.extend(["--resume".into(), "--set".into(), format!("learner.listen={listen}")]);
+        let (child, _, channel) =
+            start_server(&self.run_dir, &self.config_path, Role::Learner, args).await?;
+        self.learner = child;
+        self.client = LearnerClient::new(channel);
+        Ok(())
+    }
+
+    /// Starts the reward service again on the same label store and address.
+    async fn restart_reward_service(&mut self) -> anyhow::Result<()> {
+        let listen = self
+            .config
+            .reward_service
+            .addr
+            .trim_start_matches("http://")
+            .to_string();
+        let mut args = prometheus_args(&self.config, 0);
+        args.extend(["--set".into(), format!("reward_service.listen={listen}")]);
+        let (child, _, channel) =
+            start_server(&self.run_dir, &self.config_path, Role::RewardService, args).await?;
+        self.reward = Some((child, RewardServiceClient::new(channel)));
+        Ok(())
     }
 
     pub async fn status(&mut self) -> Option<LearnerStatus> {
@@ -171,15 +216,38 @@ impl Cluster {
         }
     }
 
-    /// Looks at every child once: a learner exit is reported; a crashed actor is
-    /// replaced (up to [`MAX_ACTOR_RESTARTS`] times per slot, then reported).
-    pub fn poll(&mut self) -> anyhow::Result<Option<Event>> {
+    /// Looks at every child once. A learner that exits with success has finished
+    /// training; any other exit of any role is a crash, and the role is restarted
+    /// until its `run.max_restarts` budget is spent, which ends the run.
+    pub async fn poll(&mut self) -> anyhow::Result<Option<Event>> {
+        let budget = self.config.run.max_restarts;
         if let Some(status) = self.learner.try_wait()? {
-            return Ok(Some(Event::LearnerExited(status)));
+            if status.success() {
+                return Ok(Some(Event::LearnerFinished));
+            }
+            if self.restarts.learner >= budget {
+                return Ok(Some(self.failed("learner", status, self.restarts.learner)));
+            }
+            self.restarts.learner += 1;
+            let last = log_tail(&self.run_dir, "learner", 1);
+            warn!(%status, restart = self.restarts.learner, last_log_line = %last, "the learner exited, restarting it from its newest checkpoint");
+            if let Err(e) = self.restart_learner().await {
+                // The dead child stays in place: the next look tries again.
+                warn!(error = %format!("{e:#}"), "the learner did not come back");
+            }
         }
         if let Some((child, _)) = self.reward.as_mut() {
             if let Some(status) = child.try_wait()? {
-                return Ok(Some(Event::RewardServiceExited(status)));
+                if self.restarts.reward_service >= budget {
+                    let n = self.restarts.reward_service;
+                    return Ok(Some(self.failed("reward-service", status, n)));
+                }
+                self.restarts.reward_service += 1;
+                let last = log_tail(&self.run_dir, "reward-service", 1);
+                warn!(%status, restart = self.restarts.reward_service, last_log_line = %last, "the reward service exited, restarting it on the same store");
+                if let Err(e) = self.restart_reward_service().await {
+                    warn!(error = %format!("{e:#}"), "the reward service did not come back");
+                }
             }
         }
         for i in 0..self.actors.len() {
@@ -195,13 +263,12 @@ impl Cluster {
                 slot.done = true;
                 continue;
             }
-            if slot.restarts >= MAX_ACTOR_RESTARTS {
-                return Ok(Some(Event::ActorFailed {
-                    index: slot.index,
-                    status,
-                }));
+            if slot.restarts >= budget {
+                let (index, n) = (slot.index, slot.restarts);
+                return Ok(Some(self.failed(&format!("actor-{index}"), status, n)));
             }
             slot.restarts += 1;
+            self.restarts.actors += 1;
             let index = slot.index;
             let last = log_tail(&self.run_dir, &format!("actor-{index}"), 1);
             warn!(index, %status, restart = slot.restarts, last_log_line = %last, "actor exited, starting a replacement");
@@ -209,6 +276,14 @@ impl Cluster {
             self.actors[i].child = Some(child);
         }
         Ok(None)
+    }
+
+    fn failed(&self, role: &str, status: ExitStatus, restarts: u32) -> Event {
+        Event::Failed {
+            role: role.to_string(),
+            status,
+            restarts,
+        }
     }
 
     /// Waits up to `grace` for every actor to exit by itself.
@@ -272,27 +347,57 @@ fn terminate(child: &mut Child) {
     }
 }
 
+/// The roles that serve gRPC.
+#[derive(Debug, Clone, Copy)]
+enum Role {
+    Learner,
+    RewardService,
+}
+
+impl Role {
+    fn name(self) -> &'static str {
+        match self {
+            Role::Learner => "learner",
+            Role::RewardService => "reward-service",
+        }
+    }
+
+    fn addr_file(self) -> &'static str {
+        match self {
+            Role::Learner => spur_learner::ADDR_FILE,
+            Role::RewardService => spur_reward_service::ADDR_FILE,
+        }
+    }
+
+    fn health_service(self) -> &'static str {
+        match self {
+            Role::Learner => "spur.v1.Learner",
+            Role::RewardService => "spur.v1.RewardService",
+        }
+    }
+}
+
 /// Starts `spur <role> --config .. --run-dir ..`, waits for the address it writes to
-/// `addr_file` and for its gRPC health to report `health_service` as serving.
+/// its address file and for its gRPC health to report it as serving.
 async fn start_server(
     run_dir: &Path,
     config_path: &Path,
-    role: &str,
-    addr_file: &str,
-    health_service: &str,
+    role: Role,
     extra: Vec<String>,
 ) -> anyhow::Result<(Child, String, Channel)> {
-    let mut child = spur_command(run_dir, role)?
-        .arg(role)
+    let name = role.name();
+    let mut child = spur_command(run_dir, name)?
+        .arg(name)
         .arg("--config")
         .arg(config_path)
         .arg("--run-dir")
         .arg(run_dir)
         .args(extra)
         .spawn()
-        .with_context(|| format!("cannot start the {role} process"))?;
-    let addr = wait_addr(&run_dir.join(addr_file), &mut child, run_dir, role).await?;
-    let channel = wait_serving(&addr, health_service, &mut child, run_dir, role).await?;
+        .with_context(|| format!("cannot start the {name} process"))?;
+    write_pid(run_dir, name, &child);
+    let addr = wait_addr(&run_dir.join(role.addr_file()), &mut child, run_dir, name).await?;
+    let channel = wait_serving(&addr, role.health_service(), &mut child, run_dir, name).await?;
     Ok((child, addr, channel))
 }
 

@@ -11,7 +11,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use spur_core::Config;
 use spur_proto::v1::{LearnerStatus, RewardServiceStatus};
 
-use crate::cluster::{log_tail, Cluster, Event};
+use crate::cluster::{log_tail, Cluster, Event, Restarts};
 use crate::{default_run_dir, LocalArgs};
 
 /// How long children get to stop after SIGTERM.
@@ -47,28 +47,21 @@ pub async fn run(mut config: Config, args: LocalArgs) -> anyhow::Result<ExitCode
         if judge.is_some() {
             last_judge = judge;
         }
-        match cluster.poll()? {
-            Some(Event::LearnerExited(status)) if status.success() => break Outcome::Finished,
-            Some(Event::LearnerExited(status)) => {
+        match cluster.poll().await? {
+            Some(Event::LearnerFinished) => break Outcome::Finished,
+            Some(Event::Failed {
+                role,
+                status,
+                restarts,
+            }) => {
                 break Outcome::Failed(format!(
-                    "the learner failed ({status}):\n{}",
-                    log_tail(&run_dir, "learner", 30)
-                ))
-            }
-            Some(Event::RewardServiceExited(status)) => {
-                break Outcome::Failed(format!(
-                    "the reward service stopped ({status}):\n{}",
-                    log_tail(&run_dir, "reward-service", 30)
-                ))
-            }
-            Some(Event::ActorFailed { index, status }) => {
-                break Outcome::Failed(format!(
-                    "actor {index} kept failing ({status}):\n{}",
-                    log_tail(&run_dir, &format!("actor-{index}"), 30)
+                    "the {role} kept failing ({status}, after {restarts} restarts):\n{}",
+                    log_tail(&run_dir, &role, 30)
                 ))
             }
             None => {}
         }
+        progress.restarts.set(cluster.restarts);
     };
     progress.finish();
     if let Some(j) = &last_judge {
@@ -112,6 +105,7 @@ enum Outcome {
 struct Progress {
     bar: Option<ProgressBar>,
     last_line: std::cell::Cell<Instant>,
+    restarts: std::cell::Cell<Restarts>,
 }
 
 impl Progress {
@@ -131,11 +125,19 @@ impl Progress {
         Self {
             bar,
             last_line: std::cell::Cell::new(Instant::now()),
+            restarts: Default::default(),
         }
     }
 
     fn update(&self, s: &LearnerStatus, judge: Option<&RewardServiceStatus>) {
         let mut msg = status_line(s);
+        let r = self.restarts.get();
+        if r.learner + r.reward_service + r.actors > 0 {
+            msg.push_str(&format!(
+                " | restarts: learner {} reward {} actors {}",
+                r.learner, r.reward_service, r.actors
+            ));
+        }
         if let Some(j) = judge {
             msg.push_str(&format!(
                 " | judge: {} labels ({} helpful), {} calls (p50 {:.0} ms), backlog {} | {} v{}",
@@ -172,14 +174,15 @@ impl Progress {
 }
 
 fn status_line(s: &LearnerStatus) -> String {
+    let dropped = s.dropped_steps_stale + s.dropped_steps_incarnation + s.dropped_steps_malformed;
     format!(
-        "{:>6.0} steps/s | return {:>6.1} | success {:>3.0}% | v{} | actors {} | lag drops {}",
+        "{:>6.0} steps/s | return {:>6.1} | success {:>3.0}% | v{} | actors {} | dropped steps {}",
         s.steps_per_sec,
         s.episode_return_mean,
         s.success_rate * 100.0,
         s.policy_version,
         s.connected_actors,
-        s.dropped_stale_chunks
+        dropped
     )
 }
 

@@ -139,6 +139,17 @@ pub fn summary(addr: &str, l: &LearnerStatus, r: Option<&RewardServiceStatus>) -
     );
     let _ = writeln!(
         s,
+        "  received     {} env steps; dropped {} stale, {} from a previous learner \
+         incarnation ({} chunks), {} malformed ({} chunks)",
+        l.env_steps_received,
+        l.dropped_steps_stale,
+        l.dropped_steps_incarnation,
+        l.dropped_incarnation_chunks,
+        l.dropped_steps_malformed,
+        l.dropped_malformed_chunks
+    );
+    let _ = writeln!(
+        s,
         "  episodes     {}: mean return {:.2}, length {:.1}, success {:.0}% (last 100)",
         l.episodes,
         l.episode_return_mean,
@@ -147,8 +158,14 @@ pub fn summary(addr: &str, l: &LearnerStatus, r: Option<&RewardServiceStatus>) -
     );
     let _ = writeln!(
         s,
-        "  policy       version {}, {} updates, queue {}/{}, {} stale chunks dropped",
-        l.policy_version, l.updates, l.queue_depth, l.queue_capacity, l.dropped_stale_chunks
+        "  policy       version {}, {} updates, queue {}/{}, {} stale chunks dropped, \
+         incarnation {}",
+        l.policy_version,
+        l.updates,
+        l.queue_depth,
+        l.queue_capacity,
+        l.dropped_stale_chunks,
+        l.learner_incarnation
     );
     let _ = writeln!(s, "  actors       {} connected", l.connected_actors);
     for a in &l.actors {
@@ -230,6 +247,8 @@ mod tests {
     fn summary_names_the_numbers() {
         let l = LearnerStatus {
             env_steps: 500,
+            env_steps_received: 640,
+            dropped_steps_incarnation: 128,
             env_steps_budget: 1000,
             success_rate: 0.25,
             reward_model_version: 3,
@@ -242,6 +261,8 @@ mod tests {
         };
         let s = summary("http://x", &l, Some(&r));
         assert!(s.contains("500 of 1000 (50%)"), "{s}");
+        assert!(s.contains("received     640 env steps"), "{s}");
+        assert!(s.contains("128 from a previous learner incarnation"), "{s}");
         assert!(s.contains("success 25%"), "{s}");
         assert!(s.contains("7 calls"), "{s}");
         assert!(s.contains("ranking model v0"), "{s}");

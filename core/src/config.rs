@@ -122,6 +122,12 @@ pub struct RewardServiceConfig {
     /// Judge calls a text gets when the answers cannot be parsed; after that it is
     /// stored as unparseable (reward 0) and not asked about again.
     pub unparseable_budget: u32,
+    /// Later rounds a text gets when every answer of a round (`unparseable_budget`
+    /// calls) was unparseable; 0: it is stored as unparseable (reward 0, never
+    /// positive) after the first round. Until then it waits, unlabelled.
+    pub unparseable_retries: u32,
+    /// Wait before the first later round of an unparseable text; doubles each round.
+    pub unparseable_retry_ms: u64,
     /// Consecutive failed requests that open the circuit breaker.
     pub breaker_failures: u32,
     /// How long an open breaker pauses all requests.
@@ -154,6 +160,8 @@ impl Default for RewardServiceConfig {
             timeout_ms: 30_000,
             retries: 3,
             unparseable_budget: 2,
+            unparseable_retries: 4,
+            unparseable_retry_ms: 30_000,
             breaker_failures: 5,
             breaker_cooldown_ms: 10_000,
             openai_base_url: "http://127.0.0.1:8000/v1".into(),
@@ -184,6 +192,14 @@ pub struct RunConfig {
     /// `spur local` gives its children consecutive ports from this one (reward
     /// service, learner, then actors).
     pub prometheus_listen: String,
+    /// How long a role may take to stop after SIGTERM or Ctrl-C (the learner
+    /// checkpoints, the reward service commits its labels, actors close their
+    /// streams); whatever still runs after it is abandoned. On Kubernetes keep it
+    /// below the pod's `terminationGracePeriodSeconds`.
+    pub drain_timeout_ms: u64,
+    /// `spur local`: how often each role (reward service, learner, each actor slot)
+    /// is restarted after a crash before the run fails.
+    pub max_restarts: u32,
 }
 
 impl Default for RunConfig {
@@ -195,6 +211,8 @@ impl Default for RunConfig {
             actors: 2,
             torch_threads: 1,
             prometheus_listen: String::new(),
+            drain_timeout_ms: 15_000,
+            max_restarts: 3,
         }
     }
 }
@@ -239,6 +257,10 @@ pub struct EnvConfig {
     pub python: String,
     /// `gym`, NetHack and MiniHack: side of the glyph crop around the hero (odd).
     pub crop: u32,
+    /// `gym`: how often an actor restarts a bridge process that died before it gives
+    /// up (with backoff between tries); the episodes that were running are lost and
+    /// counted.
+    pub bridge_restarts: u32,
 }
 
 impl Default for EnvConfig {
@@ -255,6 +277,7 @@ impl Default for EnvConfig {
             servers: 1,
             python: String::new(),
             crop: 9,
+            bridge_restarts: 5,
         }
     }
 }
@@ -544,6 +567,11 @@ impl Config {
             "must be empty (off) or a socket address such as 0.0.0.0:9100",
         )?;
         check(self.run.actors >= 1, "run.actors", "must be at least 1")?;
+        check(
+            self.run.drain_timeout_ms >= 100,
+            "run.drain_timeout_ms",
+            "must be at least 100",
+        )?;
         check(
             self.run.torch_threads >= 1,
             "run.torch_threads",

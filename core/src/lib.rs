@@ -6,10 +6,12 @@
 //! - `model`: the tch MLP actor-critic and its safetensors weights
 //! - `vtrace`, `ppo`: the V-trace targets and the PPO loss
 //! - `checkpoint`: atomic, versioned checkpoints
+//! - `adam`: Adam whose moments go into checkpoints
 //! - `device`: config device strings to `tch::Device`
 //! - `text_model`: the char-level CNN behind the distilled intrinsic reward models
 //! - `backoff`: jittered exponential backoff for reconnecting clients
 
+pub mod adam;
 pub mod advantage;
 pub mod backoff;
 pub mod checkpoint;

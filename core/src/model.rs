@@ -366,10 +366,20 @@ pub fn vars_to_safetensors(
     version: u64,
     metadata: &HashMap<String, String>,
 ) -> Result<Vec<u8>, ModelError> {
-    let mut named: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
-    named.sort_by(|a, b| a.0.cmp(&b.0));
-    let mut blobs = Vec::with_capacity(named.len());
-    for (name, t) in &named {
+    let named: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+    tensors_to_safetensors(&named, version, metadata)
+}
+
+/// Named tensors as f32 safetensors (sorted by name), with `metadata` and the version.
+pub fn tensors_to_safetensors(
+    named: &[(String, Tensor)],
+    version: u64,
+    metadata: &HashMap<String, String>,
+) -> Result<Vec<u8>, ModelError> {
+    let mut order: Vec<&(String, Tensor)> = named.iter().collect();
+    order.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut blobs = Vec::with_capacity(order.len());
+    for (name, t) in order {
         let t = t.to_device(Device::Cpu).to_kind(Kind::Float).contiguous();
         let shape: Vec<usize> = t.size().iter().map(|&d| d as usize).collect();
         let values = Vec::<f32>::try_from(t.view([-1]))?;
@@ -389,6 +399,33 @@ pub fn vars_to_safetensors(
     safetensors::serialize(views, Some(info)).map_err(|e| ModelError::Weights(e.to_string()))
 }
 
+/// One f32 tensor of a safetensors payload, checked against the shape it must have.
+pub fn read_f32_tensor(st: &SafeTensors, name: &str, want: &[i64]) -> Result<Tensor, ModelError> {
+    let view = st
+        .tensor(name)
+        .map_err(|_| ModelError::Weights(format!("tensor `{name}` is missing")))?;
+    let want_usize: Vec<usize> = want.iter().map(|&d| d as usize).collect();
+    if view.dtype() != Dtype::F32 || view.shape() != want_usize.as_slice() {
+        return Err(ModelError::Weights(format!(
+            "tensor `{name}` is {:?} {:?}, expected F32 {:?}",
+            view.dtype(),
+            view.shape(),
+            want_usize
+        )));
+    }
+    let values: Vec<f32> = view
+        .data()
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes(b.try_into().expect("chunks of 4 bytes")))
+        .collect();
+    if values.iter().any(|v| !v.is_finite()) {
+        return Err(ModelError::Weights(format!(
+            "tensor `{name}` holds a non-finite value"
+        )));
+    }
+    Ok(Tensor::from_slice(&values).view(want))
+}
+
 /// Copies a payload from [`vars_to_safetensors`] into `vs` (same architecture); nothing
 /// changes unless every tensor is present, finite and of the right shape.
 pub fn load_vars(vs: &nn::VarStore, bytes: &[u8]) -> Result<HashMap<String, String>, ModelError> {
@@ -398,32 +435,7 @@ pub fn load_vars(vs: &nn::VarStore, bytes: &[u8]) -> Result<HashMap<String, Stri
     vars.sort_by(|a, b| a.0.cmp(&b.0));
     let mut staged = Vec::with_capacity(vars.len());
     for (name, var) in &vars {
-        let view = st
-            .tensor(name)
-            .map_err(|_| ModelError::Weights(format!("tensor `{name}` is missing")))?;
-        let want: Vec<usize> = var.size().iter().map(|&d| d as usize).collect();
-        if view.dtype() != Dtype::F32 || view.shape() != want.as_slice() {
-            return Err(ModelError::Weights(format!(
-                "tensor `{name}` is {:?} {:?}, expected F32 {:?}",
-                view.dtype(),
-                view.shape(),
-                want
-            )));
-        }
-        let values: Vec<f32> = view
-            .data()
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes(b.try_into().expect("chunks of 4 bytes")))
-            .collect();
-        if values.iter().any(|v| !v.is_finite()) {
-            return Err(ModelError::Weights(format!(
-                "tensor `{name}` holds a non-finite value"
-            )));
-        }
-        staged.push((
-            var.shallow_clone(),
-            Tensor::from_slice(&values).view(var.size().as_slice()),
-        ));
+        staged.push((var.shallow_clone(), read_f32_tensor(&st, name, &var.size())?));
     }
     tch::no_grad(|| {
         for (mut var, src) in staged {

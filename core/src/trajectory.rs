@@ -46,6 +46,8 @@ pub struct Chunk {
     pub group_size: u32,
     /// `T * N` expert actions of patched steps (-1 elsewhere), or empty.
     pub expert_actions: Vec<i64>,
+    /// The learner incarnation whose weights acted (0: none known).
+    pub learner_incarnation: u64,
 }
 
 /// What the receiver knows about chunks it accepts.
@@ -89,6 +91,7 @@ impl Chunk {
             group_ids: self.group_ids.clone(),
             group_size: self.group_size,
             expert_actions: self.expert_actions.clone(),
+            learner_incarnation: self.learner_incarnation,
         }
     }
 
@@ -306,6 +309,7 @@ impl Chunk {
             group_ids: msg.group_ids,
             expert_actions: msg.expert_actions,
             event_counts: msg.event_counts,
+            learner_incarnation: msg.learner_incarnation,
         })
     }
 }
@@ -342,6 +346,7 @@ pub(crate) mod tests {
             group_ids: vec![],
             group_size: 0,
             expert_actions: vec![],
+            learner_incarnation: 11,
         }
     }
 

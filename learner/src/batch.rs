@@ -161,6 +161,7 @@ mod tests {
             group_ids: vec![],
             group_size: 0,
             expert_actions: vec![],
+            learner_incarnation: 1,
         }
     }
 

@@ -1,13 +1,17 @@
 //! Weight broadcast: the training thread publishes each new version into a watch
 //! channel, which keeps only the latest; each subscriber stream sends whatever is
 //! newest when it is ready, so a slow subscriber skips versions instead of queueing
-//! them. Payloads are cut into pieces below the message limit.
+//! them. Payloads are cut into pieces below the message limit. Every piece carries
+//! the learner's incarnation; a subscriber that holds weights of another incarnation
+//! gets the current version whatever its number (a resumed learner can be behind).
 
 use std::sync::Arc;
 
 use spur_proto::v1::WeightsChunk;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tonic::Status;
 
 /// One published version: safetensors bytes, and whether training has finished.
@@ -22,14 +26,27 @@ pub struct Published {
 pub struct Broadcaster {
     tx: Arc<watch::Sender<Arc<Published>>>,
     chunk_bytes: usize,
+    incarnation: u64,
+    /// Ends every subscriber stream (shutdown).
+    stop: CancellationToken,
+    tasks: TaskTracker,
 }
 
 impl Broadcaster {
-    pub fn new(initial: Published, chunk_bytes: usize) -> Self {
+    pub fn new(
+        initial: Published,
+        chunk_bytes: usize,
+        incarnation: u64,
+        stop: CancellationToken,
+        tasks: TaskTracker,
+    ) -> Self {
         let (tx, _) = watch::channel(Arc::new(initial));
         Self {
             tx: Arc::new(tx),
             chunk_bytes,
+            incarnation,
+            stop,
+            tasks,
         }
     }
 
@@ -37,22 +54,36 @@ impl Broadcaster {
         self.tx.send_replace(Arc::new(p));
     }
 
-    /// A stream of pieces for every version newer than `have_version` (versions start
-    /// at 1, so 0 asks for everything), starting with the latest; it ends after a
-    /// finished version.
-    pub fn subscribe(&self, have_version: u64) -> ReceiverStream<Result<WeightsChunk, Status>> {
+    /// A stream of pieces for every version newer than `have_version` of
+    /// `have_incarnation` (versions start at 1, so 0 asks for everything; another
+    /// incarnation gets the current version whatever its number), starting with the
+    /// latest; it ends after a finished version or when the learner stops.
+    pub fn subscribe(
+        &self,
+        have_version: u64,
+        have_incarnation: u64,
+    ) -> ReceiverStream<Result<WeightsChunk, Status>> {
         let mut rx = self.tx.subscribe();
         let (out, stream) = mpsc::channel(2);
-        let chunk_bytes = self.chunk_bytes;
-        tokio::spawn(async move {
-            let mut sent = have_version;
+        let (chunk_bytes, incarnation) = (self.chunk_bytes, self.incarnation);
+        let stop = self.stop.clone();
+        let mut sent = if have_incarnation == incarnation {
+            have_version
+        } else {
+            0
+        };
+        self.tasks.spawn(async move {
             let mut first = true;
             loop {
                 let p = rx.borrow_and_update().clone();
                 if p.version > sent || (first && p.finished) {
-                    for piece in pieces(&p, chunk_bytes) {
-                        if out.send(Ok(piece)).await.is_err() {
-                            return; // subscriber went away
+                    for piece in pieces(&p, chunk_bytes, incarnation) {
+                        let sent_piece = tokio::select! {
+                            r = out.send(Ok(piece)) => r.is_ok(),
+                            _ = stop.cancelled() => false,
+                        };
+                        if !sent_piece {
+                            return; // subscriber went away, or the learner stops
                         }
                     }
                     sent = p.version;
@@ -61,8 +92,9 @@ impl Broadcaster {
                 if p.finished {
                     return;
                 }
-                if rx.changed().await.is_err() {
-                    return; // learner shut down
+                tokio::select! {
+                    r = rx.changed() => if r.is_err() { return },
+                    _ = stop.cancelled() => return,
                 }
             }
         });
@@ -71,7 +103,7 @@ impl Broadcaster {
 }
 
 /// Cuts a payload into messages of at most `chunk_bytes` data each.
-pub fn pieces(p: &Published, chunk_bytes: usize) -> Vec<WeightsChunk> {
+pub fn pieces(p: &Published, chunk_bytes: usize, incarnation: u64) -> Vec<WeightsChunk> {
     let total = p.bytes.len();
     let n = total.div_ceil(chunk_bytes).max(1);
     (0..n)
@@ -85,6 +117,7 @@ pub fn pieces(p: &Published, chunk_bytes: usize) -> Vec<WeightsChunk> {
                 total_bytes: total as u64,
                 data: p.bytes[start..end].to_vec(),
                 training_finished: p.finished && i + 1 == n,
+                learner_incarnation: incarnation,
             }
         })
         .collect()
@@ -106,7 +139,7 @@ mod tests {
     #[test]
     fn pieces_cover_the_payload_in_order() {
         let p = published(3, 2500, false);
-        let ps = pieces(&p, 1024);
+        let ps = pieces(&p, 1024, 5);
         assert_eq!(ps.len(), 3);
         assert_eq!(
             ps.iter().map(|c| c.data.len()).collect::<Vec<_>>(),
@@ -116,13 +149,18 @@ mod tests {
         assert_eq!(&joined, p.bytes.as_ref());
         assert!(ps
             .iter()
-            .all(|c| c.num_chunks == 3 && c.total_bytes == 2500));
+            .all(|c| c.num_chunks == 3 && c.total_bytes == 2500 && c.learner_incarnation == 5));
+    }
+
+    fn broadcaster(initial: Published, incarnation: u64) -> Broadcaster {
+        let tasks = TaskTracker::new();
+        Broadcaster::new(initial, 1024, incarnation, CancellationToken::new(), tasks)
     }
 
     #[tokio::test]
     async fn slow_subscriber_gets_the_latest_not_a_backlog() {
-        let b = Broadcaster::new(published(1, 10, false), 1024);
-        let mut s = b.subscribe(0);
+        let b = broadcaster(published(1, 10, false), 7);
+        let mut s = b.subscribe(0, 0);
         assert_eq!(s.next().await.unwrap().unwrap().version, 1);
         for v in 2..=9 {
             b.publish(published(v, 10, false));
@@ -139,9 +177,35 @@ mod tests {
 
     #[tokio::test]
     async fn subscriber_with_current_version_waits_for_a_newer_one() {
-        let b = Broadcaster::new(published(5, 10, false), 1024);
-        let mut s = b.subscribe(5);
+        let b = broadcaster(published(5, 10, false), 7);
+        let mut s = b.subscribe(5, 7);
         b.publish(published(6, 10, false));
-        assert_eq!(s.next().await.unwrap().unwrap().version, 6);
+        let piece = s.next().await.unwrap().unwrap();
+        assert_eq!((piece.version, piece.learner_incarnation), (6, 7));
+    }
+
+    #[tokio::test]
+    async fn a_new_incarnation_is_sent_even_when_behind_the_subscriber() {
+        // A learner resumed at version 5 while the actor holds 9 of the old one.
+        let b = broadcaster(published(5, 10, false), 8);
+        let mut s = b.subscribe(9, 7);
+        let piece = s.next().await.unwrap().unwrap();
+        assert_eq!((piece.version, piece.learner_incarnation), (5, 8));
+        // the same numbers from this incarnation would wait for version 10
+        let mut same = b.subscribe(9, 8);
+        b.publish(published(10, 10, false));
+        assert_eq!(same.next().await.unwrap().unwrap().version, 10);
+    }
+
+    #[tokio::test]
+    async fn streams_end_when_the_learner_stops() {
+        let stop = CancellationToken::new();
+        let tasks = TaskTracker::new();
+        let b = Broadcaster::new(published(1, 10, false), 1024, 3, stop.clone(), tasks.clone());
+        let mut s = b.subscribe(1, 3);
+        stop.cancel();
+        assert!(s.next().await.is_none());
+        tasks.close();
+        tasks.wait().await;
     }
 }

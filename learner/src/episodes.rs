@@ -307,6 +307,7 @@ mod tests {
             group_ids,
             group_size: 2,
             expert_actions: vec![],
+            learner_incarnation: 1,
         }
     }
 

@@ -26,6 +26,8 @@ pub enum LearnerError {
     Server(#[from] tonic::transport::Error),
     #[error("training thread panicked")]
     TrainerPanicked,
+    #[error("the trainer did not finish its update and checkpoint within the drain timeout ({0:?})")]
+    DrainTimeout(std::time::Duration),
 }
 
 /// A chunk that does not hold what it claims is the sender's fault.

@@ -6,7 +6,7 @@
 //! `r = c_ext * clip(r_env, -clip_max, clip_max) + c_int * r_int(text) * count^(-beta)`
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -18,6 +18,7 @@ use spur_proto::v1::{
     RewardModelRequest, RewardModelUpdate, RewardServiceStatus, RewardStatusRequest,
 };
 use spur_proto::MAX_MESSAGE_BYTES;
+use tokio_util::sync::CancellationToken;
 use tonic::transport::Endpoint;
 use tracing::{info, warn};
 
@@ -30,6 +31,8 @@ pub struct RewardTable {
     network: Mutex<Option<Network>>,
     /// The reward service's latest counters, for the learner's metrics.
     service: Mutex<Option<RewardServiceStatus>>,
+    /// Ranking score statistics from a checkpoint, for the first network to arrive.
+    resumed_stats: Mutex<Option<(f64, f64)>>,
 }
 
 /// How often the learner asks the reward service for its counters.
@@ -149,6 +152,19 @@ impl RewardTable {
         net.as_ref().map_or(0.0, |n| n.loss)
     }
 
+    /// The running mean and variance of ranking scores (None before any, or when the
+    /// model is not a ranking network).
+    pub fn score_stats(&self) -> Option<(f64, f64)> {
+        let net = self.network.lock().expect("reward network lock poisoned");
+        net.as_ref().and_then(|n| n.stats)
+    }
+
+    /// Score statistics saved in a checkpoint; the ranking network that arrives
+    /// after a restart continues from them instead of from its first batch.
+    pub fn resume_score_stats(&self, stats: (f64, f64)) {
+        *self.resumed_stats.lock().expect("reward stats lock poisoned") = Some(stats);
+    }
+
     pub fn apply(&self, update: RewardModelUpdate) {
         if !update.weights.is_empty() {
             let ranking = update.kind == "ranking";
@@ -156,12 +172,20 @@ impl RewardTable {
             if guard.as_ref().is_some_and(|n| n.ranking != ranking) {
                 *guard = None;
             }
+            let resumed = || {
+                let mut r = self.resumed_stats.lock().expect("reward stats lock poisoned");
+                if ranking {
+                    r.take()
+                } else {
+                    None
+                }
+            };
             let n = guard.get_or_insert_with(|| Network {
                 ranking,
                 net: CharCnn::new(if ranking { 1 } else { 2 }, tch::Device::Cpu),
                 cache: HashMap::new(),
                 loss: 0.0,
-                stats: None,
+                stats: resumed(),
             });
             match n.net.load_safetensors(&update.weights) {
                 Ok(_) => {
@@ -223,8 +247,9 @@ impl RewardTable {
     }
 }
 
-/// Keeps `table` current until `stop` is set, reconnecting with backoff.
-pub async fn subscribe(addr: String, table: Arc<RewardTable>, stop: Arc<AtomicBool>) {
+/// Keeps `table` current until `stop` is cancelled, reconnecting with backoff. While
+/// the reward service is away the learner keeps the model it has.
+pub async fn subscribe(addr: String, table: Arc<RewardTable>, stop: CancellationToken) {
     let endpoint = match Endpoint::from_shared(addr.clone()) {
         Ok(e) => e.connect_timeout(Duration::from_secs(2)),
         Err(e) => {
@@ -232,9 +257,14 @@ pub async fn subscribe(addr: String, table: Arc<RewardTable>, stop: Arc<AtomicBo
             return;
         }
     };
-    tokio::spawn(poll_status(endpoint.clone(), table.clone(), stop.clone()));
+    let status = tokio::spawn(poll_status(endpoint.clone(), table.clone(), stop.clone()));
+    stop.run_until_cancelled(follow(addr, endpoint, table)).await;
+    let _ = status.await;
+}
+
+async fn follow(addr: String, endpoint: Endpoint, table: Arc<RewardTable>) {
     let mut backoff = Backoff::new(Duration::from_secs(5));
-    while !stop.load(Ordering::Acquire) {
+    loop {
         let stream = match endpoint.connect().await {
             Ok(ch) => RewardServiceClient::new(ch)
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
@@ -259,7 +289,15 @@ pub async fn subscribe(addr: String, table: Arc<RewardTable>, stop: Arc<AtomicBo
             match stream.message().await {
                 Ok(Some(update)) => {
                     backoff.reset();
-                    table.apply(update);
+                    // Loading a network is tch work, and the trainer holds the
+                    // table's lock during its forward passes: off the async threads.
+                    let t = table.clone();
+                    if tokio::task::spawn_blocking(move || t.apply(update))
+                        .await
+                        .is_err()
+                    {
+                        warn!("applying a reward-model version panicked");
+                    }
                 }
                 Ok(None) => break,
                 Err(status) => {
@@ -272,22 +310,27 @@ pub async fn subscribe(addr: String, table: Arc<RewardTable>, stop: Arc<AtomicBo
     }
 }
 
-/// Keeps the reward service's counters in `table` until `stop` is set.
-async fn poll_status(endpoint: Endpoint, table: Arc<RewardTable>, stop: Arc<AtomicBool>) {
+/// Keeps the reward service's counters in `table` until `stop` is cancelled.
+async fn poll_status(endpoint: Endpoint, table: Arc<RewardTable>, stop: CancellationToken) {
     let mut client = None;
-    while !stop.load(Ordering::Acquire) {
+    let mut tick = tokio::time::interval(STATUS_POLL);
+    while stop.run_until_cancelled(tick.tick()).await.is_some() {
         if client.is_none() {
-            client = endpoint.connect().await.ok().map(RewardServiceClient::new);
+            client = stop
+                .run_until_cancelled(endpoint.connect())
+                .await
+                .and_then(|c| c.ok())
+                .map(RewardServiceClient::new);
         }
         if let Some(c) = client.as_mut() {
-            match c.get_status(RewardStatusRequest {}).await {
-                Ok(s) => {
+            match stop.run_until_cancelled(c.get_status(RewardStatusRequest {})).await {
+                Some(Ok(s)) => {
                     *table.service.lock().expect("status lock poisoned") = Some(s.into_inner())
                 }
-                Err(_) => client = None,
+                Some(Err(_)) => client = None,
+                None => return,
             }
         }
-        tokio::time::sleep(STATUS_POLL).await;
     }
 }
 

@@ -2,8 +2,10 @@
 //!
 //! [`serve`] binds the `spur.v1.Learner` gRPC service (plus gRPC health) and runs the
 //! training thread until the env-step budget or target return is reached, or until
-//! `shutdown` resolves; either way it writes a final checkpoint and tells actors that
-//! training has finished.
+//! `shutdown` resolves; either way it writes a final checkpoint; a finished run also
+//! tells actors to exit. Every start is a new incarnation (a random id in weights
+//! and chunks): a learner resumed from an older checkpoint takes over its actors
+//! instead of waiting for versions it will never reach again.
 //!
 //! - `service.rs`: the gRPC handlers (trajectory streams into a bounded queue)
 //! - `trainer.rs`: the training thread (V-trace targets, PPO updates, checkpoints)
@@ -31,6 +33,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use spur_core::adam::Adam;
 use spur_core::checkpoint;
 use spur_core::config::Config;
 use spur_core::device::resolve_device;
@@ -42,6 +45,8 @@ use spur_proto::MAX_MESSAGE_BYTES;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 pub use error::LearnerError;
@@ -51,6 +56,9 @@ use broadcast::{Broadcaster, Published};
 use service::LearnerService;
 use state::Shared;
 use trainer::Trainer;
+
+/// Adam's epsilon (PPO implementations use 1e-5 rather than PyTorch's 1e-8).
+const ADAM_EPS: f64 = 1e-5;
 
 /// HTTP/2 flow-control window of the learner's server, per stream and connection.
 const FLOW_WINDOW_BYTES: u32 = 64 * 1024;
@@ -78,7 +86,69 @@ pub async fn run(
     serve(config, opts, listener, shutdown).await
 }
 
-/// Serves on an already bound listener until training ends.
+/// A fresh incarnation id: random, non-zero, and below 2^53 so that JSON and
+/// Prometheus carry it exactly.
+fn draw_incarnation() -> u64 {
+    rand::random_range(1..(1u64 << 53))
+}
+
+/// Where a resumed run continues from.
+struct Resumed {
+    version: u64,
+    updates: u64,
+    time_s: f64,
+}
+
+/// Loads the newest checkpoint into `model`, `opt` and `shared`'s counters.
+fn resume(
+    run_dir: &std::path::Path,
+    model: &mut ActorCritic,
+    opt: &mut Adam,
+    shared: &Shared,
+    intrinsic: Option<&intrinsic::RewardTable>,
+) -> Result<Option<Resumed>, LearnerError> {
+    let Some(l) = checkpoint::load_latest(&run_dir.join("checkpoints"))? else {
+        warn!(run_dir = %run_dir.display(), "no checkpoint to resume from, starting fresh");
+        return Ok(None);
+    };
+    model.load_safetensors(&l.bytes)?;
+    if let Err(e) = opt.load_state(&l.bytes) {
+        warn!(error = %e, "the checkpoint has no optimizer state, Adam starts afresh");
+    }
+    let int = |k: &str| l.metadata.get(k).and_then(|v| v.parse().ok()).unwrap_or(0u64);
+    let float = |k: &str| l.metadata.get(k).and_then(|v| v.parse::<f64>().ok());
+    shared.env_steps.store(int(META_ENV_STEPS), Ordering::Relaxed);
+    shared.updates.store(int(META_UPDATES), Ordering::Relaxed);
+    shared.set_episodes_total(int(trainer::META_EPISODES));
+    shared.counts.restore(int);
+    if let (Some(table), Some(mean), Some(var)) = (
+        intrinsic,
+        float(trainer::META_RANK_MEAN),
+        float(trainer::META_RANK_VAR),
+    ) {
+        table.resume_score_stats((mean, var));
+    }
+    info!(
+        version = l.version,
+        env_steps = int(META_ENV_STEPS),
+        updates = int(META_UPDATES),
+        adam_steps = opt.steps(),
+        previous_incarnation = int(trainer::META_INCARNATION),
+        reward_model_version = int(trainer::META_REWARD_MODEL_VERSION),
+        path = %l.path.display(),
+        "resumed from checkpoint"
+    );
+    Ok(Some(Resumed {
+        version: l.version,
+        updates: int(META_UPDATES),
+        time_s: float(trainer::META_TIME_S).unwrap_or(0.0),
+    }))
+}
+
+/// Serves on an already bound listener until training ends, or until `shutdown`
+/// resolves: then health turns NOT_SERVING, the trainer finishes its update and
+/// checkpoints, streams end, and every task is joined, all within
+/// `run.drain_timeout_ms`.
 pub async fn serve(
     config: Config,
     opts: LearnerOptions,
@@ -92,34 +162,43 @@ pub async fn serve(
     };
     std::fs::create_dir_all(&run_dir).map_err(io_err)?;
     std::fs::write(run_dir.join("config.toml"), config.to_toml()).map_err(io_err)?;
+    let drain = Duration::from_millis(config.run.drain_timeout_ms);
+    let incarnation = draw_incarnation();
 
     tch::set_num_threads(config.run.torch_threads as i32);
     tch::manual_seed(config.run.seed as i64);
-    let spec = env_spec(&config.env)?;
+    // A gym env's spec comes from starting a bridge: blocking work.
+    let env = config.env.clone();
+    let spec = tokio::task::spawn_blocking(move || env_spec(&env))
+        .await
+        .map_err(|_| LearnerError::TrainerPanicked)??;
     let device = resolve_device(&config.learner.device);
-    let mut model = ActorCritic::for_spec(&spec, &config.model, device)?;
-    let (mut version, mut updates, mut env_steps) = (1u64, 0u64, 0u64);
-    if opts.resume {
-        match checkpoint::load_latest(&run_dir.join("checkpoints"))? {
-            Some(l) => {
-                model.load_safetensors(&l.bytes)?;
-                version = l.version;
-                let meta = |k: &str| l.metadata.get(k).and_then(|v| v.parse().ok()).unwrap_or(0);
-                updates = meta(META_UPDATES);
-                env_steps = meta(META_ENV_STEPS);
-                info!(version, env_steps, path = %l.path.display(), "resumed from checkpoint");
-            }
-            None => {
-                warn!(run_dir = %run_dir.display(), "no checkpoint to resume from, starting fresh")
-            }
-        }
-    }
-
     let lc = &config.learner;
-    let shared = Arc::new(Shared::new(lc.queue_capacity, config.stop.env_steps));
+    let mut model = ActorCritic::for_spec(&spec, &config.model, device)?;
+    let mut opt = Adam::new(model.var_store(), lc.lr, ADAM_EPS);
+    let shared = Arc::new(Shared::new(
+        incarnation,
+        lc.queue_capacity,
+        config.stop.env_steps,
+    ));
+    let intrinsic = config
+        .intrinsic
+        .enabled
+        .then(|| Arc::new(intrinsic::RewardTable::default()));
+    let resumed = if opts.resume {
+        resume(&run_dir, &mut model, &mut opt, &shared, intrinsic.as_deref())?
+    } else {
+        None
+    };
+    let (version, updates, time_offset_s) = resumed
+        .as_ref()
+        .map_or((1, 0, 0.0), |r| (r.version, r.updates, r.time_s));
     shared.policy_version.store(version, Ordering::Release);
-    shared.env_steps.store(env_steps, Ordering::Relaxed);
-    shared.updates.store(updates, Ordering::Relaxed);
+    info!(incarnation, version, "learner incarnation");
+
+    let tasks = TaskTracker::new();
+    let weight_streams = TaskTracker::new();
+    let weights_stop = CancellationToken::new();
     let initial = model.to_safetensors(version, &Default::default())?;
     let broadcaster = Broadcaster::new(
         Published {
@@ -128,6 +207,9 @@ pub async fn serve(
             finished: false,
         },
         lc.weights_chunk_bytes as usize,
+        incarnation,
+        weights_stop.clone(),
+        weight_streams.clone(),
     );
     let (queue_tx, queue_rx) = mpsc::channel(lc.queue_capacity as usize);
     let service = LearnerService {
@@ -147,16 +229,15 @@ pub async fn serve(
             },
         },
         broadcaster: broadcaster.clone(),
+        tasks: tasks.clone(),
     };
-    let intrinsic = config.intrinsic.enabled.then(|| {
-        let table = Arc::new(intrinsic::RewardTable::default());
-        tokio::spawn(intrinsic::subscribe(
+    if let Some(table) = &intrinsic {
+        tasks.spawn(intrinsic::subscribe(
             config.reward_service.addr.clone(),
             table.clone(),
-            shared.clone().stop_flag(),
+            shared.stop.clone(),
         ));
-        table
-    });
+    }
     let trainer = Trainer {
         intrinsic,
         config: config.clone(),
@@ -165,12 +246,14 @@ pub async fn serve(
         spec,
         version,
         updates,
+        opt,
+        time_offset_s,
         shared: shared.clone(),
         broadcaster,
         rx: queue_rx,
         rt: tokio::runtime::Handle::current(),
     };
-    let (result_tx, result_rx) = oneshot::channel();
+    let (result_tx, mut result_rx) = oneshot::channel();
     std::thread::Builder::new()
         .name("spur-trainer".into())
         .spawn(move || {
@@ -180,27 +263,42 @@ pub async fn serve(
 
     // Prometheus gauges that move even while no update runs.
     let gauges = shared.clone();
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
-        while !gauges.stop_requested.load(Ordering::Acquire) {
-            tick.tick().await;
+    tasks.spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        while gauges.stop.run_until_cancelled(tick.tick()).await.is_some() {
             let s = gauges.status(0);
             ::metrics::gauge!("spur_learner_connected_actors").set(s.connected_actors as f64);
             ::metrics::gauge!("spur_learner_env_steps").set(s.env_steps as f64);
+            ::metrics::gauge!("spur_learner_env_steps_received").set(s.env_steps_received as f64);
             ::metrics::gauge!("spur_learner_policy_version").set(s.policy_version as f64);
             ::metrics::gauge!("spur_learner_dropped_stale_chunks")
                 .set(s.dropped_stale_chunks as f64);
+            ::metrics::gauge!("spur_learner_dropped_steps_stale").set(s.dropped_steps_stale as f64);
+            ::metrics::gauge!("spur_learner_dropped_steps_incarnation")
+                .set(s.dropped_steps_incarnation as f64);
+            ::metrics::gauge!("spur_learner_dropped_steps_malformed")
+                .set(s.dropped_steps_malformed as f64);
         }
     });
 
+    let (reporter, health) = tonic_health::server::health_reporter();
     let stopper = shared.clone();
-    tokio::spawn(async move {
-        shutdown.await;
-        info!("shutdown requested, finishing the current update");
-        stopper.stop_requested.store(true, Ordering::Release);
+    let stop_reporter = reporter.clone();
+    tasks.spawn(async move {
+        tokio::select! {
+            _ = shutdown => {
+                info!("shutdown requested, finishing the current update");
+                // Readiness drops before anything else, so no new work arrives.
+                stop_reporter
+                    .set_not_serving::<LearnerServer<LearnerService>>()
+                    .await;
+                stopper.stop.cancel();
+            }
+            _ = stopper.stop.cancelled() => {}
+        }
     });
 
-    let (reporter, health) = tonic_health::server::health_reporter();
+    // Weights are loaded and the trainer runs: ready.
     reporter
         .set_serving::<LearnerServer<LearnerService>>()
         .await;
@@ -209,7 +307,8 @@ pub async fn serve(
         .map_err(io_err)?;
     info!(%addr, run_dir = %run_dir.display(), "learner listening");
 
-    let (stop_server, server_stopped) = oneshot::channel::<()>();
+    let server_stop = CancellationToken::new();
+    let server_stopped = server_stop.clone();
     let server = tokio::spawn(
         tonic::transport::Server::builder()
             // Small HTTP/2 windows: chunks wait in the actors, not in socket buffers,
@@ -222,22 +321,50 @@ pub async fn serve(
                     .max_decoding_message_size(MAX_MESSAGE_BYTES)
                     .max_encoding_message_size(MAX_MESSAGE_BYTES),
             )
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
-                let _ = server_stopped.await;
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+                server_stopped.cancelled().await
             }),
     );
 
-    let result = result_rx.await.map_err(|_| LearnerError::TrainerPanicked)?;
+    // The trainer ends by itself (goal reached) or after a shutdown request; the
+    // latter must finish its update and checkpoint within the drain timeout.
+    let result = tokio::select! {
+        r = &mut result_rx => r.map_err(|_| LearnerError::TrainerPanicked)?,
+        _ = async { shared.stop.cancelled().await; tokio::time::sleep(drain).await } => {
+            warn!(?drain, "the trainer did not checkpoint within the drain timeout");
+            Err(LearnerError::DrainTimeout(drain))
+        }
+    };
+    let deadline = tokio::time::Instant::now() + drain;
     reporter
         .set_not_serving::<LearnerServer<LearnerService>>()
         .await;
-    // Let subscribers receive the final weights and the finished flag.
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let _ = stop_server.send(());
-    match tokio::time::timeout(Duration::from_secs(5), server).await {
+    shared.stop.cancel(); // trajectory streams end
+    // A finished run's last version tells actors to exit: let every subscriber get it.
+    weight_streams.close();
+    if tokio::time::timeout_at(deadline, weight_streams.wait())
+        .await
+        .is_err()
+    {
+        warn!(
+            streams = weight_streams.len(),
+            "weight streams still sending at the drain deadline, ending them"
+        );
+    }
+    weights_stop.cancel();
+    server_stop.cancel();
+    match tokio::time::timeout_at(deadline, server).await {
         Ok(Ok(Err(e))) => warn!(error = %e, "grpc server ended with an error"),
-        Err(_) => warn!("grpc server did not drain within 5 s"),
+        Err(_) => warn!("grpc server did not drain by the deadline"),
         _ => {}
+    }
+    tasks.close();
+    if tokio::time::timeout_at(deadline, tasks.wait()).await.is_err() {
+        warn!(
+            tasks = tasks.len(),
+            "tasks still running at the drain deadline: trajectory streams, the \
+             reward-model subscription or the gauges"
+        );
     }
     let summary = result?;
     info!(

@@ -20,6 +20,13 @@ pub struct MetricsRow {
     pub updates: u64,
     pub policy_lag_mean: f64,
     pub dropped_stale_chunks: u64,
+    /// Env steps that reached the learner; `env_steps` counts those trained on.
+    pub env_steps_received: u64,
+    /// Received steps never trained on, by reason.
+    pub dropped_steps_stale: u64,
+    pub dropped_steps_incarnation: u64,
+    pub dropped_steps_malformed: u64,
+    pub learner_incarnation: u64,
     pub queue_depth: u32,
     pub connected_actors: u32,
     pub lr: f64,

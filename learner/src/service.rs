@@ -11,22 +11,27 @@ use spur_proto::v1::{
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::task::TaskTracker;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, info};
 
 use crate::broadcast::Broadcaster;
 use crate::error::{malformed_chunk, not_accepting};
-use crate::state::{ConnectedGuard, Shared};
+use crate::state::{ConnectedGuard, Shared, StepCounts};
 
 pub struct LearnerService {
     pub shared: Arc<Shared>,
     pub queue: mpsc::Sender<Chunk>,
     pub expect: ChunkExpectation,
     pub broadcaster: Broadcaster,
+    /// Every stream task, so shutdown can wait for them.
+    pub tasks: TaskTracker,
 }
 
 /// Reads one actor's stream: each chunk is checked, counted, queued (waiting while
-/// the queue is full) and acknowledged.
+/// the queue is full) and acknowledged. A chunk of another learner incarnation is
+/// acknowledged and counted but never queued. The stream ends with `Unavailable`
+/// when the learner shuts down.
 async fn receive(
     mut stream: Streaming<TrajectoryChunk>,
     shared: &Shared,
@@ -37,22 +42,51 @@ async fn receive(
     let _guard = ConnectedGuard::new(shared);
     let mut accepted = 0u64;
     let mut actor = String::new();
-    while let Some(msg) = stream.message().await? {
+    loop {
+        let msg = tokio::select! {
+            m = stream.message() => m?,
+            _ = shared.stop.cancelled() => return Err(not_accepting()),
+        };
+        let Some(msg) = msg else { break };
         if actor.is_empty() && !msg.actor_id.is_empty() {
             info!(actor_id = msg.actor_id, "actor stream opened");
             actor = msg.actor_id.clone();
         }
         let actor_id = msg.actor_id.clone();
-        let chunk = Chunk::from_proto(msg, expect).map_err(|e| malformed_chunk(&actor_id, &e))?;
+        let claimed = msg.rollout_len as u64 * msg.num_envs as u64;
+        let chunk = match Chunk::from_proto(msg, expect) {
+            Ok(c) => c,
+            Err(e) => {
+                let c = &shared.counts;
+                StepCounts::add(&c.malformed_steps, &c.malformed_chunks, claimed);
+                return Err(malformed_chunk(&actor_id, &e));
+            }
+        };
         let steps = chunk.steps() as u64;
-        shared.env_steps.fetch_add(steps, Ordering::Relaxed);
-        shared.record_episodes(&chunk.finished_episodes);
+        shared.counts.received.fetch_add(steps, Ordering::Relaxed);
         shared.record_chunk(&chunk.actor_id, chunk.policy_version, steps);
-        queue.send(chunk).await.map_err(|_| not_accepting())?;
+        if chunk.learner_incarnation != shared.incarnation {
+            let c = &shared.counts;
+            StepCounts::add(&c.incarnation_steps, &c.incarnation_chunks, steps);
+            debug!(
+                actor_id,
+                incarnation = chunk.learner_incarnation,
+                version = chunk.policy_version,
+                "dropping a chunk of a previous learner incarnation"
+            );
+        } else {
+            shared.record_episodes(&chunk.finished_episodes);
+            let sent = tokio::select! {
+                r = queue.send(chunk) => r.map_err(|_| not_accepting()),
+                _ = shared.stop.cancelled() => Err(not_accepting()),
+            };
+            sent?;
+        }
         accepted += 1;
         let ack = PushAck {
             accepted_chunks: accepted,
             policy_version: shared.version(),
+            learner_incarnation: shared.incarnation,
         };
         if acks.send(Ok(ack)).await.is_err() {
             break; // the actor hung up
@@ -76,7 +110,7 @@ impl Learner for LearnerService {
         let shared = self.shared.clone();
         let queue = self.queue.clone();
         let expect = self.expect;
-        tokio::spawn(async move {
+        self.tasks.spawn(async move {
             if let Err(status) = receive(stream, &shared, &queue, &expect, &acks).await {
                 debug!(?peer, code = ?status.code(), "trajectory stream ended with an error");
                 let _ = acks.send(Err(status)).await;
@@ -97,7 +131,10 @@ impl Learner for LearnerService {
             have = req.have_version,
             "weights subscriber"
         );
-        Ok(Response::new(self.broadcaster.subscribe(req.have_version)))
+        Ok(Response::new(
+            self.broadcaster
+                .subscribe(req.have_version, req.have_incarnation),
+        ))
     }
 
     async fn get_status(

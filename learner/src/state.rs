@@ -3,19 +3,23 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 
 use spur_proto::v1::{ActorInfo, EpisodeSummary, LearnerStatus};
+use tokio_util::sync::CancellationToken;
 
 /// Episodes in the rolling window behind `episode_return_mean`.
 pub const EPISODE_WINDOW: usize = 100;
 
 #[derive(Default)]
 pub struct Shared {
+    /// Drawn at every start: chunks and weights of other incarnations are not ours.
+    pub incarnation: u64,
     pub policy_version: AtomicU64,
+    /// Env steps trained on: what `stop.env_steps` and the lr schedule count.
     pub env_steps: AtomicU64,
     pub updates: AtomicU64,
-    pub dropped_stale_chunks: AtomicU64,
+    pub counts: StepCounts,
     pub connected_actors: AtomicU32,
     pub queue_capacity: u32,
     pub env_steps_budget: u64,
@@ -27,10 +31,65 @@ pub struct Shared {
     intrinsic_reward_mean: AtomicU64,
     /// f64 bits of the reward network's training loss.
     reward_model_loss: AtomicU64,
-    pub stop_requested: Arc<AtomicBool>,
+    /// Cancelled when a shutdown is requested: the trainer finishes its update,
+    /// checkpoints and stops.
+    pub stop: CancellationToken,
     pub training_finished: AtomicBool,
     episodes: Mutex<EpisodeWindow>,
     actors: Mutex<HashMap<String, ActorInfo>>,
+}
+
+/// Where received env steps went, besides training.
+#[derive(Default)]
+pub struct StepCounts {
+    /// In chunks that decoded and were checked (malformed ones are not received).
+    pub received: AtomicU64,
+    /// Older than `learner.max_policy_lag` versions when their turn came.
+    pub stale_steps: AtomicU64,
+    pub stale_chunks: AtomicU64,
+    /// Produced under another learner incarnation (before a restart).
+    pub incarnation_steps: AtomicU64,
+    pub incarnation_chunks: AtomicU64,
+    /// In chunks refused as malformed (as the chunk claimed: rollout_len * num_envs).
+    pub malformed_steps: AtomicU64,
+    pub malformed_chunks: AtomicU64,
+}
+
+impl StepCounts {
+    pub fn add(counter: &AtomicU64, chunks: &AtomicU64, steps: u64) {
+        counter.fetch_add(steps, Ordering::Relaxed);
+        chunks.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Values to carry across a restart, by checkpoint metadata key.
+    pub fn snapshot(&self) -> Vec<(&'static str, u64)> {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        vec![
+            ("spur.env_steps_received", get(&self.received)),
+            ("spur.dropped_steps_stale", get(&self.stale_steps)),
+            ("spur.dropped_chunks_stale", get(&self.stale_chunks)),
+            ("spur.dropped_steps_incarnation", get(&self.incarnation_steps)),
+            ("spur.dropped_chunks_incarnation", get(&self.incarnation_chunks)),
+            ("spur.dropped_steps_malformed", get(&self.malformed_steps)),
+            ("spur.dropped_chunks_malformed", get(&self.malformed_chunks)),
+        ]
+    }
+
+    /// Restores what [`snapshot`](Self::snapshot) saved (missing keys stay 0).
+    pub fn restore(&self, get: impl Fn(&str) -> u64) {
+        let fields = [
+            &self.received,
+            &self.stale_steps,
+            &self.stale_chunks,
+            &self.incarnation_steps,
+            &self.incarnation_chunks,
+            &self.malformed_steps,
+            &self.malformed_chunks,
+        ];
+        for ((key, _), field) in self.snapshot().into_iter().zip(fields) {
+            field.store(get(key), Ordering::Relaxed);
+        }
+    }
 }
 
 #[derive(Default)]
@@ -51,17 +110,13 @@ pub struct EpisodeStats {
 }
 
 impl Shared {
-    pub fn new(queue_capacity: u32, env_steps_budget: u64) -> Self {
+    pub fn new(incarnation: u64, queue_capacity: u32, env_steps_budget: u64) -> Self {
         Self {
+            incarnation,
             queue_capacity,
             env_steps_budget,
             ..Default::default()
         }
-    }
-
-    /// The flag set when a shutdown is requested, for tasks that outlive a borrow.
-    pub fn stop_flag(&self) -> Arc<AtomicBool> {
-        self.stop_requested.clone()
     }
 
     pub fn version(&self) -> u64 {
@@ -97,6 +152,14 @@ impl Shared {
             w.recent.push_back(*e);
             w.total += 1;
         }
+    }
+
+    /// Episodes finished so far (carried across a restart).
+    pub fn set_episodes_total(&self, total: u64) {
+        self.episodes
+            .lock()
+            .expect("episode window lock poisoned")
+            .total = total;
     }
 
     pub fn episode_stats(&self) -> EpisodeStats {
@@ -155,7 +218,7 @@ impl Shared {
             episode_len_mean: ep.len_mean,
             success_rate: ep.success_rate,
             episodes: ep.total,
-            dropped_stale_chunks: self.dropped_stale_chunks.load(Ordering::Relaxed),
+            dropped_stale_chunks: self.counts.stale_chunks.load(Ordering::Relaxed),
             updates: self.updates.load(Ordering::Relaxed),
             training_finished: self.training_finished.load(Ordering::Acquire),
             env_steps_budget: self.env_steps_budget,
@@ -166,6 +229,13 @@ impl Shared {
                 self.intrinsic_reward_mean.load(Ordering::Relaxed),
             ),
             reward_model_loss: f64::from_bits(self.reward_model_loss.load(Ordering::Relaxed)),
+            learner_incarnation: self.incarnation,
+            env_steps_received: self.counts.received.load(Ordering::Relaxed),
+            dropped_steps_stale: self.counts.stale_steps.load(Ordering::Relaxed),
+            dropped_steps_incarnation: self.counts.incarnation_steps.load(Ordering::Relaxed),
+            dropped_steps_malformed: self.counts.malformed_steps.load(Ordering::Relaxed),
+            dropped_incarnation_chunks: self.counts.incarnation_chunks.load(Ordering::Relaxed),
+            dropped_malformed_chunks: self.counts.malformed_chunks.load(Ordering::Relaxed),
         }
     }
 }
@@ -192,7 +262,7 @@ mod tests {
 
     #[test]
     fn episode_window_keeps_the_last_hundred() {
-        let s = Shared::new(4, 0);
+        let s = Shared::new(1, 4, 0);
         let eps: Vec<EpisodeSummary> = (0..150)
             .map(|i| EpisodeSummary {
                 episode_return: i as f32,

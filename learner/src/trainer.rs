@@ -1,7 +1,9 @@
 //! The training thread: gathers chunks from the queue into batches (dropping those
 //! older than `max_policy_lag` versions), computes V-trace targets with the current
 //! critic, takes PPO-clipped Adam steps over minibatches, publishes weights, writes
-//! metrics and checkpoints.
+//! metrics and checkpoints. A checkpoint holds what a resumed run needs to take the
+//! same course: weights, Adam's moments, the counters the lr schedule and budget
+//! read, and the intrinsic-reward state.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -9,14 +11,15 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use spur_core::adam::Adam;
 use spur_core::advantage::{gae, group_advantages, GaeInput, GroupParams};
 use spur_core::checkpoint;
 use spur_core::config::{AdvantageKind, Config};
-use spur_core::model::ActorCritic;
+use spur_core::model::{tensors_to_safetensors, ActorCritic};
 use spur_core::ppo::{ppo_loss, PpoParams};
 use spur_core::trajectory::Chunk;
 use spur_core::vtrace::{vtrace, VTraceInput, VTraceParams};
-use tch::{nn, nn::OptimizerConfig, Device, Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 use tokio::runtime::Handle;
 use tokio::sync::mpsc;
 use tracing::{info, warn};
@@ -26,11 +29,17 @@ use crate::broadcast::{Broadcaster, Published};
 use crate::episodes::{episodes_batch, Assembler, GroupLayout};
 use crate::error::LearnerError;
 use crate::metrics::{MetricsRow, MetricsWriter};
-use crate::state::Shared;
+use crate::state::{Shared, StepCounts};
 
 /// Metadata keys of checkpoints.
 pub const META_ENV_STEPS: &str = "spur.env_steps";
 pub const META_UPDATES: &str = "spur.updates";
+pub const META_EPISODES: &str = "spur.episodes";
+pub const META_TIME_S: &str = "spur.time_s";
+pub const META_INCARNATION: &str = "spur.learner_incarnation";
+pub const META_REWARD_MODEL_VERSION: &str = "spur.reward_model_version";
+pub const META_RANK_MEAN: &str = "spur.rank_score_mean";
+pub const META_RANK_VAR: &str = "spur.rank_score_var";
 
 pub struct Trainer {
     /// The reward model, when intrinsic rewards are on.
@@ -42,6 +51,10 @@ pub struct Trainer {
     pub spec: spur_core::env::EnvSpec,
     pub version: u64,
     pub updates: u64,
+    /// Adam, with its moments restored when the run resumed.
+    pub opt: Adam,
+    /// Seconds trained before this incarnation (`time_s` in metrics.jsonl goes on).
+    pub time_offset_s: f64,
     pub shared: Arc<Shared>,
     pub broadcaster: Broadcaster,
     pub rx: mpsc::Receiver<Chunk>,
@@ -82,12 +95,6 @@ struct UpdateStats {
 impl Trainer {
     pub fn run(mut self) -> Result<TrainSummary, LearnerError> {
         let lc = self.config.learner.clone();
-        let mut opt = nn::Adam {
-            eps: 1e-5,
-            ..Default::default()
-        }
-        .build(self.model.var_store(), lc.lr)
-        .map_err(spur_core::ModelError::from)?;
         let mut metrics =
             MetricsWriter::open(&self.run_dir.join("metrics.jsonl")).map_err(|source| {
                 LearnerError::RunDir {
@@ -104,7 +111,7 @@ impl Trainer {
             }
         };
         let ckpt_dir = self.run_dir.join("checkpoints");
-        let start = Instant::now();
+        let start = Instant::now() - Duration::from_secs_f64(self.time_offset_s);
         let mut last_tick = (
             Instant::now(),
             self.shared.env_steps.load(Ordering::Relaxed),
@@ -126,23 +133,20 @@ impl Trainer {
             let mut lag_sum = 0u64;
             let mut taken = 0usize;
             while steps < lc.batch_steps as usize {
-                if self.should_stop() {
-                    break 'train;
-                }
-                let rx = &mut self.rx;
+                let (rx, stop) = (&mut self.rx, &self.shared.stop);
                 let next = self.rt.block_on(async {
-                    tokio::time::timeout(Duration::from_millis(100), rx.recv()).await
+                    tokio::select! {
+                        c = rx.recv() => c,
+                        _ = stop.cancelled() => None,
+                    }
                 });
-                let chunk = match next {
-                    Ok(Some(c)) => c,
-                    Ok(None) => break 'train,
-                    Err(_) => continue,
-                };
+                let Some(chunk) = next else { break 'train };
+                // Chunks of this incarnation are never ahead of it; one that is would
+                // be a bug, and is dropped as stale rather than trained on.
                 let lag = self.version as i64 - chunk.policy_version as i64;
                 if lag < 0 || lag as u64 > lc.max_policy_lag {
-                    self.shared
-                        .dropped_stale_chunks
-                        .fetch_add(1, Ordering::Relaxed);
+                    let c = &self.shared.counts;
+                    StepCounts::add(&c.stale_steps, &c.stale_chunks, chunk.steps() as u64);
                     warn!(actor_id = %chunk.actor_id, lag, version = chunk.policy_version, "dropping stale chunk");
                     continue;
                 }
@@ -173,10 +177,13 @@ impl Trainer {
             } else {
                 lc.lr
             };
-            opt.set_lr(lr);
-            let stats = self.update(&batch, &mut opt, layout.as_ref());
+            self.opt.set_lr(lr);
+            let stats = self.update(&batch, layout.as_ref());
             self.version += 1;
             self.updates += 1;
+            self.shared
+                .env_steps
+                .fetch_add(batch.len() as u64, Ordering::Relaxed);
             self.shared
                 .policy_version
                 .store(self.version, Ordering::Release);
@@ -226,7 +233,16 @@ impl Trainer {
                 updates: self.updates,
                 policy_lag_mean: lag_sum as f64 / taken.max(1) as f64,
                 groups_given_up: assembler.as_ref().map_or(0, |a| a.given_up),
-                dropped_stale_chunks: self.shared.dropped_stale_chunks.load(Ordering::Relaxed),
+                dropped_stale_chunks: self.shared.counts.stale_chunks.load(Ordering::Relaxed),
+                env_steps_received: self.shared.counts.received.load(Ordering::Relaxed),
+                dropped_steps_stale: self.shared.counts.stale_steps.load(Ordering::Relaxed),
+                dropped_steps_incarnation: self
+                    .shared
+                    .counts
+                    .incarnation_steps
+                    .load(Ordering::Relaxed),
+                dropped_steps_malformed: self.shared.counts.malformed_steps.load(Ordering::Relaxed),
+                learner_incarnation: self.shared.incarnation,
                 queue_depth: (self.rx.len()) as u32,
                 connected_actors: self.shared.connected_actors.load(Ordering::Relaxed),
                 lr,
@@ -260,7 +276,7 @@ impl Trainer {
                 warn!(error = %e, "cannot write metrics.jsonl");
             }
             if self.updates.is_multiple_of(lc.checkpoint_every) {
-                self.checkpoint(&ckpt_dir)?;
+                self.checkpoint(&ckpt_dir, start)?;
             }
             if stats.steps == 0 {
                 warn!(
@@ -288,7 +304,7 @@ impl Trainer {
         // to exit; after a shutdown they keep reconnecting, so a restarted learner
         // (`--resume`) picks them up again.
         self.rx.close();
-        let path = self.checkpoint(&ckpt_dir)?;
+        let path = self.checkpoint(&ckpt_dir, start)?;
         if !self.should_stop() {
             self.shared.training_finished.store(true, Ordering::Release);
             self.publish(true)?;
@@ -336,30 +352,58 @@ impl Trainer {
     }
 
     fn should_stop(&self) -> bool {
-        self.shared.stop_requested.load(Ordering::Acquire)
+        self.shared.stop.is_cancelled()
     }
 
-    fn payload(&self) -> Result<Vec<u8>, LearnerError> {
+    /// The training position, as checkpoint metadata.
+    fn position(&self, start: Instant) -> HashMap<String, String> {
+        let mut meta: HashMap<String, String> = self
+            .shared
+            .counts
+            .snapshot()
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let env_steps = self.shared.env_steps.load(Ordering::Relaxed);
+        let mut put = |k: &str, v: String| meta.insert(k.to_string(), v);
+        put(META_ENV_STEPS, env_steps.to_string());
+        put(META_UPDATES, self.updates.to_string());
+        put(META_EPISODES, self.shared.episode_stats().total.to_string());
+        put(META_TIME_S, start.elapsed().as_secs_f64().to_string());
+        put(META_INCARNATION, self.shared.incarnation.to_string());
+        if let Some(table) = &self.intrinsic {
+            put(META_REWARD_MODEL_VERSION, table.version().to_string());
+            if let Some((mean, var)) = table.score_stats() {
+                put(META_RANK_MEAN, mean.to_string());
+                put(META_RANK_VAR, var.to_string());
+            }
+        }
+        meta
+    }
+
+    /// Weights only, for actors.
+    fn publish(&self, finished: bool) -> Result<(), LearnerError> {
         let mut meta = HashMap::new();
         meta.insert(
             META_ENV_STEPS.to_string(),
             self.shared.env_steps.load(Ordering::Relaxed).to_string(),
         );
-        meta.insert(META_UPDATES.to_string(), self.updates.to_string());
-        Ok(self.model.to_safetensors(self.version, &meta)?)
-    }
-
-    fn publish(&self, finished: bool) -> Result<(), LearnerError> {
         self.broadcaster.publish(Published {
             version: self.version,
-            bytes: Arc::new(self.payload()?),
+            bytes: Arc::new(self.model.to_safetensors(self.version, &meta)?),
             finished,
         });
         Ok(())
     }
 
-    fn checkpoint(&self, dir: &std::path::Path) -> Result<PathBuf, LearnerError> {
-        let path = checkpoint::save(dir, self.version, &self.payload()?)?;
+    /// Weights, Adam's moments and the training position, in one atomic file.
+    fn checkpoint(&self, dir: &std::path::Path, start: Instant) -> Result<PathBuf, LearnerError> {
+        let (mut named, adam_meta) = self.opt.state();
+        named.extend(self.model.var_store().variables());
+        let mut meta = self.position(start);
+        meta.extend(adam_meta);
+        let bytes = tensors_to_safetensors(&named, self.version, &meta)?;
+        let path = checkpoint::save(dir, self.version, &bytes)?;
         info!(version = self.version, path = %path.display(), "checkpoint written");
         Ok(path)
     }
@@ -368,7 +412,6 @@ impl Trainer {
     fn update(
         &mut self,
         batch: &Batch,
-        opt: &mut nn::Optimizer,
         layout: Option<&GroupLayout>,
     ) -> UpdateStats {
         let lc = &self.config.learner;
@@ -531,13 +574,13 @@ impl Trainer {
                     );
                     continue;
                 }
-                opt.zero_grad();
+                self.opt.zero_grad();
                 loss_total.backward();
+                let norm = self.opt.clip_grad_norm(lc.max_grad_norm);
                 if stats.steps == 0 {
-                    stats.grad_norm = grad_norm(self.model.var_store());
+                    stats.grad_norm = norm;
                 }
-                opt.clip_grad_norm(lc.max_grad_norm);
-                opt.step();
+                self.opt.step();
                 stats.policy_loss += loss.policy;
                 stats.value_loss += loss.value;
                 stats.entropy += loss.entropy;
@@ -557,18 +600,6 @@ impl Trainer {
         stats.clip_fraction /= k;
         stats
     }
-}
-
-fn grad_norm(vs: &nn::VarStore) -> f64 {
-    tch::no_grad(|| {
-        vs.trainable_variables()
-            .iter()
-            .map(|v| v.grad())
-            .filter(|g| g.defined())
-            .map(|g| g.square().sum(Kind::Float).double_value(&[]))
-            .sum::<f64>()
-            .sqrt()
-    })
 }
 
 fn to_vec(t: &Tensor) -> Vec<f32> {

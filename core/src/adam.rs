@@ -1,0 +1,265 @@
+//! Adam with its state in the open: the learner checkpoints the first and second
+//! moments and the step count next to the weights, so a resumed run takes the same
+//! steps an uninterrupted one would. (tch's optimizer keeps its state inside libtorch,
+//! out of reach of a checkpoint.) The update is PyTorch's Adam without weight decay,
+//! and gradient clipping is `clip_grad_norm_`'s: one scale for all gradients when
+//! their joint L2 norm exceeds the limit.
+
+use std::collections::HashMap;
+
+use safetensors::SafeTensors;
+use tch::{nn, Kind, Tensor};
+
+use crate::error::ModelError;
+use crate::model::read_f32_tensor;
+
+/// Metadata key of the optimizer's step count in a checkpoint.
+pub const STEP_KEY: &str = "spur.adam_step";
+/// Tensor name prefixes of the moments in a checkpoint.
+const M_PREFIX: &str = "adam.m/";
+const V_PREFIX: &str = "adam.v/";
+
+struct Slot {
+    name: String,
+    var: Tensor,
+    m: Tensor,
+    v: Tensor,
+}
+
+pub struct Adam {
+    lr: f64,
+    beta1: f64,
+    beta2: f64,
+    eps: f64,
+    step: u64,
+    slots: Vec<Slot>,
+}
+
+impl Adam {
+    /// An optimizer over every trainable variable of `vs`, with zero moments.
+    pub fn new(vs: &nn::VarStore, lr: f64, eps: f64) -> Self {
+        let mut vars: Vec<(String, Tensor)> = vs
+            .variables()
+            .into_iter()
+            .filter(|(_, t)| t.requires_grad())
+            .collect();
+        vars.sort_by(|a, b| a.0.cmp(&b.0));
+        let slots = vars
+            .into_iter()
+            .map(|(name, var)| Slot {
+                m: var.zeros_like().detach(),
+                v: var.zeros_like().detach(),
+                name,
+                var,
+            })
+            .collect();
+        Self {
+            lr,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps,
+            step: 0,
+            slots,
+        }
+    }
+
+    pub fn set_lr(&mut self, lr: f64) {
+        self.lr = lr;
+    }
+
+    /// Steps taken so far (restored from a checkpoint).
+    pub fn steps(&self) -> u64 {
+        self.step
+    }
+
+    pub fn zero_grad(&mut self) {
+        for s in &mut self.slots {
+            let mut g = s.var.grad();
+            if g.defined() {
+                let _ = g.detach_().zero_();
+            }
+        }
+    }
+
+    /// Scales all gradients down so their joint L2 norm is at most `max_norm`;
+    /// returns the norm before scaling.
+    pub fn clip_grad_norm(&mut self, max_norm: f64) -> f64 {
+        tch::no_grad(|| {
+            let grads: Vec<Tensor> = self
+                .slots
+                .iter()
+                .map(|s| s.var.grad())
+                .filter(|g| g.defined())
+                .collect();
+            let norm = grads
+                .iter()
+                .map(|g| g.square().sum(Kind::Float).double_value(&[]))
+                .sum::<f64>()
+                .sqrt();
+            let coef = max_norm / (norm + 1e-6);
+            if coef < 1.0 {
+                for mut g in grads {
+                    let _ = g.g_mul_scalar_(coef);
+                }
+            }
+            norm
+        })
+    }
+
+    /// One Adam step on the current gradients.
+    pub fn step(&mut self) {
+        self.step += 1;
+        let t = self.step as i32;
+        let bc1 = 1.0 - self.beta1.powi(t);
+        let bc2 = 1.0 - self.beta2.powi(t);
+        let step_size = self.lr / bc1;
+        let (b1, b2, eps) = (self.beta1, self.beta2, self.eps);
+        tch::no_grad(|| {
+            for s in &mut self.slots {
+                let g = s.var.grad();
+                if !g.defined() {
+                    continue;
+                }
+                let _ = s.m.g_mul_scalar_(b1).g_add_(&(&g * (1.0 - b1)));
+                let _ = s.v.g_mul_scalar_(b2).g_add_(&(g.square() * (1.0 - b2)));
+                let denom = s.v.sqrt() / bc2.sqrt() + eps;
+                let _ = s.var.g_sub_(&(&s.m / denom * step_size));
+            }
+        });
+    }
+
+    /// The moments as named tensors and the step count as metadata, for a checkpoint.
+    pub fn state(&self) -> (Vec<(String, Tensor)>, HashMap<String, String>) {
+        let mut tensors = Vec::with_capacity(2 * self.slots.len());
+        for s in &self.slots {
+            tensors.push((format!("{M_PREFIX}{}", s.name), s.m.shallow_clone()));
+            tensors.push((format!("{V_PREFIX}{}", s.name), s.v.shallow_clone()));
+        }
+        let meta = HashMap::from([(STEP_KEY.to_string(), self.step.to_string())]);
+        (tensors, meta)
+    }
+
+    /// Restores the moments and step count from a checkpoint written with
+    /// [`state`](Self::state); nothing changes unless every moment is present, finite
+    /// and of the right shape.
+    pub fn load_state(&mut self, bytes: &[u8]) -> Result<(), ModelError> {
+        let meta = crate::model::read_metadata(bytes)?;
+        let step = meta
+            .get(STEP_KEY)
+            .and_then(|v| v.parse::<u64>().ok())
+            .ok_or_else(|| ModelError::Weights(format!("metadata `{STEP_KEY}` is missing")))?;
+        let st = SafeTensors::deserialize(bytes).map_err(|e| ModelError::Weights(e.to_string()))?;
+        let mut staged = Vec::with_capacity(self.slots.len());
+        for s in &self.slots {
+            let shape = s.var.size();
+            let m = read_f32_tensor(&st, &format!("{M_PREFIX}{}", s.name), &shape)?;
+            let v = read_f32_tensor(&st, &format!("{V_PREFIX}{}", s.name), &shape)?;
+            staged.push((m, v));
+        }
+        tch::no_grad(|| {
+            for (s, (m, v)) in self.slots.iter_mut().zip(staged) {
+                s.m.copy_(&m.to_device(s.m.device()));
+                s.v.copy_(&v.to_device(s.v.device()));
+            }
+        });
+        self.step = step;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{tensors_to_safetensors, ActorCritic};
+    use tch::nn::OptimizerConfig;
+    use tch::Device;
+
+    fn loss(m: &ActorCritic, seed: i64) -> Tensor {
+        tch::manual_seed(seed);
+        let obs = Tensor::randn([16, 4], (Kind::Float, Device::Cpu));
+        (m.logits(&obs).square().mean(Kind::Float) + m.values(&obs).mean(Kind::Float)) * 3.0
+    }
+
+    fn max_diff(a: &ActorCritic, b: &ActorCritic) -> f64 {
+        let va = a.var_store().variables();
+        let vb = b.var_store().variables();
+        va.iter()
+            .map(|(k, t)| (t - &vb[k]).abs().max().double_value(&[]))
+            .fold(0.0, f64::max)
+    }
+
+    #[test]
+    fn matches_torch_adam_with_clipping() {
+        let a = ActorCritic::new(4, 3, &[8, 8], Device::Cpu);
+        let mut b = ActorCritic::new(4, 3, &[8, 8], Device::Cpu);
+        b.copy_from(&a).unwrap();
+        let mut theirs = nn::Adam {
+            eps: 1e-5,
+            ..Default::default()
+        }
+        .build(a.var_store(), 1e-2)
+        .unwrap();
+        let mut ours = Adam::new(b.var_store(), 1e-2, 1e-5);
+        for step in 0..6 {
+            theirs.zero_grad();
+            loss(&a, step).backward();
+            theirs.clip_grad_norm(0.5);
+            theirs.step();
+            ours.zero_grad();
+            loss(&b, step).backward();
+            let norm = ours.clip_grad_norm(0.5);
+            assert!(norm > 0.0);
+            ours.step();
+        }
+        assert!(max_diff(&a, &b) < 1e-5, "{}", max_diff(&a, &b));
+        assert!(max_diff(&a, &ActorCritic::new(4, 3, &[8, 8], Device::Cpu)) > 1e-3);
+    }
+
+    #[test]
+    fn restored_state_continues_the_same_steps() {
+        let a = ActorCritic::new(4, 3, &[8], Device::Cpu);
+        let mut opt = Adam::new(a.var_store(), 1e-2, 1e-5);
+        for step in 0..3 {
+            opt.zero_grad();
+            loss(&a, step).backward();
+            opt.step();
+        }
+        // a checkpoint: weights and optimizer state in one payload
+        let (mut named, meta) = opt.state();
+        named.extend(a.var_store().variables());
+        let bytes = tensors_to_safetensors(&named, 9, &meta).unwrap();
+
+        let mut b = ActorCritic::new(4, 3, &[8], Device::Cpu);
+        b.load_safetensors(&bytes).unwrap();
+        let mut resumed = Adam::new(b.var_store(), 1e-2, 1e-5);
+        resumed.load_state(&bytes).unwrap();
+        assert_eq!(resumed.steps(), 3);
+        let mut fresh_b = ActorCritic::new(4, 3, &[8], Device::Cpu);
+        fresh_b.load_safetensors(&bytes).unwrap();
+        let mut fresh = Adam::new(fresh_b.var_store(), 1e-2, 1e-5);
+        for step in 3..5 {
+            for (m, o) in [(&a, &mut opt), (&b, &mut resumed), (&fresh_b, &mut fresh)] {
+                o.zero_grad();
+                loss(m, step).backward();
+                o.step();
+            }
+        }
+        assert!(max_diff(&a, &b) < 1e-6, "{}", max_diff(&a, &b));
+        // without the moments the run goes elsewhere
+        assert!(max_diff(&a, &fresh_b) > 1e-4, "{}", max_diff(&a, &fresh_b));
+    }
+
+    #[test]
+    fn a_payload_without_moments_changes_nothing() {
+        let a = ActorCritic::new(4, 3, &[8], Device::Cpu);
+        let mut opt = Adam::new(a.var_store(), 1e-2, 1e-5);
+        let weights_only = a.to_safetensors(1, &HashMap::new()).unwrap();
+        let err = opt.load_state(&weights_only).unwrap_err();
+        assert!(err.to_string().contains(STEP_KEY), "{err}");
+        let meta = HashMap::from([(STEP_KEY.to_string(), "4".to_string())]);
+        let bytes = tensors_to_safetensors(&a.var_store().variables().into_iter().collect::<Vec<_>>(), 1, &meta).unwrap();
+        let err = opt.load_state(&bytes).unwrap_err();
+        assert!(err.to_string().contains("adam.m/"), "{err}");
+        assert_eq!(opt.steps(), 0);
+    }
+}
