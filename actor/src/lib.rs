@@ -154,7 +154,10 @@ pub async fn run(
         }
     };
     tasks.close();
-    if tokio::time::timeout_at(deadline, tasks.wait()).await.is_err() {
+    if tokio::time::timeout_at(deadline, tasks.wait())
+        .await
+        .is_err()
+    {
         warn!(
             actor_id = opts.actor_id,
             tasks = tasks.len(),

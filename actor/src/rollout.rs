@@ -87,7 +87,12 @@ impl Rollout {
                 return Ok(stats); // stopped, or the subscriber is gone
             }
         };
-        info!(actor_id = self.actor_id, version = held.version, num_envs = n, "acting");
+        info!(
+            actor_id = self.actor_id,
+            version = held.version,
+            num_envs = n,
+            "acting"
+        );
 
         let env_ids: Vec<u32> = (0..n as u32).collect();
         'chunks: while !self.stop.is_cancelled() {
@@ -183,8 +188,16 @@ impl Rollout {
             metrics::counter!("spur_actor_env_steps_total").increment((t_len * n) as u64);
             metrics::counter!("spur_actor_chunks_total").increment(1);
             metrics::gauge!("spur_actor_policy_version").set(chunk_version as f64);
-            if self.chunks.blocking_send(c).is_err() {
-                break; // the push task is gone
+            // A full send queue waits (backpressure), but never past a stop.
+            let (chunks, stop) = (&self.chunks, &self.stop);
+            let sent = self.rt.block_on(async {
+                tokio::select! {
+                    r = chunks.send(c) => r.is_ok(),
+                    _ = stop.cancelled() => false,
+                }
+            });
+            if !sent {
+                break; // stopping, or the push task is gone
             }
         }
         Ok(stats)

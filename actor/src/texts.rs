@@ -71,13 +71,16 @@ impl TextSink {
     ) -> (mpsc::Sender<Vec<String>>, SentTexts) {
         let forget = Arc::new(AtomicBool::new(false));
         let (tx, rx) = mpsc::channel(64);
-        self.tasks.spawn_on(submit(
-            self.endpoint,
-            actor_id,
-            rx,
-            forget.clone(),
-            self.max_backoff,
-        ), rt);
+        self.tasks.spawn_on(
+            submit(
+                self.endpoint,
+                actor_id,
+                rx,
+                forget.clone(),
+                self.max_backoff,
+            ),
+            rt,
+        );
         (tx, SentTexts::new(forget))
     }
 }

@@ -67,7 +67,10 @@ fn write_pid(run_dir: &Path, name: &str, child: &Child) {
     let Some(pid) = child.id() else { return };
     let dir = run_dir.join("pids");
     let written = std::fs::create_dir_all(&dir).and_then(|_| {
-        spur_core::checkpoint::write_atomic(&dir.join(format!("{name}.pid")), pid.to_string().as_bytes())
+        spur_core::checkpoint::write_atomic(
+            &dir.join(format!("{name}.pid")),
+            pid.to_string().as_bytes(),
+        )
     });
     if let Err(e) = written {
         warn!(name, error = %e, "cannot write the pid file");
@@ -120,17 +123,26 @@ impl Cluster {
         let config_path = run_dir.join("config.toml");
         std::fs::write(&config_path, config.to_toml())?;
         let reward = if config.intrinsic.enabled {
-            let (child, addr, channel) =
-                start_server(run_dir, &config_path, Role::RewardService, prometheus_args(&config, 0))
-                    .await?;
+            let (child, addr, channel) = start_server(
+                run_dir,
+                &config_path,
+                Role::RewardService,
+                prometheus_args(&config, 0),
+            )
+            .await?;
             config.reward_service.addr = addr;
             std::fs::write(&config_path, config.to_toml())?;
             Some((child, RewardServiceClient::new(channel)))
         } else {
             None
         };
-        let (learner, addr, channel) =
-            start_server(run_dir, &config_path, Role::Learner, prometheus_args(&config, 1)).await?;
+        let (learner, addr, channel) = start_server(
+            run_dir,
+            &config_path,
+            Role::Learner,
+            prometheus_args(&config, 1),
+        )
+        .await?;
         let mut cluster = Self {
             run_dir: run_dir.to_path_buf(),
             addr,
@@ -175,7 +187,11 @@ impl Cluster {
     async fn restart_learner(&mut self) -> anyhow::Result<()> {
         let listen = self.addr.trim_start_matches("http://").to_string();
         let mut args = prometheus_args(&self.config, 1);
-        args.extend(["--resume".into(), "--set".into(), format!("learner.listen={listen}")]);
+        args.extend([
+            "--resume".into(),
+            "--set".into(),
+            format!("learner.listen={listen}"),
+        ]);
         let (child, _, channel) =
             start_server(&self.run_dir, &self.config_path, Role::Learner, args).await?;
         self.learner = child;

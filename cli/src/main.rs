@@ -89,6 +89,8 @@ struct LearnerArgs {
     /// Continue from the newest checkpoint in the run directory.
     #[arg(long)]
     resume: bool,
+    #[command(flatten)]
+    check: CheckConfigArg,
 }
 
 #[derive(Args)]
@@ -104,6 +106,8 @@ struct ActorArgs {
     /// Position among the actors; spreads environment seeds.
     #[arg(long, default_value_t = 0)]
     index: u32,
+    #[command(flatten)]
+    check: CheckConfigArg,
 }
 
 #[derive(Args)]
@@ -113,6 +117,16 @@ struct RewardServiceArgs {
     /// Run directory to write the bound address into.
     #[arg(long)]
     run_dir: Option<PathBuf>,
+    #[command(flatten)]
+    check: CheckConfigArg,
+}
+
+#[derive(Args)]
+struct CheckConfigArg {
+    /// Resolve and validate the config (file, `SPUR_*` variables, `--set`), print it
+    /// and exit without binding anything; non-zero with the offending key otherwise.
+    #[arg(long)]
+    check_config: bool,
 }
 
 #[derive(Args)]
@@ -163,6 +177,9 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
     match command {
         Command::Learner(a) => {
             let config = a.config.load()?;
+            if a.check.check_config {
+                return print_checked(&config);
+            }
             prometheus::install(&config.run.prometheus_listen, "learner")?;
             let run_dir = a.run_dir.unwrap_or_else(|| default_run_dir(&config));
             let opts = spur_learner::LearnerOptions {
@@ -176,6 +193,13 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         }
         Command::Actor(a) => {
             let config = a.config.load()?;
+            if a.check.check_config {
+                if let Some(addr) = &a.learner {
+                    tonic::transport::Endpoint::from_shared(addr.clone())
+                        .with_context(|| format!("--learner: bad address {addr}"))?;
+                }
+                return print_checked(&config);
+            }
             prometheus::install(&config.run.prometheus_listen, "actor")?;
             let opts = spur_actor::ActorOptions {
                 actor_id: a.actor_id.unwrap_or_else(|| format!("actor-{}", a.index)),
@@ -189,6 +213,10 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         }
         Command::RewardService(a) => {
             let config = a.config.load()?;
+            if a.check.check_config {
+                check_reward_files(&config)?;
+                return print_checked(&config);
+            }
             prometheus::install(&config.run.prometheus_listen, "reward-service")?;
             let opts = spur_reward_service::ServiceOptions {
                 root: PathBuf::from("."),
@@ -223,6 +251,32 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// `--check-config`: the resolved config on stdout, then "ok" on stderr.
+fn print_checked(config: &Config) -> anyhow::Result<ExitCode> {
+    print!("{}", config.to_toml());
+    eprintln!("ok");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `reward-service --check-config`: the prompt, goal and rule files the service reads
+/// at start, relative to the working directory as the service reads them.
+fn check_reward_files(config: &Config) -> anyhow::Result<()> {
+    use spur_core::config::{JudgeKind, RewardModelKind};
+    let r = &config.reward_service;
+    let (key, template) = if config.intrinsic.model == RewardModelKind::Ranking {
+        ("reward_service.rank_prompt", &r.rank_prompt)
+    } else {
+        ("reward_service.prompt", &r.prompt)
+    };
+    spur_reward_service::prompt::Prompt::load(template.as_ref(), r.goal.as_ref())
+        .with_context(|| format!("config key `{key}` or `reward_service.goal`"))?;
+    if r.judge == JudgeKind::Rules {
+        spur_reward_service::judge::RulesJudge::load(r.rules.as_ref())
+            .context("config key `reward_service.rules`")?;
+    }
+    Ok(())
 }
 
 /// `<run.dir>/<run.name>-<unix seconds>`.

@@ -257,7 +257,12 @@ mod tests {
         let err = opt.load_state(&weights_only).unwrap_err();
         assert!(err.to_string().contains(STEP_KEY), "{err}");
         let meta = HashMap::from([(STEP_KEY.to_string(), "4".to_string())]);
-        let bytes = tensors_to_safetensors(&a.var_store().variables().into_iter().collect::<Vec<_>>(), 1, &meta).unwrap();
+        let bytes = tensors_to_safetensors(
+            &a.var_store().variables().into_iter().collect::<Vec<_>>(),
+            1,
+            &meta,
+        )
+        .unwrap();
         let err = opt.load_state(&bytes).unwrap_err();
         assert!(err.to_string().contains("adam.m/"), "{err}");
         assert_eq!(opt.steps(), 0);

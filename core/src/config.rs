@@ -119,8 +119,9 @@ pub struct RewardServiceConfig {
     pub timeout_ms: u64,
     /// Retries of a failed request (network error, timeout, 5xx, 429).
     pub retries: u32,
-    /// Judge calls a text gets when the answers cannot be parsed; after that it is
-    /// stored as unparseable (reward 0) and not asked about again.
+    /// Judge calls a text gets in one round when the answers cannot be parsed; a
+    /// round that ends without a parsed answer is retried later
+    /// (`unparseable_retries`).
     pub unparseable_budget: u32,
     /// Later rounds a text gets when every answer of a round (`unparseable_budget`
     /// calls) was unparseable; 0: it is stored as unparseable (reward 0, never

@@ -435,7 +435,10 @@ pub fn load_vars(vs: &nn::VarStore, bytes: &[u8]) -> Result<HashMap<String, Stri
     vars.sort_by(|a, b| a.0.cmp(&b.0));
     let mut staged = Vec::with_capacity(vars.len());
     for (name, var) in &vars {
-        staged.push((var.shallow_clone(), read_f32_tensor(&st, name, &var.size())?));
+        staged.push((
+            var.shallow_clone(),
+            read_f32_tensor(&st, name, &var.size())?,
+        ));
     }
     tch::no_grad(|| {
         for (mut var, src) in staged {

@@ -73,10 +73,11 @@ impl Broadcaster {
             0
         };
         self.tasks.spawn(async move {
-            let mut first = true;
             loop {
                 let p = rx.borrow_and_update().clone();
-                if p.version > sent || (first && p.finished) {
+                // A finished version goes out even when its number was already sent
+                // (the last update's weights are published before the flag).
+                if p.version > sent || p.finished {
                     for piece in pieces(&p, chunk_bytes, incarnation) {
                         let sent_piece = tokio::select! {
                             r = out.send(Ok(piece)) => r.is_ok(),
@@ -88,7 +89,6 @@ impl Broadcaster {
                     }
                     sent = p.version;
                 }
-                first = false;
                 if p.finished {
                     return;
                 }
@@ -176,6 +176,16 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn the_finished_flag_reaches_a_subscriber_that_has_the_version() {
+        let b = broadcaster(published(5, 10, false), 7);
+        let mut s = b.subscribe(5, 7);
+        b.publish(published(5, 10, true));
+        let piece = s.next().await.unwrap().unwrap();
+        assert!(piece.training_finished);
+        assert!(s.next().await.is_none());
+    }
+
+    #[tokio::test]
     async fn subscriber_with_current_version_waits_for_a_newer_one() {
         let b = broadcaster(published(5, 10, false), 7);
         let mut s = b.subscribe(5, 7);
@@ -201,7 +211,13 @@ mod tests {
     async fn streams_end_when_the_learner_stops() {
         let stop = CancellationToken::new();
         let tasks = TaskTracker::new();
-        let b = Broadcaster::new(published(1, 10, false), 1024, 3, stop.clone(), tasks.clone());
+        let b = Broadcaster::new(
+            published(1, 10, false),
+            1024,
+            3,
+            stop.clone(),
+            tasks.clone(),
+        );
         let mut s = b.subscribe(1, 3);
         stop.cancel();
         assert!(s.next().await.is_none());

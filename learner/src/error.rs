@@ -26,7 +26,9 @@ pub enum LearnerError {
     Server(#[from] tonic::transport::Error),
     #[error("training thread panicked")]
     TrainerPanicked,
-    #[error("the trainer did not finish its update and checkpoint within the drain timeout ({0:?})")]
+    #[error(
+        "the trainer did not finish its update and checkpoint within the drain timeout ({0:?})"
+    )]
     DrainTimeout(std::time::Duration),
 }
 

@@ -162,7 +162,10 @@ impl RewardTable {
     /// Score statistics saved in a checkpoint; the ranking network that arrives
     /// after a restart continues from them instead of from its first batch.
     pub fn resume_score_stats(&self, stats: (f64, f64)) {
-        *self.resumed_stats.lock().expect("reward stats lock poisoned") = Some(stats);
+        *self
+            .resumed_stats
+            .lock()
+            .expect("reward stats lock poisoned") = Some(stats);
     }
 
     pub fn apply(&self, update: RewardModelUpdate) {
@@ -173,7 +176,10 @@ impl RewardTable {
                 *guard = None;
             }
             let resumed = || {
-                let mut r = self.resumed_stats.lock().expect("reward stats lock poisoned");
+                let mut r = self
+                    .resumed_stats
+                    .lock()
+                    .expect("reward stats lock poisoned");
                 if ranking {
                     r.take()
                 } else {
@@ -258,7 +264,8 @@ pub async fn subscribe(addr: String, table: Arc<RewardTable>, stop: Cancellation
         }
     };
     let status = tokio::spawn(poll_status(endpoint.clone(), table.clone(), stop.clone()));
-    stop.run_until_cancelled(follow(addr, endpoint, table)).await;
+    stop.run_until_cancelled(follow(addr, endpoint, table))
+        .await;
     let _ = status.await;
 }
 
@@ -323,7 +330,10 @@ async fn poll_status(endpoint: Endpoint, table: Arc<RewardTable>, stop: Cancella
                 .map(RewardServiceClient::new);
         }
         if let Some(c) = client.as_mut() {
-            match stop.run_until_cancelled(c.get_status(RewardStatusRequest {})).await {
+            match stop
+                .run_until_cancelled(c.get_status(RewardStatusRequest {}))
+                .await
+            {
                 Some(Ok(s)) => {
                     *table.service.lock().expect("status lock poisoned") = Some(s.into_inner())
                 }

@@ -115,9 +115,16 @@ fn resume(
     if let Err(e) = opt.load_state(&l.bytes) {
         warn!(error = %e, "the checkpoint has no optimizer state, Adam starts afresh");
     }
-    let int = |k: &str| l.metadata.get(k).and_then(|v| v.parse().ok()).unwrap_or(0u64);
+    let int = |k: &str| {
+        l.metadata
+            .get(k)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0u64)
+    };
     let float = |k: &str| l.metadata.get(k).and_then(|v| v.parse::<f64>().ok());
-    shared.env_steps.store(int(META_ENV_STEPS), Ordering::Relaxed);
+    shared
+        .env_steps
+        .store(int(META_ENV_STEPS), Ordering::Relaxed);
     shared.updates.store(int(META_UPDATES), Ordering::Relaxed);
     shared.set_episodes_total(int(trainer::META_EPISODES));
     shared.counts.restore(int);
@@ -186,7 +193,13 @@ pub async fn serve(
         .enabled
         .then(|| Arc::new(intrinsic::RewardTable::default()));
     let resumed = if opts.resume {
-        resume(&run_dir, &mut model, &mut opt, &shared, intrinsic.as_deref())?
+        resume(
+            &run_dir,
+            &mut model,
+            &mut opt,
+            &shared,
+            intrinsic.as_deref(),
+        )?
     } else {
         None
     };
@@ -340,7 +353,7 @@ pub async fn serve(
         .set_not_serving::<LearnerServer<LearnerService>>()
         .await;
     shared.stop.cancel(); // trajectory streams end
-    // A finished run's last version tells actors to exit: let every subscriber get it.
+                          // A finished run's last version tells actors to exit: let every subscriber get it.
     weight_streams.close();
     if tokio::time::timeout_at(deadline, weight_streams.wait())
         .await
@@ -359,7 +372,10 @@ pub async fn serve(
         _ => {}
     }
     tasks.close();
-    if tokio::time::timeout_at(deadline, tasks.wait()).await.is_err() {
+    if tokio::time::timeout_at(deadline, tasks.wait())
+        .await
+        .is_err()
+    {
         warn!(
             tasks = tasks.len(),
             "tasks still running at the drain deadline: trajectory streams, the \

@@ -68,8 +68,14 @@ impl StepCounts {
             ("spur.env_steps_received", get(&self.received)),
             ("spur.dropped_steps_stale", get(&self.stale_steps)),
             ("spur.dropped_chunks_stale", get(&self.stale_chunks)),
-            ("spur.dropped_steps_incarnation", get(&self.incarnation_steps)),
-            ("spur.dropped_chunks_incarnation", get(&self.incarnation_chunks)),
+            (
+                "spur.dropped_steps_incarnation",
+                get(&self.incarnation_steps),
+            ),
+            (
+                "spur.dropped_chunks_incarnation",
+                get(&self.incarnation_chunks),
+            ),
             ("spur.dropped_steps_malformed", get(&self.malformed_steps)),
             ("spur.dropped_chunks_malformed", get(&self.malformed_chunks)),
         ]

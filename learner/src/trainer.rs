@@ -409,11 +409,7 @@ impl Trainer {
     }
 
     /// One update on `batch`; `layout` says where each group's episodes are (UI-S1).
-    fn update(
-        &mut self,
-        batch: &Batch,
-        layout: Option<&GroupLayout>,
-    ) -> UpdateStats {
+    fn update(&mut self, batch: &Batch, layout: Option<&GroupLayout>) -> UpdateStats {
         let lc = &self.config.learner;
         let dev = self.model.device();
         let (t_len, w) = (batch.rollout_len, batch.width);

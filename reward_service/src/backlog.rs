@@ -43,16 +43,24 @@ impl Backlog {
         true
     }
 
-    /// Puts texts back after a failed request, behind the newer ones.
-    pub fn requeue(&mut self, texts: Vec<String>) {
+    /// Puts texts back after a failed request (or a wait), behind the newer ones;
+    /// returns those that did not fit.
+    pub fn requeue(&mut self, texts: Vec<String>) -> Vec<String> {
+        let mut shed = Vec::new();
         for t in texts {
             self.in_flight.remove(&t);
-            if self.queue.len() < self.capacity && self.queued.insert(t.clone()) {
+            if self.queued.contains(&t) {
+                continue;
+            }
+            if self.queue.len() < self.capacity {
+                self.queued.insert(t.clone());
                 self.queue.push_back(t);
             } else {
                 self.shed += 1;
+                shed.push(t);
             }
         }
+        shed
     }
 
     /// Takes up to `n` of the newest texts and marks them in flight.
@@ -90,9 +98,13 @@ mod tests {
         assert_eq!(batch, vec!["d".to_string(), "c".to_string()]);
         // in flight: not queued again
         assert!(!b.push_new("d".into()));
-        b.requeue(vec!["d".into()]);
+        assert!(b.requeue(vec!["d".into()]).is_empty());
         assert_eq!(b.take(5), vec!["b".to_string(), "d".to_string()]);
         b.done(&["b".into(), "c".into(), "d".into()]);
         assert!(b.push_new("c".into()));
+        // a full queue sheds what comes back, and says which
+        assert!(b.push_new("e".into()) && b.push_new("f".into()));
+        assert_eq!(b.requeue(vec!["x".into()]), vec!["x".to_string()]);
+        assert_eq!(b.shed, 2);
     }
 }

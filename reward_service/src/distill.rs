@@ -10,14 +10,14 @@
 //! so far and publishes the weights as a new reward-model version. Unlike the label
 //! table, a network also rewards texts the judge has not seen yet.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
-use std::time::Duration;
 
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use spur_core::text_model::CharCnnTrainer;
+use tokio::sync::oneshot;
+use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::model::{RetrievalModel, KIND_RANKING};
@@ -66,22 +66,32 @@ impl Data {
     }
 }
 
+/// The running training thread.
+pub struct Distiller {
+    /// Resolves (with an error) once the thread has let go of everything it held.
+    pub finished: oneshot::Receiver<()>,
+    pub thread: std::thread::JoinHandle<()>,
+}
+
 /// Starts the training thread for the `kind` network (`model::KIND_*`) with the
-/// verdicts already stored. The thread ends when `stop` is set or every sender is
-/// dropped; join it before the process exits.
+/// verdicts already stored. The thread ends when every sender is dropped, or after
+/// the training step it is in once `cancel` is cancelled.
 pub fn spawn(
     kind: &'static str,
     initial: Verdicts,
     steps: u32,
     lr: f64,
     publisher: Arc<RetrievalModel>,
-    stop: Arc<AtomicBool>,
-) -> std::io::Result<(VerdictSender, std::thread::JoinHandle<()>)> {
+    cancel: CancellationToken,
+) -> std::io::Result<(VerdictSender, Distiller)> {
     let (tx, rx) = mpsc::channel::<Verdicts>();
+    let (done, finished) = oneshot::channel::<()>();
     let ranking = kind == KIND_RANKING;
-    let handle = std::thread::Builder::new()
+    let thread = std::thread::Builder::new()
         .name("spur-distill".into())
         .spawn(move || {
+            // Dropped last, when everything else the thread holds is gone.
+            let _done = done;
             tch::set_num_threads(1);
             tch::manual_seed(0);
             let outputs = if ranking { 1 } else { 2 };
@@ -99,10 +109,14 @@ pub fn spawn(
             loop {
                 if pending {
                     let loss = if ranking {
-                        train_ranker(&mut trainer, &data.pairs, steps, &mut rng)
+                        train_ranker(&mut trainer, &data.pairs, steps, &mut rng, &cancel)
                     } else {
-                        train_classifier(&mut trainer, &data.pos, &data.neg, steps, &mut rng)
+                        let (pos, neg) = (&data.pos, &data.neg);
+                        train_classifier(&mut trainer, pos, neg, steps, &mut rng, &cancel)
                     };
+                    if cancel.is_cancelled() {
+                        return;
+                    }
                     let version = publisher.version() + 1;
                     match trainer.net.to_safetensors(version) {
                         Ok(bytes) => {
@@ -120,16 +134,10 @@ pub fn spawn(
                     }
                 }
                 // Wait for verdicts, then take everything that queued up meanwhile.
-                let batch = loop {
-                    if stop.load(Ordering::Acquire) {
-                        return;
-                    }
-                    match rx.recv_timeout(Duration::from_millis(100)) {
-                        Ok(b) => break b,
-                        Err(mpsc::RecvTimeoutError::Timeout) => continue,
-                        Err(mpsc::RecvTimeoutError::Disconnected) => return,
-                    }
-                };
+                let Ok(batch) = rx.recv() else { return };
+                if cancel.is_cancelled() {
+                    return;
+                }
                 data.add(batch);
                 while let Ok(more) = rx.try_recv() {
                     data.add(more);
@@ -137,7 +145,7 @@ pub fn spawn(
                 pending = true;
             }
         })?;
-    Ok((tx, handle))
+    Ok((tx, Distiller { finished, thread }))
 }
 
 /// `steps` Adam steps on minibatches drawn half from each class (when both exist).
@@ -147,9 +155,13 @@ fn train_classifier(
     neg: &[String],
     steps: u32,
     rng: &mut SmallRng,
+    cancel: &CancellationToken,
 ) -> f64 {
     let mut loss = 0.0;
     for _ in 0..steps {
+        if cancel.is_cancelled() {
+            break;
+        }
         let mut texts: Vec<&str> = Vec::with_capacity(MINIBATCH);
         let mut labels: Vec<i64> = Vec::with_capacity(MINIBATCH);
         for i in 0..MINIBATCH {
@@ -176,12 +188,16 @@ fn train_ranker(
     pairs: &[(Pair, f32)],
     steps: u32,
     rng: &mut SmallRng,
+    cancel: &CancellationToken,
 ) -> f64 {
     let mut loss = 0.0;
     if pairs.is_empty() {
         return loss;
     }
     for _ in 0..steps {
+        if cancel.is_cancelled() {
+            break;
+        }
         let mut first: Vec<&str> = Vec::with_capacity(MINIBATCH);
         let mut second: Vec<&str> = Vec::with_capacity(MINIBATCH);
         let mut prefer: Vec<f32> = Vec::with_capacity(MINIBATCH);

@@ -22,6 +22,8 @@ pub enum ServiceError {
     Server(#[from] tonic::transport::Error),
     #[error("io: {0}")]
     Io(#[from] std::io::Error),
+    #[error("a start-up task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
 }
 
 /// Why one judge request produced no answer.

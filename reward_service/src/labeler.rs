@@ -6,6 +6,11 @@
 //! For the `ranking` model each new text of a batch is put in `pairs_per_text` pairs
 //! with texts already judged (or other texts of the batch, in a random order), and
 //! the judge says which text of each pair shows more progress.
+//!
+//! An unparseable answer is never a verdict: its texts are asked again in rounds with
+//! growing waits between them (`retry.rs`) and are stored as unparseable, reward 0,
+//! only after the last round. While a text waits it stays "in flight" in the backlog,
+//! so submitting it again does not queue it twice.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -13,7 +18,8 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use rand::Rng;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
-use tracing::{debug, warn};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
 
 use crate::backlog::Backlog;
 use crate::distill::{VerdictSender, Verdicts};
@@ -21,8 +27,10 @@ use crate::judge::{Judge, Task};
 use crate::model::RetrievalModel;
 use crate::parse::{parse_labels, parse_preferences};
 use crate::prompt::Prompt;
+use crate::retry::{Next, RetryWait};
 use crate::stats::Stats;
 use crate::store::{LabelStore, Pair, Record};
+use crate::tasks::Tasks;
 
 /// Longest text the service accepts, in bytes (longer ones are cut there).
 pub const MAX_TEXT_BYTES: usize = 1024;
@@ -35,8 +43,8 @@ pub struct Labeler {
     pub judge_id: String,
     pub store: Arc<LabelStore>,
     pub model: Arc<RetrievalModel>,
-    /// Verdicts for the distilled network, when one is trained.
-    pub distill: Option<Mutex<VerdictSender>>,
+    /// Verdicts for the distilled network, when one is trained (taken at shutdown).
+    distill: Mutex<Option<VerdictSender>>,
     /// Pairs per new text when the judge ranks pairs; `None` when it labels texts.
     pub pairs_per_text: Option<usize>,
     /// Texts judged so far (ranking: the partners new texts are paired with).
@@ -44,8 +52,10 @@ pub struct Labeler {
     pub stats: Stats,
     pub backlog: Mutex<Backlog>,
     pub batch_size: usize,
-    pub unparseable_budget: u32,
-    attempts: Mutex<HashMap<String, u32>>,
+    /// Texts with unparseable answers: their calls, and those waiting for a round.
+    pub retry: Mutex<RetryWait>,
+    /// Wakes the retry timer when a text starts waiting.
+    retry_changed: Notify,
     wake: Notify,
     slots: Arc<Semaphore>,
 }
@@ -76,7 +86,7 @@ impl Labeler {
         backlog: usize,
         batch_size: usize,
         max_concurrent: usize,
-        unparseable_budget: u32,
+        retry: RetryWait,
     ) -> Self {
         Self {
             judge_id: judge.id(),
@@ -85,14 +95,14 @@ impl Labeler {
             judge,
             store,
             model,
-            distill: distill.map(Mutex::new),
+            distill: Mutex::new(distill),
             pairs_per_text,
             judged: Mutex::new(judged),
             stats: Stats::default(),
             backlog: Mutex::new(Backlog::new(backlog)),
             batch_size,
-            unparseable_budget,
-            attempts: Mutex::new(HashMap::new()),
+            retry: Mutex::new(retry),
+            retry_changed: Notify::new(),
             wake: Notify::new(),
             slots: Arc::new(Semaphore::new(max_concurrent)),
         }
@@ -126,15 +136,18 @@ impl Labeler {
         new
     }
 
-    /// Runs the workers until the task is dropped.
-    pub async fn run(self: Arc<Self>) {
+    /// Takes batches off the queue and spawns a judge request for each (at most
+    /// `max_concurrent` at once) in `tasks`, until `cancel`. Requests in flight then
+    /// finish (and commit) on their own.
+    pub async fn run(self: Arc<Self>, tasks: Tasks, cancel: CancellationToken) {
         loop {
-            let permit = self
-                .slots
-                .clone()
-                .acquire_owned()
+            let Some(permit) = cancel
+                .run_until_cancelled(self.slots.clone().acquire_owned())
                 .await
-                .expect("the semaphore is never closed");
+            else {
+                return;
+            };
+            let permit = permit.expect("the semaphore is never closed");
             let batch = loop {
                 let b = {
                     let mut backlog = self.backlog.lock().expect("backlog lock poisoned");
@@ -152,12 +165,70 @@ impl Labeler {
                 if !b.is_empty() {
                     break b;
                 }
-                self.wake.notified().await;
+                if cancel
+                    .run_until_cancelled(self.wake.notified())
+                    .await
+                    .is_none()
+                {
+                    return;
+                }
             };
             // More may be waiting: let the next worker look too.
             self.wake.notify_one();
-            tokio::spawn(self.clone().label(batch, permit));
+            let first: String = batch[0].chars().take(40).collect();
+            let name = format!("judge request ({} texts, first {first:?})", batch.len());
+            tasks.spawn(name, self.clone().label(batch, permit));
         }
+    }
+
+    /// Puts texts whose wait is over back in the queue, until `cancel`.
+    pub async fn run_retries(self: Arc<Self>, cancel: CancellationToken) {
+        loop {
+            let next = self.retry.lock().expect("retry lock poisoned").next_due();
+            let due = async {
+                match next {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                // A text started waiting: it may be due before `next`.
+                _ = self.retry_changed.notified() => continue,
+                _ = due => {}
+            }
+            let due = self
+                .retry
+                .lock()
+                .expect("retry lock poisoned")
+                .take_due(tokio::time::Instant::now());
+            if due.is_empty() {
+                continue;
+            }
+            debug!(texts = due.len(), "unparseable texts get another round");
+            self.requeue(due);
+        }
+    }
+
+    /// Texts back to the queue (behind the new ones); those it sheds are forgotten.
+    fn requeue(&self, texts: Vec<String>) {
+        let shed = self
+            .backlog
+            .lock()
+            .expect("backlog lock poisoned")
+            .requeue(texts);
+        if !shed.is_empty() {
+            let mut retry = self.retry.lock().expect("retry lock poisoned");
+            for t in &shed {
+                retry.forget(t);
+            }
+        }
+        self.wake.notify_one();
+    }
+
+    /// Stops sending verdicts to the distilled network, so its thread ends.
+    pub fn close_distill(&self) {
+        self.distill.lock().expect("distill lock poisoned").take();
     }
 
     async fn label(self: Arc<Self>, batch: Vec<String>, _permit: OwnedSemaphorePermit) {
@@ -177,11 +248,7 @@ impl Labeler {
             Err(e) => {
                 Stats::add(&self.stats.llm_failures, 1);
                 warn!(error = %e, texts = batch.len(), "judge request failed, texts go back to the queue");
-                self.backlog
-                    .lock()
-                    .expect("backlog lock poisoned")
-                    .requeue(batch);
-                self.wake.notify_one();
+                self.requeue(batch);
                 return;
             }
         };
@@ -192,18 +259,18 @@ impl Labeler {
             Some(p) => parse_preferences(&raw, p.len()).map(Parsed::Pairs),
             None => parse_labels(&raw, batch.len()).map(Parsed::Labels),
         };
-        // Texts that get a record now (with their judge calls), and texts to ask again.
-        let (settled, retry, verdicts) = match parsed {
-            Ok(v) => (self.take_attempts(&batch), Vec::new(), Some(v)),
+        // Texts that get a record now (with their judge calls), texts to ask again
+        // now, and texts that wait for a later round.
+        let (settled, mut retry, waiting, verdicts) = match parsed {
+            Ok(v) => (self.settle(&batch), Vec::new(), HashSet::new(), Some(v)),
             Err(e) => {
                 Stats::add(&self.stats.unparseable, 1);
                 let shown: String = raw.chars().take(120).collect();
                 warn!(error = %e, answer = shown, "unparseable judge answer");
-                let (given_up, retry) = self.count_failure(&batch);
-                (given_up, retry, None)
+                let (given_up, retry, waiting) = self.count_unparseable(&batch);
+                (given_up, retry, waiting, None)
             }
         };
-        let mut retry = retry;
         if !settled.is_empty() {
             let committed = match (&pairs, verdicts) {
                 (None, v) => {
@@ -242,11 +309,14 @@ impl Labeler {
                 retry.extend(settled.into_keys());
             }
         }
-        let mut backlog = self.backlog.lock().expect("backlog lock poisoned");
-        backlog.done(&batch);
+        // Waiting texts stay in flight until their next round.
+        let finished: Vec<String> = batch.into_iter().filter(|t| !waiting.contains(t)).collect();
+        self.backlog
+            .lock()
+            .expect("backlog lock poisoned")
+            .done(&finished);
         if !retry.is_empty() {
-            backlog.requeue(retry);
-            self.wake.notify_one();
+            self.requeue(retry);
         }
     }
 
@@ -345,8 +415,11 @@ impl Labeler {
             Verdicts::Labels(l) => l.is_empty(),
             Verdicts::Pairs(p) => p.is_empty(),
         };
-        if let (Some(tx), false) = (&self.distill, empty) {
-            let _ = tx.lock().expect("distill lock poisoned").send(verdicts);
+        if empty {
+            return;
+        }
+        if let Some(tx) = self.distill.lock().expect("distill lock poisoned").as_ref() {
+            let _ = tx.send(verdicts);
         }
     }
 
@@ -394,31 +467,50 @@ impl Labeler {
     }
 
     /// Counts an unparseable answer against each text of `batch`: returns the texts
-    /// whose budget is spent (with their judge calls) and those to ask again.
-    fn count_failure(&self, batch: &[String]) -> (HashMap<String, u32>, Vec<String>) {
-        let mut attempts = self.attempts.lock().expect("attempts lock poisoned");
+    /// whose last round is spent (with their judge calls), those to ask again now and
+    /// those that now wait for a later round.
+    fn count_unparseable(
+        &self,
+        batch: &[String],
+    ) -> (HashMap<String, u32>, Vec<String>, HashSet<String>) {
+        let now = tokio::time::Instant::now();
         let mut given_up = HashMap::new();
         let mut retry = Vec::new();
-        for text in batch {
-            let n = attempts.entry(text.clone()).or_insert(0);
-            *n += 1;
-            if *n >= self.unparseable_budget {
-                given_up.insert(text.clone(), *n);
-                attempts.remove(text);
-            } else {
-                retry.push(text.clone());
+        let mut waiting = HashSet::new();
+        {
+            let mut tries = self.retry.lock().expect("retry lock poisoned");
+            for text in batch {
+                match tries.unparseable(text, now) {
+                    Next::AskAgain => retry.push(text.clone()),
+                    Next::Wait(_) => {
+                        waiting.insert(text.clone());
+                    }
+                    Next::GiveUp { calls } => {
+                        given_up.insert(text.clone(), calls);
+                    }
+                }
             }
         }
-        (given_up, retry)
+        if !waiting.is_empty() {
+            info!(
+                texts = waiting.len(),
+                "unparseable answers: texts wait for a later round"
+            );
+            self.retry_changed.notify_one();
+        }
+        if !given_up.is_empty() {
+            warn!(
+                texts = given_up.len(),
+                "unparseable answers in every round: texts stored as unparseable"
+            );
+        }
+        (given_up, retry, waiting)
     }
 
     /// Judge calls each text has taken, this one included; forgets them.
-    fn take_attempts(&self, batch: &[String]) -> HashMap<String, u32> {
-        let mut attempts = self.attempts.lock().expect("attempts lock poisoned");
-        batch
-            .iter()
-            .map(|t| (t.clone(), attempts.remove(t).unwrap_or(0) + 1))
-            .collect()
+    fn settle(&self, batch: &[String]) -> HashMap<String, u32> {
+        let mut tries = self.retry.lock().expect("retry lock poisoned");
+        batch.iter().map(|t| (t.clone(), tries.settle(t))).collect()
     }
 }
 
@@ -442,4 +534,177 @@ pub fn pair_values(pairs: &[(Pair, Record<f32>)]) -> HashMap<String, f32> {
         }
     }
     values
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::time::Instant;
+
+    use super::*;
+    use crate::judge::ScriptedJudge;
+
+    const GARBAGE: &str = "Thought process: the key matters.\n1: helpful";
+
+    struct Fixture {
+        labeler: Arc<Labeler>,
+        tasks: Tasks,
+        cancel: CancellationToken,
+        dir: std::path::PathBuf,
+    }
+
+    /// A labeler whose judge gives `script` first, with rounds of 2 calls, `retries`
+    /// later rounds and a 10 s first wait.
+    fn start(name: &str, script: &[&str], retries: u32) -> Fixture {
+        let dir = std::env::temp_dir().join(format!("spur-labeler-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let store = Arc::new(LabelStore::open(&dir.join("labels.redb")).unwrap());
+        let prompt = Prompt::new("{count} {events}".into(), "goal".into());
+        let labeler = Arc::new(Labeler::new(
+            prompt,
+            "v1".into(),
+            Judge::Scripted(ScriptedJudge::new(script)),
+            store,
+            Arc::new(RetrievalModel::new("v1".into(), None, Vec::new())),
+            None,
+            None,
+            Vec::new(),
+            100,
+            8,
+            1,
+            RetryWait::new(2, retries, Duration::from_secs(10)),
+        ));
+        let tasks = Tasks::default();
+        let cancel = CancellationToken::new();
+        tasks.spawn(
+            "labeler",
+            labeler.clone().run(tasks.clone(), cancel.clone()),
+        );
+        tasks.spawn("retries", labeler.clone().run_retries(cancel.clone()));
+        Fixture {
+            labeler,
+            tasks,
+            cancel,
+            dir,
+        }
+    }
+
+    impl Fixture {
+        fn judge(&self) -> &ScriptedJudge {
+            match &self.labeler.judge {
+                Judge::Scripted(j) => j,
+                _ => unreachable!("the fixture's judge is scripted"),
+            }
+        }
+
+        fn waiting(&self) -> usize {
+            self.labeler.retry.lock().unwrap().waiting()
+        }
+
+        /// Polls (in paused time) until `pred` holds; panics after an hour.
+        async fn until(&self, what: &str, pred: impl Fn(&Labeler) -> bool) {
+            let deadline = Instant::now() + Duration::from_secs(3600);
+            while !pred(&self.labeler) {
+                assert!(Instant::now() < deadline, "timed out waiting for {what}");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+
+        async fn stop(self) {
+            self.cancel.cancel();
+            let stragglers = self
+                .tasks
+                .join(Instant::now() + Duration::from_secs(5))
+                .await;
+            assert!(stragglers.is_empty(), "{stragglers:?}");
+            drop(self.labeler);
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn unparseable_texts_wait_then_get_their_labels() {
+        // one garbage round (2 calls for the batch), then correct answers
+        let f = start("retry", &[GARBAGE, ":"], 3);
+        let key = "you pick up the key";
+        let wall = "you bump into a wall";
+        let t0 = Instant::now();
+        f.labeler.submit(vec![key.into(), wall.into()]);
+        f.until("a waiting round", |_| f.waiting() == 2).await;
+        let waited_from = Instant::now();
+        assert_eq!(f.labeler.model.label_count(), 0, "garbage is no label");
+        assert!(!f.labeler.model.contains(key));
+        assert_eq!(crate::service::status(&f.labeler).retry_waiting, 2);
+        // Waiting texts are not queued twice when an actor sends them again.
+        assert_eq!(f.labeler.submit(vec![key.into()]), 0);
+        assert_eq!(f.judge().calls(key), 2);
+
+        f.until("labels", |l| l.model.label_count() == 2).await;
+        assert!(
+            waited_from.duration_since(t0) < Duration::from_secs(1),
+            "the first round runs at once"
+        );
+        let waited = Instant::now().duration_since(waited_from);
+        assert!(
+            waited >= Duration::from_secs(10) && waited < Duration::from_secs(11),
+            "the second round starts after the backoff: {waited:?}"
+        );
+        assert_eq!(f.waiting(), 0);
+        assert_eq!(f.labeler.model.positives(), 1);
+        assert_eq!(f.judge().calls(key), 3);
+        let rec = f.labeler.store.get("v1", key).unwrap().unwrap();
+        assert_eq!(rec.verdict, Some(true));
+        assert_eq!(rec.attempts, 3, "every call counted");
+        assert_eq!(
+            f.labeler.store.get("v1", wall).unwrap().unwrap().verdict,
+            Some(false)
+        );
+        f.stop().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn garbage_in_every_round_ends_unparseable_never_positive() {
+        // 1 + 2 rounds of 2 calls, all garbage
+        let f = start("give-up", &[GARBAGE; 6], 2);
+        let key = "a key glints";
+        let t0 = Instant::now();
+        f.labeler.submit(vec![key.into()]);
+        f.until("a stored record", |l| l.model.contains(key)).await;
+        // waits of 10 s, then 20 s
+        let took = Instant::now().duration_since(t0);
+        assert!(
+            took >= Duration::from_secs(30) && took < Duration::from_secs(31),
+            "{took:?}"
+        );
+        assert_eq!(f.judge().calls(key), 6);
+        assert_eq!(f.labeler.model.positives(), 0);
+        assert_eq!(f.waiting(), 0);
+        let rec = f.labeler.store.get("v1", key).unwrap().unwrap();
+        assert_eq!(rec.verdict, None);
+        assert_eq!(rec.value(), 0.0);
+        assert_eq!(rec.attempts, 6);
+        // Final now: no further call, and the record is never replaced.
+        assert_eq!(f.labeler.submit(vec![key.into()]), 0);
+        tokio::time::sleep(Duration::from_secs(600)).await;
+        assert_eq!(f.judge().calls(key), 6);
+        assert_eq!(Stats::get(&f.labeler.stats.store_hits), 1);
+        f.stop().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn shutdown_stops_the_workers_and_the_retry_timer() {
+        let f = start("stop", &[GARBAGE, GARBAGE], 5);
+        f.labeler.submit(vec!["you pick up the key".into()]);
+        f.until("a waiting round", |_| f.waiting() == 1).await;
+        let start = Instant::now();
+        f.cancel.cancel();
+        let stragglers = f.tasks.join(start + Duration::from_secs(5)).await;
+        assert!(stragglers.is_empty(), "{stragglers:?}");
+        assert!(Instant::now().duration_since(start) < Duration::from_secs(1));
+        // the waiting text was never stored
+        assert_eq!(f.labeler.model.label_count(), 0);
+        assert!(f.labeler.store.all("v1").unwrap().is_empty());
+        let _ = std::fs::remove_dir_all(&f.dir);
+    }
 }

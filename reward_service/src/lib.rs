@@ -6,6 +6,8 @@
 //! - `service.rs`: the `spur.v1.RewardService` gRPC service
 //! - `labeler.rs`: dedup, queueing, batched concurrent judge calls, commit, publish
 //! - `backlog.rs`: the bounded newest-first queue of unlabelled texts
+//! - `retry.rs`: texts with unparseable answers, waiting for a later round
+//! - `tasks.rs`: every spawned task, joined by name under the drain deadline
 //! - `judge/`: the rule judge and the OpenAI-compatible client
 //! - `prompt.rs`, `parse.rs`: prompt templates with versions; the strict answer parser
 //! - `store.rs`: the redb label store
@@ -21,9 +23,11 @@ mod labeler;
 mod model;
 pub mod parse;
 pub mod prompt;
+mod retry;
 mod service;
 mod stats;
 pub mod store;
+mod tasks;
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -34,15 +38,22 @@ use spur_core::config::{Config, JudgeKind, RewardModelKind};
 use spur_proto::v1::reward_service_server::RewardServiceServer;
 use spur_proto::MAX_MESSAGE_BYTES;
 use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::time::Instant;
 use tokio_stream::wrappers::TcpListenerStream;
-use tracing::info;
+use tokio_util::sync::CancellationToken;
+use tonic_health::server::HealthReporter;
+use tonic_health::ServingStatus;
+use tracing::{info, warn};
 
 pub use error::ServiceError;
 
 use judge::{Judge, OpenAiJudge, OpenAiSettings, RulesJudge};
 use labeler::Labeler;
 use model::RetrievalModel;
+use retry::RetryWait;
 use service::RewardGrpc;
+use tasks::Tasks;
 
 /// Name of the file in the run directory that holds the bound address.
 pub const ADDR_FILE: &str = "reward_service.addr";
@@ -121,24 +132,181 @@ pub async fn run(
 }
 
 /// Serves on a bound listener until `shutdown`.
+///
+/// Health says NOT_SERVING while the label store loads (off the async threads) and
+/// SERVING once it is loaded. On `shutdown` health goes NOT_SERVING first; then the
+/// service stops accepting texts, ends its streams and stops taking batches, lets
+/// judge requests in flight commit their labels, and joins every task it spawned
+/// within `run.drain_timeout_ms`, naming (and abandoning) whatever did not finish.
 pub async fn serve(
     config: Config,
     opts: ServiceOptions,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServiceError> {
-    let r = &config.reward_service;
+    let drain = Duration::from_millis(config.run.drain_timeout_ms);
     let (judge, prompt, prompt_version) = build_judge(&config, &opts.root)?;
-    let store = Arc::new(store::LabelStore::open(&opts.root.join(&r.store))?);
-    let kind = config.intrinsic.model;
-    let network = match kind {
-        RewardModelKind::Retrieval => None,
-        RewardModelKind::Classification => Some(model::KIND_CLASSIFICATION),
-        RewardModelKind::Ranking => Some(model::KIND_RANKING),
+    let cancel = CancellationToken::new();
+    let tasks = Tasks::default();
+    let (ready, labeler_rx) = watch::channel(None);
+    let (reporter, health) = tonic_health::server::health_reporter();
+    set_health(&reporter, ServingStatus::NotServing).await;
+    let addr = listener.local_addr()?;
+    let grpc = RewardGrpc {
+        labeler: labeler_rx,
+        cancel: cancel.clone(),
+        tasks: tasks.clone(),
     };
-    // What earlier runs with this judge and prompt left: labels, or ranked pairs.
+    let mut server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(health)
+            .add_service(
+                RewardServiceServer::new(grpc)
+                    .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                    .max_encoding_message_size(MAX_MESSAGE_BYTES),
+            )
+            .serve_with_incoming_shutdown(
+                TcpListenerStream::new(listener),
+                cancel.clone().cancelled_owned(),
+            ),
+    );
+    tokio::pin!(shutdown);
+    let mut server_ended = None;
+    let mut distiller = None;
+    let started: Result<(), ServiceError> = async {
+        if let Some(dir) = opts.run_dir.clone() {
+            let text = addr.to_string();
+            tokio::task::spawn_blocking(move || {
+                std::fs::create_dir_all(&dir)?;
+                spur_core::checkpoint::write_atomic(&dir.join(ADDR_FILE), text.as_bytes())
+            })
+            .await??;
+        }
+        info!(%addr, "reward service listening, loading the label store");
+        let store = opts.root.join(&config.reward_service.store);
+        let load = tokio::task::spawn_blocking({
+            let pv = prompt_version.clone();
+            let kind = config.intrinsic.model;
+            move || load_store(&store, &pv, kind)
+        });
+        let loaded = tokio::select! {
+            l = load => l??,
+            _ = &mut shutdown => return Ok(()),
+            r = &mut server => {
+                server_ended = Some(r);
+                return Ok(());
+            }
+        };
+        let (labeler, d) = start_labeler(&config, judge, prompt, prompt_version, loaded, &cancel)?;
+        distiller = d;
+        tasks.spawn(
+            "labeler",
+            labeler.clone().run(tasks.clone(), cancel.clone()),
+        );
+        tasks.spawn(
+            "unparseable retries",
+            labeler.clone().run_retries(cancel.clone()),
+        );
+        tasks.spawn(
+            "status gauges",
+            publish_gauges(labeler.clone(), cancel.clone()),
+        );
+        ready.send_replace(Some(labeler));
+        set_health(&reporter, ServingStatus::Serving).await;
+        info!(%addr, "reward service serving");
+        tokio::select! {
+            _ = &mut shutdown => {}
+            r = &mut server => server_ended = Some(r),
+        }
+        Ok(())
+    }
+    .await;
+
+    // Readiness drops before anything else stops.
+    set_health(&reporter, ServingStatus::NotServing).await;
+    info!(
+        drain_ms = drain.as_millis() as u64,
+        "reward service stopping"
+    );
+    cancel.cancel();
+    let deadline = Instant::now() + drain;
+    let served = match server_ended {
+        Some(r) => r,
+        None => match tokio::time::timeout_at(deadline, &mut server).await {
+            Ok(r) => r,
+            Err(_) => {
+                warn!(
+                    task = "grpc server",
+                    "task did not finish within the drain timeout, aborting it"
+                );
+                server.abort();
+                Ok(Ok(()))
+            }
+        },
+    };
+    let stragglers = tasks.join(deadline).await;
+    // The last reference to the labeler, and with it the store.
+    let labeler = ready.send_replace(None);
+    if let Some(labeler) = &labeler {
+        labeler.close_distill();
+    }
+    if let Some(d) = distiller {
+        match tokio::time::timeout_at(deadline, d.finished).await {
+            // The thread let go of everything: joining it is immediate.
+            Ok(_) => {
+                let _ = tokio::task::spawn_blocking(move || d.thread.join()).await;
+            }
+            Err(_) => warn!(
+                task = "reward network training",
+                "task did not finish within the drain timeout, abandoning it"
+            ),
+        }
+    }
+    drop(labeler);
+    started?;
+    served??;
+    info!(unfinished = stragglers.len(), "reward service stopped");
+    Ok(())
+}
+
+async fn set_health(reporter: &HealthReporter, status: ServingStatus) {
+    // Probes that name no service see the same.
+    reporter.set_service_status("", status).await;
+    reporter
+        .set_service_status(
+            <RewardServiceServer<RewardGrpc> as tonic::server::NamedService>::NAME,
+            status,
+        )
+        .await;
+}
+
+/// Refreshes the Prometheus gauges every second (no-ops without an exporter).
+async fn publish_gauges(labeler: Arc<Labeler>, cancel: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    while cancel.run_until_cancelled(tick.tick()).await.is_some() {
+        service::publish_gauges(&service::status(&labeler));
+    }
+}
+
+/// What earlier runs with this judge and prompt left in the store.
+struct Loaded {
+    store: Arc<store::LabelStore>,
+    /// Every judged text and its value in the label table.
+    known: Vec<(String, f32)>,
+    /// What the distilled network starts from.
+    initial: distill::Verdicts,
+}
+
+/// Opens the store and reads every label (or ranked pair) of `prompt_version`:
+/// blocking work, for `spawn_blocking`.
+fn load_store(
+    path: &Path,
+    prompt_version: &str,
+    kind: RewardModelKind,
+) -> Result<Loaded, ServiceError> {
+    let store = store::LabelStore::open(path)?;
     let (known, initial) = if kind == RewardModelKind::Ranking {
-        let pairs = store.all_pairs(&prompt_version)?;
+        let pairs = store.all_pairs(prompt_version)?;
         let known: Vec<(String, f32)> = labeler::pair_values(&pairs).into_iter().collect();
         let prefs = pairs
             .into_iter()
@@ -146,7 +314,7 @@ pub async fn serve(
             .collect();
         (known, distill::Verdicts::Pairs(prefs))
     } else {
-        let labels = store.all(&prompt_version)?;
+        let labels = store.all(prompt_version)?;
         let parsed = labels
             .iter()
             .filter_map(|(t, rec)| rec.verdict.map(|h| (t.clone(), h)))
@@ -157,6 +325,30 @@ pub async fn serve(
             .collect();
         (known, distill::Verdicts::Labels(parsed))
     };
+    Ok(Loaded {
+        store: Arc::new(store),
+        known,
+        initial,
+    })
+}
+
+/// Builds the labeler on the loaded store, and the training thread of the
+/// distilled network when there is one.
+fn start_labeler(
+    config: &Config,
+    judge: Judge,
+    prompt: prompt::Prompt,
+    prompt_version: String,
+    loaded: Loaded,
+    cancel: &CancellationToken,
+) -> Result<(Arc<Labeler>, Option<distill::Distiller>), ServiceError> {
+    let r = &config.reward_service;
+    let kind = config.intrinsic.model;
+    let Loaded {
+        store,
+        known,
+        initial,
+    } = loaded;
     info!(
         texts = known.len(),
         prompt_version,
@@ -164,24 +356,33 @@ pub async fn serve(
         model = ?kind,
         "label store open"
     );
+    let network = match kind {
+        RewardModelKind::Retrieval => None,
+        RewardModelKind::Classification => Some(model::KIND_CLASSIFICATION),
+        RewardModelKind::Ranking => Some(model::KIND_RANKING),
+    };
     let judged: Vec<String> = known.iter().map(|(t, _)| t.clone()).collect();
     let model = Arc::new(RetrievalModel::new(prompt_version.clone(), network, known));
-    let distill_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let (distill, distill_thread) = match network {
+    let (distill, distiller) = match network {
         Some(kind) => {
-            let (tx, handle) = distill::spawn(
+            let (tx, d) = distill::spawn(
                 kind,
                 initial,
                 r.distill_steps,
                 r.distill_lr,
                 model.clone(),
-                distill_stop.clone(),
+                cancel.clone(),
             )?;
-            (Some(tx), Some(handle))
+            (Some(tx), Some(d))
         }
         None => (None, None),
     };
     let pairs_per_text = (kind == RewardModelKind::Ranking).then_some(r.pairs_per_text as usize);
+    let retry = RetryWait::new(
+        r.unparseable_budget,
+        r.unparseable_retries,
+        Duration::from_millis(r.unparseable_retry_ms),
+    );
     let labeler = Arc::new(Labeler::new(
         prompt,
         prompt_version,
@@ -194,78 +395,9 @@ pub async fn serve(
         r.backlog as usize,
         r.batch_size as usize,
         r.max_concurrent as usize,
-        r.unparseable_budget,
+        retry,
     ));
-    let workers = tokio::spawn(labeler.clone().run());
-    // Prometheus gauges, refreshed every second (no-ops without an exporter).
-    let weak = Arc::downgrade(&labeler);
-    let gauges = tokio::spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_secs(1));
-        loop {
-            tick.tick().await;
-            let Some(l) = weak.upgrade() else { return };
-            service::publish_gauges(&service::status(&l));
-        }
-    });
-
-    let (reporter, health) = tonic_health::server::health_reporter();
-    reporter
-        .set_serving::<RewardServiceServer<RewardGrpc>>()
-        .await;
-    let addr = listener.local_addr()?;
-    if let Some(dir) = &opts.run_dir {
-        std::fs::create_dir_all(dir)?;
-        spur_core::checkpoint::write_atomic(&dir.join(ADDR_FILE), addr.to_string().as_bytes())?;
-    }
-    info!(%addr, "reward service listening");
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    tokio::spawn(async move {
-        shutdown.await;
-        let _ = stop_tx.send(true);
-    });
-    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
-        let _ = rx.wait_for(|s| *s).await;
-    };
-    let server = tonic::transport::Server::builder()
-        .add_service(health)
-        .add_service(
-            RewardServiceServer::new(RewardGrpc {
-                labeler: labeler.clone(),
-            })
-            .max_decoding_message_size(MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_MESSAGE_BYTES),
-        )
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stopped(stop_rx.clone()));
-    // Reward-model subscriptions never end by themselves: give streams a moment to
-    // drain after the signal, then close regardless.
-    let result = tokio::select! {
-        r = server => r,
-        _ = async {
-            stopped(stop_rx).await;
-            tokio::time::sleep(Duration::from_secs(2)).await;
-        } => Ok(()),
-    };
-    workers.abort();
-    let _ = workers.await;
-    gauges.abort();
-    let _ = gauges.await;
-    // Wait for in-flight judge requests to let go of the store before returning, so
-    // a new service can open it at once.
-    for _ in 0..500 {
-        if Arc::strong_count(&labeler) == 1 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    drop(labeler);
-    if let Some(handle) = distill_thread {
-        // Ends after its current training step.
-        distill_stop.store(true, std::sync::atomic::Ordering::Release);
-        let _ = tokio::task::spawn_blocking(move || handle.join()).await;
-    }
-    result?;
-    info!("reward service stopped");
-    Ok(())
+    Ok((labeler, distiller))
 }
 
 #[cfg(test)]

@@ -1,4 +1,5 @@
-//! The `spur.v1.RewardService` gRPC service.
+//! The `spur.v1.RewardService` gRPC service. Calls that come while the label store
+//! loads wait for it; when shutdown starts, streams end and calls get `Unavailable`.
 
 use std::sync::Arc;
 
@@ -7,19 +8,46 @@ use spur_proto::v1::{
     RewardModelRequest, RewardModelUpdate, RewardServiceStatus, RewardStatusRequest, SubmitSummary,
     TextBatch,
 };
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::{broadcast, mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::debug;
 
 use crate::labeler::Labeler;
 use crate::stats::Stats;
+use crate::tasks::Tasks;
 
 /// Most texts one `TextBatch` may carry.
 pub const MAX_TEXTS_PER_BATCH: usize = 10_000;
 
 pub struct RewardGrpc {
-    pub labeler: Arc<Labeler>,
+    /// `Some` once the label store is loaded.
+    pub labeler: watch::Receiver<Option<Arc<Labeler>>>,
+    /// Cancelled when shutdown starts.
+    pub cancel: CancellationToken,
+    /// Where subscription streams run.
+    pub tasks: Tasks,
+}
+
+impl RewardGrpc {
+    /// The labeler, once the label store is loaded (a call waits for it).
+    async fn labeler(&self) -> Result<Arc<Labeler>, Status> {
+        let mut rx = self.labeler.clone();
+        let ready = async move {
+            let labeler = rx.wait_for(Option::is_some).await.ok()?;
+            (*labeler).clone()
+        };
+        self.cancel
+            .run_until_cancelled(ready)
+            .await
+            .flatten()
+            .ok_or_else(shutting_down)
+    }
+}
+
+fn shutting_down() -> Status {
+    Status::unavailable("the reward service is shutting down")
 }
 
 #[tonic::async_trait]
@@ -28,9 +56,15 @@ impl RewardService for RewardGrpc {
         &self,
         request: Request<Streaming<TextBatch>>,
     ) -> Result<Response<SubmitSummary>, Status> {
+        let labeler = self.labeler().await?;
         let mut stream = request.into_inner();
         let mut summary = SubmitSummary::default();
-        while let Some(batch) = stream.message().await? {
+        loop {
+            let batch = tokio::select! {
+                b = stream.message() => b?,
+                _ = self.cancel.cancelled() => return Err(shutting_down()),
+            };
+            let Some(batch) = batch else { break };
             if batch.texts.len() > MAX_TEXTS_PER_BATCH {
                 return Err(Status::invalid_argument(format!(
                     "a text batch holds {} texts, at most {MAX_TEXTS_PER_BATCH} are allowed",
@@ -38,7 +72,7 @@ impl RewardService for RewardGrpc {
                 )));
             }
             summary.received_texts += batch.texts.len() as u64;
-            summary.new_texts += self.labeler.submit(batch.texts);
+            summary.new_texts += labeler.submit(batch.texts);
         }
         Ok(Response::new(summary))
     }
@@ -49,35 +83,23 @@ impl RewardService for RewardGrpc {
         &self,
         request: Request<RewardModelRequest>,
     ) -> Result<Response<Self::SubscribeRewardModelStream>, Status> {
-        debug!(
-            subscriber = request.get_ref().subscriber,
-            "reward-model subscriber"
-        );
+        let labeler = self.labeler().await?;
+        let subscriber = request.into_inner().subscriber;
+        debug!(subscriber, "reward-model subscriber");
         let (tx, rx) = mpsc::channel(16);
-        let labeler = self.labeler.clone();
-        tokio::spawn(async move {
-            'resync: loop {
-                let (full, mut deltas) = labeler.model.subscribe();
-                let mut version = full.version;
-                if tx.send(Ok(full)).await.is_err() {
-                    return;
-                }
-                loop {
-                    match deltas.recv().await {
-                        Ok(update) if update.version > version => {
-                            version = update.version;
-                            if tx.send(Ok((*update).clone())).await.is_err() {
-                                return;
-                            }
-                        }
-                        Ok(_) => {}
-                        // Fell behind: start over with the whole table.
-                        Err(broadcast::error::RecvError::Lagged(_)) => continue 'resync,
-                        Err(broadcast::error::RecvError::Closed) => return,
-                    }
-                }
+        let cancel = self.cancel.clone();
+        let stream = async move {
+            if cancel
+                .run_until_cancelled(forward(&labeler, &tx))
+                .await
+                .is_none()
+            {
+                // A client that does not read misses the reason, not the end.
+                let _ = tx.try_send(Err(shutting_down()));
             }
-        });
+        };
+        let name = format!("reward-model stream to {subscriber:?}");
+        self.tasks.spawn(name, stream);
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 
@@ -85,7 +107,33 @@ impl RewardService for RewardGrpc {
         &self,
         _request: Request<RewardStatusRequest>,
     ) -> Result<Response<RewardServiceStatus>, Status> {
-        Ok(Response::new(status(&self.labeler)))
+        Ok(Response::new(status(&*self.labeler().await?)))
+    }
+}
+
+/// Sends the whole table (or the newest weights), then each newer version, until the
+/// subscriber goes away.
+async fn forward(labeler: &Labeler, tx: &mpsc::Sender<Result<RewardModelUpdate, Status>>) {
+    'resync: loop {
+        let (full, mut deltas) = labeler.model.subscribe();
+        let mut version = full.version;
+        if tx.send(Ok(full)).await.is_err() {
+            return;
+        }
+        loop {
+            match deltas.recv().await {
+                Ok(update) if update.version > version => {
+                    version = update.version;
+                    if tx.send(Ok((*update).clone())).await.is_err() {
+                        return;
+                    }
+                }
+                Ok(_) => {}
+                // Fell behind: start over with the whole table.
+                Err(broadcast::error::RecvError::Lagged(_)) => continue 'resync,
+                Err(broadcast::error::RecvError::Closed) => return,
+            }
+        }
     }
 }
 
@@ -98,6 +146,7 @@ pub fn status(labeler: &Labeler) -> RewardServiceStatus {
         let b = l.backlog.lock().expect("backlog lock poisoned");
         (b.depth() as u64, b.shed)
     };
+    let retry_waiting = l.retry.lock().expect("retry lock poisoned").waiting() as u64;
     let judged = Stats::get(&s.texts_judged);
     let (kind, loss) = l.model.kind_and_loss();
     RewardServiceStatus {
@@ -105,7 +154,7 @@ pub fn status(labeler: &Labeler) -> RewardServiceStatus {
         prompt_version: l.prompt_version.clone(),
         model_version: l.model.version(),
         texts_seen: Stats::get(&s.texts_seen),
-        unique_texts: labels + backlog,
+        unique_texts: labels + backlog + retry_waiting,
         store_hits: Stats::get(&s.store_hits),
         labels,
         positive_labels: l.model.positives() as u64,
@@ -124,6 +173,7 @@ pub fn status(labeler: &Labeler) -> RewardServiceStatus {
         ranked_pairs: Stats::get(&s.ranked_pairs),
         model_kind: kind.into(),
         model_loss: loss,
+        retry_waiting,
     }
 }
 
@@ -145,6 +195,7 @@ pub fn publish_gauges(s: &RewardServiceStatus) {
         ("unparseable_answers", s.unparseable_answers as f64),
         ("backlog", s.backlog as f64),
         ("shed_texts", s.shed_texts as f64),
+        ("retry_waiting", s.retry_waiting as f64),
         ("llm_latency_p50_ms", s.llm_latency_p50_ms),
         ("llm_latency_p99_ms", s.llm_latency_p99_ms),
         ("calls_per_labelled_text", s.calls_per_labelled_text),

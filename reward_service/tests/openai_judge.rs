@@ -19,6 +19,9 @@ use spur_reward_service::store::LabelStore;
 use spur_reward_service::ServiceOptions;
 use tokio::sync::oneshot;
 use tonic::transport::Channel;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
 
 /// What the stub does with one request.
 #[derive(Clone)]
@@ -187,16 +190,24 @@ impl Service {
                 let _ = stopped.await;
             },
         ));
-        let mut client = None;
-        for _ in 0..100 {
-            if let Ok(c) = RewardServiceClient::connect(addr.clone()).await {
-                client = Some(c);
+        let channel = Channel::from_shared(addr).unwrap().connect().await.unwrap();
+        // Ready once health says so: the label store is loaded by then.
+        let mut health = HealthClient::new(channel.clone());
+        let req = HealthCheckRequest {
+            service: "spur.v1.RewardService".into(),
+        };
+        let mut serving = false;
+        for _ in 0..500 {
+            let status = health.check(req.clone()).await.unwrap().into_inner().status;
+            if status == ServingStatus::Serving as i32 {
+                serving = true;
                 break;
             }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
+        assert!(serving, "the reward service never became ready");
         Self {
-            client: client.expect("the reward service serves"),
+            client: RewardServiceClient::new(channel),
             stop: Some(stop),
             handle,
         }
@@ -366,6 +377,8 @@ async fn malformed_answers_never_become_positive_labels() {
     cfg.reward_service.batch_size = 1;
     cfg.reward_service.max_concurrent = 1;
     cfg.reward_service.unparseable_budget = 2;
+    // No later round: the first round's end is final.
+    cfg.reward_service.unparseable_retries = 0;
     let mut svc = Service::start(&cfg).await;
     svc.submit(&[
         "you pick up the key",
@@ -469,4 +482,102 @@ async fn ranked_pairs_are_stored_and_survive_a_restart() {
         "no call for a ranked text"
     );
     svc.stop().await;
+}
+
+/// Polls `pred` every 5 ms for up to 10 s.
+async fn eventually(what: &str, pred: impl Fn() -> bool) {
+    for _ in 0..2000 {
+        if pred() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_commits_answers_in_flight_and_ends_open_streams() {
+    let (url, stub) = start_stub(vec![Act::Delay(Duration::from_millis(600))]).await;
+    let store = temp_store("drain");
+    let mut cfg = config(&url, &store);
+    cfg.run.drain_timeout_ms = 10_000;
+    let mut svc = Service::start(&cfg).await;
+    let pv = svc.status().await.prompt_version;
+    // An actor's submit stream and the learner's subscription stay open.
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let mut client = svc.client.clone();
+    let submit = tokio::spawn(async move {
+        client
+            .submit_texts(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+    });
+    let batch = TextBatch {
+        actor_id: "a".into(),
+        texts: vec!["you pick up the key".into(), "you bump into a wall".into()],
+    };
+    tx.send(batch).await.unwrap();
+    let mut updates = svc
+        .client
+        .subscribe_reward_model(RewardModelRequest {
+            subscriber: "learner".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(updates.message().await.unwrap().unwrap().full);
+    eventually("a judge request in flight", || {
+        stub.in_flight.load(Ordering::SeqCst) == 1
+    })
+    .await;
+
+    let started = std::time::Instant::now();
+    svc.stop().await;
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "the streams end at once: nobody waits for the drain deadline ({:?})",
+        started.elapsed()
+    );
+    // The answer that was in flight was committed before the service stopped.
+    let st = LabelStore::open(&store).unwrap();
+    let labels = st.all(&pv).unwrap();
+    assert_eq!(labels.len(), 2, "{labels:?}");
+    assert_eq!(
+        st.get(&pv, "you pick up the key").unwrap().unwrap().verdict,
+        Some(true)
+    );
+    // The open streams ended and said why.
+    let ended = submit.await.unwrap().unwrap_err();
+    assert_eq!(ended.code(), tonic::Code::Unavailable, "{ended:?}");
+    match updates.message().await {
+        Ok(None) => {}
+        Err(status) => assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}"),
+        Ok(Some(u)) => panic!("no update after shutdown: {u:?}"),
+    }
+    drop(tx);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stuck_judge_request_is_abandoned_at_the_drain_deadline() {
+    let (url, stub) = start_stub(vec![Act::Delay(Duration::from_secs(60))]).await;
+    let store = temp_store("stuck");
+    let mut cfg = config(&url, &store);
+    cfg.reward_service.timeout_ms = 120_000;
+    cfg.run.drain_timeout_ms = 300;
+    let mut svc = Service::start(&cfg).await;
+    let pv = svc.status().await.prompt_version;
+    svc.submit(&["you pick up the key"]).await;
+    eventually("a judge request in flight", || {
+        stub.in_flight.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    let started = std::time::Instant::now();
+    svc.stop().await;
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(300) && took < Duration::from_secs(3),
+        "stopped at the drain deadline: {took:?}"
+    );
+    // The abandoned request let go of the store: it opens at once, with no label.
+    let st = LabelStore::open(&store).unwrap();
+    assert!(st.all(&pv).unwrap().is_empty());
 }

@@ -7,15 +7,21 @@
 
 mod openai;
 mod rules;
+#[cfg(test)]
+mod scripted;
 
 pub use openai::{Breaker, OpenAiJudge, OpenAiSettings};
 pub use rules::RulesJudge;
+#[cfg(test)]
+pub use scripted::ScriptedJudge;
 
 use crate::error::JudgeError;
 
 pub enum Judge {
     Rules(RulesJudge),
     OpenAi(OpenAiJudge),
+    #[cfg(test)]
+    Scripted(ScriptedJudge),
 }
 
 impl Judge {
@@ -24,6 +30,8 @@ impl Judge {
         match self {
             Judge::Rules(j) => j.id(),
             Judge::OpenAi(j) => j.id(),
+            #[cfg(test)]
+            Judge::Scripted(_) => "scripted".into(),
         }
     }
 
@@ -33,6 +41,12 @@ impl Judge {
             (Judge::Rules(j), Task::Label(texts)) => Ok(j.answer(texts)),
             (Judge::Rules(j), Task::Rank(pairs)) => Ok(j.answer_pairs(pairs)),
             (Judge::OpenAi(j), _) => j.answer(prompt).await,
+            #[cfg(test)]
+            (Judge::Scripted(j), Task::Label(texts)) => Ok(j.answer(texts)),
+            #[cfg(test)]
+            (Judge::Scripted(_), Task::Rank(_)) => Err(JudgeError::BadResponse(
+                "the scripted judge does not rank".into(),
+            )),
         }
     }
 }

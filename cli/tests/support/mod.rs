@@ -1,0 +1,131 @@
+//! What the `spur` binary's process tests share: a stub OpenAI-compatible judge that
+//! speaks the real chat-completions wire format over HTTP and counts its calls per
+//! text, and small helpers for child processes.
+
+#![allow(dead_code)] // each test binary uses part of it
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::routing::post;
+use axum::{Json, Router};
+
+/// The stub judge: answers "helpful" for texts that mention a key, after `garbage`
+/// answers in a shape the prompt does not ask for; each answer takes `delay`.
+#[derive(Default)]
+pub struct Stub {
+    pub delay: Duration,
+    pub garbage: AtomicUsize,
+    pub requests: AtomicUsize,
+    calls: Mutex<HashMap<String, usize>>,
+}
+
+impl Stub {
+    /// How often each text was sent to the judge so far.
+    pub fn calls(&self) -> HashMap<String, usize> {
+        self.calls.lock().unwrap().clone()
+    }
+}
+
+/// The numbered events of a rendered prompt ("1. text").
+fn events(prompt: &str) -> Vec<String> {
+    prompt
+        .lines()
+        .filter_map(|l| {
+            let (n, rest) = l.split_once(". ")?;
+            n.parse::<usize>().ok().map(|_| rest.to_string())
+        })
+        .collect()
+}
+
+async fn completions(
+    State(stub): State<Arc<Stub>>,
+    Json(body): Json<serde_json::Value>,
+) -> Json<serde_json::Value> {
+    stub.requests.fetch_add(1, Ordering::SeqCst);
+    let prompt = body["messages"][0]["content"].as_str().unwrap_or_default();
+    let texts = events(prompt);
+    {
+        let mut calls = stub.calls.lock().unwrap();
+        for t in &texts {
+            *calls.entry(t.clone()).or_default() += 1;
+        }
+    }
+    tokio::time::sleep(stub.delay).await;
+    let garbage = stub
+        .garbage
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+        .is_ok();
+    let content: String = if garbage {
+        // Reasoning before the verdicts, each claiming "helpful": a lenient parser
+        // would make every text positive.
+        let verdicts: String = (1..=texts.len())
+            .map(|i| format!("{i}: helpful\n"))
+            .collect();
+        format!("Thought process: every event here helps.\n{verdicts}")
+    } else {
+        texts
+            .iter()
+            .enumerate()
+            .map(|(i, t)| {
+                let verdict = if t.contains("key") {
+                    "helpful"
+                } else {
+                    "not helpful"
+                };
+                format!("{}: {verdict}\n", i + 1)
+            })
+            .collect()
+    };
+    Json(serde_json::json!({
+        "id": "chatcmpl-stub",
+        "object": "chat.completion",
+        "model": body["model"],
+        "choices": [{
+            "index": 0,
+            "message": {"role": "assistant", "content": content},
+            "finish_reason": "stop"
+        }]
+    }))
+}
+
+/// Serves the stub judge on a free loopback port; returns its base URL (`.../v1`).
+pub async fn start_stub(delay: Duration, garbage: usize) -> (String, Arc<Stub>) {
+    let stub = Arc::new(Stub {
+        delay,
+        garbage: AtomicUsize::new(garbage),
+        ..Stub::default()
+    });
+    let app = Router::new()
+        .route("/v1/chat/completions", post(completions))
+        .with_state(stub.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (format!("http://{addr}/v1"), stub)
+}
+
+/// A fresh, empty temp folder for one test.
+pub fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("spur-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// The last 30 lines of a log file.
+pub fn read_log(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(30)..].join("\n")
+}
+
+/// SIGKILL: no handler runs, nothing is flushed.
+pub fn kill_9(pid: u32) {
+    // SAFETY: kill(2) with a pid the test started and a valid signal number.
+    unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+}
