@@ -187,12 +187,18 @@ async fn every_role_survives_kill_9_and_the_run_reaches_its_target() {
         .await;
 
     // 1. An actor.
+    let t = Instant::now();
     run.kill_and_wait_replacement("actor-0").await;
     let after_actor = run
         .wait_learner("training after an actor was killed", |s| {
             s.policy_version >= start.policy_version + 5 && s.env_steps > start.env_steps
         })
         .await;
+
+    eprintln!(
+        "actor killed: training went on {:.1} s later",
+        t.elapsed().as_secs_f64()
+    );
 
     // 2. The reward service, once every text it has seen is labelled (so nothing is
     // in flight: texts judged so far are exactly the labelled ones).
@@ -207,6 +213,7 @@ async fn every_role_survives_kill_9_and_the_run_reaches_its_target() {
         labelled_before.values().all(|&n| n == 1),
         "{labelled_before:?}"
     );
+    let t = Instant::now();
     run.kill_and_wait_replacement("reward-service").await;
     let after_judge = run
         .wait_learner("training after the reward service was killed", |s| {
@@ -223,6 +230,10 @@ async fn every_role_survives_kill_9_and_the_run_reaches_its_target() {
         rejudged.labels >= judged.labels,
         "labels lost: {rejudged:?}"
     );
+    eprintln!(
+        "reward service killed: back with every label {:.1} s later",
+        t.elapsed().as_secs_f64()
+    );
 
     // 3. The learner, when its newest checkpoint is older than the actors' weights.
     let before = run
@@ -232,6 +243,7 @@ async fn every_role_survives_kill_9_and_the_run_reaches_its_target() {
                 && (4..CHECKPOINT_EVERY - 4).contains(&since)
         })
         .await;
+    let t = Instant::now();
     run.kill_and_wait_replacement("learner").await;
     let resumed = run
         .wait_learner("the resumed learner", |s| {
@@ -250,6 +262,14 @@ async fn every_role_survives_kill_9_and_the_run_reaches_its_target() {
         })
         .await;
     assert!(moved_on.env_steps > resumed.env_steps, "{moved_on:?}");
+
+    eprintln!(
+        "learner killed at v{}, resumed at v{}, past v{} {:.1} s after the kill",
+        before.policy_version,
+        resumed.policy_version,
+        moved_on.policy_version,
+        t.elapsed().as_secs_f64()
+    );
 
     // Learning goes on to the target, measured on episodes after the last fault (a
     // resumed learner's episode window starts empty).

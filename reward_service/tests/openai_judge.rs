@@ -140,18 +140,9 @@ async fn completions(
 }
 
 fn answer(texts: &[String]) -> String {
-    texts
-        .iter()
-        .enumerate()
-        .map(|(i, t)| {
-            let verdict = if t.contains("key") {
-                "helpful"
-            } else {
-                "not helpful"
-            };
-            format!("{}: {verdict}\n", i + 1)
-        })
-        .collect()
+    spur_reward_service::parse::format_labels(
+        &texts.iter().map(|t| t.contains("key")).collect::<Vec<_>>(),
+    )
 }
 
 async fn start_stub(script: Vec<Act>) -> (String, Arc<Stub>) {

@@ -68,18 +68,9 @@ async fn completions(
             .collect();
         format!("Thought process: every event here helps.\n{verdicts}")
     } else {
-        texts
-            .iter()
-            .enumerate()
-            .map(|(i, t)| {
-                let verdict = if t.contains("key") {
-                    "helpful"
-                } else {
-                    "not helpful"
-                };
-                format!("{}: {verdict}\n", i + 1)
-            })
-            .collect()
+        spur_reward_service::parse::format_labels(
+            &texts.iter().map(|t| t.contains("key")).collect::<Vec<_>>(),
+        )
     };
     Json(serde_json::json!({
         "id": "chatcmpl-stub",

@@ -22,18 +22,7 @@ impl ScriptedJudge {
         if let Some(s) = self.script.lock().unwrap().pop_front() {
             return s;
         }
-        texts
-            .iter()
-            .enumerate()
-            .map(|(i, t)| {
-                let verdict = if t.contains("key") {
-                    "helpful"
-                } else {
-                    "not helpful"
-                };
-                format!("{}: {verdict}\n", i + 1)
-            })
-            .collect()
+        crate::parse::format_labels(&texts.iter().map(|t| t.contains("key")).collect::<Vec<_>>())
     }
 
     /// How often `text` was asked about.
