@@ -19,7 +19,7 @@ export LIBTORCH_USE_PYTORCH := 1
 export VIRTUAL_ENV          := $(abspath $(VENV))
 export PATH                 := $(VIRTUAL_ENV)/bin:$(PATH)
 
-.PHONY: run test build setup k8s-tools k8s-check image bench bench-bridge cartpole nethack nethack-table keyroom-table advantage-table semi-online fmt lint clean
+.PHONY: run test build setup k8s-tools k8s-check image bench bench-bridge bench-soak cartpole nethack nethack-table keyroom-table advantage-table semi-online fmt lint clean
 
 ## run: keyroom with ONI intrinsic rewards from the built-in rule judge: learner,
 ## reward service and 2 actors as separate processes (offline defaults)
@@ -78,6 +78,11 @@ bench: build
 ## in the full system vs NLE's raw random-action rate
 bench-bridge: build
 	./target/release/spur bench bridge $(ARGS)
+
+## bench-soak: spur local with 16 actors for 10 minutes under kill -9 faults (an actor,
+## the reward service, the learner, in turn); ARGS="--actors 4 --minutes 2" for less
+bench-soak: build
+	./target/release/spur bench soak $(ARGS)
 
 ## nethack: a short NetHack (NLE score task) run through the env bridge with ONI
 ## retrieval rewards from the built-in judge; writes <run>/curves.png

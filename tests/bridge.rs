@@ -1,7 +1,9 @@
 //! The environment bridge end to end: Gymnasium envs served by `python -m spur_bridge`
 //! and stepped over real gRPC, compared with stepping the same envs directly in
-//! Python; bad requests; a vanished server; and NetHack through an actor, with its
-//! messages reaching the reward service.
+//! Python; bad requests; a vanished server; a killed bridge restarted (by a batch and
+//! under a training actor, which fails instead once `env.bridge_restarts` is spent)
+//! and a remote server reconnected; and NetHack through an actor, with its messages
+//! reaching the reward service.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -252,16 +254,160 @@ fn a_vanished_or_mismatched_server_is_an_error() {
         .expect("2 envs, not 4");
     assert!(err.to_string().contains("hold 2 envs in all"), "{err}");
 
+    // The server goes away mid-run for good: two reconnects are tried, then the
+    // error names the server.
+    remote.env.bridge_restarts = 2;
     let mut batch = RemoteBatch::connect(&remote.env, 2).unwrap();
     let mut obs = vec![0.0; 8];
     batch.reset(&[0, 1], &[1, 2], &mut obs).unwrap();
-    drop(bridge); // the server goes away mid-run
+    drop(bridge);
     let mut texts = vec![String::new(); 2];
     let mut outcomes = vec![StepOutcome::default(); 2];
     let err = batch
         .step(&[0, 1], &mut obs, &mut texts, &mut outcomes)
         .expect_err("nobody serves any more");
-    assert!(matches!(err, EnvError::Server { .. }), "{err}");
+    assert!(
+        matches!(err, EnvError::BridgeFailed { restarts: 2, .. }),
+        "{err}"
+    );
+    let text = err.to_string();
+    assert!(
+        text.contains(&format!("env server {} (envs 0..2)", remote.env.remote[0]))
+            && text.contains("env.bridge_restarts is used up (2 restarts tried)"),
+        "{text}"
+    );
+}
+
+/// Steps every env of `batch` with action 0 once; returns the outcomes.
+fn step_all(batch: &mut RemoteBatch, obs: &mut [f32]) -> Result<Vec<StepOutcome>, EnvError> {
+    let n = batch.num_envs();
+    let mut texts = vec![String::new(); n];
+    let mut outcomes = vec![StepOutcome::default(); n];
+    batch.step(&vec![0; n], obs, &mut texts, &mut outcomes)?;
+    Ok(outcomes)
+}
+
+fn kill_9(pid: u32) {
+    let status = Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(status.success(), "kill -9 {pid}");
+}
+
+#[test]
+fn a_killed_bridge_is_restarted_and_its_episodes_are_lost() {
+    let mut config = gym_config("CartPole-v1", 4);
+    config.env.servers = 2;
+    let mut batch = RemoteBatch::connect(&config.env, 4).unwrap();
+    let before = batch.bridges();
+    assert_eq!(before.len(), 2);
+    assert_eq!(before[1].envs, 2..4);
+    let pid = before[1].pid.expect("a bridge this batch started");
+    let mut obs = vec![0.0; 16];
+    batch.reset(&[0, 1, 2, 3], &[1, 2, 3, 4], &mut obs).unwrap();
+    let first = obs.clone();
+    assert!(step_all(&mut batch, &mut obs)
+        .unwrap()
+        .iter()
+        .all(|o| !o.lost));
+
+    kill_9(pid);
+    let kept = obs.clone();
+    let out = step_all(&mut batch, &mut obs).unwrap();
+    let lost: Vec<bool> = out.iter().map(|o| o.lost).collect();
+    assert_eq!(lost, [false, false, true, true]);
+    assert_eq!(obs[8..], kept[8..], "lost envs keep their last observation");
+    let after = batch.bridges();
+    assert_eq!(after[1].restarts, 1);
+    assert_eq!(batch.restarts(), 1);
+    assert!(after[1].pid.is_some() && after[1].pid != Some(pid));
+    assert_ne!(after[1].addr, before[1].addr, "a new bridge on a new port");
+    assert_eq!(after[0], before[0], "the other bridge is untouched");
+
+    // Lost envs must be reset before they step again; then all is as before.
+    let err = step_all(&mut batch, &mut obs).unwrap_err();
+    assert!(err.to_string().contains("must be reset"), "{err}");
+    batch.reset(&[2, 3], &[3, 4], &mut obs).unwrap();
+    // The seeds of the first reset: the same first observations.
+    assert_eq!(obs[8..], first[8..]);
+    assert!(step_all(&mut batch, &mut obs)
+        .unwrap()
+        .iter()
+        .all(|o| !o.lost));
+
+    // A bridge that dies while its envs are being reset: restarted, and the reset
+    // is done on the new one.
+    let pid = batch.bridges()[0].pid.unwrap();
+    kill_9(pid);
+    batch.reset(&[1], &[2], &mut obs).unwrap();
+    assert_eq!(obs[4..8], first[4..8]);
+    assert_eq!(batch.bridges()[0].restarts, 1);
+    // Env 0 was not asked for: its episode is reported lost at the next step.
+    let lost: Vec<bool> = step_all(&mut batch, &mut obs)
+        .unwrap()
+        .iter()
+        .map(|o| o.lost)
+        .collect();
+    assert_eq!(lost, [true, false, false, false]);
+}
+
+/// A bridge process started by a test; killed when dropped.
+struct TestBridge(std::process::Child);
+
+impl Drop for TestBridge {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `python -m spur_bridge` for `config` listening on `listen`; returns it
+/// once it serves.
+fn bridge_at(config: &Config, listen: &str, num_envs: usize) -> TestBridge {
+    use std::io::BufRead;
+    let mut child = Command::new(python(&config.env))
+        .args(["-m", "spur_bridge", "--listen", listen])
+        .args(["--env-id", &config.env.gym_id])
+        .args(["--num-envs", &num_envs.to_string()])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("the venv python runs");
+    let stdout = child.stdout.take().unwrap();
+    let ready = std::io::BufReader::new(stdout)
+        .lines()
+        .map_while(Result::ok)
+        .any(|l| l.starts_with("SPUR_BRIDGE_LISTENING "));
+    let bridge = TestBridge(child);
+    assert!(ready, "the bridge on {listen} serves");
+    bridge
+}
+
+#[test]
+fn a_remote_server_that_comes_back_is_reconnected() {
+    let config = gym_config("CartPole-v1", 2);
+    let (bridge, addr) = BridgeProcess::spawn(&config.env, 2).unwrap();
+    let mut remote = config.clone();
+    remote.env.remote = vec![addr.clone()];
+    let mut batch = RemoteBatch::connect(&remote.env, 2).unwrap();
+    assert_eq!(batch.bridges()[0].pid, None, "not a bridge of this batch");
+    let mut obs = vec![0.0; 8];
+    batch.reset(&[0, 1], &[1, 2], &mut obs).unwrap();
+    step_all(&mut batch, &mut obs).unwrap();
+
+    // The server restarts on the same address (as a sidecar would) while the batch
+    // tries to reach it.
+    drop(bridge);
+    let (config_b, addr_b) = (config.clone(), addr.clone());
+    let back = std::thread::spawn(move || bridge_at(&config_b, &addr_b, 2));
+    let out = step_all(&mut batch, &mut obs).unwrap();
+    assert!(out.iter().all(|o| o.lost), "{out:?}");
+    assert!(batch.restarts() >= 1);
+    assert_eq!(batch.bridges()[0].addr, addr);
+    batch.reset(&[0, 1], &[5, 6], &mut obs).unwrap();
+    let out = step_all(&mut batch, &mut obs).unwrap();
+    assert!(out.iter().all(|o| !o.lost && o.reward == 1.0), "{out:?}");
+    drop(back.join().unwrap());
 }
 
 /// NLE ignores Gymnasium's reset seed; the bridge seeds the game itself, so a seed
@@ -395,5 +541,156 @@ async fn minihack_room_is_learned_through_the_bridge() -> anyhow::Result<()> {
         summary.episode_return_mean,
         summary.env_steps
     );
+    Ok(())
+}
+
+/// Counters of the global metrics recorder, summed over every read (a snapshot
+/// takes the counts it reads), so that tests running in parallel can share it.
+fn counter(name: &str) -> u64 {
+    use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
+    use std::collections::HashMap;
+    use std::sync::{Mutex, OnceLock};
+    static RECORDER: OnceLock<(Snapshotter, Mutex<HashMap<String, u64>>)> = OnceLock::new();
+    let (snapshotter, totals) = RECORDER.get_or_init(|| {
+        let recorder = DebuggingRecorder::new();
+        let snapshotter = recorder.snapshotter();
+        recorder
+            .install()
+            .expect("no other metrics recorder in this test binary");
+        (snapshotter, Mutex::default())
+    });
+    let mut totals = totals.lock().unwrap();
+    for (key, _, _, value) in snapshotter.snapshot().into_vec() {
+        if let DebugValue::Counter(c) = value {
+            *totals.entry(key.key().name().to_string()).or_default() += c;
+        }
+    }
+    totals.get(name).copied().unwrap_or(0)
+}
+
+/// A gym CartPole actor config on two bridge processes whose Python is a wrapper
+/// that logs each bridge's pid and arguments to `dir/bridges` (the pid survives the
+/// wrapper's `exec`).
+fn actor_bridge_config(dir: &std::path::Path) -> Config {
+    use std::os::unix::fs::PermissionsExt;
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::create_dir_all(dir).unwrap();
+    let mut config = gym_config("CartPole-v1", 4);
+    let wrapper = dir.join("python");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\necho \"$$ $*\" >> '{}'\nexec '{}' \"$@\"\n",
+            dir.join("bridges").display(),
+            python(&config.env)
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    config.env.python = wrapper.display().to_string();
+    config.env.servers = 2;
+    config.model.hidden = vec![32];
+    config.actor.rollout_len = 16;
+    config.learner.batch_steps = 256;
+    config.learner.minibatches = 2;
+    config.learner.epochs = 1;
+    config
+}
+
+/// Pids of the actor's bridges (two envs each; the spec query's has one), in start
+/// order: restarts come after the first two.
+fn actor_bridge_pids(dir: &std::path::Path) -> Vec<u32> {
+    std::fs::read_to_string(dir.join("bridges"))
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains("--num-envs 2 "))
+        .filter_map(|l| l.split(' ').next()?.parse().ok())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_actor_restarts_a_killed_bridge_and_training_goes_on() -> anyhow::Result<()> {
+    let dir = std::env::temp_dir().join(format!("spur-bridge-restart-{}", std::process::id()));
+    let config = actor_bridge_config(&dir);
+    let lost_before = counter("spur_actor_lost_episodes_total");
+    let learner = TestLearner::start(config.clone(), "bridge-restart").await?;
+    let (stop_actor, actor) = spawn_actor(&config, &learner.addr, 0);
+    learner
+        .wait_for(Duration::from_secs(60), "training on bridge envs", |s| {
+            s.policy_version >= 2
+        })
+        .await?;
+    let pids = actor_bridge_pids(&dir);
+    assert_eq!(pids.len(), 2, "two bridges: {pids:?}");
+    kill_9(pids[0]);
+
+    // A third bridge starts in place of the first; its episodes are counted lost.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while actor_bridge_pids(&dir).len() < 3
+        || counter("spur_actor_lost_episodes_total") <= lost_before
+    {
+        if actor.is_finished() {
+            panic!("the actor ended: {:?}", actor.await);
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no restart in 60 s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Training goes on with chunks made after the restart: four more updates of 256
+    // steps are more than the actor and learner queues held at the kill.
+    let s = learner.status().await?;
+    learner
+        .wait_for(Duration::from_secs(60), "updates after the restart", |l| {
+            l.policy_version >= s.policy_version + 4 && l.env_steps >= s.env_steps + 1024
+        })
+        .await?;
+    assert!(!actor.is_finished(), "the actor kept running");
+    assert!(counter("spur_actor_bridge_restarts_total") >= 1);
+
+    let _ = stop_actor.send(());
+    let summary = actor.await??;
+    assert!(summary.rollout.env_steps >= 1024);
+    learner.stop().await?;
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_restarts_a_killed_bridge_fails_the_actor() -> anyhow::Result<()> {
+    let dir = std::env::temp_dir().join(format!("spur-bridge-norestart-{}", std::process::id()));
+    let mut config = actor_bridge_config(&dir);
+    config.env.bridge_restarts = 0;
+    let learner = TestLearner::start(config.clone(), "bridge-norestart").await?;
+    let (_stop_actor, actor) = spawn_actor(&config, &learner.addr, 0);
+    learner
+        .wait_for(Duration::from_secs(60), "chunks from bridge envs", |s| {
+            s.env_steps > 0
+        })
+        .await?;
+    let pids = actor_bridge_pids(&dir);
+    assert_eq!(pids.len(), 2, "two bridges: {pids:?}");
+    kill_9(pids[0]);
+
+    let err = tokio::time::timeout(Duration::from_secs(60), actor)
+        .await??
+        .expect_err("the actor fails");
+    let text = err.to_string();
+    assert!(
+        matches!(
+            err,
+            spur_actor::ActorError::Env(EnvError::BridgeFailed { restarts: 0, .. })
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains("env bridge 1 of 2 (envs 0..2 at 127.0.0.1:")
+            && text.contains(&format!("pid {})", pids[0]))
+            && text.contains("(0 restarts tried)"),
+        "{text}"
+    );
+    assert_eq!(actor_bridge_pids(&dir).len(), 2, "no restart was tried");
+    // (Not `learner.stop()`: with a weight stream to the failed actor it waits out
+    // the drain timeout, which this test is not about.)
+    drop(learner);
+    let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }

@@ -4,8 +4,8 @@ use thiserror::Error;
 
 #[derive(Debug, Error)]
 pub enum ActorError {
-    #[error("learner address `{addr}`: {message}")]
-    Address { addr: String, message: String },
+    #[error(transparent)]
+    Transport(#[from] spur_core::transport::TransportError),
     #[error("model: {0}")]
     Model(#[from] spur_core::ModelError),
     #[error("the learner rejected a chunk: {0}")]

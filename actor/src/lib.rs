@@ -22,11 +22,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use sha2::{Digest, Sha256};
 use spur_core::config::Config;
+use spur_core::transport::Transport;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tonic::transport::Endpoint;
 use tracing::{info, warn};
 
 pub use error::ActorError;
@@ -36,10 +37,28 @@ pub use rollout::RolloutStats;
 #[derive(Debug, Clone)]
 pub struct ActorOptions {
     pub actor_id: String,
-    /// Position of this actor among its peers; spreads environment seeds.
-    pub index: u32,
+    /// Position of this actor among its peers (`spur local` numbers them). None where
+    /// actors have no ordinal (the pods of a Kubernetes Deployment): the seed then
+    /// comes from `actor_id`; see [`ActorOptions::seed`].
+    pub index: Option<u32>,
     /// Learner address (`http://host:port`); defaults to `actor.learner_addr`.
     pub learner_addr: Option<String>,
+}
+
+impl ActorOptions {
+    /// The seed of this actor's environments and action sampling, apart from other
+    /// actors': `base + 1000 * index`, or without an index `base` plus the first 8
+    /// bytes of SHA-256 of the actor id (stable across runs and machines).
+    pub fn seed(&self, base: u64) -> u64 {
+        let offset = match self.index {
+            Some(i) => 1000 * u64::from(i),
+            None => {
+                let digest = Sha256::digest(self.actor_id.as_bytes());
+                u64::from_le_bytes(digest[..8].try_into().expect("SHA-256 has 32 bytes"))
+            }
+        };
+        base.wrapping_add(offset)
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -59,13 +78,8 @@ pub async fn run(
         .learner_addr
         .clone()
         .unwrap_or_else(|| config.actor.learner_addr.clone());
-    let endpoint = Endpoint::from_shared(addr.clone())
-        .map_err(|e| ActorError::Address {
-            addr: addr.clone(),
-            message: e.to_string(),
-        })?
-        .connect_timeout(Duration::from_secs(2))
-        .tcp_nodelay(true);
+    let transport = Transport::from_config(&config.transport)?;
+    let learner = transport.client(&addr)?;
     let max_backoff = Duration::from_millis(config.actor.max_backoff_ms);
     let drain = Duration::from_millis(config.run.drain_timeout_ms);
     let stop = CancellationToken::new();
@@ -74,7 +88,7 @@ pub async fn run(
 
     let (slot, slot_rx) = watch::channel(None);
     tasks.spawn(weights::subscribe(
-        endpoint.clone(),
+        learner.clone(),
         opts.actor_id.clone(),
         slot,
         finished.clone(),
@@ -83,7 +97,7 @@ pub async fn run(
     ));
     let (chunk_tx, chunk_rx) = mpsc::channel(config.actor.send_queue as usize);
     let pusher = tasks.spawn(push::push(
-        endpoint,
+        learner,
         opts.actor_id.clone(),
         chunk_rx,
         config.actor.max_unacked_chunks as usize,
@@ -103,14 +117,8 @@ pub async fn run(
     });
 
     let texts = if config.intrinsic.enabled {
-        let endpoint = Endpoint::from_shared(config.reward_service.addr.clone())
-            .map_err(|e| ActorError::Address {
-                addr: config.reward_service.addr.clone(),
-                message: e.to_string(),
-            })?
-            .connect_timeout(Duration::from_secs(2));
         Some(texts::TextSink {
-            endpoint,
+            reward: transport.client(&config.reward_service.addr)?,
             max_backoff,
             tasks: tasks.clone(),
         })
@@ -119,7 +127,7 @@ pub async fn run(
     };
     let rollout = rollout::Rollout {
         texts,
-        seed: config.run.seed.wrapping_add(1000 * opts.index as u64),
+        seed: opts.seed(config.run.seed),
         config,
         actor_id: opts.actor_id.clone(),
         weights: slot_rx,
@@ -179,4 +187,37 @@ pub async fn run(
         "actor stopped"
     );
     Ok(summary)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts(actor_id: &str, index: Option<u32>) -> ActorOptions {
+        ActorOptions {
+            actor_id: actor_id.into(),
+            index,
+            learner_addr: None,
+        }
+    }
+
+    #[test]
+    fn actors_without_an_index_get_seeds_from_their_ids() {
+        let a = opts("spur-actor-7d9f8b6c5-x2k4q", None).seed(1);
+        let b = opts("spur-actor-7d9f8b6c5-p9zrt", None).seed(1);
+        assert_ne!(a, b, "two pods of one Deployment must not share a seed");
+        assert_eq!(a, opts("spur-actor-7d9f8b6c5-x2k4q", None).seed(1));
+        assert_ne!(a, opts("spur-actor-7d9f8b6c5-x2k4q", None).seed(2));
+        // Pinned (Python: hashlib.sha256(b"actor-a").digest()[:8], little-endian):
+        // a pod name seeds alike on any machine and in any release.
+        assert_eq!(opts("actor-a", None).seed(5), 17_699_999_571_864_640_253);
+    }
+
+    #[test]
+    fn an_index_spreads_seeds_as_before() {
+        assert_eq!(opts("actor-0", Some(0)).seed(7), 7);
+        assert_eq!(opts("actor-3", Some(3)).seed(7), 3007);
+        // The index wins over the id: `spur local` runs keep their seeds.
+        assert_eq!(opts("anything", Some(3)).seed(7), 3007);
+    }
 }

@@ -8,11 +8,11 @@
 use std::time::Duration;
 
 use spur_core::trajectory::Chunk;
+use spur_core::transport::Connector;
 use spur_proto::v1::learner_client::LearnerClient;
 use spur_proto::MAX_MESSAGE_BYTES;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::Endpoint;
 use tonic::{Code, Status};
 use tracing::{info, warn};
 
@@ -34,7 +34,7 @@ pub struct PushStats {
 /// Sends every chunk from `chunks` until the rollout thread closes it. Returns an
 /// error only when the learner rejects a chunk as malformed (a bug, not a hiccup).
 pub async fn push(
-    endpoint: Endpoint,
+    learner: Connector,
     actor_id: String,
     mut chunks: mpsc::Receiver<Chunk>,
     max_unacked: usize,
@@ -46,7 +46,7 @@ pub async fn push(
     // A chunk taken from the rollout thread but not yet handed to a stream.
     let mut pending: Option<Chunk> = None;
     loop {
-        let opened = match endpoint.connect().await {
+        let opened = match learner.connect().await {
             Ok(channel) => {
                 let mut client = LearnerClient::new(channel)
                     .max_encoding_message_size(MAX_MESSAGE_BYTES)

@@ -53,6 +53,7 @@ struct Held {
 impl Rollout {
     pub fn run(mut self) -> Result<RolloutStats, ActorError> {
         tch::set_num_threads(self.config.run.torch_threads as i32);
+        tch::manual_seed(self.seed as i64); // process-wide: one actor per process
         let n = self.config.env.num_envs as usize;
         let t_len = self.config.actor.rollout_len as usize;
         let group_size = self.config.actor.group_size as usize;

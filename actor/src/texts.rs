@@ -9,11 +9,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use spur_core::backoff::Backoff;
+use spur_core::transport::Connector;
 use spur_proto::v1::reward_service_client::RewardServiceClient;
 use spur_proto::v1::TextBatch;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::Endpoint;
 use tracing::{info, warn};
 
 /// Texts an actor remembers as sent before it starts over.
@@ -56,7 +56,7 @@ impl SentTexts {
 /// Where new event texts go. The rollout thread starts it once its envs turn out to
 /// emit text (it knows only after building them; a bridge env is not asked twice).
 pub struct TextSink {
-    pub endpoint: Endpoint,
+    pub reward: Connector,
     pub max_backoff: Duration,
     /// The actor's tasks, so shutdown joins the sender.
     pub tasks: tokio_util::task::TaskTracker,
@@ -72,13 +72,7 @@ impl TextSink {
         let forget = Arc::new(AtomicBool::new(false));
         let (tx, rx) = mpsc::channel(64);
         self.tasks.spawn_on(
-            submit(
-                self.endpoint,
-                actor_id,
-                rx,
-                forget.clone(),
-                self.max_backoff,
-            ),
+            submit(self.reward, actor_id, rx, forget.clone(), self.max_backoff),
             rt,
         );
         (tx, SentTexts::new(forget))
@@ -86,7 +80,7 @@ impl TextSink {
 }
 
 pub async fn submit(
-    endpoint: Endpoint,
+    reward: Connector,
     actor_id: String,
     mut batches: mpsc::Receiver<Vec<String>>,
     forget: Arc<AtomicBool>,
@@ -95,7 +89,7 @@ pub async fn submit(
     let mut backoff = Backoff::new(max_backoff);
     let mut first = true;
     loop {
-        let channel = match endpoint.connect().await {
+        let channel = match reward.connect().await {
             Ok(c) => c,
             Err(e) => {
                 let delay = backoff.next_delay();

@@ -10,11 +10,11 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
+use spur_core::transport::Connector;
 use spur_proto::v1::learner_client::LearnerClient;
 use spur_proto::v1::{SubscribeWeightsRequest, WeightsChunk};
 use spur_proto::MAX_MESSAGE_BYTES;
 use tokio::sync::watch;
-use tonic::transport::Endpoint;
 use tracing::{debug, info, warn};
 
 use spur_core::backoff::Backoff;
@@ -88,7 +88,7 @@ impl Assembler {
 /// Runs until training finishes (then sets `finished` and cancels `stop`) or until
 /// `stop` is cancelled.
 pub async fn subscribe(
-    endpoint: Endpoint,
+    learner: Connector,
     actor_id: String,
     slot: WeightsSlot,
     finished: Arc<AtomicBool>,
@@ -96,7 +96,7 @@ pub async fn subscribe(
     max_backoff: Duration,
 ) {
     stop.run_until_cancelled(follow(
-        endpoint,
+        learner,
         actor_id,
         slot,
         finished,
@@ -107,7 +107,7 @@ pub async fn subscribe(
 }
 
 async fn follow(
-    endpoint: Endpoint,
+    learner: Connector,
     actor_id: String,
     slot: WeightsSlot,
     finished: Arc<AtomicBool>,
@@ -122,7 +122,7 @@ async fn follow(
             .map_or((0, 0), |w| (w.version, w.incarnation));
         // A fresh connection each time: the learner's name is resolved again, so a
         // restarted learner at a new address is found.
-        let stream = match endpoint.connect().await {
+        let stream = match learner.connect().await {
             Ok(ch) => {
                 let mut client =
                     LearnerClient::new(ch).max_decoding_message_size(MAX_MESSAGE_BYTES);

@@ -11,12 +11,12 @@ use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 
 use anyhow::{bail, Context};
+use spur_core::transport::{AuthChannel, Transport};
 use spur_core::Config;
 use spur_proto::v1::learner_client::LearnerClient;
 use spur_proto::v1::reward_service_client::RewardServiceClient;
 use spur_proto::v1::{LearnerStatus, RewardServiceStatus, RewardStatusRequest, StatusRequest};
 use tokio::process::{Child, Command};
-use tonic::transport::Channel;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
 use tracing::warn;
@@ -42,12 +42,13 @@ pub struct Cluster {
     pub addr: String,
     pub learner: Child,
     /// The reward service and a client for its status, when intrinsic rewards are on.
-    pub reward: Option<(Child, RewardServiceClient<Channel>)>,
+    pub reward: Option<(Child, RewardServiceClient<AuthChannel>)>,
     pub actors: Vec<ActorSlot>,
     pub restarts: Restarts,
     config_path: PathBuf,
     config: Config,
-    client: LearnerClient<Channel>,
+    transport: Transport,
+    client: LearnerClient<AuthChannel>,
 }
 
 /// What happened to the children since the last look that ends the run.
@@ -122,10 +123,12 @@ impl Cluster {
         config.reward_service.listen = "127.0.0.1:0".into();
         let config_path = run_dir.join("config.toml");
         std::fs::write(&config_path, config.to_toml())?;
+        let transport = Transport::from_config(&config.transport)?;
         let reward = if config.intrinsic.enabled {
             let (child, addr, channel) = start_server(
                 run_dir,
                 &config_path,
+                &transport,
                 Role::RewardService,
                 prometheus_args(&config, 0),
             )
@@ -139,6 +142,7 @@ impl Cluster {
         let (learner, addr, channel) = start_server(
             run_dir,
             &config_path,
+            &transport,
             Role::Learner,
             prometheus_args(&config, 1),
         )
@@ -152,6 +156,7 @@ impl Cluster {
             restarts: Restarts::default(),
             config_path,
             config: config.clone(),
+            transport,
             client: LearnerClient::new(channel),
         };
         for index in 0..actors {
@@ -185,15 +190,21 @@ impl Cluster {
 
     /// Starts the learner again from its newest checkpoint, on the address it had.
     async fn restart_learner(&mut self) -> anyhow::Result<()> {
-        let listen = self.addr.trim_start_matches("http://").to_string();
+        let listen = without_scheme(&self.addr).to_string();
         let mut args = prometheus_args(&self.config, 1);
         args.extend([
             "--resume".into(),
             "--set".into(),
             format!("learner.listen={listen}"),
         ]);
-        let (child, _, channel) =
-            start_server(&self.run_dir, &self.config_path, Role::Learner, args).await?;
+        let (child, _, channel) = start_server(
+            &self.run_dir,
+            &self.config_path,
+            &self.transport,
+            Role::Learner,
+            args,
+        )
+        .await?;
         self.learner = child;
         self.client = LearnerClient::new(channel);
         Ok(())
@@ -201,16 +212,17 @@ impl Cluster {
 
     /// Starts the reward service again on the same label store and address.
     async fn restart_reward_service(&mut self) -> anyhow::Result<()> {
-        let listen = self
-            .config
-            .reward_service
-            .addr
-            .trim_start_matches("http://")
-            .to_string();
+        let listen = without_scheme(&self.config.reward_service.addr).to_string();
         let mut args = prometheus_args(&self.config, 0);
         args.extend(["--set".into(), format!("reward_service.listen={listen}")]);
-        let (child, _, channel) =
-            start_server(&self.run_dir, &self.config_path, Role::RewardService, args).await?;
+        let (child, _, channel) = start_server(
+            &self.run_dir,
+            &self.config_path,
+            &self.transport,
+            Role::RewardService,
+            args,
+        )
+        .await?;
         self.reward = Some((child, RewardServiceClient::new(channel)));
         Ok(())
     }
@@ -393,14 +405,20 @@ impl Role {
     }
 }
 
+/// `host:port` of an `http://` or `https://` address.
+fn without_scheme(addr: &str) -> &str {
+    addr.split_once("://").map_or(addr, |(_, rest)| rest)
+}
+
 /// Starts `spur <role> --config .. --run-dir ..`, waits for the address it writes to
 /// its address file and for its gRPC health to report it as serving.
 async fn start_server(
     run_dir: &Path,
     config_path: &Path,
+    transport: &Transport,
     role: Role,
     extra: Vec<String>,
-) -> anyhow::Result<(Child, String, Channel)> {
+) -> anyhow::Result<(Child, String, AuthChannel)> {
     let name = role.name();
     let mut child = spur_command(run_dir, name)?
         .arg(name)
@@ -413,11 +431,20 @@ async fn start_server(
         .with_context(|| format!("cannot start the {name} process"))?;
     write_pid(run_dir, name, &child);
     let addr = wait_addr(&run_dir.join(role.addr_file()), &mut child, run_dir, name).await?;
-    let channel = wait_serving(&addr, role.health_service(), &mut child, run_dir, name).await?;
+    let addr = transport.url(&addr);
+    let channel = wait_serving(
+        transport,
+        &addr,
+        role.health_service(),
+        &mut child,
+        run_dir,
+        name,
+    )
+    .await?;
     Ok((child, addr, channel))
 }
 
-/// Waits for a child to write the address it bound (an exit is an error).
+/// Waits for a child to write the address it bound (`host:port`; an exit is an error).
 async fn wait_addr(
     file: &Path,
     child: &mut Child,
@@ -433,7 +460,7 @@ async fn wait_addr(
             );
         }
         if let Ok(a) = std::fs::read_to_string(file) {
-            return Ok(format!("http://{}", a.trim()));
+            return Ok(a.trim().to_string());
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -442,13 +469,14 @@ async fn wait_addr(
 
 /// Polls gRPC health until `service` serves (or the child exits, an error).
 async fn wait_serving(
+    transport: &Transport,
     addr: &str,
     service: &str,
     child: &mut Child,
     run_dir: &Path,
     name: &str,
-) -> anyhow::Result<Channel> {
-    let endpoint = Channel::from_shared(addr.to_string())?;
+) -> anyhow::Result<AuthChannel> {
+    let endpoint = transport.client(addr)?;
     for _ in 0..600 {
         if let Some(status) = child.try_wait()? {
             bail!(

@@ -10,6 +10,7 @@ mod logging;
 mod plot;
 mod prometheus;
 mod shutdown;
+mod soak;
 mod status;
 
 use std::path::PathBuf;
@@ -100,12 +101,15 @@ struct ActorArgs {
     /// Learner address, e.g. http://127.0.0.1:50051 (default: actor.learner_addr).
     #[arg(long)]
     learner: Option<String>,
-    /// Name of this actor (default: actor-<index>).
+    /// Name of this actor (default: actor-<index>). Without `--index` it also seeds
+    /// the actor's environments and action sampling (a hash of it), so the pods of a
+    /// Kubernetes Deployment, which have names but no ordinals, act differently.
     #[arg(long)]
     actor_id: Option<String>,
-    /// Position among the actors; spreads environment seeds.
-    #[arg(long, default_value_t = 0)]
-    index: u32,
+    /// Position among the actors: seeds `run.seed + 1000 * index` (default 0 when
+    /// `--actor-id` is not given either).
+    #[arg(long)]
+    index: Option<u32>,
     #[command(flatten)]
     check: CheckConfigArg,
 }
@@ -148,6 +152,10 @@ enum BenchCommand {
     /// The environment bridge: CartPole-v1 through it vs a plain Python loop, and
     /// NetHack in the full system vs NLE's raw random-action rate.
     Bridge(bench::BridgeArgs),
+    /// `spur local` with many actors for minutes under kill -9 faults (an actor, the
+    /// reward service, the learner, in turn): memory, restarts, dropped steps, labels
+    /// and the time to the next policy version after each fault.
+    Soak(soak::SoakArgs),
 }
 
 fn main() -> ExitCode {
@@ -201,9 +209,17 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 return print_checked(&config);
             }
             prometheus::install(&config.run.prometheus_listen, "actor")?;
+            // No name and no index: actor 0, as always. A name alone seeds by the name.
+            let (actor_id, index) = match a.actor_id {
+                Some(id) => (id, a.index),
+                None => {
+                    let i = a.index.unwrap_or(0);
+                    (format!("actor-{i}"), Some(i))
+                }
+            };
             let opts = spur_actor::ActorOptions {
-                actor_id: a.actor_id.unwrap_or_else(|| format!("actor-{}", a.index)),
-                index: a.index,
+                actor_id,
+                index,
                 learner_addr: a.learner,
             };
             spur_actor::run(config, opts, shutdown::signal())
@@ -233,6 +249,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         }
         Command::Bench(BenchCommand::Throughput(a)) => bench::throughput(a).await,
         Command::Bench(BenchCommand::Bridge(a)) => bench::bridge(a).await,
+        Command::Bench(BenchCommand::Soak(a)) => soak::soak(a).await,
         Command::Plot(a) => {
             plot::run(a)?;
             Ok(ExitCode::SUCCESS)

@@ -3,19 +3,20 @@
 //! and `reward_service.addr` files say where the roles listen.
 
 use std::fmt::Write as _;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::Args;
+use spur_core::transport::{AuthChannel, Transport};
+use spur_core::Config;
 use spur_proto::v1::learner_client::LearnerClient;
 use spur_proto::v1::reward_service_client::RewardServiceClient;
 use spur_proto::v1::{LearnerStatus, RewardServiceStatus, RewardStatusRequest, StatusRequest};
-use tonic::transport::Endpoint;
 
 #[derive(Args)]
 pub struct StatusArgs {
-    /// Learner address (http://host:port) or a run directory.
+    /// Learner address (host:port or http(s)://host:port) or a run directory.
     target: String,
     /// Reward service address (default: the run directory's, if any).
     #[arg(long)]
@@ -23,63 +24,67 @@ pub struct StatusArgs {
     /// Refresh every 2 s until interrupted.
     #[arg(long)]
     watch: bool,
+    /// Config whose `[transport]` section says how to reach the roles (TLS files,
+    /// the token's variable); default: the run directory's `config.toml`, else the
+    /// built-in defaults. `SPUR_*` variables apply on top.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+}
+
+/// How to reach a cluster's roles: the `[transport]` section of `config`, else of
+/// the run directory `dir`'s `config.toml`, else the defaults; with `SPUR_*`
+/// variables applied and the token taken from the environment.
+pub fn transport(config: Option<&Path>, dir: Option<&Path>) -> anyhow::Result<Transport> {
+    let in_dir = dir.map(|d| d.join("config.toml")).filter(|p| p.is_file());
+    let path = config.map(Path::to_path_buf).or(in_dir);
+    let config = Config::load(path.as_deref(), std::env::vars(), &[])?;
+    Ok(Transport::from_config(&config.transport)?)
 }
 
 /// Where the learner and the reward service listen, from an address or a run dir.
-fn resolve(args: &StatusArgs) -> anyhow::Result<(String, Option<String>)> {
+fn resolve(args: &StatusArgs, transport: &Transport) -> anyhow::Result<(String, Option<String>)> {
     let dir = Path::new(&args.target);
+    let reward = args.reward.as_deref().map(|a| transport.url(a));
     if !dir.is_dir() {
-        return Ok((
-            with_scheme(&args.target),
-            args.reward.as_deref().map(with_scheme),
-        ));
+        return Ok((transport.url(&args.target), reward));
     }
-    let read = |file: &str| {
-        std::fs::read_to_string(dir.join(file))
-            .ok()
-            .map(|a| with_scheme(a.trim()))
-    };
-    let Some(learner) = read(spur_learner::ADDR_FILE) else {
+    let Some(learner) = addr_in(dir, spur_learner::ADDR_FILE) else {
         bail!(
             "{} has no {}: is a learner running there?",
             dir.display(),
             spur_learner::ADDR_FILE
         );
     };
-    let reward = args
-        .reward
-        .as_deref()
-        .map(with_scheme)
-        .or_else(|| read(spur_reward_service::ADDR_FILE));
-    Ok((learner, reward))
+    let reward = reward.or_else(|| addr_in(dir, spur_reward_service::ADDR_FILE));
+    Ok((transport.url(&learner), reward.map(|a| transport.url(&a))))
 }
 
-fn with_scheme(addr: &str) -> String {
-    if addr.starts_with("http://") || addr.starts_with("https://") {
-        addr.to_string()
-    } else {
-        format!("http://{addr}")
-    }
+/// The address (`host:port`) a role wrote to `file` in run directory `dir`.
+pub fn addr_in(dir: &Path, file: &str) -> Option<String> {
+    let addr = std::fs::read_to_string(dir.join(file)).ok()?;
+    Some(addr.trim().to_string())
 }
 
-/// A channel to `addr` with short timeouts: a status call should answer quickly.
-async fn connect(addr: &str) -> anyhow::Result<tonic::transport::Channel> {
-    Ok(Endpoint::from_shared(addr.to_string())
-        .with_context(|| format!("bad address {addr}"))?
-        .connect_timeout(Duration::from_secs(3))
-        .timeout(Duration::from_secs(3))
-        .connect()
-        .await?)
+/// A channel to `addr` (`host:port` or a URL) with short timeouts: a status call
+/// should answer quickly.
+pub async fn connect_with(transport: &Transport, addr: &str) -> anyhow::Result<AuthChannel> {
+    let client = transport
+        .client(&transport.url(addr))?
+        .request_timeout(Duration::from_secs(3));
+    Ok(client.connect().await?)
 }
 
 pub async fn run(args: StatusArgs) -> anyhow::Result<()> {
-    let (learner_addr, reward_addr) = resolve(&args)?;
-    let learner = connect(&learner_addr)
+    let dir = Path::new(&args.target);
+    let transport = transport(args.config.as_deref(), dir.is_dir().then_some(dir))
+        .context("cannot set up the transport (config key `transport`)")?;
+    let (learner_addr, reward_addr) = resolve(&args, &transport)?;
+    let learner = connect_with(&transport, &learner_addr)
         .await
         .with_context(|| format!("cannot reach the learner at {learner_addr}"))?;
     let mut learner = LearnerClient::new(learner);
     let mut reward = match &reward_addr {
-        Some(addr) => match connect(addr).await {
+        Some(addr) => match connect_with(&transport, addr).await {
             Ok(ch) => Some(RewardServiceClient::new(ch)),
             Err(e) => {
                 eprintln!("(reward service at {addr} unreachable: {e:#})");
@@ -224,7 +229,10 @@ mod tests {
             target: target.into(),
             reward: None,
             watch: false,
+            config: None,
         };
+        let plain = Transport::from_config(&Default::default()).unwrap();
+        let resolve = |a: &StatusArgs| resolve(a, &plain);
         let d = dir.display().to_string();
         assert!(resolve(&args(&d)).is_err(), "no learner.addr yet");
         std::fs::write(dir.join(spur_learner::ADDR_FILE), "127.0.0.1:5000\n").unwrap();

@@ -11,9 +11,13 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use crate::error::ConfigError;
+use crate::secret::Secret;
 
 /// Prefix of every environment variable that overrides a config key.
 pub const ENV_PREFIX: &str = "SPUR_";
+
+/// Default of `transport.token_env`: the variable that holds the service token.
+pub const DEFAULT_TOKEN_ENV: &str = "SPUR_SERVICE_TOKEN";
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -34,6 +38,53 @@ pub struct Config {
     pub intrinsic: IntrinsicConfig,
     #[serde(default)]
     pub reward_service: RewardServiceConfig,
+    #[serde(default)]
+    pub transport: TransportConfig,
+}
+
+/// How the roles reach each other over gRPC (`core/src/transport.rs` builds every
+/// server and client from it): TLS, a shared bearer token, HTTP/2 keepalive. One
+/// section serves both ends: in a cluster one CA signs every role's certificate, and
+/// each certificate serves as the role's server and client identity.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TransportConfig {
+    /// PEM certificate (chain) of this role: the server certificate of the learner and
+    /// the reward service, and the client certificate every role presents for mutual
+    /// TLS. Empty: servers speak plain HTTP/2 and clients present no certificate.
+    pub tls_cert: String,
+    /// PEM private key of `tls_cert`.
+    pub tls_key: String,
+    /// PEM CA certificate. Servers require client certificates signed by it (mutual
+    /// TLS); clients verify servers against it and speak TLS, so with it set every
+    /// address (`actor.learner_addr`, `reward_service.addr`, `--learner`) must use
+    /// `https://`, and without it none may.
+    pub tls_ca: String,
+    /// Name of the environment variable that holds the bearer token every spur
+    /// service requires and every client sends (not the health service). Unset or
+    /// empty: no token is required or sent. The token never appears in logs,
+    /// statuses or the run directory's `config.toml`.
+    pub token_env: String,
+    /// HTTP/2 keepalive of servers and clients, in ms: a ping after this long
+    /// without traffic, and a peer that does not answer it within the same time is
+    /// dropped, so a silently dead peer is noticed after about twice this.
+    pub keepalive_ms: u64,
+    /// The token read from `token_env` when the config was loaded; never written out.
+    #[serde(skip)]
+    pub token: Option<Secret>,
+}
+
+impl Default for TransportConfig {
+    fn default() -> Self {
+        Self {
+            tls_cert: String::new(),
+            tls_key: String::new(),
+            tls_ca: String::new(),
+            token_env: DEFAULT_TOKEN_ENV.into(),
+            keepalive_ms: 10_000,
+            token: None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -94,6 +145,9 @@ pub enum JudgeKind {
 pub struct RewardServiceConfig {
     /// Socket address the reward service binds.
     pub listen: String,
+    /// Socket address of a second port that serves only gRPC health, without TLS or
+    /// token (see `learner.health_listen`); empty: none.
+    pub health_listen: String,
     /// Where actors and the learner reach it.
     pub addr: String,
     /// The label store (an embedded transactional database); it outlives runs.
@@ -147,6 +201,7 @@ impl Default for RewardServiceConfig {
     fn default() -> Self {
         Self {
             listen: "127.0.0.1:50052".into(),
+            health_listen: String::new(),
             addr: "http://127.0.0.1:50052".into(),
             store: "runs/labels.redb".into(),
             judge: JudgeKind::Rules,
@@ -182,7 +237,8 @@ pub struct RunConfig {
     pub name: String,
     /// Root folder for run directories.
     pub dir: String,
-    /// Base seed; actor `i` seeds its environments from `seed + 1000 * i`.
+    /// Base seed; actor `i` (`--index i`) seeds its environments and sampling from
+    /// `seed + 1000 * i`, an actor with only an id from `seed` plus a hash of the id.
     pub seed: u64,
     /// Number of actor processes `spur local` starts.
     pub actors: u32,
@@ -350,6 +406,10 @@ impl Default for ActorConfig {
 pub struct LearnerConfig {
     /// Socket address the learner's gRPC server binds (`127.0.0.1:0` picks a port).
     pub listen: String,
+    /// Socket address of a second port that serves only gRPC health, without TLS or
+    /// token, for probes that cannot present a client certificate (Kubernetes'
+    /// `grpc:` probes); empty: none.
+    pub health_listen: String,
     /// Environment steps per update (chunks are gathered until at least this many).
     pub batch_steps: u32,
     /// Passes over each batch.
@@ -422,6 +482,7 @@ impl Default for LearnerConfig {
     fn default() -> Self {
         Self {
             listen: "127.0.0.1:50051".into(),
+            health_listen: String::new(),
             batch_steps: 4096,
             epochs: 4,
             minibatches: 16,
@@ -490,9 +551,10 @@ impl Config {
             origin: path.map_or("<defaults>".into(), |p| p.display().to_string()),
             message: e.to_string(),
         })?;
+        let vars: Vec<(String, String)> = vars.into_iter().collect();
         let mut all: Vec<(String, String)> = vars
-            .into_iter()
-            .filter_map(|(k, v)| env_var_key(&k).map(|key| (key, v)))
+            .iter()
+            .filter_map(|(k, v)| env_var_key(k).map(|key| (key, v.clone())))
             .collect();
         all.sort();
         for item in overrides {
@@ -504,7 +566,8 @@ impl Config {
         for (key, raw) in all {
             set_path(&mut value, &key, parse_scalar(&raw))?;
         }
-        let config = Self::from_table(value)?;
+        let mut config = Self::from_table(value)?;
+        config.transport.token = Secret::from_vars(&config.transport.token_env, &vars);
         if config.env.kind == EnvKind::Replay {
             // Read the expert data now, so a bad file is a config error, not a crash.
             crate::env::replay::load_trajectories(Path::new(&config.env.replay_path)).map_err(
@@ -822,6 +885,77 @@ impl Config {
             "stop.target_return",
             "must be a finite number",
         )?;
+        self.validate_transport()
+    }
+
+    /// The `[transport]` keys and the schemes of the addresses they govern. Files
+    /// are read when a role starts, not here: `--check-config` runs where the
+    /// certificates are not mounted.
+    fn validate_transport(&self) -> Result<(), ConfigError> {
+        let invalid = |key: &str, message: &str| ConfigError::Invalid {
+            key: key.into(),
+            message: message.into(),
+        };
+        let t = &self.transport;
+        if t.tls_cert.is_empty() != t.tls_key.is_empty() {
+            return Err(invalid(
+                "transport.tls_key",
+                "must be set together with transport.tls_cert",
+            ));
+        }
+        if t.keepalive_ms < 10 {
+            return Err(invalid("transport.keepalive_ms", "must be at least 10"));
+        }
+        let tls = !t.tls_ca.is_empty();
+        let health = [
+            (
+                "learner.health_listen",
+                &self.learner.health_listen,
+                &self.learner.listen,
+            ),
+            (
+                "reward_service.health_listen",
+                &self.reward_service.health_listen,
+                &self.reward_service.listen,
+            ),
+        ];
+        for (key, value, main) in health {
+            if value.is_empty() {
+                continue;
+            }
+            match value.parse::<std::net::SocketAddr>() {
+                Err(_) => {
+                    return Err(invalid(
+                        key,
+                        "must be empty (off) or a socket address such as 0.0.0.0:50061",
+                    ))
+                }
+                Ok(a) if a.port() != 0 && value == main => {
+                    return Err(invalid(key, "must differ from the main listen address"))
+                }
+                Ok(_) => {}
+            }
+        }
+        let addrs = [
+            ("actor.learner_addr", &self.actor.learner_addr, true),
+            (
+                "reward_service.addr",
+                &self.reward_service.addr,
+                self.intrinsic.enabled,
+            ),
+        ];
+        for (key, addr, used) in addrs {
+            if used && addr.starts_with("https://") != tls {
+                return Err(invalid(
+                    key,
+                    if tls {
+                        "must start with https:// when transport.tls_ca is set"
+                    } else {
+                        "https:// needs transport.tls_ca, the CA that signed the servers' certificates"
+                    },
+                ));
+            }
+        }
         Ok(())
     }
 }
@@ -936,6 +1070,49 @@ mod tests {
         assert!(err.to_string().contains("env.remote"), "{err}");
         let err = Config::from_toml_str(&format!("{gym}crop = 8\n")).unwrap_err();
         assert!(err.to_string().contains("env.crop"), "{err}");
+    }
+
+    #[test]
+    fn transport_keys_are_checked_by_name() {
+        let err = Config::from_toml_str("[transport]\ntls_cert = \"c.pem\"\n").unwrap_err();
+        assert!(err.to_string().contains("transport.tls_key"), "{err}");
+        let err = Config::from_toml_str("[transport]\nkeepalive_ms = 0\n").unwrap_err();
+        assert!(err.to_string().contains("transport.keepalive_ms"), "{err}");
+        // A CA means TLS: every address it governs must say https, and only then.
+        let err = Config::from_toml_str("[transport]\ntls_ca = \"ca.pem\"\n").unwrap_err();
+        assert!(err.to_string().contains("actor.learner_addr"), "{err}");
+        let err = Config::from_toml_str("[actor]\nlearner_addr = \"https://l:1\"\n").unwrap_err();
+        assert!(err.to_string().contains("actor.learner_addr"), "{err}");
+        let tls = "[transport]\ntls_ca = \"ca.pem\"\n[actor]\nlearner_addr = \"https://l:1\"\n";
+        Config::from_toml_str(tls).expect("https with a CA");
+        let err =
+            Config::from_toml_str(&format!("{tls}[intrinsic]\nenabled = true\n")).unwrap_err();
+        assert!(err.to_string().contains("reward_service.addr"), "{err}");
+        let err = Config::from_toml_str("[learner]\nhealth_listen = \"probe\"\n").unwrap_err();
+        assert!(err.to_string().contains("learner.health_listen"), "{err}");
+        let err = Config::from_toml_str(
+            "[reward_service]\nlisten = \"0.0.0.0:7\"\nhealth_listen = \"0.0.0.0:7\"\n",
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("reward_service.health_listen"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn the_token_comes_from_its_variable_and_is_never_written_out() {
+        let vars = vec![("SPUR_SERVICE_TOKEN".to_string(), "t0ken-x9".to_string())];
+        let c = Config::load(None, vars.clone(), &[]).unwrap();
+        assert_eq!(c.transport.token.as_ref().unwrap().expose(), "t0ken-x9");
+        assert!(!c.to_toml().contains("t0ken-x9"));
+        assert!(!format!("{c:?}").contains("t0ken-x9"));
+        // The variable's name is configurable; another name leaves auth off.
+        let c = Config::load(None, vars, &["transport.token_env=OTHER_TOKEN".into()]).unwrap();
+        assert!(c.transport.token.is_none());
+        // The token itself is no config key.
+        let err = Config::from_toml_str("[transport]\ntoken = \"x\"\n").unwrap_err();
+        assert!(err.to_string().contains("token"), "{err}");
     }
 
     #[test]

@@ -52,7 +52,8 @@ pub enum ModelError {
 }
 
 /// An environment that cannot be built or stepped: a bridge process that would not
-/// start, an env server that is gone or answers out of protocol.
+/// start, an env server that is gone (and could not be restarted) or answers out of
+/// protocol.
 #[derive(Debug, Error)]
 pub enum EnvError {
     #[error("env bridge `{command}` did not start: {message}")]
@@ -61,6 +62,17 @@ pub enum EnvError {
     Server { addr: String, message: String },
     #[error("env server {addr} broke the protocol: {message}")]
     Protocol { addr: String, message: String },
+    /// A bridge (or `env.remote` server) that failed once `env.bridge_restarts`
+    /// restarts of it had been tried.
+    #[error(
+        "env {bridge} failed and env.bridge_restarts is used up ({restarts} restarts tried): \
+         {message}"
+    )]
+    BridgeFailed {
+        bridge: String,
+        restarts: u32,
+        message: String,
+    },
     #[error("{0}")]
     Config(String),
 }

@@ -9,7 +9,10 @@
 //! - `adam`: Adam whose moments go into checkpoints
 //! - `device`: config device strings to `tch::Device`
 //! - `text_model`: the char-level CNN behind the distilled intrinsic reward models
+//! - `reward`: ONI's repeat decay of intrinsic rewards
 //! - `backoff`: jittered exponential backoff for reconnecting clients
+//! - `transport`: every gRPC server and client endpoint (TLS, token, keepalive)
+//! - `secret`: secrets from the environment that never print
 
 pub mod adam;
 pub mod advantage;
@@ -22,9 +25,12 @@ pub mod error;
 pub mod model;
 pub mod ppo;
 pub mod prom;
+pub mod reward;
+pub mod secret;
 pub mod tensor;
 pub mod text_model;
 pub mod trajectory;
+pub mod transport;
 pub mod vtrace;
 
 pub use config::Config;

@@ -24,6 +24,8 @@ pub enum LearnerError {
     Diverged(String),
     #[error("grpc server: {0}")]
     Server(#[from] tonic::transport::Error),
+    #[error(transparent)]
+    Transport(#[from] spur_core::transport::TransportError),
     #[error("training thread panicked")]
     TrainerPanicked,
     #[error(

@@ -12,14 +12,15 @@ use std::time::Duration;
 
 use spur_core::backoff::Backoff;
 use spur_core::config::IntrinsicConfig;
+use spur_core::reward::repeat_decay;
 use spur_core::text_model::CharCnn;
+use spur_core::transport::Connector;
 use spur_proto::v1::reward_service_client::RewardServiceClient;
 use spur_proto::v1::{
     RewardModelRequest, RewardModelUpdate, RewardServiceStatus, RewardStatusRequest,
 };
 use spur_proto::MAX_MESSAGE_BYTES;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Endpoint;
 use tracing::{info, warn};
 
 /// The learner's copy of the reward model: the label table (`retrieval`) or the
@@ -242,7 +243,7 @@ impl RewardTable {
             .map(|(i, &r)| {
                 let ext = c.c_ext as f32 * r.clamp(-clip, clip);
                 let int = match (texts.get(i), counts.get(i)) {
-                    (Some(t), Some(&n)) if n > 0 => c.c_int * value(t) * (n as f64).powf(-c.beta),
+                    (Some(t), Some(&n)) if n > 0 => c.c_int * value(t) * repeat_decay(n, c.beta),
                     _ => 0.0,
                 };
                 intrinsic_sum += int;
@@ -255,24 +256,17 @@ impl RewardTable {
 
 /// Keeps `table` current until `stop` is cancelled, reconnecting with backoff. While
 /// the reward service is away the learner keeps the model it has.
-pub async fn subscribe(addr: String, table: Arc<RewardTable>, stop: CancellationToken) {
-    let endpoint = match Endpoint::from_shared(addr.clone()) {
-        Ok(e) => e.connect_timeout(Duration::from_secs(2)),
-        Err(e) => {
-            warn!(addr, error = %e, "bad reward service address, intrinsic rewards stay 0");
-            return;
-        }
-    };
-    let status = tokio::spawn(poll_status(endpoint.clone(), table.clone(), stop.clone()));
-    stop.run_until_cancelled(follow(addr, endpoint, table))
-        .await;
+pub async fn subscribe(reward: Connector, table: Arc<RewardTable>, stop: CancellationToken) {
+    let status = tokio::spawn(poll_status(reward.clone(), table.clone(), stop.clone()));
+    stop.run_until_cancelled(follow(reward, table)).await;
     let _ = status.await;
 }
 
-async fn follow(addr: String, endpoint: Endpoint, table: Arc<RewardTable>) {
+async fn follow(reward: Connector, table: Arc<RewardTable>) {
+    let addr = reward.addr();
     let mut backoff = Backoff::new(Duration::from_secs(5));
     loop {
-        let stream = match endpoint.connect().await {
+        let stream = match reward.connect().await {
             Ok(ch) => RewardServiceClient::new(ch)
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .subscribe_reward_model(RewardModelRequest {
@@ -318,13 +312,13 @@ async fn follow(addr: String, endpoint: Endpoint, table: Arc<RewardTable>) {
 }
 
 /// Keeps the reward service's counters in `table` until `stop` is cancelled.
-async fn poll_status(endpoint: Endpoint, table: Arc<RewardTable>, stop: CancellationToken) {
+async fn poll_status(reward: Connector, table: Arc<RewardTable>, stop: CancellationToken) {
     let mut client = None;
     let mut tick = tokio::time::interval(STATUS_POLL);
     while stop.run_until_cancelled(tick.tick()).await.is_some() {
         if client.is_none() {
             client = stop
-                .run_until_cancelled(endpoint.connect())
+                .run_until_cancelled(reward.connect())
                 .await
                 .and_then(|c| c.ok())
                 .map(RewardServiceClient::new);

@@ -1,6 +1,7 @@
 //! spur-learner: the central learner.
 //!
-//! [`serve`] binds the `spur.v1.Learner` gRPC service (plus gRPC health) and runs the
+//! [`serve`] binds the `spur.v1.Learner` gRPC service (plus gRPC health; the server,
+//! TLS, token and keepalive come from `spur_core::transport`) and runs the
 //! training thread until the env-step budget or target return is reached, or until
 //! `shutdown` resolves; either way it writes a final checkpoint; a finished run also
 //! tells actors to exit. Every start is a new incarnation (a random id in weights
@@ -40,6 +41,7 @@ use spur_core::device::resolve_device;
 use spur_core::env::env_spec;
 use spur_core::model::ActorCritic;
 use spur_core::trajectory::ChunkExpectation;
+use spur_core::transport::{bind_health, Transport};
 use spur_proto::v1::learner_server::LearnerServer;
 use spur_proto::MAX_MESSAGE_BYTES;
 use tokio::net::TcpListener;
@@ -65,6 +67,10 @@ const FLOW_WINDOW_BYTES: u32 = 64 * 1024;
 
 /// Name of the file in the run directory that holds the bound address.
 pub const ADDR_FILE: &str = "learner.addr";
+
+/// Name of the file in the run directory that holds the plain health port's address
+/// (with `learner.health_listen` set).
+pub const HEALTH_ADDR_FILE: &str = "learner.health.addr";
 
 #[derive(Debug, Clone)]
 pub struct LearnerOptions {
@@ -170,6 +176,16 @@ pub async fn serve(
     std::fs::create_dir_all(&run_dir).map_err(io_err)?;
     std::fs::write(run_dir.join("config.toml"), config.to_toml()).map_err(io_err)?;
     let drain = Duration::from_millis(config.run.drain_timeout_ms);
+    // Certificates, the token and the health port before any training work.
+    let transport = Transport::from_config(&config.transport)?;
+    let main_server = transport.server()?;
+    let reward_client = config
+        .intrinsic
+        .enabled
+        .then(|| transport.client(&config.reward_service.addr))
+        .transpose()?;
+    let health_listener =
+        bind_health("learner.health_listen", &config.learner.health_listen).await?;
     let incarnation = draw_incarnation();
 
     tch::set_num_threads(config.run.torch_threads as i32);
@@ -244,9 +260,9 @@ pub async fn serve(
         broadcaster: broadcaster.clone(),
         tasks: tasks.clone(),
     };
-    if let Some(table) = &intrinsic {
+    if let (Some(table), Some(client)) = (&intrinsic, reward_client) {
         tasks.spawn(intrinsic::subscribe(
-            config.reward_service.addr.clone(),
+            client,
             table.clone(),
             shared.stop.clone(),
         ));
@@ -322,17 +338,29 @@ pub async fn serve(
 
     let server_stop = CancellationToken::new();
     let server_stopped = server_stop.clone();
+    if let Some(listener) = health_listener {
+        let health_addr = listener.local_addr().map_err(io_err)?.to_string();
+        checkpoint::write_atomic(&run_dir.join(HEALTH_ADDR_FILE), health_addr.as_bytes())
+            .map_err(io_err)?;
+        tasks.spawn(transport.serve_health(
+            listener,
+            health.clone(),
+            server_stop.clone().cancelled_owned(),
+        ));
+    }
     let server = tokio::spawn(
-        tonic::transport::Server::builder()
+        main_server
             // Small HTTP/2 windows: chunks wait in the actors, not in socket buffers,
             // so the bounded queue is what sets the policy lag.
             .initial_stream_window_size(Some(FLOW_WINDOW_BYTES))
             .initial_connection_window_size(Some(FLOW_WINDOW_BYTES))
             .add_service(health)
             .add_service(
-                LearnerServer::new(service)
-                    .max_decoding_message_size(MAX_MESSAGE_BYTES)
-                    .max_encoding_message_size(MAX_MESSAGE_BYTES),
+                transport.guard(
+                    LearnerServer::new(service)
+                        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                        .max_encoding_message_size(MAX_MESSAGE_BYTES),
+                ),
             )
             .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
                 server_stopped.cancelled().await
@@ -352,8 +380,13 @@ pub async fn serve(
     reporter
         .set_not_serving::<LearnerServer<LearnerService>>()
         .await;
-    shared.stop.cancel(); // trajectory streams end
-                          // A finished run's last version tells actors to exit: let every subscriber get it.
+    // Trajectory streams end.
+    shared.stop.cancel();
+    // A finished run's last version tells actors to exit: every subscriber gets it
+    // before its stream ends. After a shutdown there is nothing more to send.
+    if !shared.training_finished.load(Ordering::Acquire) {
+        weights_stop.cancel();
+    }
     weight_streams.close();
     if tokio::time::timeout_at(deadline, weight_streams.wait())
         .await

@@ -20,6 +20,8 @@ pub enum ServiceError {
     Judge(String),
     #[error("grpc server: {0}")]
     Server(#[from] tonic::transport::Error),
+    #[error(transparent)]
+    Transport(#[from] spur_core::transport::TransportError),
     #[error("io: {0}")]
     Io(#[from] std::io::Error),
     #[error("a start-up task failed: {0}")]

@@ -35,6 +35,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use spur_core::config::{Config, JudgeKind, RewardModelKind};
+use spur_core::secret::Secret;
+use spur_core::transport::{bind_health, Transport};
 use spur_proto::v1::reward_service_server::RewardServiceServer;
 use spur_proto::MAX_MESSAGE_BYTES;
 use tokio::net::TcpListener;
@@ -58,13 +60,9 @@ use tasks::Tasks;
 /// Name of the file in the run directory that holds the bound address.
 pub const ADDR_FILE: &str = "reward_service.addr";
 
-/// ONI's repeat decay: the n-th occurrence of a text in an episode earns n^(-beta).
-pub fn repeat_decay(count: u32, beta: f64) -> f64 {
-    if count == 0 {
-        return 0.0;
-    }
-    (count as f64).powf(-beta)
-}
+/// Name of the file in the run directory that holds the plain health port's address
+/// (with `reward_service.health_listen` set).
+pub const HEALTH_ADDR_FILE: &str = "reward_service.health.addr";
 
 /// Builds the judge, its prompt and the key its labels are stored under.
 fn build_judge(
@@ -91,7 +89,7 @@ fn build_judge(
             Ok((Judge::Rules(rules), prompt, version))
         }
         JudgeKind::Openai => {
-            let api_key = std::env::var(&r.api_key_env).ok().filter(|k| !k.is_empty());
+            let api_key = Secret::from_env(&r.api_key_env);
             let settings = OpenAiSettings {
                 base_url: r.openai_base_url.clone(),
                 model: r.openai_model.clone(),
@@ -145,6 +143,13 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServiceError> {
     let drain = Duration::from_millis(config.run.drain_timeout_ms);
+    let transport = Transport::from_config(&config.transport)?;
+    let mut main_server = transport.server()?;
+    let health_listener = bind_health(
+        "reward_service.health_listen",
+        &config.reward_service.health_listen,
+    )
+    .await?;
     let (judge, prompt, prompt_version) = build_judge(&config, &opts.root)?;
     let cancel = CancellationToken::new();
     let tasks = Tasks::default();
@@ -157,13 +162,29 @@ pub async fn serve(
         cancel: cancel.clone(),
         tasks: tasks.clone(),
     };
+    if let Some(listener) = health_listener {
+        if let Some(dir) = &opts.run_dir {
+            let health_addr = listener.local_addr()?.to_string();
+            std::fs::create_dir_all(dir)?;
+            spur_core::checkpoint::write_atomic(
+                &dir.join(HEALTH_ADDR_FILE),
+                health_addr.as_bytes(),
+            )?;
+        }
+        tasks.spawn(
+            "plain health server",
+            transport.serve_health(listener, health.clone(), cancel.clone().cancelled_owned()),
+        );
+    }
     let mut server = tokio::spawn(
-        tonic::transport::Server::builder()
+        main_server
             .add_service(health)
             .add_service(
-                RewardServiceServer::new(grpc)
-                    .max_decoding_message_size(MAX_MESSAGE_BYTES)
-                    .max_encoding_message_size(MAX_MESSAGE_BYTES),
+                transport.guard(
+                    RewardServiceServer::new(grpc)
+                        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                        .max_encoding_message_size(MAX_MESSAGE_BYTES),
+                ),
             )
             .serve_with_incoming_shutdown(
                 TcpListenerStream::new(listener),
@@ -398,16 +419,4 @@ fn start_labeler(
         retry,
     ));
     Ok((labeler, distiller))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn repeats_fade_quickly() {
-        assert_eq!(repeat_decay(1, 3.0), 1.0);
-        assert!((repeat_decay(2, 3.0) - 0.125).abs() < 1e-12);
-        assert_eq!(repeat_decay(0, 3.0), 0.0);
-    }
 }

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use spur_core::config::Config;
+use spur_core::transport::{AuthChannel, Transport};
 use spur_learner::{LearnerOptions, TrainSummary};
 use spur_proto::v1::learner_client::LearnerClient;
 use spur_proto::v1::{LearnerStatus, StatusRequest};
@@ -18,6 +19,9 @@ use tonic_health::pb::HealthCheckRequest;
 pub struct TestLearner {
     pub addr: String,
     pub run_dir: PathBuf,
+    /// Built from the learner's `[transport]`: its clients present the learner's
+    /// certificate and token.
+    pub transport: Transport,
     pub handle: JoinHandle<Result<TrainSummary, spur_learner::LearnerError>>,
     stop: Option<oneshot::Sender<()>>,
 }
@@ -29,7 +33,8 @@ impl TestLearner {
         let run_dir = std::env::temp_dir().join(format!("spur-test-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&run_dir);
         let listener = TcpListener::bind("127.0.0.1:0").await?;
-        let addr = format!("http://{}", listener.local_addr()?);
+        let transport = Transport::from_config(&config.transport)?;
+        let addr = transport.url(&listener.local_addr()?.to_string());
         let (stop, stopped) = oneshot::channel::<()>();
         let opts = LearnerOptions {
             run_dir: run_dir.clone(),
@@ -38,22 +43,30 @@ impl TestLearner {
         let handle = tokio::spawn(spur_learner::serve(config, opts, listener, async {
             let _ = stopped.await;
         }));
-        wait_serving(&addr).await?;
+        wait_serving_with(&transport, &addr).await?;
         Ok(Self {
             addr,
             run_dir,
+            transport,
             handle,
             stop: Some(stop),
         })
     }
 
+    /// A plain client (no TLS, no token).
     pub async fn client(&self) -> anyhow::Result<LearnerClient<Channel>> {
         Ok(LearnerClient::connect(self.addr.clone()).await?)
     }
 
+    /// A client through [`TestLearner::transport`].
+    pub async fn auth_client(&self) -> anyhow::Result<LearnerClient<AuthChannel>> {
+        let channel = self.transport.client(&self.addr)?.connect().await?;
+        Ok(LearnerClient::new(channel))
+    }
+
     pub async fn status(&self) -> anyhow::Result<LearnerStatus> {
         Ok(self
-            .client()
+            .auth_client()
             .await?
             .get_status(StatusRequest {})
             .await?
@@ -91,8 +104,14 @@ impl TestLearner {
 
 /// Polls the gRPC health service until the learner reports SERVING.
 pub async fn wait_serving(addr: &str) -> anyhow::Result<()> {
+    wait_serving_with(&Transport::from_config(&Default::default())?, addr).await
+}
+
+/// [`wait_serving`] through `transport` (TLS, token).
+pub async fn wait_serving_with(transport: &Transport, addr: &str) -> anyhow::Result<()> {
+    let client = transport.client(addr)?;
     for _ in 0..200 {
-        if let Ok(channel) = Channel::from_shared(addr.to_string())?.connect().await {
+        if let Ok(channel) = client.connect().await {
             let mut h = HealthClient::new(channel);
             let req = HealthCheckRequest {
                 service: "spur.v1.Learner".into(),
@@ -120,7 +139,7 @@ pub fn spawn_actor(
     let (stop, stopped) = oneshot::channel::<()>();
     let opts = spur_actor::ActorOptions {
         actor_id: format!("actor-{index}"),
-        index,
+        index: Some(index),
         learner_addr: Some(addr.to_string()),
     };
     let handle = tokio::spawn(spur_actor::run(config.clone(), opts, async {

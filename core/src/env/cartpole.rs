@@ -84,6 +84,7 @@ impl Env for CartPole {
             truncated: !terminated && self.steps >= self.limit,
             success: !terminated && self.steps >= self.limit,
             expert_action: None,
+            lost: false,
         }
     }
 }

@@ -1,7 +1,8 @@
 //! Environments: the `Env` trait, the built-in `cartpole` and `keyroom`, the
 //! `EnvBatch` trait for envs stepped together (in process, or K at a time by a
-//! remote env server through the Python bridge), and `VecEnv`, which steps a batch in
-//! lock-step and starts the next episode of every env whose episode ended.
+//! remote env server through the Python bridge, which restarts bridges that die), and
+//! `VecEnv`, which steps a batch in lock-step and starts the next episode of every env
+//! whose episode ended or was lost with its bridge.
 
 mod cartpole;
 mod keyroom;
@@ -74,6 +75,11 @@ pub struct StepOutcome {
     /// The expert's action, when the environment patched a mismatch with it (the
     /// `replay` env); the step's action and reward stay the policy's.
     pub expert_action: Option<usize>,
+    /// The episode was lost with the env bridge that held it (the bridge died and was
+    /// restarted): the step did not happen, the other fields are zero, the env's
+    /// observation is the one before the step, and the env must be reset before it
+    /// is stepped again.
+    pub lost: bool,
 }
 
 /// A single environment with a discrete action space and a flat observation.
@@ -91,7 +97,8 @@ pub trait Env: Send {
 }
 
 /// Environments stepped together. An env whose episode ends keeps its last
-/// observation until [`reset`](EnvBatch::reset) starts its next one.
+/// observation until [`reset`](EnvBatch::reset) starts its next one; so does an env
+/// whose episode was [`lost`](StepOutcome::lost).
 pub trait EnvBatch: Send {
     fn spec(&self) -> &EnvSpec;
     fn num_envs(&self) -> usize;
@@ -110,6 +117,10 @@ pub trait EnvBatch: Send {
     /// A text picture of env `i`'s current state, for environments that have one.
     fn render_text(&self, _i: usize) -> Option<String> {
         None
+    }
+    /// Restarts (or reconnects) of env bridges tried so far.
+    fn restarts(&self) -> u64 {
+        0
     }
 }
 

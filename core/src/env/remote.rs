@@ -6,8 +6,13 @@
 //! (`python -m spur_bridge ... --exit-with-parent`) and stops them when dropped; with
 //! addresses it connects to servers someone else runs (a Kubernetes sidecar).
 //!
-//! A server that fails or answers out of protocol is an error for the caller: the
-//! envs' state is gone with it, so there is nothing to retry mid-episode.
+//! A server that dies (its process exits, or a call fails in transport) takes its
+//! envs' episodes with it: there is nothing to retry mid-episode. The batch restarts
+//! the bridge (for `env.remote`, reconnects to the address, resolving it again) with
+//! backoff, up to `env.bridge_restarts` times per server over its life, and reports
+//! the envs' episodes [`lost`](super::StepOutcome::lost) so that the caller starts new
+//! ones; once the budget is spent the failure is an error naming the server. A server
+//! that answers out of protocol is an error at once.
 
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader};
@@ -18,7 +23,7 @@ use std::time::Duration;
 use spur_proto::v1::env_service_client::EnvServiceClient;
 use spur_proto::v1::{EnvSpecReply, EnvSpecRequest, RenderRequest, ResetRequest, StepRequest};
 use tonic::transport::{Channel, Endpoint};
-use tracing::info;
+use tracing::{info, warn};
 
 use super::{EnvBatch, EnvSpec, ObsField, StepOutcome};
 use crate::config::EnvConfig;
@@ -37,6 +42,18 @@ const READY: &str = "SPUR_BRIDGE_LISTENING ";
 /// A bridge process this side started; killed when dropped.
 pub struct BridgeProcess {
     child: Child,
+}
+
+impl BridgeProcess {
+    /// The process id (as in the "env bridge started" log line).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The exit status, once the process has ended.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
 }
 
 impl Drop for BridgeProcess {
@@ -128,7 +145,17 @@ impl BridgeProcess {
         });
         let mut process = BridgeProcess { child };
         match rx.recv_timeout(START_TIMEOUT) {
-            Ok(port) => Ok((process, format!("127.0.0.1:{port}"))),
+            Ok(port) => {
+                let addr = format!("127.0.0.1:{port}");
+                info!(
+                    pid = process.pid(),
+                    addr,
+                    env = config.gym_id,
+                    num_envs,
+                    "env bridge started"
+                );
+                Ok((process, addr))
+            }
             Err(_) => {
                 // Either it exited (the channel closed) or it hung: stop it, then explain.
                 let _ = process.child.kill();
@@ -231,13 +258,39 @@ fn decode_f32(addr: &str, bytes: &[u8], out: &mut [f32]) -> Result<(), EnvError>
     Ok(())
 }
 
+/// One env server of a batch, as [`RemoteBatch::bridges`] lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BridgeInfo {
+    /// Where it serves now (a restarted bridge listens on a new port).
+    pub addr: String,
+    /// Its envs, as indices into the batch.
+    pub envs: std::ops::Range<usize>,
+    /// The bridge process, when the batch started it (`None` for `env.remote`).
+    pub pid: Option<u32>,
+    /// Restarts (or reconnects) of it tried so far.
+    pub restarts: u32,
+}
+
 struct Server {
+    /// Position among the batch's servers (0-based), for messages.
+    index: usize,
+    /// Where it serves: the bridge's loopback address, or the `env.remote` address
+    /// as configured (resolved again on every reconnect).
     addr: String,
     client: EnvServiceClient<Channel>,
     /// Index of this server's first env in the batch.
     offset: usize,
     envs: usize,
-    _process: Option<BridgeProcess>,
+    /// The bridge process, when this batch started it; `None` for `env.remote`.
+    process: Option<BridgeProcess>,
+    /// Whether this batch started it (and so restarts it rather than reconnecting).
+    own: bool,
+    /// Pid of the newest bridge process, kept for messages after it is gone.
+    pid: Option<u32>,
+    /// Restarts (or reconnects) tried so far, over the batch's life.
+    restarts: u32,
+    /// Restarted and not reset since: no env holds an episode, so it cannot step.
+    fresh: bool,
 }
 
 impl Server {
@@ -245,27 +298,215 @@ impl Server {
     fn envs_in_batch(&self) -> std::ops::Range<usize> {
         self.offset..self.offset + self.envs
     }
+
+    /// How messages name it: `bridge 2 of 4 (envs 8..16 at 127.0.0.1:40123, pid 812)`
+    /// or `server 10.0.0.7:50051 (envs 0..16)`.
+    fn describe(&self, of: usize) -> String {
+        let r = self.envs_in_batch();
+        if self.own {
+            let pid = self.pid.map_or(String::new(), |p| format!(", pid {p}"));
+            format!(
+                "bridge {} of {of} (envs {}..{} at {}{pid})",
+                self.index + 1,
+                r.start,
+                r.end,
+                self.addr
+            )
+        } else {
+            format!("server {} (envs {}..{})", self.addr, r.start, r.end)
+        }
+    }
+
+    /// The exit status of its bridge process, if that has ended.
+    fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.process.as_mut().and_then(BridgeProcess::exited)
+    }
 }
 
+/// Envs on env servers. A server that dies (its process exits, or a call fails in
+/// transport) is restarted, or for `env.remote` reconnected, up to
+/// `env.bridge_restarts` times with backoff; its envs' episodes are reported
+/// [`lost`](StepOutcome::lost) and the envs wait for a reset.
 pub struct RemoteBatch {
     rt: tokio::runtime::Runtime,
+    config: EnvConfig,
     servers: Vec<Server>,
     spec: EnvSpec,
     num_envs: usize,
+    /// Per env: its episode went with a restarted server and the caller has not been
+    /// told yet (it is, at the next step).
+    lost: Vec<bool>,
+    /// Restarts tried, all servers together.
+    restarts: u64,
 }
 
 /// A call in flight on the batch's runtime.
 type Call<T> = tokio::task::JoinHandle<Result<tonic::Response<T>, tonic::Status>>;
 
+/// Whether a failed call means the server is gone (or its envs are in an unknown
+/// state), so that restarting it is the way on; other codes are answers to a bad
+/// request and stay errors.
+fn server_is_gone(status: &tonic::Status) -> bool {
+    use tonic::Code;
+    matches!(
+        status.code(),
+        Code::Unavailable
+            | Code::Unknown
+            | Code::Cancelled
+            | Code::DeadlineExceeded
+            | Code::Internal
+            | Code::Aborted
+            | Code::DataLoss
+    )
+}
+
+/// How long to wait before the `attempt`-th try (1-based) of one recovery: the
+/// first at once, then 0.5 s doubling up to 8 s, with jitter.
+fn restart_delay(attempt: u32) -> Duration {
+    if attempt <= 1 {
+        return Duration::ZERO;
+    }
+    let base = Duration::from_millis(500) * 2u32.pow((attempt - 2).min(4));
+    base.mul_f64(rand::random_range(0.5..=1.0))
+}
+
+/// Checks that a server answering `reply` serves `config`'s env; returns its spec.
+fn check_server(config: &EnvConfig, addr: &str, reply: &EnvSpecReply) -> Result<EnvSpec, EnvError> {
+    if reply.env_id != config.gym_id {
+        return Err(protocol(
+            addr,
+            format!(
+                "serves {}, not env.gym_id = {}",
+                reply.env_id, config.gym_id
+            ),
+        ));
+    }
+    to_spec(addr, reply)
+}
+
 impl RemoteBatch {
-    /// Waits for `call` to server `s`, turning every failure into an [`EnvError`].
-    fn finish<T>(&self, s: &Server, call: Call<T>, what: &str) -> Result<T, EnvError> {
+    /// Waits for `call` to server `s`; a task failure is an error, a failed call is
+    /// returned as its status for the caller to judge.
+    fn wait<T>(
+        &self,
+        s: &Server,
+        call: Call<T>,
+        what: &str,
+    ) -> Result<Result<T, tonic::Status>, EnvError> {
         Ok(self
             .rt
             .block_on(call)
             .map_err(|e| protocol(&s.addr, format!("{what} call failed: {e}")))?
-            .map_err(|status| server_error(&s.addr, status))?
-            .into_inner())
+            .map(tonic::Response::into_inner))
+    }
+
+    /// The batch's servers: addresses, envs, bridge pids and restarts so far.
+    pub fn bridges(&self) -> Vec<BridgeInfo> {
+        self.servers
+            .iter()
+            .map(|s| BridgeInfo {
+                addr: s.addr.clone(),
+                envs: s.envs_in_batch(),
+                pid: s.process.as_ref().map(BridgeProcess::pid),
+                restarts: s.restarts,
+            })
+            .collect()
+    }
+
+    /// Handles a failed call to server `si`: restarts it if the failure means it is
+    /// gone, else returns the failure as an error.
+    fn on_failure(&mut self, si: usize, status: tonic::Status, what: &str) -> Result<(), EnvError> {
+        let exited = self.servers[si].exited();
+        if !server_is_gone(&status) && exited.is_none() {
+            return Err(server_error(&self.servers[si].addr, status));
+        }
+        let mut cause = format!(
+            "{what} call failed: {:?}: {}",
+            status.code(),
+            status.message()
+        );
+        if let Some(e) = exited {
+            cause.push_str(&format!(" (the bridge process exited: {e})"));
+        }
+        self.recover(si, cause)
+    }
+
+    /// Restarts (own bridge) or reconnects to (`env.remote`) server `si`, which is
+    /// gone because of `cause`, with backoff between tries and within the
+    /// `env.bridge_restarts` budget. Afterwards the server holds no episodes: all its
+    /// envs are marked lost and it must be reset before it is stepped.
+    fn recover(&mut self, si: usize, mut cause: String) -> Result<(), EnvError> {
+        let n = self.servers.len();
+        let limit = self.config.bridge_restarts;
+        // Stop what is left of the old process (dropping kills and reaps it).
+        self.servers[si].process = None;
+        warn!(bridge = %self.servers[si].describe(n), cause, "env bridge failed");
+        let mut attempt = 0;
+        loop {
+            let s = &mut self.servers[si];
+            if s.restarts >= limit {
+                return Err(EnvError::BridgeFailed {
+                    bridge: s.describe(n),
+                    restarts: s.restarts,
+                    message: cause,
+                });
+            }
+            attempt += 1;
+            std::thread::sleep(restart_delay(attempt));
+            s.restarts += 1;
+            self.restarts += 1;
+            metrics::counter!("spur_actor_bridge_restarts_total").increment(1);
+            match self.reconnect(si) {
+                Ok(()) => break,
+                // It answers, but serves something else: no restart will fix that.
+                Err(e @ EnvError::Protocol { .. }) => return Err(e),
+                Err(e) => {
+                    let bridge = self.servers[si].describe(n);
+                    warn!(%bridge, attempt, error = %e, "env bridge restart failed");
+                    cause = e.to_string();
+                }
+            }
+        }
+        let s = &mut self.servers[si];
+        s.fresh = true;
+        self.lost[s.envs_in_batch()].fill(true);
+        info!(
+            bridge = %s.describe(n),
+            restarts = s.restarts,
+            budget = limit,
+            "env bridge restarted; its envs start new episodes"
+        );
+        Ok(())
+    }
+
+    /// One try of [`recover`](Self::recover): a new bridge process, or a new
+    /// connection (and name resolution) to the `env.remote` address, checked to
+    /// serve the same env and env count.
+    fn reconnect(&mut self, si: usize) -> Result<(), EnvError> {
+        let s = &mut self.servers[si];
+        let (addr, process) = if s.own {
+            let (p, addr) = BridgeProcess::spawn(&self.config, s.envs)?;
+            (addr, Some(p))
+        } else {
+            (s.addr.clone(), None)
+        };
+        let (client, reply) = self.rt.block_on(connect(&addr))?;
+        let spec = check_server(&self.config, &addr, &reply)?;
+        if spec != self.spec || reply.num_envs as usize != s.envs {
+            return Err(protocol(
+                &addr,
+                format!(
+                    "after the restart it serves another spec or env count ({} envs; \
+                     before: {})",
+                    reply.num_envs, s.envs
+                ),
+            ));
+        }
+        s.pid = process.as_ref().map(BridgeProcess::pid);
+        s.process = process;
+        s.addr = addr;
+        s.client = client;
+        Ok(())
     }
 }
 
@@ -318,18 +559,9 @@ impl RemoteBatch {
         let mut servers = Vec::with_capacity(targets.len());
         let mut spec: Option<EnvSpec> = None;
         let mut offset = 0;
-        for (addr, process) in targets {
+        for (index, (addr, process)) in targets.into_iter().enumerate() {
             let (client, reply) = rt.block_on(connect(&addr))?;
-            if reply.env_id != config.gym_id {
-                return Err(protocol(
-                    &addr,
-                    format!(
-                        "serves {}, not env.gym_id = {}",
-                        reply.env_id, config.gym_id
-                    ),
-                ));
-            }
-            let s = to_spec(&addr, &reply)?;
+            let s = check_server(config, &addr, &reply)?;
             match &spec {
                 Some(first) if *first != s => {
                     return Err(protocol(
@@ -342,11 +574,16 @@ impl RemoteBatch {
             }
             let envs = reply.num_envs as usize;
             servers.push(Server {
+                index,
                 addr,
                 client,
                 offset,
                 envs,
-                _process: process,
+                own: process.is_some(),
+                pid: process.as_ref().map(BridgeProcess::pid),
+                process,
+                restarts: 0,
+                fresh: false,
             });
             offset += envs;
         }
@@ -362,16 +599,24 @@ impl RemoteBatch {
             num_envs = n,
             obs_dim = spec.obs_dim,
             num_actions = spec.num_actions,
+            bridge_restarts = config.bridge_restarts,
             "env servers ready"
         );
         Ok(Self {
             rt,
+            config: config.clone(),
             servers,
             spec,
             num_envs: n,
+            lost: vec![false; n],
+            restarts: 0,
         })
     }
 }
+
+/// Placeholder seed for the envs of a restarted server that a reset did not ask for:
+/// their episodes are reported lost at the next step, and started again properly.
+const PLACEHOLDER_SEED: u64 = 0;
 
 impl EnvBatch for RemoteBatch {
     fn spec(&self) -> &EnvSpec {
@@ -382,38 +627,88 @@ impl EnvBatch for RemoteBatch {
         self.num_envs
     }
 
+    fn restarts(&self) -> u64 {
+        self.restarts
+    }
+
     fn reset(&mut self, envs: &[usize], seeds: &[u64], obs: &mut [f32]) -> Result<(), EnvError> {
         let d = self.spec.obs_dim;
-        let mut calls = Vec::new();
-        for s in &self.servers {
-            let (mine, my_seeds): (Vec<u32>, Vec<u64>) = envs
-                .iter()
-                .zip(seeds)
-                .filter(|(&i, _)| s.envs_in_batch().contains(&i))
-                .map(|(&i, &seed)| ((i - s.offset) as u32, seed))
-                .unzip();
-            if mine.is_empty() {
+        // Per server: its envs to reset (local indices) with their seeds.
+        let mut asks: Vec<Vec<(u32, u64)>> = self
+            .servers
+            .iter()
+            .map(|s| {
+                envs.iter()
+                    .zip(seeds)
+                    .filter(|(&i, _)| s.envs_in_batch().contains(&i))
+                    .map(|(&i, &seed)| ((i - s.offset) as u32, seed))
+                    .collect()
+            })
+            .collect();
+        for (si, ask) in asks.iter().enumerate() {
+            if ask.is_empty() {
                 continue;
             }
-            let mut client = s.client.clone();
-            let request = ResetRequest {
-                env_indices: mine.clone(),
-                seeds: my_seeds,
-            };
-            calls.push((
-                s,
-                mine,
-                self.rt.spawn(async move { client.reset(request).await }),
-            ));
+            if let Some(e) = self.servers[si].exited() {
+                self.recover(si, format!("the bridge process exited: {e}"))?;
+            }
         }
-        let mut firsts = Vec::new();
-        for (s, mine, call) in calls {
-            let reply = self.finish(s, call, "reset")?;
-            firsts.resize(mine.len() * d, 0.0);
-            decode_f32(&s.addr, &reply.observations, &mut firsts)?;
-            for (first, &local) in firsts.chunks_exact(d).zip(&mine) {
-                let i = s.offset + local as usize;
-                obs[i * d..(i + 1) * d].copy_from_slice(first);
+        // Until every server has answered; a server that dies on the way is restarted
+        // (which `recover` bounds) and asked again.
+        while asks.iter().any(|a| !a.is_empty()) {
+            let mut calls = Vec::new();
+            for (si, s) in self.servers.iter().enumerate() {
+                if asks[si].is_empty() {
+                    continue;
+                }
+                // A restarted server steps only with every env reset: those not asked
+                // for get a placeholder episode (they are reported lost anyway).
+                let mut request = ResetRequest::default();
+                if s.fresh {
+                    for local in 0..s.envs as u32 {
+                        let seed = asks[si]
+                            .iter()
+                            .find(|(l, _)| *l == local)
+                            .map_or(PLACEHOLDER_SEED, |&(_, seed)| seed);
+                        request.env_indices.push(local);
+                        request.seeds.push(seed);
+                    }
+                } else {
+                    (request.env_indices, request.seeds) = asks[si].iter().copied().unzip();
+                }
+                let mut client = s.client.clone();
+                calls.push((si, request.env_indices.clone(), {
+                    self.rt.spawn(async move { client.reset(request).await })
+                }));
+            }
+            let mut replies = Vec::with_capacity(calls.len());
+            for (si, asked, call) in calls {
+                replies.push((si, asked, self.wait(&self.servers[si], call, "reset")?));
+            }
+            let mut firsts = Vec::new();
+            for (si, asked, reply) in replies {
+                let reply = match reply {
+                    Ok(r) => r,
+                    Err(status) => {
+                        self.on_failure(si, status, "reset")?;
+                        continue; // asked again on the restarted server
+                    }
+                };
+                let s = &mut self.servers[si];
+                firsts.resize(asked.len() * d, 0.0);
+                decode_f32(&s.addr, &reply.observations, &mut firsts)?;
+                s.fresh = false;
+                for (first, &local) in firsts.chunks_exact(d).zip(&asked) {
+                    if !asks[si].iter().any(|(l, _)| *l == local) {
+                        // A placeholder episode: reported lost at the next step.
+                        self.lost[s.offset + local as usize] = true;
+                        continue;
+                    }
+                    let i = s.offset + local as usize;
+                    obs[i * d..(i + 1) * d].copy_from_slice(first);
+                    self.lost[i] = false;
+                }
+                asks[si].clear();
             }
         }
         Ok(())
@@ -427,19 +722,67 @@ impl EnvBatch for RemoteBatch {
         outcomes: &mut [StepOutcome],
     ) -> Result<(), EnvError> {
         let d = self.spec.obs_dim;
+        let n = self.servers.len();
+        // A bridge that exited since the last call is restarted before anything is
+        // sent to it; it is not stepped this time.
+        let mut skip = vec![false; n];
+        for (si, skip) in skip.iter_mut().enumerate() {
+            if let Some(e) = self.servers[si].exited() {
+                self.recover(si, format!("the bridge process exited: {e}"))?;
+                *skip = true;
+            } else if self.servers[si].fresh {
+                return Err(EnvError::Config(format!(
+                    "env {}: its envs lost their episodes in a restart and must be reset \
+                     before they are stepped",
+                    self.servers[si].describe(n)
+                )));
+            }
+        }
         let calls: Vec<_> = self
             .servers
             .iter()
-            .map(|s| {
-                let mut client = s.client.clone();
-                let request = StepRequest {
-                    actions: actions[s.envs_in_batch()].to_vec(),
-                };
-                self.rt.spawn(async move { client.step(request).await })
+            .zip(&skip)
+            .map(|(s, &skip)| {
+                (!skip).then(|| {
+                    let mut client = s.client.clone();
+                    let request = StepRequest {
+                        actions: actions[s.envs_in_batch()].to_vec(),
+                    };
+                    self.rt.spawn(async move { client.step(request).await })
+                })
             })
             .collect();
+        // Every reply is awaited before any is handled, so a restart does not leave
+        // the other servers' steps unread.
+        let mut replies = Vec::with_capacity(n);
         for (s, call) in self.servers.iter().zip(calls) {
-            let r = self.finish(s, call, "step")?;
+            replies.push(match call {
+                Some(call) => Some(self.wait(s, call, "step")?),
+                None => None,
+            });
+        }
+        for (si, reply) in replies.into_iter().enumerate() {
+            let reply = match reply {
+                Some(Ok(r)) => Some(r),
+                Some(Err(status)) => {
+                    self.on_failure(si, status, "step")?;
+                    None
+                }
+                None => None,
+            };
+            let s = &self.servers[si];
+            let Some(r) = reply else {
+                // Restarted: the step did not happen, and every episode is gone.
+                for i in s.envs_in_batch() {
+                    outcomes[i] = StepOutcome {
+                        lost: true,
+                        ..StepOutcome::default()
+                    };
+                    texts[i].clear();
+                    self.lost[i] = false;
+                }
+                continue;
+            };
             let k = s.envs;
             if r.rewards.len() != k
                 || r.terminated.len() != k
@@ -460,26 +803,47 @@ impl EnvBatch for RemoteBatch {
                     ),
                 ));
             }
-            let range = s.envs_in_batch();
-            decode_f32(
-                &s.addr,
-                &r.observations,
-                &mut obs[range.start * d..range.end * d],
-            )?;
+            if r.observations.len() != k * d * 4 {
+                return Err(protocol(
+                    &s.addr,
+                    format!(
+                        "{} observation bytes, expected {} ({k} envs of {d} floats)",
+                        r.observations.len(),
+                        k * d * 4
+                    ),
+                ));
+            }
             for (j, text) in r.texts.into_iter().enumerate() {
                 let i = s.offset + j;
+                if self.lost[i] {
+                    // Its episode went with an earlier restart (one that a reset ran
+                    // into); this step was a placeholder's.
+                    outcomes[i] = StepOutcome {
+                        lost: true,
+                        ..StepOutcome::default()
+                    };
+                    texts[i].clear();
+                    self.lost[i] = false;
+                    continue;
+                }
                 if !r.rewards[j].is_finite() {
                     return Err(protocol(
                         &s.addr,
                         format!("env {j} returned reward {}", r.rewards[j]),
                     ));
                 }
+                decode_f32(
+                    &s.addr,
+                    &r.observations[j * d * 4..(j + 1) * d * 4],
+                    &mut obs[i * d..(i + 1) * d],
+                )?;
                 outcomes[i] = StepOutcome {
                     reward: r.rewards[j],
                     terminated: r.terminated[j],
                     truncated: r.truncated[j] && !r.terminated[j],
                     success: r.success[j],
                     expert_action: None,
+                    lost: false,
                 };
                 texts[i] = text;
             }

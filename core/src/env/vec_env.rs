@@ -7,10 +7,16 @@
 //! which is also their group id (UI-S1). Usually that is one episode per env; an env
 //! whose episode ends early may run the same task again. Filling groups in start
 //! order keeps a group's episodes close in time, so none of them waits long.
+//!
+//! An episode lost with a restarted env bridge ends truncated at the step that
+//! failed (see [`VecEnv::step`] for why truncated); its group takes no further
+//! episodes, and its env starts a new episode like any other.
 
 use std::collections::HashMap;
 
 use spur_proto::v1::EpisodeSummary;
+
+use tracing::warn;
 
 use super::{Env, EnvBatch, EnvSpec, LocalBatch, StepOutcome};
 use crate::error::EnvError;
@@ -57,6 +63,8 @@ pub struct VecEnv {
     block_groups: Vec<u64>,
     /// Per env: the group of the current episode.
     group_ids: Vec<u64>,
+    /// Episodes lost with a restarted env bridge, so far.
+    lost_episodes: u64,
     out: VecStep,
 }
 
@@ -109,6 +117,7 @@ impl VecEnv {
             block_filled: vec![group_size; n / group_size],
             block_groups: vec![0; n / group_size],
             group_ids: vec![0; n],
+            lost_episodes: 0,
             out: VecStep {
                 rewards: vec![0.0; n],
                 terminated: vec![0; n],
@@ -159,6 +168,16 @@ impl VecEnv {
         self.group_size
     }
 
+    /// Episodes lost so far because the env bridge that held them died.
+    pub fn lost_episodes(&self) -> u64 {
+        self.lost_episodes
+    }
+
+    /// Env bridge restarts (or reconnects) tried so far.
+    pub fn bridge_restarts(&self) -> u64 {
+        self.batch.restarts()
+    }
+
     /// Starts the next episode of every env in `self.ended`, in env order, with one
     /// batch reset.
     fn start_episodes(&mut self) -> Result<(), EnvError> {
@@ -204,7 +223,9 @@ impl VecEnv {
     }
 
     /// Steps every env with its action; ended episodes are reset, so
-    /// [`observations`](Self::observations) is the next input for every env.
+    /// [`observations`](Self::observations) is the next input for every env. An
+    /// episode lost with its env bridge ends here, truncated, with reward 0 and the
+    /// step's own observation as its final observation.
     pub fn step(&mut self, actions: &[i64]) -> Result<&VecStep, EnvError> {
         assert_eq!(actions.len(), self.num_envs(), "one action per env");
         let d = self.spec.obs_dim;
@@ -216,10 +237,36 @@ impl VecEnv {
             &mut self.out.texts,
             &mut self.outcomes,
         )?;
+        let mut lost = 0;
         for i in 0..actions.len() {
-            let text = &self.out.texts[i];
             let obs = &self.obs[i * d..(i + 1) * d];
             let o = self.outcomes[i];
+            if o.lost {
+                // The step did not happen: the env's bridge died and its episode with
+                // it. The episode ends here as *truncated*, with reward 0 and this
+                // step's own observation (the last one the episode produced, still in
+                // the env's slot) as its final observation. The learner then cuts
+                // V-trace/GAE traces at this step, so nothing of the env's next episode
+                // flows into this one, and bootstraps the step from V(obs): the target
+                // is gamma * V(obs) instead of the unknown r + gamma * V(next). That
+                // one made-up transition has the same TD error whatever action was
+                // taken, so in expectation it pushes the policy towards no action.
+                // `terminated` would instead teach that this state is worth 0 (a
+                // false death) and bias every earlier step of the episode. A lost
+                // episode has no summary: its return was not earned to the end.
+                self.out.rewards[i] = 0.0;
+                self.out.expert_actions[i] = -1;
+                self.out.terminated[i] = 0;
+                self.out.truncated[i] = 1;
+                self.out.texts[i].clear();
+                self.out.event_counts[i] = 0;
+                self.out.final_observations.extend_from_slice(obs);
+                self.abandon_group(i);
+                lost += 1;
+                self.ended.push(i);
+                continue;
+            }
+            let text = &self.out.texts[i];
             self.out.event_counts[i] = if text.is_empty() {
                 0
             } else {
@@ -245,8 +292,30 @@ impl VecEnv {
                 self.ended.push(i);
             }
         }
+        if lost > 0 {
+            self.lost_episodes += lost;
+            metrics::counter!("spur_actor_lost_episodes_total").increment(lost);
+            warn!(
+                lost,
+                lost_episodes = self.lost_episodes,
+                bridge_restarts = self.batch.restarts(),
+                "episodes lost with a restarted env bridge end truncated; their envs start new ones"
+            );
+        }
         self.start_episodes()?;
         Ok(&self.out)
+    }
+
+    /// Takes no more episodes into the group of env `i`'s current episode, which was
+    /// lost: the group cannot be whole. The block's next episode opens a new group,
+    /// so the envs restarted with the bridge start whole groups again.
+    fn abandon_group(&mut self, i: usize) {
+        if self.group_size > 1 {
+            let j = i / self.group_size;
+            if self.block_group[j] == self.group_ids[i] {
+                self.block_filled[j] = self.group_size;
+            }
+        }
     }
 }
 
@@ -321,6 +390,211 @@ mod tests {
         v.step(&[4, 4]).unwrap(); // both end: group 3 opens and takes both
         assert_ne!(v.group_ids()[0], second);
         assert_eq!(v.group_ids()[0], v.group_ids()[1]);
+    }
+
+    /// In-process envs whose "bridge" dies once: at step `lose_at` the envs in
+    /// `lose` are not stepped and are reported lost, as `RemoteBatch` reports the
+    /// envs of a restarted bridge. Stepping a lost env before its reset panics.
+    struct Flaky {
+        inner: LocalBatch,
+        lose_at: usize,
+        lose: Vec<usize>,
+        steps: usize,
+        unreset: Vec<bool>,
+    }
+
+    impl Flaky {
+        fn new(envs: Vec<Box<dyn Env>>, lose_at: usize, lose: Vec<usize>) -> Box<Self> {
+            let n = envs.len();
+            Box::new(Self {
+                inner: LocalBatch::new(envs),
+                lose_at,
+                lose,
+                steps: 0,
+                unreset: vec![false; n],
+            })
+        }
+    }
+
+    impl EnvBatch for Flaky {
+        fn spec(&self) -> &EnvSpec {
+            self.inner.spec()
+        }
+        fn num_envs(&self) -> usize {
+            self.inner.num_envs()
+        }
+        fn reset(
+            &mut self,
+            envs: &[usize],
+            seeds: &[u64],
+            obs: &mut [f32],
+        ) -> Result<(), EnvError> {
+            for &i in envs {
+                self.unreset[i] = false;
+            }
+            self.inner.reset(envs, seeds, obs)
+        }
+        fn step(
+            &mut self,
+            actions: &[i64],
+            obs: &mut [f32],
+            texts: &mut [String],
+            outcomes: &mut [StepOutcome],
+        ) -> Result<(), EnvError> {
+            assert!(
+                !self.unreset.contains(&true),
+                "a lost env was stepped before its reset"
+            );
+            self.steps += 1;
+            let d = self.inner.spec().obs_dim;
+            let before = obs.to_vec();
+            self.inner.step(actions, obs, texts, outcomes)?;
+            if self.steps == self.lose_at {
+                for &i in &self.lose {
+                    obs[i * d..(i + 1) * d].copy_from_slice(&before[i * d..(i + 1) * d]);
+                    texts[i].clear();
+                    outcomes[i] = StepOutcome {
+                        lost: true,
+                        ..StepOutcome::default()
+                    };
+                    self.unreset[i] = true;
+                }
+            }
+            Ok(())
+        }
+        fn restarts(&self) -> u64 {
+            (self.steps >= self.lose_at) as u64
+        }
+    }
+
+    /// The columns of a chunk as the actor records them.
+    #[derive(Default)]
+    struct Rows {
+        obs: Vec<Vec<f32>>,
+        episode_ids: Vec<Vec<i64>>,
+        step_indices: Vec<Vec<i64>>,
+        group_ids: Vec<Vec<u64>>,
+        rewards: Vec<Vec<f32>>,
+        terminated: Vec<Vec<u8>>,
+        truncated: Vec<Vec<u8>>,
+        finals: Vec<Vec<f32>>,
+        finished: usize,
+    }
+
+    fn record(v: &mut VecEnv, steps: usize, action: i64) -> Rows {
+        let mut r = Rows::default();
+        for _ in 0..steps {
+            r.obs.push(v.observations().to_vec());
+            r.episode_ids.push(v.episode_ids().to_vec());
+            r.step_indices.push(v.step_indices().to_vec());
+            r.group_ids.push(v.group_ids().to_vec());
+            let out = v.step(&vec![action; v.num_envs()]).unwrap();
+            r.rewards.push(out.rewards.clone());
+            r.terminated.push(out.terminated.clone());
+            r.truncated.push(out.truncated.clone());
+            r.finals.push(out.final_observations.clone());
+            r.finished += out.finished.len();
+        }
+        r
+    }
+
+    /// What the learner relies on: within an env's column, a step continues the
+    /// previous step's episode (same id, next index) unless that step ended it.
+    fn assert_columns_consistent(r: &Rows) {
+        let n = r.episode_ids[0].len();
+        for t in 1..r.episode_ids.len() {
+            for i in 0..n {
+                let ended = r.terminated[t - 1][i] == 1 || r.truncated[t - 1][i] == 1;
+                if ended {
+                    assert_ne!(
+                        r.episode_ids[t][i],
+                        r.episode_ids[t - 1][i],
+                        "env {i} t {t}"
+                    );
+                    assert_eq!(r.step_indices[t][i], 0, "env {i} t {t}");
+                } else {
+                    assert_eq!(
+                        r.episode_ids[t][i],
+                        r.episode_ids[t - 1][i],
+                        "env {i} t {t}"
+                    );
+                    assert_eq!(
+                        r.step_indices[t][i],
+                        r.step_indices[t - 1][i] + 1,
+                        "env {i} t {t}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_lost_episode_ends_truncated_at_its_last_observation() {
+        let envs: Vec<Box<dyn Env>> = (0..3)
+            .map(|_| Box::new(CartPole::new(Some(50))) as _)
+            .collect();
+        let d = 4;
+        // Env 1's bridge dies on the 4th step.
+        let mut v = VecEnv::from_batch(Flaky::new(envs, 4, vec![1]), 3, 1).unwrap();
+        let r = record(&mut v, 8, 1);
+        let lost_row = 3;
+        assert_eq!(r.truncated[lost_row], vec![0, 1, 0]);
+        assert_eq!(r.terminated[lost_row], vec![0, 0, 0]);
+        assert_eq!(r.rewards[lost_row], vec![1.0, 0.0, 1.0]);
+        // Its final observation is the observation of the step that failed, so the
+        // learner bootstraps from a state the episode really reached.
+        assert_eq!(r.finals[lost_row], r.obs[lost_row][d..2 * d].to_vec());
+        // Not an episode that finished: no summary for its partial return.
+        assert_eq!(r.finished, 0);
+        assert_eq!(v.lost_episodes(), 1);
+        assert_eq!(v.bridge_restarts(), 1);
+        // The env goes on with a fresh episode from a fresh seed; the others do not
+        // notice.
+        let next = lost_row + 1;
+        assert_eq!(r.episode_ids[next], vec![0, 3, 2]);
+        assert_eq!(r.step_indices[next], vec![4, 0, 4]);
+        assert_ne!(r.obs[next][d..2 * d], r.obs[lost_row][d..2 * d]);
+        assert!(r.truncated[next..].iter().all(|t| t == &vec![0, 0, 0]));
+        assert_columns_consistent(&r);
+    }
+
+    #[test]
+    fn a_lost_episode_s_group_takes_no_new_episodes() {
+        use crate::env::KeyRoom;
+        // A block of two: env 0 ends after every step, env 1 after two.
+        let envs = || -> Vec<Box<dyn Env>> {
+            vec![
+                Box::new(KeyRoom::new(5, Some(1))),
+                Box::new(KeyRoom::new(5, Some(2))),
+            ]
+        };
+        // Step 1: env 0 ends and opens the block's second group, B. Step 2: env 0's
+        // episode in B ends and env 0's next one takes B's second slot; env 1's
+        // episode (of A) ends and opens the third group.
+        let mut v = VecEnv::grouped(envs(), 7, 2);
+        let a = v.group_ids()[0];
+        v.step(&[4, 4]).unwrap();
+        let b = v.group_ids()[0];
+        v.step(&[4, 4]).unwrap();
+        assert_eq!(v.group_ids()[0], b, "the healthy run fills B");
+        assert_ne!(v.group_ids()[1], b);
+
+        // The same, but env 0's episode in B is lost on step 2.
+        let mut v = VecEnv::from_batch(Flaky::new(envs(), 2, vec![0]), 7, 2).unwrap();
+        let r = record(&mut v, 3, 4);
+        assert_eq!(r.group_ids[0], vec![a, a], "the same seeds");
+        assert_eq!(r.group_ids[1][0], b);
+        assert_eq!(r.truncated[1], vec![1, 1]);
+        // Env 0's episodes ended by steps 1 and 3 and env 1's by step 2; the lost one
+        // has no summary.
+        assert_eq!(r.finished, 3);
+        // B, with a lost episode, cannot be whole and takes no more: env 0 and env 1
+        // start a new group together.
+        let c = r.group_ids[2][0];
+        assert!(c != a && c != b);
+        assert_eq!(r.group_ids[2], vec![c, c]);
+        assert_eq!(v.lost_episodes(), 1);
+        assert_columns_consistent(&r);
     }
 
     #[test]

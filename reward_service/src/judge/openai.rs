@@ -20,7 +20,8 @@ pub struct OpenAiSettings {
     /// Base URL up to and including `/v1`.
     pub base_url: String,
     pub model: String,
-    pub api_key: Option<String>,
+    /// Sent as a bearer token; prints as `<redacted>`.
+    pub api_key: Option<spur_core::secret::Secret>,
     pub timeout: Duration,
     pub retries: u32,
     pub max_tokens: u32,
@@ -166,7 +167,7 @@ impl OpenAiJudge {
         };
         let mut req = self.http.post(&url).json(&body);
         if let Some(key) = &self.settings.api_key {
-            req = req.bearer_auth(key);
+            req = req.bearer_auth(key.expose());
         }
         let send = tokio::time::timeout(self.settings.timeout, req.send());
         let resp = match send.await {
