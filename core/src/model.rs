@@ -719,6 +719,93 @@ mod tests {
         );
     }
 
+    fn memory_spec() -> EnvSpec {
+        use crate::env::Env;
+        crate::env::Memory::new(2, 1, None).spec()
+    }
+
+    fn with_core(core: CoreKind) -> ModelConfig {
+        ModelConfig {
+            hidden: vec![16],
+            core,
+            core_size: 8,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn recurrent_policies_carry_state_and_round_trip_their_core() {
+        let spec = memory_spec();
+        for (core, state_size) in [(CoreKind::Lstm, 16), (CoreKind::Gru, 8)] {
+            let a = ActorCritic::for_spec(&spec, &with_core(core), Device::Cpu).unwrap();
+            assert_eq!(a.state_size(), state_size);
+            let names: Vec<String> = a.var_store().variables().into_keys().collect();
+            assert!(names.iter().any(|k| k == "rnn.w_hh"), "{names:?}");
+            // Acting moves the state; the same observation from another state acts
+            // differently.
+            let obs = [1.0f32, 0.0, 0.0, 0.0, 0.0, 1.0];
+            let mut state = vec![0.0f32; 2 * state_size];
+            let (_, first) = a.act(&obs, &mut state, true);
+            assert!(state.iter().any(|&x| x != 0.0));
+            let (_, second) = a.act(&obs, &mut state, true);
+            assert_ne!(first, second);
+            // Weights (the core's included) travel in the safetensors payload.
+            let mut b = ActorCritic::for_spec(&spec, &with_core(core), Device::Cpu).unwrap();
+            b.load_safetensors(&a.to_safetensors(2, &HashMap::new()).unwrap())
+                .unwrap();
+            let (mut sa, mut sb) = (vec![0.5f32; 2 * state_size], vec![0.5f32; 2 * state_size]);
+            assert_eq!(a.act(&obs, &mut sa, true), b.act(&obs, &mut sb, true));
+            assert_eq!(sa, sb);
+            // A feedforward policy cannot take a recurrent one's weights.
+            let mut ff = ActorCritic::for_spec(&spec, &with_core(CoreKind::None), Device::Cpu)
+                .unwrap();
+            assert_eq!(ff.state_size(), 0);
+            assert!(ff
+                .load_safetensors(&a.to_safetensors(2, &HashMap::new()).unwrap())
+                .is_err());
+        }
+    }
+
+    #[test]
+    fn unrolled_sequences_reproduce_step_by_step_acting() {
+        let spec = memory_spec();
+        let (steps, n, d) = (7usize, 3usize, spec.obs_dim);
+        for core in [CoreKind::Lstm, CoreKind::Gru] {
+            let m = ActorCritic::for_spec(&spec, &with_core(core), Device::Cpu).unwrap();
+            let s = m.state_size();
+            let obs: Vec<f32> = (0..steps * n * d).map(|i| ((i * 7919) % 13) as f32 / 13.0).collect();
+            // Env 1 ends an episode after step 2, env 2 after steps 0 and 4.
+            let ended = |t: usize, b: usize| (b == 1 && t == 2) || (b == 2 && (t == 0 || t == 4));
+            let initial: Vec<f32> = (0..n * s).map(|i| (i as f32 * 0.37).sin() * 0.5).collect();
+            let mut state = initial.clone();
+            let (mut actions, mut log_probs, mut resets) = (Vec::new(), Vec::new(), Vec::new());
+            for t in 0..steps {
+                let (a, lp) = m.act(&obs[t * n * d..(t + 1) * n * d], &mut state, false);
+                actions.extend(a);
+                log_probs.extend(lp);
+                for b in 0..n {
+                    resets.push((t > 0 && ended(t - 1, b)) as u8 as f32);
+                }
+                let term: Vec<u8> = (0..n).map(|b| ended(t, b) as u8).collect();
+                reset_ended(&mut state, &term, &vec![0; n]);
+            }
+            let x = Tensor::from_slice(&obs).view([(steps * n) as i64, d as i64]);
+            let init = Tensor::from_slice(&initial).view([n as i64, s as i64]);
+            let r = Tensor::from_slice(&resets).view([steps as i64, n as i64]);
+            let u = m.unroll(&x, &init, &r);
+            let e = ActorCritic::evaluation(&u.logits, u.values, &Tensor::from_slice(&actions));
+            let again = Vec::<f32>::try_from(e.log_probs).unwrap();
+            for (i, (a, b)) in log_probs.iter().zip(&again).enumerate() {
+                assert!((a - b).abs() < 1e-5, "{core:?} step {i}: {a} vs {b}");
+            }
+            // Without the resets the sequence differs after the first episode end.
+            let u = m.unroll(&x, &init, &r.zeros_like());
+            let e = ActorCritic::evaluation(&u.logits, u.values, &Tensor::from_slice(&actions));
+            let carried = Vec::<f32>::try_from(e.log_probs).unwrap();
+            assert!(carried.iter().zip(&log_probs).any(|(a, b)| (a - b).abs() > 1e-4));
+        }
+    }
+
     fn nethack_spec() -> EnvSpec {
         use crate::env::ObsField;
         let field = |name: &str, shape: Vec<usize>| ObsField {
