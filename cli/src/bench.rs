@@ -191,7 +191,10 @@ pub async fn throughput(args: ThroughputArgs) -> anyhow::Result<std::process::Ex
     let cores = off_runtime(move || core_cost(&c, secs)).await?;
     println!(
         "\n{:<44} {:>12} {:>10}",
-        format!("recurrent core ({} wide), inference only", config.model.core_size),
+        format!(
+            "recurrent core ({} wide), inference only",
+            config.model.core_size
+        ),
         "env steps/s",
         "vs none"
     );

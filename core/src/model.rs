@@ -757,8 +757,8 @@ mod tests {
             assert_eq!(a.act(&obs, &mut sa, true), b.act(&obs, &mut sb, true));
             assert_eq!(sa, sb);
             // A feedforward policy cannot take a recurrent one's weights.
-            let mut ff = ActorCritic::for_spec(&spec, &with_core(CoreKind::None), Device::Cpu)
-                .unwrap();
+            let mut ff =
+                ActorCritic::for_spec(&spec, &with_core(CoreKind::None), Device::Cpu).unwrap();
             assert_eq!(ff.state_size(), 0);
             assert!(ff
                 .load_safetensors(&a.to_safetensors(2, &HashMap::new()).unwrap())
@@ -773,7 +773,9 @@ mod tests {
         for core in [CoreKind::Lstm, CoreKind::Gru] {
             let m = ActorCritic::for_spec(&spec, &with_core(core), Device::Cpu).unwrap();
             let s = m.state_size();
-            let obs: Vec<f32> = (0..steps * n * d).map(|i| ((i * 7919) % 13) as f32 / 13.0).collect();
+            let obs: Vec<f32> = (0..steps * n * d)
+                .map(|i| ((i * 7919) % 13) as f32 / 13.0)
+                .collect();
             // Env 1 ends an episode after step 2, env 2 after steps 0 and 4.
             let ended = |t: usize, b: usize| (b == 1 && t == 2) || (b == 2 && (t == 0 || t == 4));
             let initial: Vec<f32> = (0..n * s).map(|i| (i as f32 * 0.37).sin() * 0.5).collect();
@@ -802,7 +804,10 @@ mod tests {
             let u = m.unroll(&x, &init, &r.zeros_like());
             let e = ActorCritic::evaluation(&u.logits, u.values, &Tensor::from_slice(&actions));
             let carried = Vec::<f32>::try_from(e.log_probs).unwrap();
-            assert!(carried.iter().zip(&log_probs).any(|(a, b)| (a - b).abs() > 1e-4));
+            assert!(carried
+                .iter()
+                .zip(&log_probs)
+                .any(|(a, b)| (a - b).abs() > 1e-4));
         }
     }
 

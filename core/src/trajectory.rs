@@ -470,8 +470,13 @@ pub(crate) mod tests {
             assert!(err.contains("initial_state"), "{what}: {err}");
         }
         // A feedforward learner refuses chunks that carry a state.
-        let err = Chunk::from_proto(r.to_proto(), &WANT).unwrap_err().to_string();
-        assert!(err.contains("initial_state") && err.contains("model.core"), "{err}");
+        let err = Chunk::from_proto(r.to_proto(), &WANT)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("initial_state") && err.contains("model.core"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -220,7 +220,10 @@ mod tests {
         let again = Vec::<f32>::try_from(t.log_probs).unwrap();
         assert_eq!(again.len(), batch.behaviour_log_probs.len());
         for (i, (a, b)) in batch.behaviour_log_probs.iter().zip(&again).enumerate() {
-            assert!((a - b).abs() < 1e-5, "{what}: step {i}: actor {a}, learner {b}");
+            assert!(
+                (a - b).abs() < 1e-5,
+                "{what}: step {i}: actor {a}, learner {b}"
+            );
         }
     }
 

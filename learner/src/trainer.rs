@@ -453,11 +453,14 @@ impl Trainer {
                 (v, vf, to_vec(&lp))
             }),
             Some((all, _)) => tch::no_grad(|| {
-                let final_obs = (batch.truncated_count() > 0).then(|| {
-                    to_dev(&batch.final_observations, batch.truncated_count() as i64)
-                });
+                let final_obs = (batch.truncated_count() > 0)
+                    .then(|| to_dev(&batch.final_observations, batch.truncated_count() as i64));
                 let t = sequence_targets(&self.model, batch, all, &obs_all, final_obs, &actions);
-                (to_vec(&t.values), to_vec(&t.values_final), to_vec(&t.log_probs))
+                (
+                    to_vec(&t.values),
+                    to_vec(&t.values_final),
+                    to_vec(&t.log_probs),
+                )
             }),
         };
         let next_values = batch.next_values(&values_obs, &values_final);
