@@ -47,6 +47,8 @@ fn valid_chunk(incarnation: u64) -> TrajectoryChunk {
         group_size: 0,
         expert_actions: vec![],
         learner_incarnation: incarnation,
+        state_size: 0,
+        initial_state: vec![],
     }
     .to_proto()
 }

@@ -4,13 +4,15 @@
 //! Weights of a new learner incarnation (a restarted learner) end the chunk being
 //! filled: it was made under a version history the new learner does not have, so it
 //! is discarded and counted, and the next chunk starts with the new weights.
+//! A recurrent policy keeps one core state per env, zeroed when the env's episode
+//! ends, and every chunk carries each env's state at its first step.
 
 use std::sync::Arc;
 
 use spur_core::config::Config;
 use spur_core::device::resolve_device;
 use spur_core::env::{make_batch, VecEnv};
-use spur_core::model::ActorCritic;
+use spur_core::model::{reset_ended, ActorCritic};
 use spur_core::trajectory::Chunk;
 use tokio::runtime::Handle;
 use tokio::sync::{mpsc, watch};
@@ -71,6 +73,10 @@ impl Rollout {
         let device = resolve_device(&self.config.model.device);
         let mut model = ActorCritic::for_spec(&spec, &self.config.model, device)?;
         let mut stats = RolloutStats::default();
+        // One recurrent state per env (none for a feedforward policy), carried across
+        // chunks and weight swaps, zeroed when an episode ends.
+        let state_size = model.state_size();
+        let mut state = vec![0.0f32; n * state_size];
 
         // Act only with the learner's weights: wait for the first version.
         let mut held = loop {
@@ -121,6 +127,8 @@ impl Rollout {
                 group_ids: Vec::with_capacity(if grouped { t_len * n } else { 0 }),
                 group_size: if grouped { group_size as u32 } else { 0 },
                 expert_actions: Vec::with_capacity(if patched_env { t_len * n } else { 0 }),
+                state_size,
+                initial_state: state.clone(),
             };
             for _ in 0..t_len {
                 if let Some(h) = self.try_swap(&mut model, false) {
@@ -140,7 +148,7 @@ impl Rollout {
                     }
                 }
                 let obs = venv.observations();
-                let (actions, log_probs) = model.act(obs, false);
+                let (actions, log_probs) = model.act(obs, &mut state, false);
                 c.observations.extend_from_slice(obs);
                 c.episode_ids.extend_from_slice(venv.episode_ids());
                 c.step_indices.extend_from_slice(venv.step_indices());
@@ -156,6 +164,7 @@ impl Rollout {
                 }
                 c.terminated.extend_from_slice(&out.terminated);
                 c.truncated.extend_from_slice(&out.truncated);
+                reset_ended(&mut state, &out.terminated, &out.truncated);
                 c.final_observations
                     .extend_from_slice(&out.final_observations);
                 if spec.has_text {

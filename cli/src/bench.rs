@@ -2,7 +2,9 @@
 //! actions), inference-only steps/s (batched policy forward passes), a single actor's
 //! rollout loop without a learner (env + inference), and end-to-end env steps/s of
 //! local mode (learner and actors as processes, training for real). Ratios are
-//! against the env-only baseline measured in the same run.
+//! against the env-only baseline measured in the same run. Then the cost of a
+//! recurrent core: inference steps/s of the config's network without a core, with an
+//! LSTM and with a GRU (`model.core_size` wide), against the one without.
 //!
 //! `spur bench bridge`: CartPole-v1 stepped through the env bridge (random actions)
 //! against a plain Python loop over the same envs, and NetHack env steps/s of the
@@ -16,7 +18,7 @@ use anyhow::Context;
 use clap::Args;
 use rand::Rng;
 use spur_core::env::{make_batch, VecEnv};
-use spur_core::model::ActorCritic;
+use spur_core::model::{reset_ended, ActorCritic};
 use spur_core::Config;
 
 use crate::cluster::Cluster;
@@ -70,10 +72,11 @@ fn inference_only(config: &Config, secs: f64) -> anyhow::Result<f64> {
     let venv = vec_env(config)?;
     let model = cpu_policy(config, &venv)?;
     let obs = venv.observations().to_vec();
+    let mut state = vec![0.0f32; venv.num_envs() * model.state_size()];
     let (start, mut steps) = (Instant::now(), 0u64);
     while start.elapsed().as_secs_f64() < secs {
         for _ in 0..16 {
-            std::hint::black_box(model.act(&obs, false));
+            std::hint::black_box(model.act(&obs, &mut state, false));
         }
         steps += 16 * venv.num_envs() as u64;
     }
@@ -83,15 +86,33 @@ fn inference_only(config: &Config, secs: f64) -> anyhow::Result<f64> {
 fn rollout_only(config: &Config, secs: f64) -> anyhow::Result<f64> {
     let mut venv = vec_env(config)?;
     let model = cpu_policy(config, &venv)?;
+    let mut state = vec![0.0f32; venv.num_envs() * model.state_size()];
     let (start, mut steps) = (Instant::now(), 0u64);
     while start.elapsed().as_secs_f64() < secs {
         for _ in 0..16 {
-            let (actions, _) = model.act(venv.observations(), false);
-            venv.step(&actions)?;
+            let (actions, _) = model.act(venv.observations(), &mut state, false);
+            let out = venv.step(&actions)?;
+            reset_ended(&mut state, &out.terminated, &out.truncated);
         }
         steps += 16 * venv.num_envs() as u64;
     }
     Ok(steps as f64 / start.elapsed().as_secs_f64())
+}
+
+/// Inference steps/s of the config's network without a core, then with each core.
+fn core_cost(config: &Config, secs: f64) -> anyhow::Result<Vec<(String, f64)>> {
+    use spur_core::config::CoreKind;
+    let mut rows = Vec::new();
+    for (name, core) in [
+        ("  no core (feedforward)", CoreKind::None),
+        ("  lstm core", CoreKind::Lstm),
+        ("  gru core", CoreKind::Gru),
+    ] {
+        let mut c = config.clone();
+        c.model.core = core;
+        rows.push((name.to_string(), inference_only(&c, secs)?));
+    }
+    Ok(rows)
 }
 
 /// Runs `f` on a thread of its own: bridge envs run their own runtime, which cannot
@@ -165,6 +186,22 @@ pub async fn throughput(args: ThroughputArgs) -> anyhow::Result<std::process::Ex
         println!("{name:<44} {v:>12.0} {:>9.3}x", v / env);
     }
     println!("stale chunks dropped during the end-to-end run: {dropped}");
+
+    let c = config.clone();
+    let cores = off_runtime(move || core_cost(&c, secs)).await?;
+    println!(
+        "\n{:<44} {:>12} {:>10}",
+        format!(
+            "recurrent core ({} wide), inference only",
+            config.model.core_size
+        ),
+        "env steps/s",
+        "vs none"
+    );
+    let base = cores[0].1;
+    for (name, v) in &cores {
+        println!("{name:<44} {v:>12.0} {:>9.3}x", v / base);
+    }
     Ok(std::process::ExitCode::SUCCESS)
 }
 

@@ -1,6 +1,7 @@
 //! `spur eval CHECKPOINT`: plays N episodes with a checkpoint's policy (sampled, or
 //! greedy with `--greedy`), reports mean return, success rate and episode length, and for grid
-//! environments writes a text rendering of one episode.
+//! environments writes a text rendering of one episode. A recurrent policy carries its
+//! core state from step to step and starts every episode from zeros.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -173,8 +174,9 @@ pub fn evaluate(
         };
         record(0, env.as_ref(), "");
         let (mut ret, mut len) = (0.0f64, 0u32);
+        let mut state = vec![0.0f32; model.state_size()];
         loop {
-            let (action, _) = model.act(&obs, greedy);
+            let (action, _) = model.act(&obs, &mut state, greedy);
             env.step(&action, &mut obs, &mut text, &mut outcome)?;
             let out = outcome[0];
             ret += out.reward as f64;
@@ -248,8 +250,9 @@ fn semi_online(
         env.reset(i as u64, &mut obs);
         let expert_len = env.expert_len();
         let mut ok = 0usize;
+        let mut state = vec![0.0f32; model.state_size()];
         loop {
-            let (action, _) = model.act(&obs, greedy);
+            let (action, _) = model.act(&obs, &mut state, greedy);
             let out = env.step(action[0] as usize, &mut obs, &mut text);
             ok += out.reward as usize;
             if out.terminated || out.truncated {

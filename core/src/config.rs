@@ -284,6 +284,10 @@ pub enum EnvKind {
     /// Any Gymnasium id (NetHack and MiniHack included) through the Python bridge
     /// (`bridge/python`), `env.gym_id` with `env.num_envs` envs per actor.
     Gym,
+    /// A memory task: a cue shown only at the first step, `env.memory_delay` blank
+    /// steps, then a query whose rewarded action is the cue. A feedforward policy
+    /// cannot beat chance; a recurrent one can.
+    Memory,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -297,6 +301,10 @@ pub struct EnvConfig {
     pub max_episode_steps: u32,
     /// Interior side length of the keyroom grid.
     pub keyroom_size: u32,
+    /// `memory`: blank steps between the cue and the query.
+    pub memory_delay: u32,
+    /// `memory`: how many cues there are (and actions; chance is one in this many).
+    pub memory_cues: u32,
     /// `replay`: JSONL file of expert trajectories (`spur expert` writes one).
     pub replay_path: String,
     /// `replay`: patches per episode (a mismatch after they are spent ends it).
@@ -327,6 +335,8 @@ impl Default for EnvConfig {
             num_envs: 32,
             max_episode_steps: 0,
             keyroom_size: 5,
+            memory_delay: 4,
+            memory_cues: 2,
             replay_path: String::new(),
             replay_patches: 1,
             gym_id: String::new(),
@@ -350,7 +360,28 @@ pub struct ModelConfig {
     pub hidden: Vec<u32>,
     /// `auto` (CUDA when present), `cpu`, `cuda` or `cuda:N`.
     pub device: String,
+    /// Recurrent core between the torso and the policy and value heads: `none`
+    /// (feedforward), `lstm` or `gru`. With a core, the MLP's torso is shared by both
+    /// heads, actors carry one state per env and the learner re-runs each chunk's
+    /// sequence from the state it started with (truncated BPTT over the rollout).
+    pub core: CoreKind,
+    /// Width of the recurrent core's hidden state (an LSTM's state holds twice this:
+    /// hidden and cell).
+    pub core_size: u32,
 }
+
+/// The recurrent core of a policy.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum CoreKind {
+    #[default]
+    None,
+    Lstm,
+    Gru,
+}
+
+/// Widest recurrent core accepted (`model.core_size`).
+pub const MAX_CORE_SIZE: u32 = 4096;
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
@@ -366,6 +397,8 @@ impl Default for ModelConfig {
             arch: ModelArch::Auto,
             hidden: vec![64, 64],
             device: "auto".into(),
+            core: CoreKind::None,
+            core_size: 128,
         }
     }
 }
@@ -681,9 +714,24 @@ impl Config {
             "must be between 3 and 64",
         )?;
         check(
+            self.env.memory_delay <= 1000,
+            "env.memory_delay",
+            "must be at most 1000",
+        )?;
+        check(
+            (2..=16).contains(&self.env.memory_cues),
+            "env.memory_cues",
+            "must be between 2 and 16",
+        )?;
+        check(
             !self.model.hidden.is_empty() && self.model.hidden.iter().all(|&h| h > 0),
             "model.hidden",
             "must list at least one positive layer width",
+        )?;
+        check(
+            (1..=MAX_CORE_SIZE).contains(&self.model.core_size),
+            "model.core_size",
+            "must be between 1 and 4096",
         )?;
         check(
             crate::device::parse_device(&self.model.device).is_ok(),
@@ -1070,6 +1118,13 @@ mod tests {
         assert!(err.to_string().contains("env.remote"), "{err}");
         let err = Config::from_toml_str(&format!("{gym}crop = 8\n")).unwrap_err();
         assert!(err.to_string().contains("env.crop"), "{err}");
+        // Recurrent cores: a known kind and a sensible width.
+        let c = Config::from_toml_str("[model]\ncore = \"gru\"\ncore_size = 32\n").unwrap();
+        assert_eq!((c.model.core, c.model.core_size), (CoreKind::Gru, 32));
+        let err = Config::from_toml_str("[model]\ncore = \"transformer\"\n").unwrap_err();
+        assert!(err.to_string().contains("model.core"), "{err}");
+        let err = Config::from_toml_str("[model]\ncore = \"lstm\"\ncore_size = 0\n").unwrap_err();
+        assert!(err.to_string().contains("model.core_size"), "{err}");
     }
 
     #[test]

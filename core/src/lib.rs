@@ -2,8 +2,10 @@
 //!
 //! - `config`: the typed experiment config (TOML, `SPUR_*` variables, `--set` flags)
 //! - `tensor`, `trajectory`: wire tensors and trajectory chunks, strictly checked
-//! - `env`: the `Env` trait, `cartpole`, `keyroom` and the lock-step `VecEnv`
-//! - `model`: the tch MLP actor-critic and its safetensors weights
+//! - `env`: the `Env` trait, `cartpole`, `keyroom`, `memory` and the lock-step `VecEnv`
+//! - `model`: the tch actor-critics (MLP, NetHack network, optional recurrent core)
+//!   and their safetensors weights
+//! - `recurrent`: the LSTM and GRU cores
 //! - `vtrace`, `ppo`: the V-trace targets and the PPO loss
 //! - `checkpoint`: atomic, versioned checkpoints
 //! - `adam`: Adam whose moments go into checkpoints
@@ -25,6 +27,7 @@ pub mod error;
 pub mod model;
 pub mod ppo;
 pub mod prom;
+pub mod recurrent;
 pub mod reward;
 pub mod secret;
 pub mod tensor;

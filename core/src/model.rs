@@ -1,8 +1,12 @@
 //! The actor-critic policy (tch): either separate policy and value MLPs with tanh
 //! activations, or, for NetHack and MiniHack observations, a shared network of a
-//! glyph-crop CNN, a bottom-line-stats MLP and a char-level message encoder. Batched
-//! sampling for actors, log-prob/entropy/value evaluation for the learner, and weights
-//! as safetensors bytes with a version in the metadata.
+//! glyph-crop CNN, a bottom-line-stats MLP and a char-level message encoder. With a
+//! recurrent core (`model.core`), the torso (the MLP's layers, shared by both heads,
+//! or the NetHack network's) feeds an LSTM or GRU whose output feeds linear policy
+//! and value heads. Batched sampling for actors (carrying one core state per env),
+//! log-prob/entropy/value evaluation for the learner (one step at a time, or whole
+//! sequences from stored states), and weights as safetensors bytes with a version in
+//! the metadata.
 
 use std::collections::HashMap;
 
@@ -10,9 +14,10 @@ use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 use tch::nn::{self, Module};
 use tch::{Device, Kind, Tensor};
 
-use crate::config::{ModelArch, ModelConfig};
+use crate::config::{CoreKind, ModelArch, ModelConfig};
 use crate::env::EnvSpec;
 use crate::error::ModelError;
+use crate::recurrent::RecurrentCore;
 
 /// Metadata key holding the policy version inside a weights payload.
 pub const VERSION_KEY: &str = "spur.policy_version";
@@ -26,14 +31,23 @@ const MAX_GLYPH: i64 = 5976;
 pub struct ActorCritic {
     vs: nn::VarStore,
     body: Body,
+    /// The recurrent core between torso and heads, if any.
+    rnn: Option<RecurrentCore>,
     obs_dim: usize,
     num_actions: usize,
 }
 
 enum Body {
+    /// Feedforward only: separate policy and value MLPs.
     Mlp {
         policy: Vec<nn::Linear>,
         value: Vec<nn::Linear>,
+    },
+    /// Recurrent only: a tanh MLP torso shared by the heads, which read the core.
+    SharedMlp {
+        torso: Vec<nn::Linear>,
+        pi: nn::Linear,
+        v: nn::Linear,
     },
     NetHack(Box<NetHackNet>),
 }
@@ -62,8 +76,15 @@ struct NetHackNet {
 
 impl NetHackNet {
     /// The network for `spec`, whose fields must include `glyphs_crop` (square),
-    /// `blstats` and `message`.
-    fn new(path: &nn::Path, spec: &EnvSpec, core: i64, num_actions: i64) -> Result<Self, String> {
+    /// `blstats` and `message`; its heads read `head_in` features (the core layer's
+    /// `core`, or a recurrent core's output).
+    fn new(
+        path: &nn::Path,
+        spec: &EnvSpec,
+        core: i64,
+        head_in: i64,
+        num_actions: i64,
+    ) -> Result<Self, String> {
         let need = |name: &str| {
             spec.field(name)
                 .map(|(at, f)| (at as i64, f.shape.clone()))
@@ -105,8 +126,8 @@ impl NetHackNet {
             msg_emb: nn::embedding(path / "msg_emb", 256, 16, Default::default()),
             msg_conv: nn::conv1d(path / "msg_conv", 16, 64, 8, msg_conv),
             core: nn::linear(path / "core", 256 + 64 + 64, core, Default::default()),
-            pi: nn::linear(path / "pi", core, num_actions, Default::default()),
-            v: nn::linear(path / "v", core, 1, Default::default()),
+            pi: nn::linear(path / "pi", head_in, num_actions, Default::default()),
+            v: nn::linear(path / "v", head_in, 1, Default::default()),
         })
     }
 
@@ -147,6 +168,16 @@ impl NetHackNet {
             .amax(-1, false);
         Tensor::cat(&[g, stats, m], 1).apply(&self.core).elu()
     }
+}
+
+/// Output of [`ActorCritic::unroll`]: per step of the sequences, time-major.
+pub struct Unrolled {
+    /// `[L * B, num_actions]`.
+    pub logits: Tensor,
+    /// `[L * B]`.
+    pub values: Tensor,
+    /// `[L * B, state_size]`: the core state after each step.
+    pub states: Tensor,
 }
 
 /// Output of [`ActorCritic::evaluate`], all with gradients.
@@ -205,20 +236,30 @@ impl ActorCritic {
             ModelArch::Nethack => true,
             ModelArch::Auto => NETHACK_FIELDS.iter().all(|f| spec.field(f).is_some()),
         };
+        let recurrent = config.core != CoreKind::None;
         if !nethack {
-            return Ok(Self::new(
-                spec.obs_dim,
-                spec.num_actions,
-                &config.hidden,
-                device,
-            ));
+            if !recurrent {
+                return Ok(Self::new(
+                    spec.obs_dim,
+                    spec.num_actions,
+                    &config.hidden,
+                    device,
+                ));
+            }
+            return Ok(Self::recurrent_mlp(spec, config, device));
         }
         let vs = nn::VarStore::new(device);
         let core = config.hidden.first().copied().unwrap_or(256) as i64;
+        let head_in = if recurrent {
+            config.core_size as i64
+        } else {
+            core
+        };
         let net = NetHackNet::new(
             &(vs.root() / "nethack"),
             spec,
             core,
+            head_in,
             spec.num_actions as i64,
         )
         .map_err(ModelError::Weights)?;
@@ -226,12 +267,48 @@ impl ActorCritic {
         // Values start near 0 as well: large first value errors would reshape the shared
         // torso before the policy learns anything.
         near_uniform(&net.v);
+        let rnn = recurrent.then(|| {
+            RecurrentCore::new(
+                &(vs.root() / "rnn"),
+                config.core,
+                core,
+                config.core_size as i64,
+            )
+        });
         Ok(Self {
             vs,
             body: Body::NetHack(Box::new(net)),
+            rnn,
             obs_dim: spec.obs_dim,
             num_actions: spec.num_actions,
         })
+    }
+
+    /// The MLP torso (`config.hidden`, tanh) shared by both heads, with the core.
+    fn recurrent_mlp(spec: &EnvSpec, config: &ModelConfig, device: Device) -> Self {
+        let vs = nn::VarStore::new(device);
+        let root = vs.root();
+        let mut sizes = vec![spec.obs_dim as i64];
+        sizes.extend(config.hidden.iter().map(|&h| h as i64));
+        let torso = mlp(&(&root / "torso"), &sizes);
+        let width = *sizes.last().expect("sizes starts with obs_dim");
+        let size = config.core_size as i64;
+        let rnn = RecurrentCore::new(&(&root / "rnn"), config.core, width, size);
+        let pi = nn::linear(
+            &root / "pi",
+            size,
+            spec.num_actions as i64,
+            Default::default(),
+        );
+        let v = nn::linear(&root / "v", size, 1, Default::default());
+        near_uniform(&pi);
+        Self {
+            vs,
+            body: Body::SharedMlp { torso, pi, v },
+            rnn: Some(rnn),
+            obs_dim: spec.obs_dim,
+            num_actions: spec.num_actions,
+        }
     }
 
     /// The MLP architecture.
@@ -250,6 +327,7 @@ impl ActorCritic {
         Self {
             vs,
             body: Body::Mlp { policy, value },
+            rnn: None,
             obs_dim,
             num_actions,
         }
@@ -271,41 +349,113 @@ impl ActorCritic {
         self.num_actions
     }
 
+    /// Floats of recurrent state per env (0: feedforward).
+    pub fn state_size(&self) -> usize {
+        self.rnn.as_ref().map_or(0, |r| r.state_size() as usize)
+    }
+
+    pub fn is_recurrent(&self) -> bool {
+        self.rnn.is_some()
+    }
+
+    /// Logits per row of `obs` (with a recurrent core: each row from a zero state).
     pub fn logits(&self, obs: &Tensor) -> Tensor {
         match &self.body {
             Body::Mlp { policy, .. } => run_mlp(policy, obs),
-            Body::NetHack(n) => n.torso(obs).apply(&n.pi),
+            Body::NetHack(n) if self.rnn.is_none() => n.torso(obs).apply(&n.pi),
+            _ => self.logits_and_values(obs).0,
         }
     }
 
+    /// Values per row of `obs` (with a recurrent core: each row from a zero state).
     pub fn values(&self, obs: &Tensor) -> Tensor {
         match &self.body {
             Body::Mlp { value, .. } => run_mlp(value, obs).squeeze_dim(-1),
-            Body::NetHack(n) => n.torso(obs).apply(&n.v).squeeze_dim(-1),
+            Body::NetHack(n) if self.rnn.is_none() => n.torso(obs).apply(&n.v).squeeze_dim(-1),
+            _ => self.logits_and_values(obs).1,
         }
     }
 
     /// Logits and values in one pass (the NetHack network shares its torso).
     fn logits_and_values(&self, obs: &Tensor) -> (Tensor, Tensor) {
-        match &self.body {
-            Body::Mlp { .. } => (self.logits(obs), self.values(obs)),
-            Body::NetHack(n) => {
+        match (&self.body, &self.rnn) {
+            (Body::Mlp { .. }, _) => (self.logits(obs), self.values(obs)),
+            (Body::NetHack(n), None) => {
                 let h = n.torso(obs);
                 (h.apply(&n.pi), h.apply(&n.v).squeeze_dim(-1))
             }
+            (_, Some(rnn)) => {
+                let zeros = Tensor::zeros(
+                    [obs.size()[0], rnn.state_size()],
+                    (Kind::Float, obs.device()),
+                );
+                let (h, _) = rnn.step(&self.features(obs), &zeros);
+                self.heads(&h)
+            }
+            (Body::SharedMlp { .. }, None) => unreachable!("a shared MLP has a core"),
+        }
+    }
+
+    /// What the recurrent core reads: the torso's output per row of `obs`.
+    fn features(&self, obs: &Tensor) -> Tensor {
+        match &self.body {
+            Body::SharedMlp { torso, .. } => torso
+                .iter()
+                .fold(obs.shallow_clone(), |h, l| l.forward(&h).tanh()),
+            Body::NetHack(n) => n.torso(obs),
+            Body::Mlp { .. } => unreachable!("the feedforward MLP has no shared torso"),
+        }
+    }
+
+    /// Logits and values from the recurrent core's output.
+    fn heads(&self, h: &Tensor) -> (Tensor, Tensor) {
+        match &self.body {
+            Body::SharedMlp { pi, v, .. } => (h.apply(pi), h.apply(v).squeeze_dim(-1)),
+            Body::NetHack(n) => (h.apply(&n.pi), h.apply(&n.v).squeeze_dim(-1)),
+            Body::Mlp { .. } => unreachable!("the feedforward MLP has no shared heads"),
+        }
+    }
+
+    /// Logits only, from the recurrent core's output (what acting needs).
+    fn policy_head(&self, h: &Tensor) -> Tensor {
+        match &self.body {
+            Body::SharedMlp { pi, .. } => h.apply(pi),
+            Body::NetHack(n) => h.apply(&n.pi),
+            Body::Mlp { .. } => unreachable!("the feedforward MLP has no shared heads"),
         }
     }
 
     /// Samples one action per row of `obs` (`n * obs_dim` floats) without gradients;
     /// returns the actions and their log-probabilities. `greedy` takes the most
-    /// likely action instead of sampling.
-    pub fn act(&self, obs: &[f32], greedy: bool) -> (Vec<i64>, Vec<f32>) {
+    /// likely action instead of sampling. `state` holds each row's recurrent state
+    /// (`n * state_size` floats, empty for a feedforward policy) and is advanced in
+    /// place; zero a row to start that env's next episode.
+    pub fn act(&self, obs: &[f32], state: &mut [f32], greedy: bool) -> (Vec<i64>, Vec<f32>) {
         let n = (obs.len() / self.obs_dim) as i64;
+        let s = self.state_size();
+        assert_eq!(
+            state.len(),
+            n as usize * s,
+            "act needs state_size floats of state per row"
+        );
         tch::no_grad(|| {
             let x = Tensor::from_slice(obs)
                 .view([n, self.obs_dim as i64])
                 .to_device(self.device());
-            let log_p = self.logits(&x).log_softmax(-1, Kind::Float);
+            let logits = match &self.rnn {
+                None => self.logits(&x),
+                Some(rnn) => {
+                    let s0 = Tensor::from_slice(state)
+                        .view([n, s as i64])
+                        .to_device(self.device());
+                    let (h, next) = rnn.step(&self.features(&x), &s0);
+                    let next = Vec::<f32>::try_from(next.to_device(Device::Cpu).view([-1]))
+                        .expect("an f32 tensor converts to Vec<f32>");
+                    state.copy_from_slice(&next);
+                    self.policy_head(&h)
+                }
+            };
+            let log_p = logits.log_softmax(-1, Kind::Float);
             let actions = if greedy {
                 log_p.argmax(-1, true)
             } else {
@@ -323,6 +473,54 @@ impl ActorCritic {
     /// Log-probabilities of `actions`, the policy entropy and the values, with gradients.
     pub fn evaluate(&self, obs: &Tensor, actions: &Tensor) -> Evaluation {
         let (logits, values) = self.logits_and_values(obs);
+        Self::evaluation(&logits, values, actions)
+    }
+
+    /// Runs sequences through the recurrent core: `obs` is `[L * B, obs_dim]`,
+    /// time-major (row `t * B + b` is step t of sequence b), `initial` `[B,
+    /// state_size]` the states they start from, and `resets` `[L, B]` 1.0 where the
+    /// state is zeroed before a step (an episode starts there), else 0.0. The torso
+    /// runs on all rows at once, the core one step at a time, as actors step it.
+    pub fn unroll(&self, obs: &Tensor, initial: &Tensor, resets: &Tensor) -> Unrolled {
+        let rnn = self
+            .rnn
+            .as_ref()
+            .expect("unroll is for policies with a recurrent core");
+        let (steps, b) = (resets.size()[0], initial.size()[0]);
+        let features = self.features(obs);
+        let keep = (resets.ones_like() - resets).unsqueeze(-1);
+        let mut state = initial.shallow_clone();
+        let mut outs = Vec::with_capacity(steps as usize);
+        let mut states = Vec::with_capacity(steps as usize);
+        for t in 0..steps {
+            state = &state * keep.get(t);
+            let (h, next) = rnn.step(&features.narrow(0, t * b, b), &state);
+            outs.push(h);
+            states.push(next.shallow_clone());
+            state = next;
+        }
+        let (logits, values) = self.heads(&Tensor::cat(&outs, 0));
+        Unrolled {
+            logits,
+            values,
+            states: Tensor::cat(&states, 0),
+        }
+    }
+
+    /// Values of `obs` `[K, obs_dim]`, each row continuing from its core state in
+    /// `states` `[K, state_size]` (the value of a truncated episode's final
+    /// observation).
+    pub fn values_after(&self, obs: &Tensor, states: &Tensor) -> Tensor {
+        let rnn = self
+            .rnn
+            .as_ref()
+            .expect("values_after is for policies with a recurrent core");
+        let (h, _) = rnn.step(&self.features(obs), states);
+        self.heads(&h).1
+    }
+
+    /// Log-probabilities of `actions` under `logits`, entropy, and the values.
+    pub fn evaluation(logits: &Tensor, values: Tensor, actions: &Tensor) -> Evaluation {
         let log_p = logits.log_softmax(-1, Kind::Float);
         let log_probs = log_p.gather(1, &actions.unsqueeze(1), false).squeeze_dim(1);
         let entropy = -(log_p.exp() * &log_p).sum_dim_intlist(-1, false, Kind::Float);
@@ -357,6 +555,21 @@ impl ActorCritic {
     pub fn copy_from(&mut self, other: &ActorCritic) -> Result<(), ModelError> {
         self.vs.copy(&other.vs)?;
         Ok(())
+    }
+}
+
+/// Zeroes the recurrent state of every env whose episode just ended (`state` holds
+/// one row per env, as [`ActorCritic::act`] takes it), so its next episode starts
+/// from zeros as the learner's sequence pass assumes.
+pub fn reset_ended(state: &mut [f32], terminated: &[u8], truncated: &[u8]) {
+    let n = terminated.len();
+    if n == 0 || state.is_empty() {
+        return;
+    }
+    for (i, row) in state.chunks_exact_mut(state.len() / n).enumerate() {
+        if terminated[i] == 1 || truncated[i] == 1 {
+            row.fill(0.0);
+        }
     }
 }
 
@@ -496,7 +709,7 @@ mod tests {
     fn act_samples_valid_actions_with_log_probs() {
         let m = ActorCritic::new(3, 4, &[16, 16], Device::Cpu);
         let obs = vec![0.5f32; 3 * 10];
-        let (a, lp) = m.act(&obs, false);
+        let (a, lp) = m.act(&obs, &mut [], false);
         assert_eq!(a.len(), 10);
         assert!(a.iter().all(|&x| (0..4).contains(&x)));
         // A fresh policy is close to uniform over 4 actions.
@@ -504,6 +717,98 @@ mod tests {
             lp.iter().all(|&l| (l - (0.25f32).ln()).abs() < 0.1),
             "{lp:?}"
         );
+    }
+
+    fn memory_spec() -> EnvSpec {
+        use crate::env::Env;
+        crate::env::Memory::new(2, 1, None).spec()
+    }
+
+    fn with_core(core: CoreKind) -> ModelConfig {
+        ModelConfig {
+            hidden: vec![16],
+            core,
+            core_size: 8,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn recurrent_policies_carry_state_and_round_trip_their_core() {
+        let spec = memory_spec();
+        for (core, state_size) in [(CoreKind::Lstm, 16), (CoreKind::Gru, 8)] {
+            let a = ActorCritic::for_spec(&spec, &with_core(core), Device::Cpu).unwrap();
+            assert_eq!(a.state_size(), state_size);
+            let names: Vec<String> = a.var_store().variables().into_keys().collect();
+            assert!(names.iter().any(|k| k == "rnn.w_hh"), "{names:?}");
+            // Acting moves the state; the same observation from another state acts
+            // differently.
+            let obs = [1.0f32, 0.0, 0.0, 0.0, 0.0, 1.0];
+            let mut state = vec![0.0f32; 2 * state_size];
+            let (_, first) = a.act(&obs, &mut state, true);
+            assert!(state.iter().any(|&x| x != 0.0));
+            let (_, second) = a.act(&obs, &mut state, true);
+            assert_ne!(first, second);
+            // Weights (the core's included) travel in the safetensors payload.
+            let mut b = ActorCritic::for_spec(&spec, &with_core(core), Device::Cpu).unwrap();
+            b.load_safetensors(&a.to_safetensors(2, &HashMap::new()).unwrap())
+                .unwrap();
+            let (mut sa, mut sb) = (vec![0.5f32; 2 * state_size], vec![0.5f32; 2 * state_size]);
+            assert_eq!(a.act(&obs, &mut sa, true), b.act(&obs, &mut sb, true));
+            assert_eq!(sa, sb);
+            // A feedforward policy cannot take a recurrent one's weights.
+            let mut ff =
+                ActorCritic::for_spec(&spec, &with_core(CoreKind::None), Device::Cpu).unwrap();
+            assert_eq!(ff.state_size(), 0);
+            assert!(ff
+                .load_safetensors(&a.to_safetensors(2, &HashMap::new()).unwrap())
+                .is_err());
+        }
+    }
+
+    #[test]
+    fn unrolled_sequences_reproduce_step_by_step_acting() {
+        let spec = memory_spec();
+        let (steps, n, d) = (7usize, 3usize, spec.obs_dim);
+        for core in [CoreKind::Lstm, CoreKind::Gru] {
+            let m = ActorCritic::for_spec(&spec, &with_core(core), Device::Cpu).unwrap();
+            let s = m.state_size();
+            let obs: Vec<f32> = (0..steps * n * d)
+                .map(|i| ((i * 7919) % 13) as f32 / 13.0)
+                .collect();
+            // Env 1 ends an episode after step 2, env 2 after steps 0 and 4.
+            let ended = |t: usize, b: usize| (b == 1 && t == 2) || (b == 2 && (t == 0 || t == 4));
+            let initial: Vec<f32> = (0..n * s).map(|i| (i as f32 * 0.37).sin() * 0.5).collect();
+            let mut state = initial.clone();
+            let (mut actions, mut log_probs, mut resets) = (Vec::new(), Vec::new(), Vec::new());
+            for t in 0..steps {
+                let (a, lp) = m.act(&obs[t * n * d..(t + 1) * n * d], &mut state, false);
+                actions.extend(a);
+                log_probs.extend(lp);
+                for b in 0..n {
+                    resets.push((t > 0 && ended(t - 1, b)) as u8 as f32);
+                }
+                let term: Vec<u8> = (0..n).map(|b| ended(t, b) as u8).collect();
+                reset_ended(&mut state, &term, &vec![0; n]);
+            }
+            let x = Tensor::from_slice(&obs).view([(steps * n) as i64, d as i64]);
+            let init = Tensor::from_slice(&initial).view([n as i64, s as i64]);
+            let r = Tensor::from_slice(&resets).view([steps as i64, n as i64]);
+            let u = m.unroll(&x, &init, &r);
+            let e = ActorCritic::evaluation(&u.logits, u.values, &Tensor::from_slice(&actions));
+            let again = Vec::<f32>::try_from(e.log_probs).unwrap();
+            for (i, (a, b)) in log_probs.iter().zip(&again).enumerate() {
+                assert!((a - b).abs() < 1e-5, "{core:?} step {i}: {a} vs {b}");
+            }
+            // Without the resets the sequence differs after the first episode end.
+            let u = m.unroll(&x, &init, &r.zeros_like());
+            let e = ActorCritic::evaluation(&u.logits, u.values, &Tensor::from_slice(&actions));
+            let carried = Vec::<f32>::try_from(e.log_probs).unwrap();
+            assert!(carried
+                .iter()
+                .zip(&log_probs)
+                .any(|(a, b)| (a - b).abs() > 1e-4));
+        }
     }
 
     fn nethack_spec() -> EnvSpec {
@@ -550,7 +855,7 @@ mod tests {
                 _ => (i % 256) as f32,
             };
         }
-        let (actions, lp) = a.act(&obs, false);
+        let (actions, lp) = a.act(&obs, &mut [], false);
         assert_eq!(actions.len(), 3);
         assert!(actions.iter().all(|&x| (0..23).contains(&x)));
         assert!(lp.iter().all(|l| l.is_finite() && *l < 0.0));

@@ -48,6 +48,10 @@ pub struct Chunk {
     pub expert_actions: Vec<i64>,
     /// The learner incarnation whose weights acted (0: none known).
     pub learner_incarnation: u64,
+    /// Floats of recurrent state per env (0: a feedforward policy acted).
+    pub state_size: usize,
+    /// `N * state_size`: each env's core state before the chunk's first step.
+    pub initial_state: Vec<f32>,
 }
 
 /// What the receiver knows about chunks it accepts.
@@ -59,6 +63,9 @@ pub struct ChunkExpectation {
     /// Episodes per group the receiver trains on (UI-S1 estimators); chunks must
     /// then carry group ids for groups of exactly this size. 0: any chunk.
     pub group_size: u32,
+    /// Floats of recurrent state per env of the receiver's policy (0: feedforward,
+    /// and chunks must carry no state).
+    pub state_size: usize,
 }
 
 impl Chunk {
@@ -92,6 +99,8 @@ impl Chunk {
             group_size: self.group_size,
             expert_actions: self.expert_actions.clone(),
             learner_incarnation: self.learner_incarnation,
+            initial_state: (self.state_size > 0)
+                .then(|| encode(&[n, self.state_size], &self.initial_state)),
         }
     }
 
@@ -265,6 +274,34 @@ impl Chunk {
                 ),
             ));
         }
+        let s = want.state_size;
+        let initial_state = if s == 0 {
+            if msg
+                .initial_state
+                .as_ref()
+                .is_some_and(|st| !st.data.is_empty())
+            {
+                return Err(WireError::invalid(
+                    "initial_state",
+                    "carries a recurrent state, but this learner's policy has no \
+                     recurrent core (model.core = \"none\")",
+                ));
+            }
+            Vec::new()
+        } else {
+            decode::<f32>("initial_state", msg.initial_state.as_ref(), &[n, s]).map_err(
+                |e| match e {
+                    WireError::Missing { field } => WireError::invalid(
+                        field,
+                        format!(
+                            "is missing; this learner's policy has a recurrent core \
+                             with {s} floats of state per env"
+                        ),
+                    ),
+                    other => other,
+                },
+            )?
+        };
         let episode_ids = decode::<i64>("episode_ids", msg.episode_ids.as_ref(), &[t, n])?;
         let step_indices = decode::<i64>("step_indices", msg.step_indices.as_ref(), &[t, n])?;
         if step_indices.iter().any(|&s| s < 0) {
@@ -310,6 +347,8 @@ impl Chunk {
             expert_actions: msg.expert_actions,
             event_counts: msg.event_counts,
             learner_incarnation: msg.learner_incarnation,
+            state_size: s,
+            initial_state,
         })
     }
 }
@@ -347,6 +386,8 @@ pub(crate) mod tests {
             group_size: 0,
             expert_actions: vec![],
             learner_incarnation: 11,
+            state_size: 0,
+            initial_state: vec![],
         }
     }
 
@@ -355,6 +396,7 @@ pub(crate) mod tests {
         obs_dim: 3,
         num_actions: 2,
         group_size: 0,
+        state_size: 0,
     };
 
     #[test]
@@ -379,6 +421,62 @@ pub(crate) mod tests {
             ..WANT
         };
         assert!(Chunk::from_proto(g.to_proto(), &four).is_err());
+        // A recurrent policy's chunks carry each env's state at the first step.
+        let mut r = sample_chunk();
+        r.state_size = 3;
+        r.initial_state = vec![0.5, -0.25, 0.0, 0.0, 0.0, 0.0];
+        let recurrent = ChunkExpectation {
+            state_size: 3,
+            ..WANT
+        };
+        assert_eq!(Chunk::from_proto(r.to_proto(), &recurrent).unwrap(), r);
+    }
+
+    #[test]
+    fn rejects_malformed_initial_states_naming_the_field() {
+        let recurrent = ChunkExpectation {
+            state_size: 3,
+            ..WANT
+        };
+        let mut r = sample_chunk();
+        r.state_size = 3;
+        r.initial_state = vec![0.0; 6];
+        type Mangle = Box<dyn Fn(&mut TrajectoryChunk)>;
+        let cases: Vec<(Mangle, &str)> = vec![
+            (Box::new(|m| m.initial_state = None), "is missing"),
+            (
+                Box::new(|m| m.initial_state = Some(encode(&[2, 2], &[0f32; 4]))),
+                "shape",
+            ),
+            (
+                Box::new(|m| m.initial_state = Some(encode(&[3, 3], &[0f32; 9]))),
+                "shape",
+            ),
+            (
+                Box::new(|m| {
+                    m.initial_state = Some(encode(&[2, 3], &[0f32, 0.0, f32::NAN, 0.0, 0.0, 0.0]))
+                }),
+                "finite",
+            ),
+            (
+                Box::new(|m| m.initial_state = Some(encode(&[2, 3], &[0i64; 6]))),
+                "dtype",
+            ),
+        ];
+        for (mangle, what) in cases {
+            let mut m = r.to_proto();
+            mangle(&mut m);
+            let err = Chunk::from_proto(m, &recurrent).unwrap_err().to_string();
+            assert!(err.contains("initial_state"), "{what}: {err}");
+        }
+        // A feedforward learner refuses chunks that carry a state.
+        let err = Chunk::from_proto(r.to_proto(), &WANT)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("initial_state") && err.contains("model.core"),
+            "{err}"
+        );
     }
 
     #[test]

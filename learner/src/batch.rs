@@ -28,6 +28,10 @@ pub struct Batch {
     /// `T * B` expert actions of patched steps (-1 elsewhere), or empty when no
     /// chunk carries any.
     pub expert_actions: Vec<i64>,
+    /// Floats of recurrent state per column (0: feedforward).
+    pub state_size: usize,
+    /// `B * state_size`: each column's core state before its first step.
+    pub initial_states: Vec<f32>,
 }
 
 impl Batch {
@@ -53,6 +57,11 @@ impl Batch {
             event_texts: Vec::new(),
             event_counts: Vec::new(),
             expert_actions: Vec::new(),
+            state_size: first.state_size,
+            initial_states: chunks
+                .iter()
+                .flat_map(|c| c.initial_state.iter().copied())
+                .collect(),
         };
         let has_experts = chunks.iter().any(|c| !c.expert_actions.is_empty());
         let has_text = chunks.iter().any(|c| !c.event_texts.is_empty());
@@ -162,6 +171,8 @@ mod tests {
             group_size: 0,
             expert_actions: vec![],
             learner_incarnation: 1,
+            state_size: 0,
+            initial_state: vec![],
         }
     }
 

@@ -215,6 +215,10 @@ pub fn episodes_batch(groups: &[Group], obs_dim: usize) -> (Batch, GroupLayout) 
         event_texts: Vec::new(),
         event_counts: Vec::new(),
         expert_actions: Vec::new(),
+        // Every episode starts from a zero state (the recurrent learner runs one
+        // sequence per episode).
+        state_size: 0,
+        initial_states: Vec::new(),
     };
     let has_experts = groups
         .iter()
@@ -308,6 +312,8 @@ mod tests {
             group_size: 2,
             expert_actions: vec![],
             learner_incarnation: 1,
+            state_size: 0,
+            initial_state: vec![],
         }
     }
 

@@ -11,6 +11,7 @@
 //! - `service.rs`: the gRPC handlers (trajectory streams into a bounded queue)
 //! - `trainer.rs`: the training thread (V-trace targets, PPO updates, checkpoints)
 //! - `batch.rs`: chunks to a time-major batch
+//! - `sequences.rs`: the sequences a recurrent policy re-runs (columns or episodes)
 //! - `broadcast.rs`: latest-wins weight broadcast, chunked under the message limit
 //! - `intrinsic.rs`: the reward-model subscription and reward mixing
 //! - `state.rs`: counters and episode statistics shared by handlers and trainer
@@ -23,6 +24,7 @@ mod episodes;
 mod error;
 mod intrinsic;
 mod metrics;
+mod sequences;
 mod service;
 mod state;
 mod tensorboard;
@@ -256,6 +258,7 @@ pub async fn serve(
             } else {
                 0
             },
+            state_size: model.state_size(),
         },
         broadcaster: broadcaster.clone(),
         tasks: tasks.clone(),

@@ -29,6 +29,7 @@ use crate::broadcast::{Broadcaster, Published};
 use crate::episodes::{episodes_batch, Assembler, GroupLayout};
 use crate::error::LearnerError;
 use crate::metrics::{MetricsRow, MetricsWriter};
+use crate::sequences::{Padded, Sequences};
 use crate::state::{Shared, StepCounts};
 
 /// Metadata keys of checkpoints.
@@ -419,23 +420,49 @@ impl Trainer {
         let obs = obs_all.narrow(0, 0, n);
         let actions = Tensor::from_slice(&batch.actions).to_device(dev);
 
-        // Targets with the current critic and policy, no gradients.
-        let (values_obs, values_final, target_lp) = tch::no_grad(|| {
-            let v = to_vec(&self.model.values(&obs_all));
-            let vf = if batch.truncated_count() > 0 {
-                let f = to_dev(&batch.final_observations, batch.truncated_count() as i64);
-                to_vec(&self.model.values(&f))
-            } else {
-                Vec::new()
-            };
-            let lp = self
-                .model
-                .logits(&obs)
-                .log_softmax(-1, Kind::Float)
-                .gather(1, &actions.unsqueeze(1), false)
-                .squeeze_dim(1);
-            (v, vf, to_vec(&lp))
+        // A recurrent policy trains on whole sequences: a chunk batch's columns (its
+        // targets reach one step further, to the bootstrap row), or the episodes of
+        // a grouped batch.
+        let sequences = self.model.is_recurrent().then(|| match layout {
+            None => (
+                Sequences::columns(batch, t_len + 1),
+                Sequences::columns(batch, t_len),
+            ),
+            Some(l) => {
+                let s = self.model.state_size();
+                (Sequences::episodes(l, s), Sequences::episodes(l, s))
+            }
         });
+
+        // Targets with the current critic and policy, no gradients.
+        let (values_obs, values_final, target_lp) = match &sequences {
+            None => tch::no_grad(|| {
+                let v = to_vec(&self.model.values(&obs_all));
+                let vf = if batch.truncated_count() > 0 {
+                    let f = to_dev(&batch.final_observations, batch.truncated_count() as i64);
+                    to_vec(&self.model.values(&f))
+                } else {
+                    Vec::new()
+                };
+                let lp = self
+                    .model
+                    .logits(&obs)
+                    .log_softmax(-1, Kind::Float)
+                    .gather(1, &actions.unsqueeze(1), false)
+                    .squeeze_dim(1);
+                (v, vf, to_vec(&lp))
+            }),
+            Some((all, _)) => tch::no_grad(|| {
+                let final_obs = (batch.truncated_count() > 0)
+                    .then(|| to_dev(&batch.final_observations, batch.truncated_count() as i64));
+                let t = sequence_targets(&self.model, batch, all, &obs_all, final_obs, &actions);
+                (
+                    to_vec(&t.values),
+                    to_vec(&t.values_final),
+                    to_vec(&t.log_probs),
+                )
+            }),
+        };
         let next_values = batch.next_values(&values_obs, &values_final);
         let (rewards, intrinsic_mean) = match &self.intrinsic {
             Some(table) => table.mix(
@@ -522,6 +549,10 @@ impl Trainer {
             )
         });
         let mb = (n / lc.minibatches as i64).max(1);
+        // Recurrent: minibatches of whole sequences.
+        let seq_mb = sequences
+            .as_ref()
+            .map_or(1, |(_, s)| (s.len() / lc.minibatches as usize).max(1));
         let mut stats = UpdateStats {
             intrinsic_reward_mean: intrinsic_mean,
             behaviour_kl: -log_rhos.iter().map(|&x| x as f64).sum::<f64>()
@@ -529,17 +560,53 @@ impl Trainer {
             ..Default::default()
         };
         'epochs: for _ in 0..lc.epochs {
-            let perm = Tensor::randperm(n, (Kind::Int64, dev));
-            for m in 0..(n / mb) {
-                let idx = perm.narrow(0, m * mb, mb);
+            let minibatches: Vec<Minibatch> = match &sequences {
+                None => {
+                    let perm = Tensor::randperm(n, (Kind::Int64, dev));
+                    (0..(n / mb))
+                        .map(|m| Minibatch::Steps(perm.narrow(0, m * mb, mb)))
+                        .collect()
+                }
+                Some((_, train)) => {
+                    let j = train.len();
+                    let perm = Vec::<i64>::try_from(Tensor::randperm(
+                        j as i64,
+                        (Kind::Int64, Device::Cpu),
+                    ))
+                    .expect("an i64 tensor converts to Vec<i64>");
+                    let perm: Vec<usize> = perm.iter().map(|&q| q as usize).collect();
+                    perm.chunks_exact(seq_mb)
+                        .map(|which| Minibatch::Sequences(train.pad(which, dev)))
+                        .collect()
+                }
+            };
+            for minibatch in minibatches {
+                let (idx, eval) = match minibatch {
+                    Minibatch::Steps(idx) => {
+                        let eval = self
+                            .model
+                            .evaluate(&obs.index_select(0, &idx), &actions.index_select(0, &idx));
+                        (idx, eval)
+                    }
+                    Minibatch::Sequences(p) => {
+                        let u = self.model.unroll(
+                            &obs_all.index_select(0, &p.index),
+                            &p.initial,
+                            &p.resets,
+                        );
+                        let eval = ActorCritic::evaluation(
+                            &p.pick(&u.logits),
+                            p.pick(&u.values),
+                            &actions.index_select(0, &p.flat),
+                        );
+                        (p.flat, eval)
+                    }
+                };
                 let adv = advantages.index_select(0, &idx);
                 // Scale by the spread, but never blow near-zero advantages (a batch
                 // without any reward) up into unit-size noise.
                 let std = adv.std(true).clamp_min(lc.advantage_std_floor);
                 let adv = (&adv - adv.mean(Kind::Float)) / std;
-                let eval = self
-                    .model
-                    .evaluate(&obs.index_select(0, &idx), &actions.index_select(0, &idx));
                 let loss = ppo_loss(
                     &eval.log_probs,
                     &proximal.index_select(0, &idx),
@@ -595,6 +662,76 @@ impl Trainer {
         stats.entropy /= k;
         stats.clip_fraction /= k;
         stats
+    }
+}
+
+/// One minibatch: shuffled single steps (feedforward) or whole sequences (recurrent).
+enum Minibatch {
+    Steps(Tensor),
+    Sequences(Padded),
+}
+
+/// What a recurrent policy's sequence pass gives the advantage estimators.
+pub(crate) struct SequenceTargets {
+    /// `[rows]`: the value of every observation row of the batch (0 for rows no
+    /// sequence reaches).
+    pub values: Tensor,
+    /// `[K]`: values of the truncated steps' final observations, each continuing its
+    /// episode's state.
+    pub values_final: Tensor,
+    /// `[T * B]`: log-probabilities of the batch's actions.
+    pub log_probs: Tensor,
+}
+
+/// Runs every sequence of `all` (which must cover the batch's steps) through the
+/// policy from its stored state: the values and log-probabilities the targets are
+/// made of, as the actors' own passes computed them.
+pub(crate) fn sequence_targets(
+    model: &ActorCritic,
+    batch: &Batch,
+    all: &Sequences,
+    obs_all: &Tensor,
+    final_obs: Option<Tensor>,
+    actions: &Tensor,
+) -> SequenceTargets {
+    let dev = model.device();
+    let rows = obs_all.size()[0];
+    let n = batch.len() as i64;
+    let which: Vec<usize> = (0..all.len()).collect();
+    let p = all.pad(&which, dev);
+    let u = model.unroll(&obs_all.index_select(0, &p.index), &p.initial, &p.resets);
+    let scatter = |t: &Tensor, width: Option<i64>| {
+        let shape: Vec<i64> = match width {
+            Some(w) => vec![rows, w],
+            None => vec![rows],
+        };
+        Tensor::zeros(shape, (Kind::Float, dev)).index_copy(0, &p.flat, &p.pick(t))
+    };
+    let values = scatter(&u.values, None);
+    let log_p = scatter(
+        &u.logits.log_softmax(-1, Kind::Float),
+        Some(model.num_actions() as i64),
+    );
+    let log_probs = log_p
+        .narrow(0, 0, n)
+        .gather(1, &actions.unsqueeze(1), false)
+        .squeeze_dim(1);
+    let values_final = match final_obs {
+        Some(f) => {
+            let states = scatter(&u.states, Some(model.state_size() as i64));
+            let truncated: Vec<i64> = (0..batch.len())
+                .filter(|&i| batch.truncated[i] == 1)
+                .map(|i| i as i64)
+                .collect();
+            let at = Tensor::from_slice(&truncated).to_device(dev);
+            model.values_after(&f, &states.index_select(0, &at))
+        }
+        None => Tensor::zeros([0], (Kind::Float, dev)),
+    };
+    SequenceTargets {
+        values,
+        values_final,
+        log_probs,
     }
 }
 

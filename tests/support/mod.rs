@@ -168,3 +168,39 @@ checkpoint_every = 1000
     c.stop.env_steps = env_steps;
     c
 }
+
+/// A memory-task config for tests: a cue, `delay` blank steps, then the query
+/// (chance is a mean return of 0.5), with the given recurrent core.
+pub fn tiny_memory(core: spur_core::config::CoreKind, env_steps: u64) -> Config {
+    let mut c = Config::from_toml_str(
+        r#"
+[run]
+name = "test-memory"
+[env]
+kind = "memory"
+num_envs = 16
+memory_delay = 4
+[model]
+device = "cpu"
+hidden = [32]
+core_size = 32
+[actor]
+rollout_len = 16
+[learner]
+device = "cpu"
+batch_steps = 1024
+epochs = 4
+minibatches = 4
+lr = 0.003
+gamma = 0.9
+entropy_coef = 0.01
+checkpoint_every = 1000
+"#,
+    )
+    .expect("the test config is valid");
+    c.model.core = core;
+    c.stop.env_steps = env_steps;
+    // Stop once the last 100 episodes average this (a feedforward policy never does).
+    c.stop.target_return = 0.98;
+    c
+}

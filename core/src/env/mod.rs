@@ -1,4 +1,4 @@
-//! Environments: the `Env` trait, the built-in `cartpole` and `keyroom`, the
+//! Environments: the `Env` trait, the built-in `cartpole`, `keyroom` and `memory`, the
 //! `EnvBatch` trait for envs stepped together (in process, or K at a time by a
 //! remote env server through the Python bridge, which restarts bridges that die), and
 //! `VecEnv`, which steps a batch in lock-step and starts the next episode of every env
@@ -6,12 +6,14 @@
 
 mod cartpole;
 mod keyroom;
+mod memory;
 pub mod remote;
 pub mod replay;
 mod vec_env;
 
 pub use cartpole::CartPole;
 pub use keyroom::KeyRoom;
+pub use memory::Memory;
 pub use remote::RemoteBatch;
 pub use replay::Replay;
 pub use vec_env::{VecEnv, VecStep};
@@ -198,6 +200,11 @@ pub fn make_env(config: &EnvConfig) -> Box<dyn Env> {
     match config.kind {
         EnvKind::Cartpole => Box::new(CartPole::new(limit)),
         EnvKind::Keyroom => Box::new(KeyRoom::new(config.keyroom_size as usize, limit)),
+        EnvKind::Memory => Box::new(Memory::new(
+            config.memory_cues as usize,
+            config.memory_delay,
+            limit,
+        )),
         // `Config::load` has read the file already; this fails only if it changed.
         EnvKind::Replay => Box::new(
             Replay::open(
