@@ -511,6 +511,13 @@ pub enum AdvantageKind {
     Hybrid,
 }
 
+impl AdvantageKind {
+    /// The estimators that train on whole groups of episodes sharing a task seed.
+    pub fn is_grouped(self) -> bool {
+        matches!(self, AdvantageKind::Uis1 | AdvantageKind::Hybrid)
+    }
+}
+
 impl Default for LearnerConfig {
     fn default() -> Self {
         Self {
@@ -776,8 +783,7 @@ impl Config {
         )?;
         check(l.epochs >= 1, "learner.epochs", "must be at least 1")?;
         check(
-            !matches!(l.advantage, AdvantageKind::Uis1 | AdvantageKind::Hybrid)
-                || self.actor.group_size >= 2,
+            !l.advantage.is_grouped() || self.actor.group_size >= 2,
             "learner.advantage",
             "uis1 and hybrid compare episodes within groups: set actor.group_size >= 2",
         )?;

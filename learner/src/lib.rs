@@ -160,6 +160,181 @@ fn resume(
     }))
 }
 
+/// The trainer's starting point: a fresh model, or the newest checkpoint's.
+struct Start {
+    model: ActorCritic,
+    opt: Adam,
+    shared: Arc<Shared>,
+    intrinsic: Option<Arc<intrinsic::RewardTable>>,
+    spec: spur_core::env::EnvSpec,
+    version: u64,
+    updates: u64,
+    time_offset_s: f64,
+}
+
+/// Reads the env spec, builds the model and optimizer, and with `resume` loads the
+/// newest checkpoint into them; every start draws a new incarnation.
+async fn start(config: &Config, opts: &LearnerOptions) -> Result<Start, LearnerError> {
+    tch::set_num_threads(config.run.torch_threads as i32);
+    tch::manual_seed(config.run.seed as i64);
+    // A gym env's spec comes from starting a bridge: blocking work.
+    let env = config.env.clone();
+    let spec = tokio::task::spawn_blocking(move || env_spec(&env))
+        .await
+        .map_err(|_| LearnerError::TrainerPanicked)??;
+    let lc = &config.learner;
+    let mut model = ActorCritic::for_spec(&spec, &config.model, resolve_device(&lc.device))?;
+    let mut opt = Adam::new(model.var_store(), lc.lr, ADAM_EPS);
+    let incarnation = draw_incarnation();
+    let shared = Arc::new(Shared::new(
+        incarnation,
+        lc.queue_capacity,
+        config.stop.env_steps,
+    ));
+    let intrinsic = config
+        .intrinsic
+        .enabled
+        .then(|| Arc::new(intrinsic::RewardTable::default()));
+    let resumed = match opts.resume {
+        true => resume(
+            &opts.run_dir,
+            &mut model,
+            &mut opt,
+            &shared,
+            intrinsic.as_deref(),
+        )?,
+        false => None,
+    };
+    let (version, updates, time_offset_s) = resumed
+        .as_ref()
+        .map_or((1, 0, 0.0), |r| (r.version, r.updates, r.time_s));
+    shared.policy_version.store(version, Ordering::Release);
+    info!(incarnation, version, "learner incarnation");
+    Ok(Start {
+        model,
+        opt,
+        shared,
+        intrinsic,
+        spec,
+        version,
+        updates,
+        time_offset_s,
+    })
+}
+
+/// What the learner checks every chunk against.
+fn expectation(
+    config: &Config,
+    spec: &spur_core::env::EnvSpec,
+    state_size: usize,
+) -> ChunkExpectation {
+    ChunkExpectation {
+        rollout_len: config.actor.rollout_len as usize,
+        obs_dim: spec.obs_dim,
+        num_actions: spec.num_actions,
+        group_size: if config.learner.advantage.is_grouped() {
+            config.actor.group_size
+        } else {
+            0
+        },
+        state_size,
+    }
+}
+
+/// Prometheus gauges that move even while no update runs, until the learner stops.
+async fn gauges(shared: Arc<Shared>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    while shared.stop.run_until_cancelled(tick.tick()).await.is_some() {
+        let s = shared.status(0);
+        let set = |name: &'static str, v: u64| ::metrics::gauge!(name).set(v as f64);
+        set("spur_learner_connected_actors", s.connected_actors as u64);
+        set("spur_learner_env_steps", s.env_steps);
+        set("spur_learner_env_steps_received", s.env_steps_received);
+        set("spur_learner_policy_version", s.policy_version);
+        set("spur_learner_dropped_stale_chunks", s.dropped_stale_chunks);
+        set("spur_learner_dropped_steps_stale", s.dropped_steps_stale);
+        set(
+            "spur_learner_dropped_steps_incarnation",
+            s.dropped_steps_incarnation,
+        );
+        set(
+            "spur_learner_dropped_steps_malformed",
+            s.dropped_steps_malformed,
+        );
+    }
+}
+
+/// On `shutdown`: readiness drops first, so no new work arrives, then the trainer
+/// is asked to stop. Ends without doing anything when the learner stops by itself.
+async fn watch_shutdown(
+    shutdown: impl Future<Output = ()>,
+    shared: Arc<Shared>,
+    reporter: tonic_health::server::HealthReporter,
+) {
+    tokio::select! {
+        _ = shutdown => {
+            info!("shutdown requested, finishing the current update");
+            reporter.set_not_serving::<LearnerServer<LearnerService>>().await;
+            shared.stop.cancel();
+        }
+        _ = shared.stop.cancelled() => {}
+    }
+}
+
+/// The parts that still run once the trainer has returned, and how they end.
+struct Running {
+    shared: Arc<Shared>,
+    reporter: tonic_health::server::HealthReporter,
+    weights_stop: CancellationToken,
+    weight_streams: TaskTracker,
+    server_stop: CancellationToken,
+    server: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+    tasks: TaskTracker,
+}
+
+impl Running {
+    /// Ends everything by `deadline`: health, trajectory streams, weight streams
+    /// (after a finished run, once every subscriber has the final version), the
+    /// server, then every other task; stragglers are named in the log.
+    async fn drain(self, deadline: tokio::time::Instant) {
+        self.reporter
+            .set_not_serving::<LearnerServer<LearnerService>>()
+            .await;
+        self.shared.stop.cancel();
+        if !self.shared.training_finished.load(Ordering::Acquire) {
+            self.weights_stop.cancel(); // nothing more to send after a shutdown
+        }
+        self.weight_streams.close();
+        if tokio::time::timeout_at(deadline, self.weight_streams.wait())
+            .await
+            .is_err()
+        {
+            warn!(
+                streams = self.weight_streams.len(),
+                "weight streams still sending at the drain deadline, ending them"
+            );
+        }
+        self.weights_stop.cancel();
+        self.server_stop.cancel();
+        match tokio::time::timeout_at(deadline, self.server).await {
+            Ok(Ok(Err(e))) => warn!(error = %e, "grpc server ended with an error"),
+            Err(_) => warn!("grpc server did not drain by the deadline"),
+            _ => {}
+        }
+        self.tasks.close();
+        if tokio::time::timeout_at(deadline, self.tasks.wait())
+            .await
+            .is_err()
+        {
+            warn!(
+                tasks = self.tasks.len(),
+                "tasks still running at the drain deadline: trajectory streams, the \
+                 reward-model subscription or the gauges"
+            );
+        }
+    }
+}
+
 /// Serves on an already bound listener until training ends, or until `shutdown`
 /// resolves: then health turns NOT_SERVING, the trainer finishes its update and
 /// checkpoints, streams end, and every task is joined, all within
@@ -188,57 +363,29 @@ pub async fn serve(
         .transpose()?;
     let health_listener =
         bind_health("learner.health_listen", &config.learner.health_listen).await?;
-    let incarnation = draw_incarnation();
+    let Start {
+        model,
+        opt,
+        shared,
+        intrinsic,
+        spec,
+        version,
+        updates,
+        time_offset_s,
+    } = start(&config, &opts).await?;
 
-    tch::set_num_threads(config.run.torch_threads as i32);
-    tch::manual_seed(config.run.seed as i64);
-    // A gym env's spec comes from starting a bridge: blocking work.
-    let env = config.env.clone();
-    let spec = tokio::task::spawn_blocking(move || env_spec(&env))
-        .await
-        .map_err(|_| LearnerError::TrainerPanicked)??;
-    let device = resolve_device(&config.learner.device);
     let lc = &config.learner;
-    let mut model = ActorCritic::for_spec(&spec, &config.model, device)?;
-    let mut opt = Adam::new(model.var_store(), lc.lr, ADAM_EPS);
-    let shared = Arc::new(Shared::new(
-        incarnation,
-        lc.queue_capacity,
-        config.stop.env_steps,
-    ));
-    let intrinsic = config
-        .intrinsic
-        .enabled
-        .then(|| Arc::new(intrinsic::RewardTable::default()));
-    let resumed = if opts.resume {
-        resume(
-            &run_dir,
-            &mut model,
-            &mut opt,
-            &shared,
-            intrinsic.as_deref(),
-        )?
-    } else {
-        None
-    };
-    let (version, updates, time_offset_s) = resumed
-        .as_ref()
-        .map_or((1, 0, 0.0), |r| (r.version, r.updates, r.time_s));
-    shared.policy_version.store(version, Ordering::Release);
-    info!(incarnation, version, "learner incarnation");
-
     let tasks = TaskTracker::new();
     let weight_streams = TaskTracker::new();
     let weights_stop = CancellationToken::new();
-    let initial = model.to_safetensors(version, &Default::default())?;
     let broadcaster = Broadcaster::new(
         Published {
             version,
-            bytes: Arc::new(initial),
+            bytes: Arc::new(model.to_safetensors(version, &Default::default())?),
             finished: false,
         },
         lc.weights_chunk_bytes as usize,
-        incarnation,
+        shared.incarnation,
         weights_stop.clone(),
         weight_streams.clone(),
     );
@@ -246,20 +393,7 @@ pub async fn serve(
     let service = LearnerService {
         shared: shared.clone(),
         queue: queue_tx,
-        expect: ChunkExpectation {
-            rollout_len: config.actor.rollout_len as usize,
-            obs_dim: spec.obs_dim,
-            num_actions: spec.num_actions,
-            group_size: if matches!(
-                config.learner.advantage,
-                spur_core::config::AdvantageKind::Uis1 | spur_core::config::AdvantageKind::Hybrid
-            ) {
-                config.actor.group_size
-            } else {
-                0
-            },
-            state_size: model.state_size(),
-        },
+        expect: expectation(&config, &spec, model.state_size()),
         broadcaster: broadcaster.clone(),
         tasks: tasks.clone(),
     };
@@ -292,43 +426,9 @@ pub async fn serve(
             let _ = result_tx.send(trainer.run());
         })
         .map_err(io_err)?;
-
-    // Prometheus gauges that move even while no update runs.
-    let gauges = shared.clone();
-    tasks.spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_secs(1));
-        while gauges.stop.run_until_cancelled(tick.tick()).await.is_some() {
-            let s = gauges.status(0);
-            ::metrics::gauge!("spur_learner_connected_actors").set(s.connected_actors as f64);
-            ::metrics::gauge!("spur_learner_env_steps").set(s.env_steps as f64);
-            ::metrics::gauge!("spur_learner_env_steps_received").set(s.env_steps_received as f64);
-            ::metrics::gauge!("spur_learner_policy_version").set(s.policy_version as f64);
-            ::metrics::gauge!("spur_learner_dropped_stale_chunks")
-                .set(s.dropped_stale_chunks as f64);
-            ::metrics::gauge!("spur_learner_dropped_steps_stale").set(s.dropped_steps_stale as f64);
-            ::metrics::gauge!("spur_learner_dropped_steps_incarnation")
-                .set(s.dropped_steps_incarnation as f64);
-            ::metrics::gauge!("spur_learner_dropped_steps_malformed")
-                .set(s.dropped_steps_malformed as f64);
-        }
-    });
-
+    tasks.spawn(gauges(shared.clone()));
     let (reporter, health) = tonic_health::server::health_reporter();
-    let stopper = shared.clone();
-    let stop_reporter = reporter.clone();
-    tasks.spawn(async move {
-        tokio::select! {
-            _ = shutdown => {
-                info!("shutdown requested, finishing the current update");
-                // Readiness drops before anything else, so no new work arrives.
-                stop_reporter
-                    .set_not_serving::<LearnerServer<LearnerService>>()
-                    .await;
-                stopper.stop.cancel();
-            }
-            _ = stopper.stop.cancelled() => {}
-        }
-    });
+    tasks.spawn(watch_shutdown(shutdown, shared.clone(), reporter.clone()));
 
     // Weights are loaded and the trainer runs: ready.
     reporter
@@ -340,7 +440,6 @@ pub async fn serve(
     info!(%addr, run_dir = %run_dir.display(), "learner listening");
 
     let server_stop = CancellationToken::new();
-    let server_stopped = server_stop.clone();
     if let Some(listener) = health_listener {
         let health_addr = listener.local_addr().map_err(io_err)?.to_string();
         checkpoint::write_atomic(&run_dir.join(HEALTH_ADDR_FILE), health_addr.as_bytes())
@@ -365,9 +464,10 @@ pub async fn serve(
                         .max_encoding_message_size(MAX_MESSAGE_BYTES),
                 ),
             )
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
-                server_stopped.cancelled().await
-            }),
+            .serve_with_incoming_shutdown(
+                TcpListenerStream::new(listener),
+                server_stop.clone().cancelled_owned(),
+            ),
     );
 
     // The trainer ends by itself (goal reached) or after a shutdown request; the
@@ -379,45 +479,16 @@ pub async fn serve(
             Err(LearnerError::DrainTimeout(drain))
         }
     };
-    let deadline = tokio::time::Instant::now() + drain;
-    reporter
-        .set_not_serving::<LearnerServer<LearnerService>>()
-        .await;
-    // Trajectory streams end.
-    shared.stop.cancel();
-    // A finished run's last version tells actors to exit: every subscriber gets it
-    // before its stream ends. After a shutdown there is nothing more to send.
-    if !shared.training_finished.load(Ordering::Acquire) {
-        weights_stop.cancel();
-    }
-    weight_streams.close();
-    if tokio::time::timeout_at(deadline, weight_streams.wait())
-        .await
-        .is_err()
-    {
-        warn!(
-            streams = weight_streams.len(),
-            "weight streams still sending at the drain deadline, ending them"
-        );
-    }
-    weights_stop.cancel();
-    server_stop.cancel();
-    match tokio::time::timeout_at(deadline, server).await {
-        Ok(Ok(Err(e))) => warn!(error = %e, "grpc server ended with an error"),
-        Err(_) => warn!("grpc server did not drain by the deadline"),
-        _ => {}
-    }
-    tasks.close();
-    if tokio::time::timeout_at(deadline, tasks.wait())
-        .await
-        .is_err()
-    {
-        warn!(
-            tasks = tasks.len(),
-            "tasks still running at the drain deadline: trajectory streams, the \
-             reward-model subscription or the gauges"
-        );
-    }
+    let running = Running {
+        shared,
+        reporter,
+        weights_stop,
+        weight_streams,
+        server_stop,
+        server,
+        tasks,
+    };
+    running.drain(tokio::time::Instant::now() + drain).await;
     let summary = result?;
     info!(
         version = summary.policy_version,

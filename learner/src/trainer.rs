@@ -119,7 +119,7 @@ impl Trainer {
         );
         let mut rate = 0.0f64;
         // UI-S1's estimators train on complete groups of episodes.
-        let grouped = matches!(lc.advantage, AdvantageKind::Uis1 | AdvantageKind::Hybrid);
+        let grouped = lc.advantage.is_grouped();
         let mut assembler = grouped.then(|| {
             Assembler::new(
                 self.config.actor.group_size as usize,
