@@ -19,7 +19,7 @@ export LIBTORCH_USE_PYTORCH := 1
 export VIRTUAL_ENV          := $(abspath $(VENV))
 export PATH                 := $(VIRTUAL_ENV)/bin:$(PATH)
 
-.PHONY: run test build setup k8s-tools k8s-check image bench bench-bridge bench-soak cartpole nethack nethack-table keyroom-table advantage-table semi-online fmt lint clean
+.PHONY: run test build setup k8s-tools k8s-check image bench bench-bridge bench-soak bench-ingest bench-broadcast cartpole nethack nethack-table keyroom-table advantage-table semi-online fmt lint clean
 
 ## run: keyroom with ONI intrinsic rewards from the built-in rule judge: learner,
 ## reward service and 2 actors as separate processes (offline defaults)
@@ -83,6 +83,16 @@ bench-bridge: build
 ## the reward service, the learner, in turn); ARGS="--actors 4 --minutes 2" for less
 bench-soak: build
 	./target/release/spur bench soak $(ARGS)
+
+## bench-ingest: env steps/s one learner accepts from 4 clients replaying chunks, vs raw
+## TCP loopback moving the same bytes
+bench-ingest: build
+	./target/release/spur bench ingest $(ARGS)
+
+## bench-broadcast: publish-to-loaded time of weights at 16 subscribers (p50, p99), ~1M
+## and ~10M parameter policies, vs loading the same payload locally
+bench-broadcast: build
+	./target/release/spur bench broadcast $(ARGS)
 
 ## nethack: a short NetHack (NLE score task) run through the env bridge with ONI
 ## retrieval rewards from the built-in judge; writes <run>/curves.png

@@ -50,6 +50,11 @@ SECRET_CONTRACT_OVERLAY = "dev"
 CLUSTER_SCOPED = {"Namespace"}
 # SIGKILL must not come before the drain is over: grace >= drain + this margin.
 GRACE_MARGIN_MS = 5000
+# Secrets made outside the overlays (components/tls/certificate.yaml, cert-manager or
+# kubectl create secret) and the keys pods may use from them.
+EXTERNAL_SECRETS = {"spur-tls": {"tls.crt", "tls.key", "ca.crt"}}
+# The config section that holds each serving role's listen and health_listen.
+ROLE_SECTION = {"learner": "learner", "reward-service": "reward_service"}
 
 
 # ----------------------------------------------------------------------------- model
@@ -333,6 +338,14 @@ def url_host_port(url):
     return m.group(1), int(m.group(2) or default)
 
 
+def health_port(cfg, role):
+    """The port the kubelet's gRPC probes must ask: the role's plain health port
+    (`health_listen`, for probes that cannot do mutual TLS) when set, else its main
+    listen port."""
+    section = cfg[ROLE_SECTION[role]]
+    return listen_port(section.get("health_listen") or section["listen"])[1]
+
+
 def listen_port(addr):
     host, _, port = addr.rpartition(":")
     return host.strip("[]"), int(port)
@@ -470,6 +483,8 @@ def check_ports(ctx):
         listens = {"learner": cfg["learner"]["listen"],
                    "reward-service": cfg["reward_service"]["listen"]}
         wanted = [(role, listens[role])] if role in listens else []
+        if role in ROLE_SECTION and cfg[ROLE_SECTION[role]].get("health_listen"):
+            wanted.append(("health", cfg[ROLE_SECTION[role]]["health_listen"]))
         if cfg["run"]["prometheus_listen"]:
             wanted.append(("metrics", cfg["run"]["prometheus_listen"]))
         for what, addr in wanted:
@@ -512,11 +527,12 @@ def check_probes(ctx):
                     if how != "grpc":
                         errs.append(f"{where}: {kind} must use the gRPC health service")
                         continue
-                    if cfg:
-                        listen = cfg["learner" if role == "learner" else "reward_service"]
-                        if port != listen_port(listen["listen"])[1]:
-                            errs.append(f"{where}: {kind} asks port {port}, the role "
-                                        f"listens on {listen['listen']}")
+                    if cfg and port != health_port(cfg, role):
+                        section = cfg[ROLE_SECTION[role]]
+                        errs.append(f"{where}: {kind} asks port {port}, the role serves "
+                                    f"health on {health_port(cfg, role)} (listen "
+                                    f"{section['listen']}, health_listen "
+                                    f"{section.get('health_listen') or 'off'})")
                     if kind != "livenessProbe" and \
                             probe["grpc"].get("service") != HEALTH_SERVICE[role]:
                         errs.append(f"{where}: {kind} must ask for "
@@ -996,6 +1012,11 @@ def _writable_root(objs):
     container(objs, *REWARD)["securityContext"]["readOnlyRootFilesystem"] = False
 
 
+def _probe_on_tls_port(objs):
+    # The kubelet cannot present a client certificate: this probe would never pass.
+    container(objs, *LEARNER)["readinessProbe"]["grpc"]["port"] = 50051
+
+
 def _root(objs):
     container(objs, *ACTOR)["securityContext"]["runAsUser"] = 0
 
@@ -1074,6 +1095,8 @@ MUTATIONS = [
     ("dev", "ports", "the learner listening on loopback", _loopback),
     ("dev", "probes", "a readiness probe on an undeclared port", _probe_port),
     ("dev", "probes", "readiness without the role's health service", _probe_service),
+    ("dev-tls", "probes", "a probe on the mutual-TLS port, not health_listen",
+     _probe_on_tls_port),
     ("dev", "vars", "an undefined $(VAR) in the actor's args", _var),
     ("dev", "refs", "a Secret key nobody documents", _secret_key),
     ("dev", "refs", "a ConfigMap that does not exist", _config_map),
@@ -1177,6 +1200,7 @@ def main():
 
         contract = {s["metadata"]["name"]: set(secret_data(s))
                     for s in overlays[SECRET_CONTRACT_OVERLAY].by_kind.get("Secret", {}).values()}
+        contract.update(EXTERNAL_SECRETS)
         runner = ConfigRunner(args.spur)
         for name, ov in overlays.items():
             results = run_checks(ov, runner, contract)

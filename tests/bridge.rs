@@ -6,7 +6,6 @@
 //! reaching the reward service.
 
 use std::io::Write;
-use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -15,9 +14,8 @@ use spur_core::env::remote::{python, BridgeProcess};
 use spur_core::env::{EnvBatch, RemoteBatch, StepOutcome};
 use spur_core::EnvError;
 use spur_proto::v1::env_service_client::EnvServiceClient;
-use spur_proto::v1::reward_service_client::RewardServiceClient;
 use spur_proto::v1::{RenderRequest, ResetRequest, RewardStatusRequest, StepRequest};
-use spur_tests::{spawn_actor, tiny_cartpole, TestLearner};
+use spur_tests::{spawn_actor, tiny_cartpole, TestLearner, TestRewardService};
 
 fn gym_config(gym_id: &str, num_envs: u32) -> Config {
     let mut c = tiny_cartpole(0);
@@ -443,7 +441,6 @@ fn nethack_seeds_pick_the_dungeon() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nethack_messages_reach_the_reward_service() -> anyhow::Result<()> {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
     let store = std::env::temp_dir().join(format!("spur-nethack-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&store);
     let mut config = gym_config("NetHackScore-v0", 4);
@@ -467,21 +464,7 @@ async fn nethack_messages_reach_the_reward_service() -> anyhow::Result<()> {
     assert_eq!(spec.field("glyphs_crop").unwrap().1.shape, vec![9, 9]);
     assert!(spec.has_text);
 
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let reward_addr = format!("http://{}", listener.local_addr()?);
-    config.reward_service.addr = reward_addr.clone();
-    let (stop_rs, rs_stopped) = tokio::sync::oneshot::channel::<()>();
-    let service = tokio::spawn(spur_reward_service::serve(
-        config.clone(),
-        spur_reward_service::ServiceOptions {
-            root,
-            run_dir: None,
-        },
-        listener,
-        async {
-            let _ = rs_stopped.await;
-        },
-    ));
+    let service = TestRewardService::start(&mut config).await?;
     let learner = TestLearner::start(config.clone(), "nethack").await?;
     let (stop_actor, actor) = spawn_actor(&config, &learner.addr, 0);
 
@@ -491,7 +474,7 @@ async fn nethack_messages_reach_the_reward_service() -> anyhow::Result<()> {
             s.env_steps >= 512 && s.policy_version >= 2 && s.reward_labels > 0
         })
         .await?;
-    let mut rs = RewardServiceClient::connect(reward_addr).await?;
+    let mut rs = service.client().await?;
     let j = rs.get_status(RewardStatusRequest {}).await?.into_inner();
     assert!(
         j.texts_seen > 0 && j.labels > 0,
@@ -506,8 +489,7 @@ async fn nethack_messages_reach_the_reward_service() -> anyhow::Result<()> {
     let summary = actor.await??;
     assert!(summary.rollout.env_steps >= 512);
     learner.stop().await?;
-    let _ = stop_rs.send(());
-    service.await??;
+    service.stop().await?;
     let _ = std::fs::remove_dir_all(&store);
     Ok(())
 }

@@ -2,13 +2,11 @@
 //! service, labels come back to the learner as reward-model versions, and the
 //! learner's intrinsic rewards follow them.
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use spur_core::config::{Config, EnvKind, RewardModelKind};
-use spur_proto::v1::reward_service_client::RewardServiceClient;
 use spur_proto::v1::RewardStatusRequest;
-use spur_tests::{spawn_actor, tiny_cartpole, TestLearner};
+use spur_tests::{spawn_actor, tiny_cartpole, TestLearner, TestRewardService};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retrieval_labels_reach_the_learner() -> anyhow::Result<()> {
@@ -26,7 +24,6 @@ async fn ranking_network_reaches_the_learner() -> anyhow::Result<()> {
 }
 
 async fn pipeline(kind: RewardModelKind) -> anyhow::Result<()> {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
     let store = std::env::temp_dir().join(format!("spur-e2e-{kind:?}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&store);
 
@@ -38,29 +35,14 @@ async fn pipeline(kind: RewardModelKind) -> anyhow::Result<()> {
     config.reward_service.store = store.join("labels.redb").display().to_string();
 
     // The reward service with the built-in rule judge, on a free port.
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let reward_addr = format!("http://{}", listener.local_addr()?);
-    config.reward_service.addr = reward_addr.clone();
-    let (stop_rs, rs_stopped) = tokio::sync::oneshot::channel::<()>();
-    let opts = spur_reward_service::ServiceOptions {
-        root,
-        run_dir: None,
-    };
-    let service = tokio::spawn(spur_reward_service::serve(
-        config.clone(),
-        opts,
-        listener,
-        async {
-            let _ = rs_stopped.await;
-        },
-    ));
+    let service = TestRewardService::start(&mut config).await?;
 
     let learner = TestLearner::start(config.clone(), &format!("intrinsic-{kind:?}")).await?;
     let (stop_actor, actor) = spawn_actor(&config, &learner.addr, 0);
 
     // Keyroom emits texts; the rule judge finds "you pick up the key" and friends
     // helpful. The learner must end up holding exactly the service's table.
-    let mut rs = RewardServiceClient::connect(reward_addr).await?;
+    let mut rs = service.client().await?;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     let (judge, seen) = loop {
         let j = rs.get_status(RewardStatusRequest {}).await?.into_inner();
@@ -120,8 +102,7 @@ async fn pipeline(kind: RewardModelKind) -> anyhow::Result<()> {
     let _ = stop_actor.send(());
     actor.await??;
     learner.stop().await?;
-    let _ = stop_rs.send(());
-    service.await??;
+    service.stop().await?;
     let _ = std::fs::remove_dir_all(&store);
     Ok(())
 }

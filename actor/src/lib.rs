@@ -5,11 +5,11 @@
 //! rollout thread (`rollout.rs`, blocking, tch) steps the environments and produces
 //! chunks; the push task (`push.rs`, async) streams them to the learner. Both network
 //! parts reconnect with jittered backoff. With intrinsic rewards on, new event texts
-//! go to the reward service (`texts.rs`). The actor ends when the
-//! learner announces that training has finished, or when `shutdown` resolves: one
-//! cancellation token stops every part, the push task sends what the rollout thread
-//! made and waits for its acknowledgements, and every task is joined within
-//! `run.drain_timeout_ms`.
+//! go to the reward service (`texts.rs`); `error.rs` holds the typed errors. The
+//! actor ends when the learner announces that training has finished, or when
+//! `shutdown` resolves: one cancellation token stops every part, the push task sends
+//! what the rollout thread made and waits for its acknowledgements, and every task is
+//! joined within `run.drain_timeout_ms`.
 
 mod error;
 mod push;

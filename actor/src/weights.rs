@@ -32,7 +32,7 @@ pub type WeightsSlot = watch::Sender<Option<Arc<WeightsUpdate>>>;
 
 /// Reassembles one version from its pieces; any gap or inconsistency discards it.
 #[derive(Default)]
-pub struct Assembler {
+pub struct WeightsAssembler {
     version: u64,
     incarnation: u64,
     next: u32,
@@ -40,7 +40,7 @@ pub struct Assembler {
     buf: Vec<u8>,
 }
 
-impl Assembler {
+impl WeightsAssembler {
     /// Adds a piece; returns the payload when it completes a version.
     pub fn push(&mut self, c: WeightsChunk) -> Option<WeightsUpdate> {
         if c.chunk_index == 0 {
@@ -145,7 +145,7 @@ async fn follow(
                 continue;
             }
         };
-        let mut assembler = Assembler::default();
+        let mut assembler = WeightsAssembler::default();
         let mut known = have_incarnation;
         loop {
             match stream.message().await {
@@ -201,7 +201,7 @@ mod tests {
 
     #[test]
     fn assembles_in_order_and_rejects_gaps() {
-        let mut a = Assembler::default();
+        let mut a = WeightsAssembler::default();
         assert!(a.push(piece(2, 0, 2, 4, &[1, 2])).is_none());
         let w = a.push(piece(2, 1, 2, 4, &[3, 4])).unwrap();
         assert_eq!((w.version, w.bytes), (2, vec![1, 2, 3, 4]));

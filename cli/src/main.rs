@@ -2,6 +2,7 @@
 //! config, starts tracing, and hands over to the role's `run`.
 
 mod bench;
+mod bench_scale;
 mod cluster;
 mod eval;
 mod expert;
@@ -156,6 +157,12 @@ enum BenchCommand {
     /// reward service, the learner, in turn): memory, restarts, dropped steps, labels
     /// and the time to the next policy version after each fault.
     Soak(soak::SoakArgs),
+    /// Env steps/s one learner accepts from K clients replaying chunks, against raw
+    /// TCP loopback moving the same bytes.
+    Ingest(bench_scale::IngestArgs),
+    /// Publish-to-loaded time of weights at 16 subscribers (p50, p99) for ~1M and
+    /// ~10M parameter policies, against loading the same payload locally.
+    Broadcast(bench_scale::BroadcastArgs),
 }
 
 fn main() -> ExitCode {
@@ -250,6 +257,8 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         Command::Bench(BenchCommand::Throughput(a)) => bench::throughput(a).await,
         Command::Bench(BenchCommand::Bridge(a)) => bench::bridge(a).await,
         Command::Bench(BenchCommand::Soak(a)) => soak::soak(a).await,
+        Command::Bench(BenchCommand::Ingest(a)) => bench_scale::ingest(a).await,
+        Command::Bench(BenchCommand::Broadcast(a)) => bench_scale::broadcast(a).await,
         Command::Plot(a) => {
             plot::run(a)?;
             Ok(ExitCode::SUCCESS)

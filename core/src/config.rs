@@ -10,7 +10,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::ConfigError;
+use crate::error::{ConfigError, WireError};
 use crate::secret::Secret;
 
 /// Prefix of every environment variable that overrides a config key.
@@ -98,6 +98,48 @@ pub enum RewardModelKind {
     /// A char-level CNN scalar trained on ranked pairs (Bradley–Terry, ties 0.5):
     /// reward is the score normalized by a running mean and std.
     Ranking,
+}
+
+impl RewardModelKind {
+    /// The config spelling (`retrieval`, `classification`, `ranking`), for display.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Retrieval => "retrieval",
+            Self::Classification => "classification",
+            Self::Ranking => "ranking",
+        }
+    }
+}
+
+/// The one mapping onto the wire enum of `RewardModelUpdate.kind`.
+impl From<RewardModelKind> for spur_proto::v1::RewardModelKind {
+    fn from(kind: RewardModelKind) -> Self {
+        match kind {
+            RewardModelKind::Retrieval => Self::Retrieval,
+            RewardModelKind::Classification => Self::Classification,
+            RewardModelKind::Ranking => Self::Ranking,
+        }
+    }
+}
+
+/// The one mapping back from the wire: `RewardModelUpdate.kind` as prost holds it.
+/// An unspecified or unknown value is an error naming the field.
+impl TryFrom<i32> for RewardModelKind {
+    type Error = WireError;
+
+    fn try_from(value: i32) -> Result<Self, WireError> {
+        use spur_proto::v1::RewardModelKind as Wire;
+        match Wire::try_from(value) {
+            Ok(Wire::Retrieval) => Ok(Self::Retrieval),
+            Ok(Wire::Classification) => Ok(Self::Classification),
+            Ok(Wire::Ranking) => Ok(Self::Ranking),
+            Ok(Wire::Unspecified) => Err(WireError::Missing { field: "kind" }),
+            Err(_) => Err(WireError::invalid(
+                "kind",
+                format!("unknown reward model kind {value}"),
+            )),
+        }
+    }
 }
 
 /// How the learner mixes rewards:
@@ -1180,5 +1222,23 @@ mod tests {
     fn resolved_config_round_trips() {
         let c = Config::from_toml_str("[run]\nname = \"x\"\n").unwrap();
         assert_eq!(Config::from_toml_str(&c.to_toml()).unwrap(), c);
+    }
+
+    #[test]
+    fn reward_model_kind_round_trips_the_wire_and_rejects_unknown_values() {
+        for kind in [
+            RewardModelKind::Retrieval,
+            RewardModelKind::Classification,
+            RewardModelKind::Ranking,
+        ] {
+            let wire = spur_proto::v1::RewardModelKind::from(kind) as i32;
+            assert_eq!(RewardModelKind::try_from(wire), Ok(kind));
+        }
+        assert_eq!(
+            RewardModelKind::try_from(0),
+            Err(WireError::Missing { field: "kind" })
+        );
+        let err = RewardModelKind::try_from(99).unwrap_err();
+        assert!(err.to_string().contains("`kind`"), "{err}");
     }
 }

@@ -1,5 +1,5 @@
 //! Typed errors of the shared library. Servers map them to gRPC statuses in one place
-//! each (`learner/src/status.rs`).
+//! each (the learner in `learner/src/error.rs`).
 
 use thiserror::Error;
 

@@ -2,11 +2,13 @@
 //!
 //! - `config`: the typed experiment config (TOML, `SPUR_*` variables, `--set` flags)
 //! - `tensor`, `trajectory`: wire tensors and trajectory chunks, strictly checked
-//! - `env`: the `Env` trait, `cartpole`, `keyroom`, `memory` and the lock-step `VecEnv`
+//! - `env`: the `Env` trait, `cartpole`, `keyroom`, `memory`, `replay`, the lock-step
+//!   `VecEnv` and `remote` (envs served by the Python bridge)
 //! - `model`: the tch actor-critics (MLP, NetHack network, optional recurrent core)
 //!   and their safetensors weights
 //! - `recurrent`: the LSTM and GRU cores
 //! - `vtrace`, `ppo`: the V-trace targets and the PPO loss
+//! - `advantage`: advantage estimators besides V-trace (GAE, group advantages)
 //! - `checkpoint`: atomic, versioned checkpoints
 //! - `adam`: Adam whose moments go into checkpoints
 //! - `device`: config device strings to `tch::Device`
@@ -15,6 +17,8 @@
 //! - `backoff`: jittered exponential backoff for reconnecting clients
 //! - `transport`: every gRPC server and client endpoint (TLS, token, keepalive)
 //! - `secret`: secrets from the environment that never print
+//! - `prom`: Prometheus gauges from metrics rows and status messages
+//! - `error`: the typed errors (config, wire, env, model)
 
 pub mod adam;
 pub mod advantage;

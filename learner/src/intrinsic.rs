@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use spur_core::backoff::Backoff;
-use spur_core::config::IntrinsicConfig;
+use spur_core::config::{IntrinsicConfig, RewardModelKind};
 use spur_core::reward::repeat_decay;
 use spur_core::text_model::CharCnn;
 use spur_core::transport::Connector;
@@ -171,7 +171,13 @@ impl RewardTable {
 
     pub fn apply(&self, update: RewardModelUpdate) {
         if !update.weights.is_empty() {
-            let ranking = update.kind == "ranking";
+            let ranking = match RewardModelKind::try_from(update.kind) {
+                Ok(kind) => kind == RewardModelKind::Ranking,
+                Err(e) => {
+                    warn!(version = update.version, error = %e, "ignoring reward-model weights of no known kind");
+                    return;
+                }
+            };
             let mut guard = self.network.lock().expect("reward network lock poisoned");
             if guard.as_ref().is_some_and(|n| n.ranking != ranking) {
                 *guard = None;
@@ -399,6 +405,7 @@ mod network_tests {
         let table = RewardTable::default();
         table.apply(RewardModelUpdate {
             version: 2,
+            kind: spur_proto::v1::RewardModelKind::Classification.into(),
             full: true,
             weights: t.net.to_safetensors(2).unwrap(),
             ..Default::default()
@@ -431,7 +438,7 @@ mod network_tests {
         let table = RewardTable::default();
         table.apply(RewardModelUpdate {
             version: 5,
-            kind: "ranking".into(),
+            kind: spur_proto::v1::RewardModelKind::Ranking.into(),
             full: true,
             weights: t.net.to_safetensors(5).unwrap(),
             loss: 0.25,

@@ -11,11 +11,13 @@
 //! - `service.rs`: the gRPC handlers (trajectory streams into a bounded queue)
 //! - `trainer.rs`: the training thread (V-trace targets, PPO updates, checkpoints)
 //! - `batch.rs`: chunks to a time-major batch
+//! - `episodes.rs`: chunks cut back into episodes and grouped (UI-S1's group advantages)
 //! - `sequences.rs`: the sequences a recurrent policy re-runs (columns or episodes)
 //! - `broadcast.rs`: latest-wins weight broadcast, chunked under the message limit
 //! - `intrinsic.rs`: the reward-model subscription and reward mixing
 //! - `state.rs`: counters and episode statistics shared by handlers and trainer
 //! - `metrics.rs`: `metrics.jsonl`
+//! - `tensorboard.rs`: TensorBoard event files next to `metrics.jsonl`
 //! - `error.rs`: errors and their gRPC statuses
 
 mod batch;

@@ -389,6 +389,12 @@ impl Trainer {
             META_ENV_STEPS.to_string(),
             self.shared.env_steps.load(Ordering::Relaxed).to_string(),
         );
+        // When this version left the learner (`spur bench broadcast` reads it).
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+        meta.insert(
+            "spur.published_unix_ns".into(),
+            now.map_or(0, |d| d.as_nanos()).to_string(),
+        );
         self.broadcaster.publish(Published {
             version: self.version,
             bytes: Arc::new(self.model.to_safetensors(self.version, &meta)?),

@@ -15,12 +15,13 @@ use std::sync::Arc;
 
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
+use spur_core::config::RewardModelKind;
 use spur_core::text_model::CharCnnTrainer;
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::model::{RetrievalModel, KIND_RANKING};
+use crate::model::RewardModel;
 use crate::store::Pair;
 
 /// Texts (or pairs) per training minibatch.
@@ -73,20 +74,20 @@ pub struct Distiller {
     pub thread: std::thread::JoinHandle<()>,
 }
 
-/// Starts the training thread for the `kind` network (`model::KIND_*`) with the
+/// Starts the training thread for the `kind` network (classification or ranking) with the
 /// verdicts already stored. The thread ends when every sender is dropped, or after
 /// the training step it is in once `cancel` is cancelled.
 pub fn spawn(
-    kind: &'static str,
+    kind: RewardModelKind,
     initial: Verdicts,
     steps: u32,
     lr: f64,
-    publisher: Arc<RetrievalModel>,
+    publisher: Arc<RewardModel>,
     cancel: CancellationToken,
 ) -> std::io::Result<(VerdictSender, Distiller)> {
     let (tx, rx) = mpsc::channel::<Verdicts>();
     let (done, finished) = oneshot::channel::<()>();
-    let ranking = kind == KIND_RANKING;
+    let ranking = kind == RewardModelKind::Ranking;
     let thread = std::thread::Builder::new()
         .name("spur-distill".into())
         .spawn(move || {
@@ -98,7 +99,7 @@ pub fn spawn(
             let mut trainer = match CharCnnTrainer::new(outputs, lr, tch::Device::Cpu) {
                 Ok(t) => t,
                 Err(e) => {
-                    warn!(kind, error = %e, "cannot build the reward network");
+                    warn!(kind = kind.name(), error = %e, "cannot build the reward network");
                     return;
                 }
             };
@@ -122,7 +123,7 @@ pub fn spawn(
                         Ok(bytes) => {
                             publisher.publish_weights(bytes, loss);
                             info!(
-                                kind,
+                                kind = kind.name(),
                                 loss,
                                 positives = data.pos.len(),
                                 negatives = data.neg.len(),

@@ -24,7 +24,7 @@ use tracing::{debug, info, warn};
 use crate::backlog::Backlog;
 use crate::distill::{VerdictSender, Verdicts};
 use crate::judge::{Judge, Task};
-use crate::model::RetrievalModel;
+use crate::model::RewardModel;
 use crate::parse::{parse_labels, parse_preferences};
 use crate::prompt::Prompt;
 use crate::retry::{Next, RetryWait};
@@ -42,7 +42,7 @@ pub struct Labeler {
     pub judge: Judge,
     pub judge_id: String,
     pub store: Arc<LabelStore>,
-    pub model: Arc<RetrievalModel>,
+    pub model: Arc<RewardModel>,
     /// Verdicts for the distilled network, when one is trained (taken at shutdown).
     distill: Mutex<Option<VerdictSender>>,
     /// Pairs per new text when the judge ranks pairs; `None` when it labels texts.
@@ -79,7 +79,7 @@ impl Labeler {
         prompt_version: String,
         judge: Judge,
         store: Arc<LabelStore>,
-        model: Arc<RetrievalModel>,
+        model: Arc<RewardModel>,
         distill: Option<VerdictSender>,
         pairs_per_text: Option<usize>,
         judged: Vec<String>,
@@ -544,6 +544,7 @@ mod tests {
 
     use super::*;
     use crate::judge::ScriptedJudge;
+    use spur_core::config::RewardModelKind;
 
     const GARBAGE: &str = "Thought process: the key matters.\n1: helpful";
 
@@ -566,7 +567,11 @@ mod tests {
             "v1".into(),
             Judge::Scripted(ScriptedJudge::new(script)),
             store,
-            Arc::new(RetrievalModel::new("v1".into(), None, Vec::new())),
+            Arc::new(RewardModel::new(
+                "v1".into(),
+                RewardModelKind::Retrieval,
+                Vec::new(),
+            )),
             None,
             None,
             Vec::new(),

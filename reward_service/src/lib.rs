@@ -12,8 +12,9 @@
 //! - `prompt.rs`, `parse.rs`: prompt templates with versions; the strict answer parser
 //! - `store.rs`: the redb label store
 //! - `model.rs`: the label table and the reward-model versions subscribers receive
-//! - `distill.rs`: training the `classification` network on the labels
+//! - `distill.rs`: training the `classification` or `ranking` network on the verdicts
 //! - `stats.rs`: counters and judge latency percentiles
+//! - `error.rs`: the service's typed errors
 
 mod backlog;
 mod distill;
@@ -52,7 +53,7 @@ pub use error::ServiceError;
 
 use judge::{Judge, OpenAiJudge, OpenAiSettings, RulesJudge};
 use labeler::Labeler;
-use model::RetrievalModel;
+use model::RewardModel;
 use retry::RetryWait;
 use service::RewardGrpc;
 use tasks::Tasks;
@@ -377,26 +378,20 @@ fn start_labeler(
         model = ?kind,
         "label store open"
     );
-    let network = match kind {
-        RewardModelKind::Retrieval => None,
-        RewardModelKind::Classification => Some(model::KIND_CLASSIFICATION),
-        RewardModelKind::Ranking => Some(model::KIND_RANKING),
-    };
     let judged: Vec<String> = known.iter().map(|(t, _)| t.clone()).collect();
-    let model = Arc::new(RetrievalModel::new(prompt_version.clone(), network, known));
-    let (distill, distiller) = match network {
-        Some(kind) => {
-            let (tx, d) = distill::spawn(
-                kind,
-                initial,
-                r.distill_steps,
-                r.distill_lr,
-                model.clone(),
-                cancel.clone(),
-            )?;
-            (Some(tx), Some(d))
-        }
-        None => (None, None),
+    let model = Arc::new(RewardModel::new(prompt_version.clone(), kind, known));
+    let (distill, distiller) = if kind == RewardModelKind::Retrieval {
+        (None, None)
+    } else {
+        let (tx, d) = distill::spawn(
+            kind,
+            initial,
+            r.distill_steps,
+            r.distill_lr,
+            model.clone(),
+            cancel.clone(),
+        )?;
+        (Some(tx), Some(d))
     };
     let pairs_per_text = (kind == RewardModelKind::Ranking).then_some(r.pairs_per_text as usize);
     let retry = RetryWait::new(

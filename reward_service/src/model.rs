@@ -1,42 +1,41 @@
-//! The retrieval reward model: the label table itself. Each committed batch of labels
-//! is a new version; subscribers get the whole table first, then each version's new
-//! labels. A subscriber that falls too far behind gets the whole table again.
+//! The reward model subscribers receive: for `retrieval` the label table itself (each
+//! committed batch of labels is a new version; subscribers get the whole table first,
+//! then each version's new labels, and one that falls too far behind gets the whole
+//! table again); for `classification` and `ranking` the newest distilled network.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+use spur_core::config::RewardModelKind;
 use spur_proto::v1::{LabelEntry, RewardModelUpdate};
 use tokio::sync::broadcast;
-
-pub const KIND_RETRIEVAL: &str = "retrieval";
-pub const KIND_CLASSIFICATION: &str = "classification";
-pub const KIND_RANKING: &str = "ranking";
 
 /// The label table, and what subscribers receive: the table and its deltas
 /// (`retrieval`), or the newest network weights (`classification`, `ranking`).
 /// For `ranking` the table holds every text judged in some pair, with 1 for texts
 /// that showed more progress than their partner at least once.
-pub struct RetrievalModel {
+pub struct RewardModel {
     prompt_version: String,
-    /// The kind of network whose weights subscribers get instead of label deltas.
-    network: Option<&'static str>,
+    /// What subscribers get: label deltas (`Retrieval`) or network weights.
+    kind: RewardModelKind,
     state: Mutex<(u64, HashMap<String, f32>)>,
     latest_weights: Mutex<Option<Arc<RewardModelUpdate>>>,
     deltas: broadcast::Sender<Arc<RewardModelUpdate>>,
 }
 
-impl RetrievalModel {
-    /// Starts from the labels already in the store (version 1). With a `network`
-    /// kind, subscribers get weights from [`publish_weights`](Self::publish_weights).
+impl RewardModel {
+    /// Starts from the labels already in the store (version 1). With a network kind
+    /// (not `Retrieval`), subscribers get weights from
+    /// [`publish_weights`](Self::publish_weights).
     pub fn new(
         prompt_version: String,
-        network: Option<&'static str>,
+        kind: RewardModelKind,
         labels: impl IntoIterator<Item = (String, f32)>,
     ) -> Self {
         let (deltas, _) = broadcast::channel(256);
         Self {
             prompt_version,
-            network,
+            kind,
             state: Mutex::new((1, labels.into_iter().collect())),
             latest_weights: Mutex::new(None),
             deltas,
@@ -49,7 +48,7 @@ impl RetrievalModel {
         s.0 += 1;
         let update = Arc::new(RewardModelUpdate {
             version: s.0,
-            kind: self.network.unwrap_or(KIND_CLASSIFICATION).into(),
+            kind: spur_proto::v1::RewardModelKind::from(self.kind).into(),
             prompt_version: self.prompt_version.clone(),
             full: true,
             labels: Vec::new(),
@@ -61,14 +60,14 @@ impl RetrievalModel {
     }
 
     /// The kind subscribers get, and the newest network's training loss.
-    pub fn kind_and_loss(&self) -> (&'static str, f64) {
+    pub fn kind_and_loss(&self) -> (RewardModelKind, f64) {
         let loss = self
             .latest_weights
             .lock()
             .expect("model lock poisoned")
             .as_ref()
             .map_or(0.0, |u| u.loss);
-        (self.network.unwrap_or(KIND_RETRIEVAL), loss)
+        (self.kind, loss)
     }
 
     pub fn version(&self) -> u64 {
@@ -103,13 +102,13 @@ impl RetrievalModel {
             let old = s.1.entry(t.clone()).or_insert(*v);
             *old = old.max(*v);
         }
-        if self.network.is_some() {
+        if self.kind != RewardModelKind::Retrieval {
             return; // subscribers get weights, not labels
         }
         s.0 += 1;
         let update = RewardModelUpdate {
             version: s.0,
-            kind: KIND_RETRIEVAL.into(),
+            kind: spur_proto::v1::RewardModelKind::Retrieval.into(),
             prompt_version: self.prompt_version.clone(),
             full: false,
             labels: labels
@@ -141,7 +140,7 @@ impl RetrievalModel {
         }
         let full = RewardModelUpdate {
             version: s.0,
-            kind: KIND_RETRIEVAL.into(),
+            kind: spur_proto::v1::RewardModelKind::Retrieval.into(),
             prompt_version: self.prompt_version.clone(),
             full: true,
             labels: s

@@ -171,7 +171,7 @@ pub fn status(labeler: &Labeler) -> RewardServiceStatus {
             0.0
         },
         ranked_pairs: Stats::get(&s.ranked_pairs),
-        model_kind: kind.into(),
+        model_kind: kind.name().into(),
         model_loss: loss,
         retry_waiting,
     }

@@ -7,7 +7,7 @@
 
 use std::path::{Path, PathBuf};
 
-use redb::{Database, ReadableTable, TableDefinition};
+use redb::{Database, ReadableTable, TableDefinition, TableHandle};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
@@ -107,45 +107,12 @@ impl LabelStore {
         prompt_version: &str,
         labels: Vec<(String, LabelRecord)>,
     ) -> Result<Vec<(String, LabelRecord)>, ServiceError> {
-        let txn = self.db.begin_write().map_err(|e| self.err(e))?;
-        let mut added = Vec::with_capacity(labels.len());
-        {
-            let mut table = txn.open_table(LABELS).map_err(|e| self.err(e))?;
-            for (text, record) in labels {
-                let key = (prompt_version, text.as_str());
-                if table.get(key).map_err(|e| self.err(e))?.is_some() {
-                    continue;
-                }
-                table
-                    .insert(key, encode(&record).as_slice())
-                    .map_err(|e| self.err(e))?;
-                added.push((text, record));
-            }
-        }
-        txn.commit().map_err(|e| self.err(e))?;
-        Ok(added)
+        self.put_new_in::<Labels>(prompt_version, labels)
     }
 
     /// Every label stored under `prompt_version`.
     pub fn all(&self, prompt_version: &str) -> Result<Vec<(String, LabelRecord)>, ServiceError> {
-        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
-        let table = txn.open_table(LABELS).map_err(|e| self.err(e))?;
-        let mut out = Vec::new();
-        for item in table
-            .range((prompt_version, "")..)
-            .map_err(|e| self.err(e))?
-        {
-            let (k, v) = item.map_err(|e| self.err(e))?;
-            let (pv, text) = k.value();
-            if pv != prompt_version {
-                break;
-            }
-            match decode(v.value()) {
-                Ok(r) => out.push((text.to_string(), r)),
-                Err(e) => tracing::warn!(text, error = %e, "skipping an unreadable label record"),
-            }
-        }
-        Ok(out)
+        self.all_in::<Labels>(prompt_version)
     }
 
     /// Stores the ranked pairs that are not stored yet, in one durable transaction;
@@ -155,45 +122,128 @@ impl LabelStore {
         prompt_version: &str,
         pairs: Vec<(Pair, PairRecord)>,
     ) -> Result<Vec<(Pair, PairRecord)>, ServiceError> {
+        self.put_new_in::<Pairs>(prompt_version, pairs)
+    }
+
+    /// Every ranked pair stored under `prompt_version`.
+    pub fn all_pairs(&self, prompt_version: &str) -> Result<Vec<(Pair, PairRecord)>, ServiceError> {
+        self.all_in::<Pairs>(prompt_version)
+    }
+
+    fn put_new_in<T: Table>(
+        &self,
+        prompt_version: &str,
+        entries: Vec<Entry<T>>,
+    ) -> Result<Vec<Entry<T>>, ServiceError> {
         let txn = self.db.begin_write().map_err(|e| self.err(e))?;
-        let mut added = Vec::with_capacity(pairs.len());
+        let mut added = Vec::with_capacity(entries.len());
         {
-            let mut table = txn.open_table(PAIRS).map_err(|e| self.err(e))?;
-            for ((a, b), record) in pairs {
-                let key = (prompt_version, a.as_str(), b.as_str());
+            let mut table = txn.open_table(T::TABLE).map_err(|e| self.err(e))?;
+            for (item, record) in entries {
+                let key = T::key(prompt_version, &item);
                 if table.get(key).map_err(|e| self.err(e))?.is_some() {
                     continue;
                 }
                 table
-                    .insert(key, encode(&record).as_slice())
+                    .insert(T::key(prompt_version, &item), encode(&record).as_slice())
                     .map_err(|e| self.err(e))?;
-                added.push(((a, b), record));
+                added.push((item, record));
             }
         }
         txn.commit().map_err(|e| self.err(e))?;
         Ok(added)
     }
 
-    /// Every ranked pair stored under `prompt_version`.
-    pub fn all_pairs(&self, prompt_version: &str) -> Result<Vec<(Pair, PairRecord)>, ServiceError> {
+    fn all_in<T: Table>(&self, prompt_version: &str) -> Result<Vec<Entry<T>>, ServiceError> {
         let txn = self.db.begin_read().map_err(|e| self.err(e))?;
-        let table = txn.open_table(PAIRS).map_err(|e| self.err(e))?;
+        let table = txn.open_table(T::TABLE).map_err(|e| self.err(e))?;
         let mut out = Vec::new();
-        for item in table
-            .range((prompt_version, "", "")..)
+        for entry in table
+            .range(T::first(prompt_version)..)
             .map_err(|e| self.err(e))?
         {
-            let (k, v) = item.map_err(|e| self.err(e))?;
-            let (pv, a, b) = k.value();
+            let (k, v) = entry.map_err(|e| self.err(e))?;
+            let (pv, item) = T::split(k.value());
             if pv != prompt_version {
                 break;
             }
             match decode(v.value()) {
-                Ok(r) => out.push(((a.to_string(), b.to_string()), r)),
-                Err(e) => tracing::warn!(a, b, error = %e, "skipping an unreadable pair record"),
+                Ok(r) => out.push((item, r)),
+                Err(e) => tracing::warn!(
+                    table = T::TABLE.name(),
+                    item = ?item,
+                    error = %e,
+                    "skipping an unreadable record"
+                ),
             }
         }
         Ok(out)
+    }
+}
+
+/// A table of the store: its key under a prompt version, and what it records.
+trait Table {
+    /// What a record is about: a text, or a pair of texts.
+    type Item: std::fmt::Debug;
+    type Verdict: Serialize + DeserializeOwned;
+    type Key: redb::Key + 'static;
+    const TABLE: TableDefinition<'static, Self::Key, &'static [u8]>;
+
+    fn key<'a>(prompt_version: &'a str, item: &'a Self::Item) -> KeyOf<'a, Self::Key>;
+    /// The smallest key under `prompt_version`.
+    fn first(prompt_version: &str) -> KeyOf<'_, Self::Key>;
+    /// A stored key as its prompt version and item.
+    fn split<'a>(key: KeyOf<'a, Self::Key>) -> (&'a str, Self::Item);
+}
+
+type KeyOf<'a, K> = <K as redb::Value>::SelfType<'a>;
+
+/// One stored record of table `T` and what it is about.
+type Entry<T> = (<T as Table>::Item, Record<<T as Table>::Verdict>);
+
+/// Single-text labels.
+struct Labels;
+
+impl Table for Labels {
+    type Item = String;
+    type Verdict = bool;
+    type Key = (&'static str, &'static str);
+    const TABLE: TableDefinition<'static, Self::Key, &'static [u8]> = LABELS;
+
+    fn key<'a>(prompt_version: &'a str, text: &'a String) -> (&'a str, &'a str) {
+        (prompt_version, text)
+    }
+
+    fn first(prompt_version: &str) -> (&str, &str) {
+        (prompt_version, "")
+    }
+
+    fn split<'a>(key: KeyOf<'a, Self::Key>) -> (&'a str, String) {
+        let (pv, text) = key;
+        (pv, text.to_string())
+    }
+}
+
+/// Ranked pairs.
+struct Pairs;
+
+impl Table for Pairs {
+    type Item = Pair;
+    type Verdict = f32;
+    type Key = (&'static str, &'static str, &'static str);
+    const TABLE: TableDefinition<'static, Self::Key, &'static [u8]> = PAIRS;
+
+    fn key<'a>(prompt_version: &'a str, (a, b): &'a Pair) -> (&'a str, &'a str, &'a str) {
+        (prompt_version, a, b)
+    }
+
+    fn first(prompt_version: &str) -> (&str, &str, &str) {
+        (prompt_version, "", "")
+    }
+
+    fn split<'a>(key: KeyOf<'a, Self::Key>) -> (&'a str, Pair) {
+        let (pv, a, b) = key;
+        (pv, (a.to_string(), b.to_string()))
     }
 }
 

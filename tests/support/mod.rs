@@ -1,5 +1,6 @@
-//! Helpers for spur's end-to-end tests: a learner on `127.0.0.1:0` in this process,
-//! readiness by polling gRPC health (never a sleep), and actors as tasks.
+//! Helpers for spur's end-to-end tests: a learner and a reward service on
+//! `127.0.0.1:0` in this process, readiness by polling gRPC health (never a sleep),
+//! and actors as tasks.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -8,6 +9,7 @@ use spur_core::config::Config;
 use spur_core::transport::{AuthChannel, Transport};
 use spur_learner::{LearnerOptions, TrainSummary};
 use spur_proto::v1::learner_client::LearnerClient;
+use spur_proto::v1::reward_service_client::RewardServiceClient;
 use spur_proto::v1::{LearnerStatus, StatusRequest};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
@@ -109,12 +111,17 @@ pub async fn wait_serving(addr: &str) -> anyhow::Result<()> {
 
 /// [`wait_serving`] through `transport` (TLS, token).
 pub async fn wait_serving_with(transport: &Transport, addr: &str) -> anyhow::Result<()> {
+    wait_health(transport, addr, "spur.v1.Learner").await
+}
+
+/// Polls the gRPC health service at `addr` until `service` reports SERVING.
+async fn wait_health(transport: &Transport, addr: &str, service: &str) -> anyhow::Result<()> {
     let client = transport.client(addr)?;
     for _ in 0..200 {
         if let Ok(channel) = client.connect().await {
             let mut h = HealthClient::new(channel);
             let req = HealthCheckRequest {
-                service: "spur.v1.Learner".into(),
+                service: service.into(),
             };
             if let Ok(r) = h.check(req).await {
                 if r.into_inner().status == 1 {
@@ -124,7 +131,58 @@ pub async fn wait_serving_with(transport: &Transport, addr: &str) -> anyhow::Res
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
-    anyhow::bail!("learner at {addr} never became ready")
+    anyhow::bail!("{service} at {addr} never became ready")
+}
+
+/// A reward service in this process on `127.0.0.1:0`, with the judge of its config
+/// (paths relative to the repository root).
+pub struct TestRewardService {
+    pub addr: String,
+    pub handle: JoinHandle<Result<(), spur_reward_service::ServiceError>>,
+    stop: Option<oneshot::Sender<()>>,
+}
+
+impl TestRewardService {
+    /// Starts the reward service for `config`, points `config.reward_service.addr` at
+    /// it, and waits until its health service reports SERVING (label store loaded).
+    pub async fn start(config: &mut Config) -> anyhow::Result<Self> {
+        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = format!("http://{}", listener.local_addr()?);
+        config.reward_service.addr = addr.clone();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let opts = spur_reward_service::ServiceOptions {
+            root,
+            run_dir: None,
+        };
+        let handle = tokio::spawn(spur_reward_service::serve(
+            config.clone(),
+            opts,
+            listener,
+            async {
+                let _ = stopped.await;
+            },
+        ));
+        let plain = Transport::from_config(&Default::default())?;
+        wait_health(&plain, &addr, "spur.v1.RewardService").await?;
+        Ok(Self {
+            addr,
+            handle,
+            stop: Some(stop),
+        })
+    }
+
+    pub async fn client(&self) -> anyhow::Result<RewardServiceClient<Channel>> {
+        Ok(RewardServiceClient::connect(self.addr.clone()).await?)
+    }
+
+    /// Asks the service to stop and waits for it to finish.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        Ok(self.handle.await??)
+    }
 }
 
 /// Starts an actor task against `addr`; it stops when `stop` fires or training ends.

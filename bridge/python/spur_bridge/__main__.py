@@ -36,6 +36,9 @@ def main(argv=None) -> int:
     p.add_argument("--exit-with-parent", action="store_true", help="stop when the parent process (Linux: the thread that started this) dies")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="spur_bridge %(levelname)s %(message)s")
+    # NLE announces its save-dir choice ("Not saving any NLE data.") at INFO once per
+    # env; the bridge's stderr becomes the caller's log, so keep only its warnings.
+    logging.getLogger("nle").setLevel(logging.WARNING)
     if args.exit_with_parent:
         _exit_with_parent()
 

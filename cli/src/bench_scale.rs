@@ -1,0 +1,474 @@
+//! How far one learner scales, against a baseline measured in the same run.
+//!
+//! `spur bench ingest`: K clients replay one valid trajectory chunk of the config's
+//! shape (built once, tagged with the learner's incarnation) into a real learner
+//! (`spur_learner::serve` on 127.0.0.1:0, with a batch so large that it never
+//! trains) for N seconds: acknowledged env steps/s and MB/s, against K plain TCP
+//! loopback connections moving length-prefixed payloads of the same size.
+//!
+//! `spur bench broadcast`: 16 weight subscribers, each reassembling the pieces and
+//! loading them into an `ActorCritic`, under a learner that publishes after every
+//! update (one client replays chunks to drive it): publish-to-loaded time, p50 and
+//! p99, from the `spur.published_unix_ns` the learner writes into each payload's
+//! metadata, against copying and loading the same payload locally.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use clap::Args;
+use spur_core::env::env_spec;
+use spur_core::model::{read_metadata, ActorCritic};
+use spur_core::trajectory::Chunk;
+use spur_core::transport::{AuthChannel, Transport};
+use spur_core::Config;
+use spur_proto::v1::learner_client::LearnerClient;
+use spur_proto::v1::{StatusRequest, SubscribeWeightsRequest, TrajectoryChunk};
+use spur_proto::MAX_MESSAGE_BYTES;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tonic::codegen::tokio_stream;
+
+use crate::ConfigArgs;
+
+#[derive(Args)]
+pub struct IngestArgs {
+    #[command(flatten)]
+    config: ConfigArgs,
+    /// Clients pushing at once.
+    #[arg(long, default_value_t = 4)]
+    clients: usize,
+    /// Seconds each measurement runs.
+    #[arg(long, default_value_t = 5.0)]
+    seconds: f64,
+}
+
+#[derive(Args)]
+pub struct BroadcastArgs {
+    #[command(flatten)]
+    config: ConfigArgs,
+    /// Weight subscribers.
+    #[arg(long, default_value_t = 16)]
+    subscribers: usize,
+    /// Hidden layers of each measured MLP, `;` between policies (defaults: about 1M
+    /// and 10M parameters).
+    #[arg(long, default_value = "700,700;2200,2200")]
+    hidden: String,
+    /// Seconds each policy is measured.
+    #[arg(long, default_value_t = 5.0)]
+    seconds: f64,
+}
+
+/// A learner served in-process on 127.0.0.1:0 from a temporary run directory.
+struct InProcess {
+    client: LearnerClient<AuthChannel>,
+    incarnation: u64,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<Result<spur_learner::TrainSummary, spur_learner::LearnerError>>,
+    dir: std::path::PathBuf,
+    transport: Transport,
+    addr: String,
+}
+
+impl InProcess {
+    async fn start(config: &Config, name: &str) -> anyhow::Result<Self> {
+        let dir = std::env::temp_dir().join(format!("spur-bench-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?.to_string();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let opts = spur_learner::LearnerOptions {
+            run_dir: dir.clone(),
+            resume: false,
+        };
+        let shutdown = async move {
+            let _ = stopped.await;
+        };
+        let task = tokio::spawn(spur_learner::serve(
+            config.clone(),
+            opts,
+            listener,
+            shutdown,
+        ));
+        let transport = Transport::from_config(&config.transport)?;
+        let mut client = connect(&transport, &addr).await?;
+        let status = client.get_status(StatusRequest {}).await?.into_inner();
+        Ok(Self {
+            client,
+            incarnation: status.learner_incarnation,
+            stop: Some(stop),
+            task,
+            dir,
+            transport,
+            addr,
+        })
+    }
+
+    async fn stop(mut self) -> anyhow::Result<()> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        tokio::time::timeout(Duration::from_secs(60), self.task)
+            .await
+            .context("the learner did not stop within 60 s")???;
+        let _ = std::fs::remove_dir_all(&self.dir);
+        Ok(())
+    }
+}
+
+async fn connect(transport: &Transport, addr: &str) -> anyhow::Result<LearnerClient<AuthChannel>> {
+    let channel = transport.client(&transport.url(addr))?.connect().await?;
+    Ok(LearnerClient::new(channel)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES))
+}
+
+/// Config `path`, then the bench's own settings, then the user's `--set`.
+fn load(args: &ConfigArgs, ours: &[String]) -> anyhow::Result<Config> {
+    let sets: Vec<String> = ours.iter().chain(&args.set).cloned().collect();
+    Ok(Config::load(
+        args.config.as_deref(),
+        std::env::vars(),
+        &sets,
+    )?)
+}
+
+/// A chunk every check accepts: zero observations, action 0, no episode ends.
+fn replay_chunk(config: &Config, incarnation: u64) -> anyhow::Result<TrajectoryChunk> {
+    let spec = env_spec(&config.env)?;
+    let model = ActorCritic::for_spec(&spec, &config.model, tch::Device::Cpu)?;
+    let (t, n, d) = (
+        config.actor.rollout_len as usize,
+        config.env.num_envs as usize,
+        spec.obs_dim,
+    );
+    let steps = t * n;
+    Ok(Chunk {
+        actor_id: "bench".into(),
+        policy_version: 0,
+        rollout_len: t,
+        num_envs: n,
+        obs_dim: d,
+        observations: vec![0.0; (t + 1) * n * d],
+        actions: vec![0; steps],
+        behaviour_log_probs: vec![-(spec.num_actions as f32).ln(); steps],
+        rewards: vec![0.0; steps],
+        terminated: vec![0; steps],
+        truncated: vec![0; steps],
+        final_observations: Vec::new(),
+        event_texts: Vec::new(),
+        env_ids: (0..n as u32).collect(),
+        episode_ids: (0..steps as i64).map(|i| i % n as i64).collect(),
+        step_indices: (0..steps as i64).map(|i| i / n as i64).collect(),
+        finished_episodes: Vec::new(),
+        event_counts: Vec::new(),
+        group_ids: Vec::new(),
+        group_size: 0,
+        expert_actions: Vec::new(),
+        learner_incarnation: incarnation,
+        state_size: model.state_size(),
+        initial_state: vec![0.0; n * model.state_size()],
+    }
+    .to_proto())
+}
+
+/// Bytes of the chunk's tensors on the wire (protobuf framing adds a few bytes per
+/// field).
+fn payload_bytes(c: &TrajectoryChunk) -> usize {
+    [
+        &c.observations,
+        &c.actions,
+        &c.behaviour_log_probs,
+        &c.rewards,
+        &c.terminated,
+        &c.truncated,
+        &c.final_observations,
+        &c.episode_ids,
+        &c.step_indices,
+        &c.initial_state,
+    ]
+    .iter()
+    .filter_map(|t| t.as_ref())
+    .map(|t| t.data.len() + 8 * t.shape.len())
+    .sum::<usize>()
+        + 4 * c.env_ids.len()
+}
+
+/// Pushes `chunk` over one stream until `deadline`; returns the chunks acknowledged.
+async fn push_until(
+    mut client: LearnerClient<AuthChannel>,
+    chunk: TrajectoryChunk,
+    deadline: Instant,
+) -> anyhow::Result<u64> {
+    let chunks = std::iter::from_fn(move || (Instant::now() < deadline).then(|| chunk.clone()));
+    let mut acks = client
+        .push_trajectories(tokio_stream::iter(chunks))
+        .await?
+        .into_inner();
+    let mut accepted = 0;
+    while let Some(ack) = acks.message().await? {
+        if Instant::now() <= deadline {
+            accepted = ack.accepted_chunks;
+        }
+    }
+    Ok(accepted)
+}
+
+/// Bytes/s of `clients` loopback TCP connections writing `len`-byte length-prefixed
+/// messages for `secs`, counted by the readers.
+async fn raw_tcp(clients: usize, len: usize, secs: f64) -> anyhow::Result<f64> {
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let deadline = Instant::now() + Duration::from_secs_f64(secs);
+    let received = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..clients {
+        let mut writer = TcpStream::connect(addr).await?;
+        let (mut reader, _) = listener.accept().await?;
+        let received = received.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut buf = vec![0u8; len];
+            while reader.read_u32().await.is_ok() {
+                reader.read_exact(&mut buf).await?;
+                if Instant::now() <= deadline {
+                    received.fetch_add(len as u64, Ordering::Relaxed);
+                }
+            }
+            Ok::<_, std::io::Error>(())
+        }));
+        let payload = vec![7u8; len];
+        tasks.push(tokio::spawn(async move {
+            while Instant::now() < deadline {
+                writer.write_u32(len as u32).await?;
+                writer.write_all(&payload).await?;
+            }
+            Ok(())
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    Ok(received.load(Ordering::Relaxed) as f64 / secs)
+}
+
+pub async fn ingest(args: IngestArgs) -> anyhow::Result<std::process::ExitCode> {
+    anyhow::ensure!(
+        args.clients >= 1 && args.seconds > 0.0,
+        "--clients and --seconds must be positive"
+    );
+    // The trainer gathers forever: every accepted chunk is queued and taken, none
+    // trained on.
+    let config = load(&args.config, &["learner.batch_steps=4294967295".into()])?;
+    let learner = InProcess::start(&config, "ingest").await?;
+    let chunk = replay_chunk(&config, learner.incarnation)?;
+    let (bytes, steps) = (
+        payload_bytes(&chunk),
+        config.actor.rollout_len * config.env.num_envs,
+    );
+    println!(
+        "spur bench ingest: {} clients, chunks of {} steps x {} envs ({:.1} KiB), {} cores, {} s per measurement",
+        args.clients,
+        config.actor.rollout_len,
+        config.env.num_envs,
+        bytes as f64 / 1024.0,
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        args.seconds
+    );
+    let raw = raw_tcp(args.clients, bytes, args.seconds).await?;
+    let deadline = Instant::now() + Duration::from_secs_f64(args.seconds);
+    let mut pushers = Vec::new();
+    for _ in 0..args.clients {
+        let client = connect(&learner.transport, &learner.addr).await?;
+        pushers.push(tokio::spawn(push_until(client, chunk.clone(), deadline)));
+    }
+    let mut chunks = 0;
+    for p in pushers {
+        chunks += p.await??;
+    }
+    learner.stop().await?;
+    let rate = chunks as f64 * bytes as f64 / args.seconds;
+    println!(
+        "{:<44} {:>12} {:>10} {:>8}",
+        "measurement", "env steps/s", "MB/s", "vs tcp"
+    );
+    let row = |name: &str, b: f64| {
+        let steps_s = b / bytes as f64 * steps as f64;
+        println!(
+            "{name:<44} {steps_s:>12.0} {:>10.1} {:>7.3}x",
+            b / 1e6,
+            b / raw
+        );
+    };
+    row("raw TCP loopback, same bytes (baseline)", raw);
+    row("learner, chunks acknowledged", rate);
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
+/// The p-th percentile (0..=100) of `v`, in milliseconds.
+fn percentile(v: &mut [f64], p: f64) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[((v.len() - 1) as f64 * p / 100.0).round() as usize] * 1e3
+}
+
+fn unix_s() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+/// Follows the learner's weights, loading each complete payload into its own policy
+/// (off the runtime, as an actor's rollout thread would); records publish-to-loaded
+/// seconds of every version but the first (which was published before it came).
+async fn subscriber(
+    mut client: LearnerClient<AuthChannel>,
+    mut model: ActorCritic,
+    seen: Arc<Mutex<Vec<f64>>>,
+) -> anyhow::Result<()> {
+    let mut stream = client
+        .subscribe_weights(SubscribeWeightsRequest::default())
+        .await?
+        .into_inner();
+    let (mut buf, mut first) = (Vec::new(), true);
+    while let Some(piece) = stream.message().await? {
+        if piece.chunk_index == 0 {
+            buf.clear();
+        }
+        buf.extend_from_slice(&piece.data);
+        if piece.chunk_index + 1 < piece.num_chunks {
+            continue;
+        }
+        let bytes = std::mem::take(&mut buf);
+        let (m, meta) = tokio::task::spawn_blocking(move || {
+            let meta = model.load_safetensors(&bytes);
+            (model, meta)
+        })
+        .await?;
+        model = m;
+        let published = meta?
+            .get("spur.published_unix_ns")
+            .and_then(|v| v.parse::<f64>().ok());
+        if let (Some(ns), false) = (published, std::mem::take(&mut first)) {
+            seen.lock()
+                .expect("no panics while held")
+                .push(unix_s() - ns / 1e9);
+        }
+    }
+    Ok(())
+}
+
+/// Publish-to-loaded seconds of every subscriber and version, the payload size and
+/// the policy's parameters.
+async fn broadcast_once(
+    config: &Config,
+    subscribers: usize,
+    secs: f64,
+) -> anyhow::Result<(Vec<f64>, usize, i64)> {
+    let learner = InProcess::start(config, "broadcast").await?;
+    let spec = env_spec(&config.env)?;
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let mut subs = Vec::new();
+    for _ in 0..subscribers {
+        let client = connect(&learner.transport, &learner.addr).await?;
+        let model = ActorCritic::for_spec(&spec, &config.model, tch::Device::Cpu)?;
+        subs.push(tokio::spawn(subscriber(client, model, seen.clone())));
+    }
+    let chunk = replay_chunk(config, learner.incarnation)?;
+    let deadline = Instant::now() + Duration::from_secs_f64(secs);
+    push_until(learner.client.clone(), chunk, deadline).await?;
+    learner.stop().await?;
+    for s in subs {
+        // A subscriber ends with `Unavailable` when the learner stops.
+        let _ = s.await?;
+    }
+    let model = ActorCritic::for_spec(&spec, &config.model, tch::Device::Cpu)?;
+    let bytes = model.to_safetensors(1, &Default::default())?.len();
+    let params = model
+        .var_store()
+        .variables()
+        .values()
+        .map(|t| t.numel() as i64)
+        .sum();
+    let v = std::mem::take(&mut *seen.lock().expect("no panics while held"));
+    Ok((v, bytes, params))
+}
+
+/// Seconds to copy `bytes` and load them into a policy, `n` times.
+fn local_load(config: &Config, n: usize) -> anyhow::Result<Vec<f64>> {
+    let spec = env_spec(&config.env)?;
+    let mut model = ActorCritic::for_spec(&spec, &config.model, tch::Device::Cpu)?;
+    let payload = model.to_safetensors(1, &Default::default())?;
+    (0..n)
+        .map(|_| {
+            let t = Instant::now();
+            let bytes = payload.clone();
+            read_metadata(&bytes)?;
+            model.load_safetensors(&bytes)?;
+            Ok(t.elapsed().as_secs_f64())
+        })
+        .collect()
+}
+
+pub async fn broadcast(args: BroadcastArgs) -> anyhow::Result<std::process::ExitCode> {
+    anyhow::ensure!(
+        args.subscribers >= 1 && args.seconds > 0.0,
+        "--subscribers and --seconds must be positive"
+    );
+    println!(
+        "spur bench broadcast: {} subscribers, a publish after every update, {} cores, {} s per policy",
+        args.subscribers,
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        args.seconds
+    );
+    println!(
+        "{:<44} {:>8} {:>9} {:>9} {:>9} {:>8}",
+        "measurement", "MiB", "samples", "p50 ms", "p99 ms", "p99 vs"
+    );
+    for hidden in args.hidden.split(';') {
+        // Small updates (one short chunk, one minibatch), each followed by a publish.
+        let ours = [
+            format!("model.hidden=[{hidden}]"),
+            "model.core=none".into(),
+            "actor.rollout_len=8".into(),
+            "env.num_envs=8".into(),
+            "learner.batch_steps=64".into(),
+            "learner.epochs=1".into(),
+            "learner.minibatches=1".into(),
+            "learner.broadcast_every=1".into(),
+            "learner.max_policy_lag=1000000000".into(),
+            "learner.checkpoint_every=1000000".into(),
+        ];
+        let config = load(&args.config, &ours)?;
+        tch::set_num_threads(config.run.torch_threads as i32);
+        let c = config.clone();
+        let mut local = crate::bench::off_runtime(move || local_load(&c, 50)).await?;
+        let (mut net, bytes, params) =
+            broadcast_once(&config, args.subscribers, args.seconds).await?;
+        anyhow::ensure!(
+            !net.is_empty(),
+            "no weights reached a subscriber after its first"
+        );
+        let mib = bytes as f64 / (1 << 20) as f64;
+        let base = percentile(&mut local, 99.0);
+        let row = |name: String, v: &mut Vec<f64>| {
+            let (p50, p99) = (percentile(v, 50.0), percentile(v, 99.0));
+            println!(
+                "{name:<44} {mib:>8.1} {:>9} {p50:>9.1} {p99:>9.1} {:>7.1}x",
+                v.len(),
+                p99 / base
+            );
+        };
+        let m = params as f64 / 1e6;
+        row(
+            format!("{m:.1}M params, local copy + load (baseline)"),
+            &mut local,
+        );
+        row(
+            format!("  publish to loaded, {} subscribers", args.subscribers),
+            &mut net,
+        );
+    }
+    Ok(std::process::ExitCode::SUCCESS)
+}
