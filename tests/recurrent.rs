@@ -95,32 +95,10 @@ async fn feedforward_policy_stays_at_chance() -> anyhow::Result<()> {
 /// A chunk of the memory task for a learner whose policy holds `state_size` floats
 /// of state per env: 16 steps of 2 envs, valid in every other respect.
 fn memory_chunk(incarnation: u64, state_size: usize) -> spur_core::trajectory::Chunk {
-    let (t, n, d) = (16, 2, 3);
     spur_core::trajectory::Chunk {
-        actor_id: "vandal".into(),
         policy_version: 0,
-        rollout_len: t,
-        num_envs: n,
-        obs_dim: d,
-        observations: vec![0.0; (t + 1) * n * d],
-        actions: vec![0; t * n],
-        behaviour_log_probs: vec![-0.69; t * n],
-        rewards: vec![0.0; t * n],
-        terminated: vec![0; t * n],
-        truncated: vec![0; t * n],
-        final_observations: vec![],
-        event_texts: vec![],
-        env_ids: (0..n as u32).collect(),
-        episode_ids: vec![0; t * n],
-        step_indices: vec![0; t * n],
-        finished_episodes: vec![],
-        event_counts: vec![],
-        group_ids: vec![],
-        group_size: 0,
-        expert_actions: vec![],
         learner_incarnation: incarnation,
-        state_size,
-        initial_state: vec![0.0; n * state_size],
+        ..spur_core::trajectory::Chunk::blank("vandal", 16, 2, 3, state_size)
     }
 }
 

@@ -23,32 +23,10 @@ fn malformed() -> TrajectoryChunk {
 /// A chunk that passes every check: 32 steps of 3 cartpole envs, produced under
 /// `incarnation`.
 fn valid_chunk(incarnation: u64) -> TrajectoryChunk {
-    let (t, n, d) = (32, 3, 4);
     Chunk {
-        actor_id: "vandal".into(),
-        policy_version: 1,
-        rollout_len: t,
-        num_envs: n,
-        obs_dim: d,
-        observations: vec![0.0; (t + 1) * n * d],
-        actions: vec![0; t * n],
-        behaviour_log_probs: vec![-0.69; t * n],
-        rewards: vec![1.0; t * n],
-        terminated: vec![0; t * n],
-        truncated: vec![0; t * n],
-        final_observations: vec![],
-        event_texts: vec![],
-        env_ids: (0..n as u32).collect(),
-        episode_ids: vec![0; t * n],
-        step_indices: vec![0; t * n],
-        finished_episodes: vec![],
-        event_counts: vec![],
-        group_ids: vec![],
-        group_size: 0,
-        expert_actions: vec![],
+        rewards: vec![1.0; 32 * 3],
         learner_incarnation: incarnation,
-        state_size: 0,
-        initial_state: vec![],
+        ..Chunk::blank("vandal", 32, 3, 4, 0)
     }
     .to_proto()
 }

@@ -145,56 +145,13 @@ fn replay_chunk(config: &Config, incarnation: u64) -> anyhow::Result<TrajectoryC
         config.env.num_envs as usize,
         spec.obs_dim,
     );
-    let steps = t * n;
     Ok(Chunk {
-        actor_id: "bench".into(),
         policy_version: 0,
-        rollout_len: t,
-        num_envs: n,
-        obs_dim: d,
-        observations: vec![0.0; (t + 1) * n * d],
-        actions: vec![0; steps],
-        behaviour_log_probs: vec![-(spec.num_actions as f32).ln(); steps],
-        rewards: vec![0.0; steps],
-        terminated: vec![0; steps],
-        truncated: vec![0; steps],
-        final_observations: Vec::new(),
-        event_texts: Vec::new(),
-        env_ids: (0..n as u32).collect(),
-        episode_ids: (0..steps as i64).map(|i| i % n as i64).collect(),
-        step_indices: (0..steps as i64).map(|i| i / n as i64).collect(),
-        finished_episodes: Vec::new(),
-        event_counts: Vec::new(),
-        group_ids: Vec::new(),
-        group_size: 0,
-        expert_actions: Vec::new(),
+        behaviour_log_probs: vec![-(spec.num_actions as f32).ln(); t * n],
         learner_incarnation: incarnation,
-        state_size: model.state_size(),
-        initial_state: vec![0.0; n * model.state_size()],
+        ..Chunk::blank("bench", t, n, d, model.state_size())
     }
     .to_proto())
-}
-
-/// Bytes of the chunk's tensors on the wire (protobuf framing adds a few bytes per
-/// field).
-fn payload_bytes(c: &TrajectoryChunk) -> usize {
-    [
-        &c.observations,
-        &c.actions,
-        &c.behaviour_log_probs,
-        &c.rewards,
-        &c.terminated,
-        &c.truncated,
-        &c.final_observations,
-        &c.episode_ids,
-        &c.step_indices,
-        &c.initial_state,
-    ]
-    .iter()
-    .filter_map(|t| t.as_ref())
-    .map(|t| t.data.len() + 8 * t.shape.len())
-    .sum::<usize>()
-        + 4 * c.env_ids.len()
 }
 
 /// Pushes `chunk` over one stream until `deadline`; returns the chunks acknowledged.
@@ -265,7 +222,7 @@ pub async fn ingest(args: IngestArgs) -> anyhow::Result<std::process::ExitCode> 
     let learner = InProcess::start(&config, "ingest").await?;
     let chunk = replay_chunk(&config, learner.incarnation)?;
     let (bytes, steps) = (
-        payload_bytes(&chunk),
+        prost::Message::encoded_len(&chunk),
         config.actor.rollout_len * config.env.num_envs,
     );
     println!(

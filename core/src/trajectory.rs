@@ -69,6 +69,47 @@ pub struct ChunkExpectation {
 }
 
 impl Chunk {
+    /// A chunk every check accepts, for benchmarks and tests: `rollout_len` steps of
+    /// `num_envs` envs with zero observations, rewards and states, action 0 taken
+    /// with probability 1/2, one episode per env and no episode end. Callers change
+    /// the fields they care about.
+    pub fn blank(
+        actor_id: &str,
+        rollout_len: usize,
+        num_envs: usize,
+        obs_dim: usize,
+        state_size: usize,
+    ) -> Self {
+        let (t, n) = (rollout_len, num_envs);
+        let steps = t * n;
+        Chunk {
+            actor_id: actor_id.into(),
+            policy_version: 1,
+            rollout_len: t,
+            num_envs: n,
+            obs_dim,
+            observations: vec![0.0; (t + 1) * n * obs_dim],
+            actions: vec![0; steps],
+            behaviour_log_probs: vec![-std::f32::consts::LN_2; steps],
+            rewards: vec![0.0; steps],
+            terminated: vec![0; steps],
+            truncated: vec![0; steps],
+            final_observations: Vec::new(),
+            event_texts: Vec::new(),
+            env_ids: (0..n as u32).collect(),
+            episode_ids: (0..steps as i64).map(|i| i % n as i64).collect(),
+            step_indices: (0..steps as i64).map(|i| i / n as i64).collect(),
+            finished_episodes: Vec::new(),
+            event_counts: Vec::new(),
+            group_ids: Vec::new(),
+            group_size: 0,
+            expert_actions: Vec::new(),
+            learner_incarnation: 0,
+            state_size,
+            initial_state: vec![0.0; n * state_size],
+        }
+    }
+
     /// Number of environment steps in the chunk.
     pub fn steps(&self) -> usize {
         self.rollout_len * self.num_envs
