@@ -11,7 +11,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Instant;
 
-const ROOT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+mod support;
+
+use support::{on_path, python, ROOT};
 
 /// `spur <args>` from the repository root, with no `SPUR_*` variables but `vars`.
 fn spur(args: &[&str], vars: &[(&str, &str)]) -> Output {
@@ -116,25 +118,6 @@ fn check_config_fails_naming_the_key() {
             "{}: printed a config on failure",
             c.role
         );
-    }
-}
-
-fn on_path(name: &str) -> Option<PathBuf> {
-    std::env::split_paths(&std::env::var_os("PATH")?)
-        .map(|dir| dir.join(name))
-        .find(|p| p.is_file())
-}
-
-/// The project venv's Python (where `make setup` installs kubernetes-validate).
-fn python() -> PathBuf {
-    let venv = std::env::var_os("VIRTUAL_ENV")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(ROOT).join(".venv"));
-    let py = venv.join("bin/python");
-    if py.is_file() {
-        py
-    } else {
-        PathBuf::from("python3")
     }
 }
 

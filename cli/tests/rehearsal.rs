@@ -23,13 +23,12 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use spur_proto::v1::learner_client::LearnerClient;
 use spur_proto::v1::{LearnerStatus, StatusRequest};
-use support::{kill_9, read_log, temp_dir};
+use support::{kill_9, on_path, python, read_log, temp_dir, ROOT};
 use tonic::transport::{Channel, Endpoint};
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
 
-const ROOT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
 /// How long one phase (readiness, training to the target, recovery) may take.
 const PHASE: Duration = Duration::from_secs(60);
 /// What the test changes, as an overlay patch could (SPUR_* env on every container):
@@ -236,25 +235,6 @@ async fn channel(addr: &str) -> Result<Channel, tonic::transport::Error> {
         .timeout(Duration::from_secs(5))
         .connect()
         .await
-}
-
-fn on_path(name: &str) -> Option<PathBuf> {
-    std::env::split_paths(&std::env::var_os("PATH")?)
-        .map(|dir| dir.join(name))
-        .find(|p| p.is_file())
-}
-
-/// The project venv's Python (PyYAML, as for k8s/check.py).
-fn python() -> PathBuf {
-    let venv = std::env::var_os("VIRTUAL_ENV")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(ROOT).join(".venv"));
-    let py = venv.join("bin/python");
-    if py.is_file() {
-        py
-    } else {
-        PathBuf::from("python3")
-    }
 }
 
 /// The pods of an overlay, their files written under `dir`.

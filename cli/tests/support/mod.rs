@@ -120,3 +120,27 @@ pub fn kill_9(pid: u32) {
     // SAFETY: kill(2) with a pid the test started and a valid signal number.
     unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
 }
+
+/// The repository root (the workspace folder).
+pub const ROOT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+
+/// The first `name` on `PATH`, if any.
+pub fn on_path(name: &str) -> Option<PathBuf> {
+    std::env::split_paths(&std::env::var_os("PATH")?)
+        .map(|dir| dir.join(name))
+        .find(|p| p.is_file())
+}
+
+/// The project venv's Python (where `make test` installs kubernetes-validate and
+/// PyYAML), else `python3`.
+pub fn python() -> PathBuf {
+    let venv = std::env::var_os("VIRTUAL_ENV")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(ROOT).join(".venv"));
+    let py = venv.join("bin/python");
+    if py.is_file() {
+        py
+    } else {
+        PathBuf::from("python3")
+    }
+}
