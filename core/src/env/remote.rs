@@ -774,12 +774,7 @@ impl EnvBatch for RemoteBatch {
             let Some(r) = reply else {
                 // Restarted: the step did not happen, and every episode is gone.
                 for i in s.envs_in_batch() {
-                    outcomes[i] = StepOutcome {
-                        lost: true,
-                        ..StepOutcome::default()
-                    };
-                    texts[i].clear();
-                    self.lost[i] = false;
+                    mark_lost(i, outcomes, texts, &mut self.lost);
                 }
                 continue;
             };
@@ -818,12 +813,7 @@ impl EnvBatch for RemoteBatch {
                 if self.lost[i] {
                     // Its episode went with an earlier restart (one that a reset ran
                     // into); this step was a placeholder's.
-                    outcomes[i] = StepOutcome {
-                        lost: true,
-                        ..StepOutcome::default()
-                    };
-                    texts[i].clear();
-                    self.lost[i] = false;
+                    mark_lost(i, outcomes, texts, &mut self.lost);
                     continue;
                 }
                 if !r.rewards[j].is_finite() {
@@ -906,4 +896,14 @@ pub fn spec(config: &EnvConfig) -> Result<EnvSpec, EnvError> {
         .expect("the spec cache is never poisoned")
         .push((config.clone(), spec.clone()));
     Ok(spec)
+}
+
+/// Reports env `i`'s step as lost with its episode: no reward, no text.
+fn mark_lost(i: usize, outcomes: &mut [StepOutcome], texts: &mut [String], lost: &mut [bool]) {
+    outcomes[i] = StepOutcome {
+        lost: true,
+        ..StepOutcome::default()
+    };
+    texts[i].clear();
+    lost[i] = false;
 }
