@@ -13,11 +13,11 @@ use spur_proto::v1::learner_client::LearnerClient;
 use spur_proto::MAX_MESSAGE_BYTES;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Code, Status};
-use tracing::{info, warn};
+use tonic::Code;
+use tracing::info;
 
 use crate::error::ActorError;
-use spur_core::backoff::Backoff;
+use spur_core::redial::{CallError, Redial};
 
 /// Counters of one actor's pushing.
 #[derive(Debug, Default, Clone, Copy)]
@@ -42,42 +42,30 @@ pub async fn push(
     drain: Duration,
 ) -> Result<PushStats, ActorError> {
     let mut stats = PushStats::default();
-    let mut backoff = Backoff::new(max_backoff);
+    let mut redial = Redial::new(&actor_id, "learner", max_backoff);
     // A chunk taken from the rollout thread but not yet handed to a stream.
     let mut pending: Option<Chunk> = None;
     loop {
-        let opened = match learner.connect().await {
-            Ok(channel) => {
-                let mut client = LearnerClient::new(channel)
-                    .max_encoding_message_size(MAX_MESSAGE_BYTES)
-                    .max_decoding_message_size(MAX_MESSAGE_BYTES);
-                let (tx, rx) = mpsc::channel(max_unacked);
-                client
-                    .push_trajectories(ReceiverStream::new(rx))
-                    .await
-                    .map(|r| (tx, r.into_inner()))
-            }
-            Err(e) => Err(Status::unavailable(e.to_string())),
+        let learner = &learner;
+        let open = || async move {
+            let channel = learner.connect().await?;
+            let mut client = LearnerClient::new(channel)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES)
+                .max_decoding_message_size(MAX_MESSAGE_BYTES);
+            let (tx, rx) = mpsc::channel(max_unacked);
+            let acks = client.push_trajectories(ReceiverStream::new(rx)).await?;
+            Ok::<_, CallError>((tx, acks.into_inner()))
         };
-        let (tx, mut acks) = match opened {
-            Ok(pair) => pair,
-            Err(status) => {
-                if chunks.is_closed() {
-                    // Stopping, and nobody to hand the rest to.
-                    stats.unsent_on_stop += chunks.len() as u64 + pending.is_some() as u64;
-                    return Ok(stats);
-                }
-                let delay = backoff.next_delay();
-                warn!(actor_id, error = %status.message(), ?delay, "cannot reach the learner, retrying");
-                tokio::time::sleep(delay).await;
-                continue;
-            }
+        // Stopping, with nobody to hand the rest to: give up.
+        let Some((tx, mut acks)) = redial.open(open, || chunks.is_closed()).await else {
+            stats.unsent_on_stop += chunks.len() as u64 + pending.is_some() as u64;
+            return Ok(stats);
         };
         if stats.reconnects > 0 {
             info!(actor_id, "trajectory stream reopened");
         }
         let mut unacked = 0usize;
-        let broke: Status = loop {
+        let broke: CallError = loop {
             if unacked >= max_unacked {
                 match acks.message().await {
                     Ok(Some(_)) => {
@@ -86,8 +74,8 @@ pub async fn push(
                         metrics::counter!("spur_actor_acked_chunks_total").increment(1);
                         continue;
                     }
-                    Ok(None) => break Status::unavailable("the learner closed the stream"),
-                    Err(status) => break status,
+                    Ok(None) => break CallError::Closed("the learner closed the stream"),
+                    Err(status) => break status.into(),
                 }
             }
             let chunk = match pending.take() {
@@ -121,28 +109,28 @@ pub async fn push(
                                 metrics::counter!("spur_actor_acked_chunks_total").increment(1);
                                 continue;
                             }
-                            Ok(None) => break Status::unavailable("the learner closed the stream"),
-                            Err(status) => break status,
+                            Ok(None) => break CallError::Closed("the learner closed the stream"),
+                            Err(status) => break status.into(),
                         }
                     }
                 },
             };
             if tx.send(chunk.to_proto()).await.is_err() {
                 pending = Some(chunk);
-                break Status::unavailable("the trajectory stream closed");
+                break CallError::Closed("the trajectory stream closed");
             }
             unacked += 1;
-            backoff.reset();
+            redial.progressed();
         };
-        if broke.code() == Code::InvalidArgument {
-            return Err(ActorError::Rejected(broke.message().to_string()));
+        if let CallError::Rpc(status) = &broke {
+            if status.code() == Code::InvalidArgument {
+                return Err(ActorError::Rejected(status.message().to_string()));
+            }
         }
         stats.unacked_on_break += unacked as u64;
         stats.reconnects += 1;
         metrics::counter!("spur_actor_reconnects_total").increment(1);
-        let delay = backoff.next_delay();
-        warn!(actor_id, code = ?broke.code(), error = %broke.message(), ?delay, "trajectory stream ended, reconnecting");
-        tokio::time::sleep(delay).await;
+        redial.ended(Some(&broke)).await;
         if chunks.is_closed() && chunks.is_empty() && pending.is_none() {
             return Ok(stats);
         }

@@ -8,13 +8,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use spur_core::backoff::Backoff;
+use spur_core::redial::{CallError, Redial};
 use spur_core::transport::Connector;
 use spur_proto::v1::reward_service_client::RewardServiceClient;
 use spur_proto::v1::TextBatch;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tracing::{info, warn};
+use tracing::info;
 
 /// Texts an actor remembers as sent before it starts over.
 pub const MAX_SENT_TEXTS: usize = 1 << 16;
@@ -86,20 +86,13 @@ pub async fn submit(
     forget: Arc<AtomicBool>,
     max_backoff: Duration,
 ) {
-    let mut backoff = Backoff::new(max_backoff);
+    let mut redial = Redial::new(&actor_id, "reward service", max_backoff);
     let mut first = true;
     loop {
-        let channel = match reward.connect().await {
-            Ok(c) => c,
-            Err(e) => {
-                let delay = backoff.next_delay();
-                warn!(actor_id, error = %e, ?delay, "cannot reach the reward service, retrying");
-                tokio::time::sleep(delay).await;
-                if batches.is_closed() {
-                    return;
-                }
-                continue;
-            }
+        let reward = &reward;
+        let connect = || async move { Ok::<_, CallError>(reward.connect().await?) };
+        let Some(channel) = redial.open(connect, || batches.is_closed()).await else {
+            return;
         };
         if !first {
             info!(actor_id, "reward service stream reopened; resending texts");
@@ -110,7 +103,7 @@ pub async fn submit(
         let mut client = RewardServiceClient::new(channel);
         let mut call =
             tokio::spawn(async move { client.submit_texts(ReceiverStream::new(rx)).await });
-        loop {
+        let why = loop {
             tokio::select! {
                 batch = batches.recv() => {
                     let Some(texts) = batch else {
@@ -120,19 +113,17 @@ pub async fn submit(
                     };
                     let msg = TextBatch { actor_id: actor_id.clone(), texts };
                     if tx.send(msg).await.is_err() {
-                        break;
+                        break Some(CallError::Closed("the text stream closed"));
                     }
-                    backoff.reset();
+                    redial.progressed();
                 }
-                r = &mut call => {
-                    if let Ok(Err(status)) = r {
-                        warn!(actor_id, error = %status.message(), "reward service stream ended");
-                    }
-                    break;
-                }
+                r = &mut call => break match r {
+                    Ok(Err(status)) => Some(CallError::from(status)),
+                    _ => None,
+                },
             }
-        }
-        tokio::time::sleep(backoff.next_delay()).await;
+        };
+        redial.ended(why.as_ref()).await;
     }
 }
 

@@ -17,7 +17,7 @@ use spur_proto::MAX_MESSAGE_BYTES;
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
-use spur_core::backoff::Backoff;
+use spur_core::redial::{CallError, Redial};
 
 /// A complete weights payload.
 #[derive(Debug)]
@@ -114,43 +114,40 @@ async fn follow(
     stop: CancellationToken,
     max_backoff: Duration,
 ) {
-    let mut backoff = Backoff::new(max_backoff);
+    let mut redial = Redial::new(&actor_id, "learner", max_backoff);
     loop {
         let (have, have_incarnation) = slot
             .borrow()
             .as_ref()
             .map_or((0, 0), |w| (w.version, w.incarnation));
+        let request = SubscribeWeightsRequest {
+            actor_id: actor_id.clone(),
+            have_version: have,
+            have_incarnation,
+        };
         // A fresh connection each time: the learner's name is resolved again, so a
         // restarted learner at a new address is found.
-        let stream = match learner.connect().await {
-            Ok(ch) => {
-                let mut client =
-                    LearnerClient::new(ch).max_decoding_message_size(MAX_MESSAGE_BYTES);
-                client
-                    .subscribe_weights(SubscribeWeightsRequest {
-                        actor_id: actor_id.clone(),
-                        have_version: have,
-                        have_incarnation,
-                    })
-                    .await
+        let learner = &learner;
+        let open = || {
+            let request = request.clone();
+            async move {
+                let channel = learner.connect().await?;
+                let stream = LearnerClient::new(channel)
+                    .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                    .subscribe_weights(request)
+                    .await?;
+                Ok::<_, CallError>(stream.into_inner())
             }
-            Err(e) => Err(tonic::Status::unavailable(e.to_string())),
         };
-        let mut stream = match stream {
-            Ok(r) => r.into_inner(),
-            Err(status) => {
-                let delay = backoff.next_delay();
-                warn!(actor_id, error = %status.message(), ?delay, "cannot subscribe to weights, retrying");
-                tokio::time::sleep(delay).await;
-                continue;
-            }
+        let Some(mut stream) = redial.open(open, || false).await else {
+            return;
         };
         let mut assembler = WeightsAssembler::default();
         let mut known = have_incarnation;
-        loop {
+        let why = loop {
             match stream.message().await {
                 Ok(Some(piece)) => {
-                    backoff.reset();
+                    redial.progressed();
                     let done = piece.training_finished;
                     if let Some(update) = assembler.push(piece) {
                         if update.incarnation != known && known != 0 {
@@ -172,14 +169,11 @@ async fn follow(
                         return;
                     }
                 }
-                Ok(None) => break,
-                Err(status) => {
-                    warn!(actor_id, error = %status.message(), "weights stream broke");
-                    break;
-                }
+                Ok(None) => break None,
+                Err(status) => break Some(CallError::from(status)),
             }
-        }
-        tokio::time::sleep(backoff.next_delay()).await;
+        };
+        redial.ended(why.as_ref()).await;
     }
 }
 

@@ -15,6 +15,7 @@
 //! - `text_model`: the char-level CNN behind the distilled intrinsic reward models
 //! - `reward`: ONI's repeat decay of intrinsic rewards
 //! - `backoff`: jittered exponential backoff for reconnecting clients
+//! - `redial`: typed call errors and reopening long-lived calls with backoff
 //! - `transport`: every gRPC server and client endpoint (TLS, token, keepalive)
 //! - `secret`: secrets from the environment that never print
 //! - `prom`: Prometheus gauges from metrics rows and status messages
@@ -32,6 +33,7 @@ pub mod model;
 pub mod ppo;
 pub mod prom;
 pub mod recurrent;
+pub mod redial;
 pub mod reward;
 pub mod secret;
 pub mod tensor;

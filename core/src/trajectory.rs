@@ -145,204 +145,15 @@ impl Chunk {
         }
     }
 
-    /// Decodes and checks a wire chunk against what the receiver expects.
+    /// Decodes and checks a wire chunk against what the receiver expects: the
+    /// header, the step columns, the texts, the groups and expert actions, the
+    /// recurrent state and the episode bookkeeping, in that order.
     pub fn from_proto(msg: TrajectoryChunk, want: &ChunkExpectation) -> Result<Self, WireError> {
-        if msg.actor_id.is_empty() {
-            return Err(WireError::Missing { field: "actor_id" });
-        }
-        let t = msg.rollout_len as usize;
-        let n = msg.num_envs as usize;
-        let d = want.obs_dim;
-        if t != want.rollout_len {
-            return Err(WireError::invalid(
-                "rollout_len",
-                format!(
-                    "is {t}, this learner trains on chunks of {}",
-                    want.rollout_len
-                ),
-            ));
-        }
-        if n == 0 || n > MAX_ENVS_PER_CHUNK {
-            return Err(WireError::invalid(
-                "num_envs",
-                format!("is {n}, must be between 1 and {MAX_ENVS_PER_CHUNK}"),
-            ));
-        }
-        let observations =
-            decode::<f32>("observations", msg.observations.as_ref(), &[t + 1, n, d])?;
-        let actions = decode::<i64>("actions", msg.actions.as_ref(), &[t, n])?;
-        if let Some(a) = actions
-            .iter()
-            .find(|&&a| a < 0 || a as usize >= want.num_actions)
-        {
-            return Err(WireError::invalid(
-                "actions",
-                format!("action {a} is outside 0..{}", want.num_actions),
-            ));
-        }
-        let behaviour_log_probs = decode::<f32>(
-            "behaviour_log_probs",
-            msg.behaviour_log_probs.as_ref(),
-            &[t, n],
-        )?;
-        if behaviour_log_probs.iter().any(|&lp| lp > 1e-4) {
-            return Err(WireError::invalid(
-                "behaviour_log_probs",
-                "a log-probability is above 0",
-            ));
-        }
-        let rewards = decode::<f32>("rewards", msg.rewards.as_ref(), &[t, n])?;
-        let terminated = decode::<u8>("terminated", msg.terminated.as_ref(), &[t, n])?;
-        let truncated = decode::<u8>("truncated", msg.truncated.as_ref(), &[t, n])?;
-        for (field, flags) in [("terminated", &terminated), ("truncated", &truncated)] {
-            if flags.iter().any(|&f| f > 1) {
-                return Err(WireError::invalid(field, "flags must be 0 or 1"));
-            }
-        }
-        if terminated
-            .iter()
-            .zip(&truncated)
-            .any(|(&a, &b)| a == 1 && b == 1)
-        {
-            return Err(WireError::invalid(
-                "truncated",
-                "a step is marked both terminated and truncated",
-            ));
-        }
-        let k = truncated.iter().filter(|&&f| f == 1).count();
-        let final_observations = decode::<f32>(
-            "final_observations",
-            msg.final_observations.as_ref(),
-            &[k, d],
-        )?;
-        if !msg.event_texts.is_empty() && msg.event_texts.len() != t * n {
-            return Err(WireError::invalid(
-                "event_texts",
-                format!(
-                    "holds {} texts, expected none or rollout_len * num_envs = {}",
-                    msg.event_texts.len(),
-                    t * n
-                ),
-            ));
-        }
-        if msg
-            .event_texts
-            .iter()
-            .any(|s| s.len() > MAX_EVENT_TEXT_BYTES)
-        {
-            return Err(WireError::invalid(
-                "event_texts",
-                format!("a text is longer than {MAX_EVENT_TEXT_BYTES} bytes"),
-            ));
-        }
-        if msg.env_ids.len() != n {
-            return Err(WireError::invalid(
-                "env_ids",
-                format!("holds {} ids for {n} environments", msg.env_ids.len()),
-            ));
-        }
-        if msg.event_counts.len() != msg.event_texts.len() {
-            return Err(WireError::invalid(
-                "event_counts",
-                format!(
-                    "holds {} counts for {} event texts",
-                    msg.event_counts.len(),
-                    msg.event_texts.len()
-                ),
-            ));
-        }
-        if let Some(i) = msg
-            .event_texts
-            .iter()
-            .zip(&msg.event_counts)
-            .position(|(text, &count)| text.is_empty() != (count == 0))
-        {
-            return Err(WireError::invalid(
-                "event_counts",
-                format!("count {i} must be 0 exactly when its text is empty"),
-            ));
-        }
-        if !msg.group_ids.is_empty() && msg.group_ids.len() != t * n {
-            return Err(WireError::invalid(
-                "group_ids",
-                format!(
-                    "holds {} ids, expected none or rollout_len * num_envs = {}",
-                    msg.group_ids.len(),
-                    t * n
-                ),
-            ));
-        }
-        if !msg.group_ids.is_empty() && !(2..=MAX_GROUP_SIZE).contains(&msg.group_size) {
-            return Err(WireError::invalid(
-                "group_size",
-                format!(
-                    "is {}, grouped chunks need 2..={MAX_GROUP_SIZE}",
-                    msg.group_size
-                ),
-            ));
-        }
-        if !msg.expert_actions.is_empty() {
-            if msg.expert_actions.len() != t * n {
-                return Err(WireError::invalid(
-                    "expert_actions",
-                    format!(
-                        "holds {} actions, expected none or rollout_len * num_envs = {}",
-                        msg.expert_actions.len(),
-                        t * n
-                    ),
-                ));
-            }
-            if let Some(a) = msg
-                .expert_actions
-                .iter()
-                .find(|&&a| a < -1 || a >= want.num_actions as i64)
-            {
-                return Err(WireError::invalid(
-                    "expert_actions",
-                    format!("action {a} is outside -1..{}", want.num_actions),
-                ));
-            }
-        }
-        if want.group_size > 0 && (msg.group_ids.is_empty() || msg.group_size != want.group_size) {
-            return Err(WireError::invalid(
-                "group_size",
-                format!(
-                    "is {} with {} group ids; this learner trains on groups of {} \
-                     (set actor.group_size to match)",
-                    msg.group_size,
-                    msg.group_ids.len(),
-                    want.group_size
-                ),
-            ));
-        }
-        let s = want.state_size;
-        let initial_state = if s == 0 {
-            if msg
-                .initial_state
-                .as_ref()
-                .is_some_and(|st| !st.data.is_empty())
-            {
-                return Err(WireError::invalid(
-                    "initial_state",
-                    "carries a recurrent state, but this learner's policy has no \
-                     recurrent core (model.core = \"none\")",
-                ));
-            }
-            Vec::new()
-        } else {
-            decode::<f32>("initial_state", msg.initial_state.as_ref(), &[n, s]).map_err(
-                |e| match e {
-                    WireError::Missing { field } => WireError::invalid(
-                        field,
-                        format!(
-                            "is missing; this learner's policy has a recurrent core \
-                             with {s} floats of state per env"
-                        ),
-                    ),
-                    other => other,
-                },
-            )?
-        };
+        let (t, n) = check_header(&msg, want)?;
+        let steps = decode_steps(&msg, want, t, n)?;
+        check_texts(&msg, t * n)?;
+        check_groups(&msg, want, t * n)?;
+        let initial_state = decode_state(&msg, want.state_size, n)?;
         let episode_ids = decode::<i64>("episode_ids", msg.episode_ids.as_ref(), &[t, n])?;
         let step_indices = decode::<i64>("step_indices", msg.step_indices.as_ref(), &[t, n])?;
         if step_indices.iter().any(|&s| s < 0) {
@@ -366,14 +177,14 @@ impl Chunk {
             policy_version: msg.policy_version,
             rollout_len: t,
             num_envs: n,
-            obs_dim: d,
-            observations,
-            actions,
-            behaviour_log_probs,
-            rewards,
-            terminated,
-            truncated,
-            final_observations,
+            obs_dim: want.obs_dim,
+            observations: steps.observations,
+            actions: steps.actions,
+            behaviour_log_probs: steps.behaviour_log_probs,
+            rewards: steps.rewards,
+            terminated: steps.terminated,
+            truncated: steps.truncated,
+            final_observations: steps.final_observations,
             event_texts: msg.event_texts,
             env_ids: msg.env_ids,
             episode_ids,
@@ -388,10 +199,249 @@ impl Chunk {
             expert_actions: msg.expert_actions,
             event_counts: msg.event_counts,
             learner_incarnation: msg.learner_incarnation,
-            state_size: s,
+            state_size: want.state_size,
             initial_state,
         })
     }
+}
+
+/// The decoded per-step columns of a wire chunk.
+struct StepColumns {
+    observations: Vec<f32>,
+    actions: Vec<i64>,
+    behaviour_log_probs: Vec<f32>,
+    rewards: Vec<f32>,
+    terminated: Vec<u8>,
+    truncated: Vec<u8>,
+    final_observations: Vec<f32>,
+}
+
+/// The actor id, the rollout length the receiver trains on and a sane env count;
+/// returns `(rollout_len, num_envs)`.
+fn check_header(
+    msg: &TrajectoryChunk,
+    want: &ChunkExpectation,
+) -> Result<(usize, usize), WireError> {
+    if msg.actor_id.is_empty() {
+        return Err(WireError::Missing { field: "actor_id" });
+    }
+    let t = msg.rollout_len as usize;
+    let n = msg.num_envs as usize;
+    if t != want.rollout_len {
+        return Err(WireError::invalid(
+            "rollout_len",
+            format!(
+                "is {t}, this learner trains on chunks of {}",
+                want.rollout_len
+            ),
+        ));
+    }
+    if n == 0 || n > MAX_ENVS_PER_CHUNK {
+        return Err(WireError::invalid(
+            "num_envs",
+            format!("is {n}, must be between 1 and {MAX_ENVS_PER_CHUNK}"),
+        ));
+    }
+    if msg.env_ids.len() != n {
+        return Err(WireError::invalid(
+            "env_ids",
+            format!("holds {} ids for {n} environments", msg.env_ids.len()),
+        ));
+    }
+    Ok((t, n))
+}
+
+/// Observations, actions (inside the action space), behaviour log-probabilities (at
+/// most 0), rewards, the episode-end flags (0 or 1, never both) and one final
+/// observation per truncated step.
+fn decode_steps(
+    msg: &TrajectoryChunk,
+    want: &ChunkExpectation,
+    t: usize,
+    n: usize,
+) -> Result<StepColumns, WireError> {
+    let d = want.obs_dim;
+    let observations = decode::<f32>("observations", msg.observations.as_ref(), &[t + 1, n, d])?;
+    let actions = decode::<i64>("actions", msg.actions.as_ref(), &[t, n])?;
+    if let Some(a) = actions
+        .iter()
+        .find(|&&a| a < 0 || a as usize >= want.num_actions)
+    {
+        return Err(WireError::invalid(
+            "actions",
+            format!("action {a} is outside 0..{}", want.num_actions),
+        ));
+    }
+    let behaviour_log_probs = decode::<f32>(
+        "behaviour_log_probs",
+        msg.behaviour_log_probs.as_ref(),
+        &[t, n],
+    )?;
+    if behaviour_log_probs.iter().any(|&lp| lp > 1e-4) {
+        return Err(WireError::invalid(
+            "behaviour_log_probs",
+            "a log-probability is above 0",
+        ));
+    }
+    let rewards = decode::<f32>("rewards", msg.rewards.as_ref(), &[t, n])?;
+    let terminated = decode::<u8>("terminated", msg.terminated.as_ref(), &[t, n])?;
+    let truncated = decode::<u8>("truncated", msg.truncated.as_ref(), &[t, n])?;
+    for (field, flags) in [("terminated", &terminated), ("truncated", &truncated)] {
+        if flags.iter().any(|&f| f > 1) {
+            return Err(WireError::invalid(field, "flags must be 0 or 1"));
+        }
+    }
+    if terminated
+        .iter()
+        .zip(&truncated)
+        .any(|(&a, &b)| a == 1 && b == 1)
+    {
+        return Err(WireError::invalid(
+            "truncated",
+            "a step is marked both terminated and truncated",
+        ));
+    }
+    let k = truncated.iter().filter(|&&f| f == 1).count();
+    let final_observations = decode::<f32>(
+        "final_observations",
+        msg.final_observations.as_ref(),
+        &[k, d],
+    )?;
+    Ok(StepColumns {
+        observations,
+        actions,
+        behaviour_log_probs,
+        rewards,
+        terminated,
+        truncated,
+        final_observations,
+    })
+}
+
+/// An optional per-step column: empty, or one entry per step of the chunk.
+fn none_or_steps(
+    field: &'static str,
+    len: usize,
+    steps: usize,
+    what: &str,
+) -> Result<(), WireError> {
+    if len == 0 || len == steps {
+        return Ok(());
+    }
+    Err(WireError::invalid(
+        field,
+        format!("holds {len} {what}, expected none or rollout_len * num_envs = {steps}"),
+    ))
+}
+
+/// Event texts (none or one per step, each of bounded length) and their counts (one
+/// per text, 0 exactly for an empty text).
+fn check_texts(msg: &TrajectoryChunk, steps: usize) -> Result<(), WireError> {
+    none_or_steps("event_texts", msg.event_texts.len(), steps, "texts")?;
+    if msg
+        .event_texts
+        .iter()
+        .any(|s| s.len() > MAX_EVENT_TEXT_BYTES)
+    {
+        return Err(WireError::invalid(
+            "event_texts",
+            format!("a text is longer than {MAX_EVENT_TEXT_BYTES} bytes"),
+        ));
+    }
+    if msg.event_counts.len() != msg.event_texts.len() {
+        return Err(WireError::invalid(
+            "event_counts",
+            format!(
+                "holds {} counts for {} event texts",
+                msg.event_counts.len(),
+                msg.event_texts.len()
+            ),
+        ));
+    }
+    if let Some(i) = msg
+        .event_texts
+        .iter()
+        .zip(&msg.event_counts)
+        .position(|(text, &count)| text.is_empty() != (count == 0))
+    {
+        return Err(WireError::invalid(
+            "event_counts",
+            format!("count {i} must be 0 exactly when its text is empty"),
+        ));
+    }
+    Ok(())
+}
+
+/// Group ids (none or one per step, with a group size the receiver trains on) and
+/// expert actions (none or one per step, -1 or inside the action space).
+fn check_groups(
+    msg: &TrajectoryChunk,
+    want: &ChunkExpectation,
+    steps: usize,
+) -> Result<(), WireError> {
+    none_or_steps("group_ids", msg.group_ids.len(), steps, "ids")?;
+    if !msg.group_ids.is_empty() && !(2..=MAX_GROUP_SIZE).contains(&msg.group_size) {
+        return Err(WireError::invalid(
+            "group_size",
+            format!(
+                "is {}, grouped chunks need 2..={MAX_GROUP_SIZE}",
+                msg.group_size
+            ),
+        ));
+    }
+    none_or_steps("expert_actions", msg.expert_actions.len(), steps, "actions")?;
+    if let Some(a) = msg
+        .expert_actions
+        .iter()
+        .find(|&&a| a < -1 || a >= want.num_actions as i64)
+    {
+        return Err(WireError::invalid(
+            "expert_actions",
+            format!("action {a} is outside -1..{}", want.num_actions),
+        ));
+    }
+    if want.group_size > 0 && (msg.group_ids.is_empty() || msg.group_size != want.group_size) {
+        return Err(WireError::invalid(
+            "group_size",
+            format!(
+                "is {} with {} group ids; this learner trains on groups of {} \
+                 (set actor.group_size to match)",
+                msg.group_size,
+                msg.group_ids.len(),
+                want.group_size
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Each env's recurrent state before the chunk's first step: `[n, s]` when the
+/// receiver's policy has `s` floats of state per env, nothing when it has none.
+fn decode_state(msg: &TrajectoryChunk, s: usize, n: usize) -> Result<Vec<f32>, WireError> {
+    if s == 0 {
+        if msg
+            .initial_state
+            .as_ref()
+            .is_some_and(|st| !st.data.is_empty())
+        {
+            return Err(WireError::invalid(
+                "initial_state",
+                "carries a recurrent state, but this learner's policy has no \
+                 recurrent core (model.core = \"none\")",
+            ));
+        }
+        return Ok(Vec::new());
+    }
+    decode::<f32>("initial_state", msg.initial_state.as_ref(), &[n, s]).map_err(|e| match e {
+        WireError::Missing { field } => WireError::invalid(
+            field,
+            format!(
+                "is missing; this learner's policy has a recurrent core \
+                 with {s} floats of state per env"
+            ),
+        ),
+        other => other,
+    })
 }
 
 #[cfg(test)]

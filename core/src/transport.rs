@@ -75,8 +75,14 @@ pub enum TransportError {
         #[source]
         source: std::io::Error,
     },
-    #[error("cannot connect to {addr}: {message}")]
-    Connect { addr: String, message: String },
+    #[error("cannot connect to {addr}: {}", chain(source))]
+    Connect {
+        addr: String,
+        #[source]
+        source: tonic::transport::Error,
+    },
+    #[error("cannot connect to {addr}: no connection within {after:?}")]
+    ConnectTimeout { addr: String, after: Duration },
 }
 
 /// TLS material, token and keepalive of one process, read once at start.
@@ -337,13 +343,13 @@ impl Connector {
     pub async fn connect(&self) -> Result<AuthChannel, TransportError> {
         match tokio::time::timeout(CONNECT_TIMEOUT, self.endpoint.connect()).await {
             Ok(Ok(channel)) => Ok(InterceptedService::new(channel, self.token.clone())),
-            Ok(Err(e)) => Err(TransportError::Connect {
+            Ok(Err(source)) => Err(TransportError::Connect {
                 addr: self.addr.clone(),
-                message: chain(&e),
+                source,
             }),
-            Err(_) => Err(TransportError::Connect {
+            Err(_) => Err(TransportError::ConnectTimeout {
                 addr: self.addr.clone(),
-                message: format!("no connection within {CONNECT_TIMEOUT:?}"),
+                after: CONNECT_TIMEOUT,
             }),
         }
     }

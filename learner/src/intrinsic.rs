@@ -10,8 +10,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use spur_core::backoff::Backoff;
 use spur_core::config::{IntrinsicConfig, RewardModelKind};
+use spur_core::redial::{CallError, Redial};
 use spur_core::reward::repeat_decay;
 use spur_core::text_model::CharCnn;
 use spur_core::transport::Connector;
@@ -269,33 +269,27 @@ pub async fn subscribe(reward: Connector, table: Arc<RewardTable>, stop: Cancell
 }
 
 async fn follow(reward: Connector, table: Arc<RewardTable>) {
-    let addr = reward.addr();
-    let mut backoff = Backoff::new(Duration::from_secs(5));
+    let mut redial = Redial::new("learner", "reward service", Duration::from_secs(5));
     loop {
-        let stream = match reward.connect().await {
-            Ok(ch) => RewardServiceClient::new(ch)
+        let reward = &reward;
+        let open = || async move {
+            let channel = reward.connect().await?;
+            let stream = RewardServiceClient::new(channel)
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .subscribe_reward_model(RewardModelRequest {
                     subscriber: "learner".into(),
                 })
-                .await
-                .map(|r| r.into_inner()),
-            Err(e) => Err(tonic::Status::unavailable(e.to_string())),
+                .await?;
+            Ok::<_, CallError>(stream.into_inner())
         };
-        let mut stream = match stream {
-            Ok(s) => s,
-            Err(status) => {
-                let delay = backoff.next_delay();
-                warn!(addr, error = %status.message(), ?delay, "cannot reach the reward service, retrying");
-                tokio::time::sleep(delay).await;
-                continue;
-            }
+        let Some(mut stream) = redial.open(open, || false).await else {
+            return;
         };
-        info!(addr, "subscribed to reward-model versions");
-        loop {
+        info!(addr = reward.addr(), "subscribed to reward-model versions");
+        let why = loop {
             match stream.message().await {
                 Ok(Some(update)) => {
-                    backoff.reset();
+                    redial.progressed();
                     // Loading a network is tch work, and the trainer holds the
                     // table's lock during its forward passes: off the async threads.
                     let t = table.clone();
@@ -306,14 +300,11 @@ async fn follow(reward: Connector, table: Arc<RewardTable>) {
                         warn!("applying a reward-model version panicked");
                     }
                 }
-                Ok(None) => break,
-                Err(status) => {
-                    warn!(error = %status.message(), "reward-model stream broke");
-                    break;
-                }
+                Ok(None) => break None,
+                Err(status) => break Some(CallError::from(status)),
             }
-        }
-        tokio::time::sleep(backoff.next_delay()).await;
+        };
+        redial.ended(why.as_ref()).await;
     }
 }
 

@@ -1,6 +1,7 @@
 //! Reward-service errors.
 
 use thiserror::Error;
+use tonic::Status;
 
 #[derive(Debug, Error)]
 pub enum ServiceError {
@@ -9,8 +10,18 @@ pub enum ServiceError {
         path: String,
         source: std::io::Error,
     },
-    #[error("label store {path}: {message}")]
-    Store { path: String, message: String },
+    #[error("label store {path}: {source}")]
+    Store {
+        path: String,
+        #[source]
+        source: Box<redb::Error>,
+    },
+    #[error("label store {path}: a stored record does not decode: {source}")]
+    Record {
+        path: String,
+        #[source]
+        source: serde_json::Error,
+    },
     #[error("cannot bind {addr}: {source}")]
     Bind {
         addr: String,
@@ -18,6 +29,8 @@ pub enum ServiceError {
     },
     #[error("judge: {0}")]
     Judge(String),
+    #[error("judge client: {0}")]
+    JudgeClient(#[source] JudgeError),
     #[error("grpc server: {0}")]
     Server(#[from] tonic::transport::Error),
     #[error(transparent)]
@@ -48,6 +61,25 @@ impl JudgeError {
             JudgeError::Timeout | JudgeError::Connect(_) => true,
             JudgeError::Http { status, .. } => *status == 429 || *status == 408 || *status >= 500,
             JudgeError::BadResponse(_) => true,
+        }
+    }
+}
+
+/// Why the service refused or ended a call. `From<RequestError> for Status` is the
+/// one place the service's refusals become gRPC statuses.
+#[derive(Debug, Error)]
+pub enum RequestError {
+    #[error("the reward service is shutting down")]
+    ShuttingDown,
+    #[error("a text batch holds {texts} texts, at most {limit} are allowed")]
+    BatchTooLarge { texts: usize, limit: usize },
+}
+
+impl From<RequestError> for Status {
+    fn from(e: RequestError) -> Self {
+        match e {
+            RequestError::ShuttingDown => Status::unavailable(e.to_string()),
+            RequestError::BatchTooLarge { .. } => Status::invalid_argument(e.to_string()),
         }
     }
 }

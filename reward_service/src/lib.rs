@@ -101,8 +101,7 @@ fn build_judge(
                 breaker_failures: r.breaker_failures,
                 breaker_cooldown: Duration::from_millis(r.breaker_cooldown_ms),
             };
-            let judge =
-                OpenAiJudge::new(settings).map_err(|e| ServiceError::Judge(e.to_string()))?;
+            let judge = OpenAiJudge::new(settings).map_err(ServiceError::JudgeClient)?;
             let version = prompt.version.clone();
             Ok((Judge::OpenAi(judge), prompt, version))
         }
@@ -144,66 +143,113 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServiceError> {
     let drain = Duration::from_millis(config.run.drain_timeout_ms);
-    let transport = Transport::from_config(&config.transport)?;
-    let mut main_server = transport.server()?;
-    let health_listener = bind_health(
-        "reward_service.health_listen",
-        &config.reward_service.health_listen,
-    )
-    .await?;
     let (judge, prompt, prompt_version) = build_judge(&config, &opts.root)?;
-    let cancel = CancellationToken::new();
-    let tasks = Tasks::default();
-    let (ready, labeler_rx) = watch::channel(None);
-    let (reporter, health) = tonic_health::server::health_reporter();
-    set_health(&reporter, ServingStatus::NotServing).await;
-    let addr = listener.local_addr()?;
-    let grpc = RewardGrpc {
-        labeler: labeler_rx,
-        cancel: cancel.clone(),
-        tasks: tasks.clone(),
-    };
-    if let Some(listener) = health_listener {
-        if let Some(dir) = &opts.run_dir {
-            let health_addr = listener.local_addr()?.to_string();
-            std::fs::create_dir_all(dir)?;
-            spur_core::checkpoint::write_atomic(
-                &dir.join(HEALTH_ADDR_FILE),
-                health_addr.as_bytes(),
-            )?;
-        }
-        tasks.spawn(
-            "plain health server",
-            transport.serve_health(listener, health.clone(), cancel.clone().cancelled_owned()),
-        );
-    }
-    let mut server = tokio::spawn(
-        main_server
-            .add_service(health)
-            .add_service(
-                transport.guard(
-                    RewardServiceServer::new(grpc)
-                        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-                        .max_encoding_message_size(MAX_MESSAGE_BYTES),
-                ),
-            )
-            .serve_with_incoming_shutdown(
-                TcpListenerStream::new(listener),
-                cancel.clone().cancelled_owned(),
-            ),
-    );
+    let mut running = Running::start(&config, &opts, listener).await?;
     tokio::pin!(shutdown);
-    let mut server_ended = None;
-    let mut distiller = None;
-    let started: Result<(), ServiceError> = async {
-        if let Some(dir) = opts.run_dir.clone() {
-            let text = addr.to_string();
-            tokio::task::spawn_blocking(move || {
-                std::fs::create_dir_all(&dir)?;
-                spur_core::checkpoint::write_atomic(&dir.join(ADDR_FILE), text.as_bytes())
-            })
-            .await??;
+    let started = running
+        .label(&config, &opts, judge, prompt, prompt_version, &mut shutdown)
+        .await;
+    let served = running.stop(drain).await;
+    started?;
+    served
+}
+
+type ServerResult = Result<Result<(), tonic::transport::Error>, tokio::task::JoinError>;
+
+/// The serving service between its steps: started, labelling, stopped.
+struct Running {
+    addr: std::net::SocketAddr,
+    cancel: CancellationToken,
+    tasks: Tasks,
+    reporter: HealthReporter,
+    /// The labeler the gRPC service hands calls to, once the store is loaded.
+    ready: watch::Sender<Option<Arc<Labeler>>>,
+    server: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+    /// The server's result, when it ended before shutdown.
+    server_ended: Option<ServerResult>,
+    distiller: Option<distill::Distiller>,
+}
+
+impl Running {
+    /// Starts the gRPC server (health NOT_SERVING) and the plain health port, and
+    /// writes their addresses into the run directory.
+    async fn start(
+        config: &Config,
+        opts: &ServiceOptions,
+        listener: TcpListener,
+    ) -> Result<Self, ServiceError> {
+        let transport = Transport::from_config(&config.transport)?;
+        let mut main_server = transport.server()?;
+        let health_listener = bind_health(
+            "reward_service.health_listen",
+            &config.reward_service.health_listen,
+        )
+        .await?;
+        let cancel = CancellationToken::new();
+        let tasks = Tasks::default();
+        let (ready, labeler_rx) = watch::channel(None);
+        let (reporter, health) = tonic_health::server::health_reporter();
+        set_health(&reporter, ServingStatus::NotServing).await;
+        let addr = listener.local_addr()?;
+        // The listeners are bound, so callers that read these files early wait in
+        // the accept queue.
+        if let Some(dir) = &opts.run_dir {
+            write_addr(dir.clone(), ADDR_FILE, addr.to_string()).await?;
+            if let Some(listener) = &health_listener {
+                let health_addr = listener.local_addr()?.to_string();
+                write_addr(dir.clone(), HEALTH_ADDR_FILE, health_addr).await?;
+            }
         }
+        if let Some(listener) = health_listener {
+            tasks.spawn(
+                "plain health server",
+                transport.serve_health(listener, health.clone(), cancel.clone().cancelled_owned()),
+            );
+        }
+        let grpc = RewardGrpc {
+            labeler: labeler_rx,
+            cancel: cancel.clone(),
+            tasks: tasks.clone(),
+        };
+        let server = tokio::spawn(
+            main_server
+                .add_service(health)
+                .add_service(
+                    transport.guard(
+                        RewardServiceServer::new(grpc)
+                            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                            .max_encoding_message_size(MAX_MESSAGE_BYTES),
+                    ),
+                )
+                .serve_with_incoming_shutdown(
+                    TcpListenerStream::new(listener),
+                    cancel.clone().cancelled_owned(),
+                ),
+        );
+        Ok(Self {
+            addr,
+            cancel,
+            tasks,
+            reporter,
+            ready,
+            server,
+            server_ended: None,
+            distiller: None,
+        })
+    }
+
+    /// Loads the label store, starts the labeler and its tasks, reports SERVING, and
+    /// serves until `shutdown` (or until the server ends by itself).
+    async fn label(
+        &mut self,
+        config: &Config,
+        opts: &ServiceOptions,
+        judge: Judge,
+        prompt: prompt::Prompt,
+        prompt_version: String,
+        shutdown: &mut (impl Future<Output = ()> + Unpin),
+    ) -> Result<(), ServiceError> {
+        let addr = self.addr;
         info!(%addr, "reward service listening, loading the label store");
         let store = opts.root.join(&config.reward_service.store);
         let load = tokio::task::spawn_blocking({
@@ -213,14 +259,17 @@ pub async fn serve(
         });
         let loaded = tokio::select! {
             l = load => l??,
-            _ = &mut shutdown => return Ok(()),
-            r = &mut server => {
-                server_ended = Some(r);
+            _ = &mut *shutdown => return Ok(()),
+            r = &mut self.server => {
+                self.server_ended = Some(r);
                 return Ok(());
             }
         };
-        let (labeler, d) = start_labeler(&config, judge, prompt, prompt_version, loaded, &cancel)?;
-        distiller = d;
+        let cancel = &self.cancel;
+        let (labeler, distiller) =
+            start_labeler(config, judge, prompt, prompt_version, loaded, cancel)?;
+        self.distiller = distiller;
+        let tasks = &self.tasks;
         tasks.spawn(
             "labeler",
             labeler.clone().run(tasks.clone(), cancel.clone()),
@@ -233,61 +282,73 @@ pub async fn serve(
             "status gauges",
             publish_gauges(labeler.clone(), cancel.clone()),
         );
-        ready.send_replace(Some(labeler));
-        set_health(&reporter, ServingStatus::Serving).await;
+        self.ready.send_replace(Some(labeler));
+        set_health(&self.reporter, ServingStatus::Serving).await;
         info!(%addr, "reward service serving");
         tokio::select! {
-            _ = &mut shutdown => {}
-            r = &mut server => server_ended = Some(r),
+            _ = &mut *shutdown => {}
+            r = &mut self.server => self.server_ended = Some(r),
         }
         Ok(())
     }
-    .await;
 
-    // Readiness drops before anything else stops.
-    set_health(&reporter, ServingStatus::NotServing).await;
-    info!(
-        drain_ms = drain.as_millis() as u64,
-        "reward service stopping"
-    );
-    cancel.cancel();
-    let deadline = Instant::now() + drain;
-    let served = match server_ended {
-        Some(r) => r,
-        None => match tokio::time::timeout_at(deadline, &mut server).await {
-            Ok(r) => r,
-            Err(_) => {
-                warn!(
-                    task = "grpc server",
-                    "task did not finish within the drain timeout, aborting it"
-                );
-                server.abort();
-                Ok(Ok(()))
-            }
-        },
-    };
-    let stragglers = tasks.join(deadline).await;
-    // The last reference to the labeler, and with it the store.
-    let labeler = ready.send_replace(None);
-    if let Some(labeler) = &labeler {
-        labeler.close_distill();
-    }
-    if let Some(d) = distiller {
-        match tokio::time::timeout_at(deadline, d.finished).await {
-            // The thread let go of everything: joining it is immediate.
-            Ok(_) => {
-                let _ = tokio::task::spawn_blocking(move || d.thread.join()).await;
-            }
-            Err(_) => warn!(
-                task = "reward network training",
-                "task did not finish within the drain timeout, abandoning it"
-            ),
+    /// Drops readiness, cancels everything, and joins the server, the tasks and the
+    /// distillation thread within `drain`; returns how the server ended.
+    async fn stop(mut self, drain: Duration) -> Result<(), ServiceError> {
+        // Readiness drops before anything else stops.
+        set_health(&self.reporter, ServingStatus::NotServing).await;
+        info!(
+            drain_ms = drain.as_millis() as u64,
+            "reward service stopping"
+        );
+        self.cancel.cancel();
+        let deadline = Instant::now() + drain;
+        let served = match self.server_ended.take() {
+            Some(r) => r,
+            None => match tokio::time::timeout_at(deadline, &mut self.server).await {
+                Ok(r) => r,
+                Err(_) => {
+                    warn!(
+                        task = "grpc server",
+                        "task did not finish within the drain timeout, aborting it"
+                    );
+                    self.server.abort();
+                    Ok(Ok(()))
+                }
+            },
+        };
+        let stragglers = self.tasks.join(deadline).await;
+        // The last reference to the labeler, and with it the store.
+        let labeler = self.ready.send_replace(None);
+        if let Some(labeler) = &labeler {
+            labeler.close_distill();
         }
+        if let Some(d) = self.distiller.take() {
+            match tokio::time::timeout_at(deadline, d.finished).await {
+                // The thread let go of everything: joining it is immediate.
+                Ok(_) => {
+                    let _ = tokio::task::spawn_blocking(move || d.thread.join()).await;
+                }
+                Err(_) => warn!(
+                    task = "reward network training",
+                    "task did not finish within the drain timeout, abandoning it"
+                ),
+            }
+        }
+        drop(labeler);
+        served??;
+        info!(unfinished = stragglers.len(), "reward service stopped");
+        Ok(())
     }
-    drop(labeler);
-    started?;
-    served??;
-    info!(unfinished = stragglers.len(), "reward service stopped");
+}
+
+/// Writes an address file into the run directory, off the async threads.
+async fn write_addr(dir: PathBuf, file: &'static str, addr: String) -> Result<(), ServiceError> {
+    tokio::task::spawn_blocking(move || {
+        std::fs::create_dir_all(&dir)?;
+        spur_core::checkpoint::write_atomic(&dir.join(file), addr.as_bytes())
+    })
+    .await??;
     Ok(())
 }
 

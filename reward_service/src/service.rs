@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::debug;
 
+use crate::error::RequestError;
 use crate::labeler::Labeler;
 use crate::stats::Stats;
 use crate::tasks::Tasks;
@@ -42,12 +43,8 @@ impl RewardGrpc {
             .run_until_cancelled(ready)
             .await
             .flatten()
-            .ok_or_else(shutting_down)
+            .ok_or_else(|| RequestError::ShuttingDown.into())
     }
-}
-
-fn shutting_down() -> Status {
-    Status::unavailable("the reward service is shutting down")
 }
 
 #[tonic::async_trait]
@@ -62,14 +59,15 @@ impl RewardService for RewardGrpc {
         loop {
             let batch = tokio::select! {
                 b = stream.message() => b?,
-                _ = self.cancel.cancelled() => return Err(shutting_down()),
+                _ = self.cancel.cancelled() => return Err(RequestError::ShuttingDown.into()),
             };
             let Some(batch) = batch else { break };
             if batch.texts.len() > MAX_TEXTS_PER_BATCH {
-                return Err(Status::invalid_argument(format!(
-                    "a text batch holds {} texts, at most {MAX_TEXTS_PER_BATCH} are allowed",
-                    batch.texts.len()
-                )));
+                return Err(RequestError::BatchTooLarge {
+                    texts: batch.texts.len(),
+                    limit: MAX_TEXTS_PER_BATCH,
+                }
+                .into());
             }
             summary.received_texts += batch.texts.len() as u64;
             summary.new_texts += labeler.submit(batch.texts);
@@ -95,7 +93,7 @@ impl RewardService for RewardGrpc {
                 .is_none()
             {
                 // A client that does not read misses the reason, not the end.
-                let _ = tx.try_send(Err(shutting_down()));
+                let _ = tx.try_send(Err(RequestError::ShuttingDown.into()));
             }
         };
         let name = format!("reward-model stream to {subscriber:?}");

@@ -64,27 +64,21 @@ impl LabelStore {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)?;
         }
-        let err = |e: &dyn std::fmt::Display| ServiceError::Store {
-            path: path.display().to_string(),
-            message: e.to_string(),
-        };
-        let db = Database::create(path).map_err(|e| err(&e))?;
+        let err = |e| store_error(path, e);
+        let db = Database::create(path).map_err(|e| err(e.into()))?;
         // Make sure the table exists so readers never see "no such table".
-        let txn = db.begin_write().map_err(|e| err(&e))?;
-        txn.open_table(LABELS).map_err(|e| err(&e))?;
-        txn.open_table(PAIRS).map_err(|e| err(&e))?;
-        txn.commit().map_err(|e| err(&e))?;
+        let txn = db.begin_write().map_err(|e| err(e.into()))?;
+        txn.open_table(LABELS).map_err(|e| err(e.into()))?;
+        txn.open_table(PAIRS).map_err(|e| err(e.into()))?;
+        txn.commit().map_err(|e| err(e.into()))?;
         Ok(Self {
             db,
             path: path.to_path_buf(),
         })
     }
 
-    fn err(&self, e: impl std::fmt::Display) -> ServiceError {
-        ServiceError::Store {
-            path: self.path.display().to_string(),
-            message: e.to_string(),
-        }
+    fn err(&self, e: impl Into<redb::Error>) -> ServiceError {
+        store_error(&self.path, e.into())
     }
 
     pub fn get(
@@ -97,7 +91,12 @@ impl LabelStore {
         let Some(v) = table.get((prompt_version, text)).map_err(|e| self.err(e))? else {
             return Ok(None);
         };
-        decode(v.value()).map(Some).map_err(|e| self.err(e))
+        decode(v.value())
+            .map(Some)
+            .map_err(|source| ServiceError::Record {
+                path: self.path.display().to_string(),
+                source,
+            })
     }
 
     /// Stores the labels that are not stored yet, in one durable transaction; returns
@@ -244,6 +243,13 @@ impl Table for Pairs {
     fn split<'a>(key: KeyOf<'a, Self::Key>) -> (&'a str, Pair) {
         let (pv, a, b) = key;
         (pv, (a.to_string(), b.to_string()))
+    }
+}
+
+fn store_error(path: &Path, source: redb::Error) -> ServiceError {
+    ServiceError::Store {
+        path: path.display().to_string(),
+        source: Box::new(source),
     }
 }
 
