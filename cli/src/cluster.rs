@@ -88,6 +88,14 @@ fn spur_command(run_dir: &Path, log_name: &str) -> anyhow::Result<Command> {
         .append(true)
         .open(logs.join(format!("{log_name}.log")))?;
     let mut cmd = Command::new(exe);
+    // Where the child says which port its Prometheus listener bound (`:0` lets the
+    // system pick one per child).
+    let metrics = run_dir.join("metrics");
+    std::fs::create_dir_all(&metrics)?;
+    cmd.env(
+        crate::prometheus::ADDR_FILE_ENV,
+        metrics.join(format!("{log_name}.addr")),
+    );
     cmd.stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)

@@ -195,7 +195,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             if a.check.check_config {
                 return print_checked(&config);
             }
-            prometheus::install(&config.run.prometheus_listen, "learner")?;
+            prometheus::install(&config.run.prometheus_listen, "learner").await?;
             let run_dir = a.run_dir.unwrap_or_else(|| default_run_dir(&config));
             let opts = spur_learner::LearnerOptions {
                 run_dir,
@@ -215,7 +215,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 }
                 return print_checked(&config);
             }
-            prometheus::install(&config.run.prometheus_listen, "actor")?;
+            prometheus::install(&config.run.prometheus_listen, "actor").await?;
             // No name and no index: actor 0, as always. A name alone seeds by the name.
             let (actor_id, index) = match a.actor_id {
                 Some(id) => (id, a.index),
@@ -240,7 +240,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 check_reward_files(&config)?;
                 return print_checked(&config);
             }
-            prometheus::install(&config.run.prometheus_listen, "reward-service")?;
+            prometheus::install(&config.run.prometheus_listen, "reward-service").await?;
             let opts = spur_reward_service::ServiceOptions {
                 root: PathBuf::from("."),
                 run_dir: a.run_dir,

@@ -2,29 +2,16 @@
 //! `/metrics` port, and each serves the role's gauges and counters over HTTP.
 
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// A base port with `n` free ports from it.
-fn free_ports(n: u16) -> u16 {
-    for _ in 0..200 {
-        let base = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        if base > 65000 {
-            continue;
-        }
-        let held: Vec<_> = (0..n)
-            .filter_map(|i| TcpListener::bind(("127.0.0.1", base + i)).ok())
-            .collect();
-        if held.len() == n as usize {
-            return base;
-        }
-    }
-    panic!("no {n} consecutive free ports");
+/// The port a child of `spur local` reported for its metrics listener, once it has.
+fn reported_port(run_dir: &Path, name: &str) -> Option<u16> {
+    let text =
+        std::fs::read_to_string(run_dir.join("metrics").join(format!("{name}.addr"))).ok()?;
+    text.trim().parse::<SocketAddr>().ok().map(|a| a.port())
 }
 
 /// The body of `GET /metrics`, or None while nothing listens there.
@@ -51,7 +38,6 @@ fn sample(page: &str, name: &str) -> Option<f64> {
 
 #[test]
 fn every_role_serves_its_metrics() {
-    let base = free_ports(5);
     let run_dir = std::env::temp_dir().join(format!("spur-prom-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&run_dir);
     let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
@@ -59,7 +45,8 @@ fn every_role_serves_its_metrics() {
         .current_dir(root)
         .args(["local", "--config", "configs/keyroom-oni.toml", "--run-dir"])
         .arg(&run_dir)
-        .args(["--set", &format!("run.prometheus_listen=127.0.0.1:{base}")])
+        // Port 0: every child binds a free port of its own and says which.
+        .args(["--set", "run.prometheus_listen=127.0.0.1:0"])
         .args(["--set", "stop.env_steps=50000000"])
         .args(["--set", "learner.batch_steps=1024"])
         .args([
@@ -72,17 +59,19 @@ fn every_role_serves_its_metrics() {
         .unwrap();
     // reward service, learner, then the 2 actors
     let wanted = [
-        (base, "spur_reward_labels"),
-        (base + 1, "spur_learner_episode_return_mean"),
-        (base + 2, "spur_actor_env_steps_total"),
-        (base + 3, "spur_actor_env_steps_total"),
+        ("reward-service", "spur_reward_labels"),
+        ("learner", "spur_learner_episode_return_mean"),
+        ("actor-0", "spur_actor_env_steps_total"),
+        ("actor-1", "spur_actor_env_steps_total"),
     ];
     let deadline = Instant::now() + Duration::from_secs(120);
     let mut pages = vec![None; wanted.len()];
     while pages.iter().any(Option::is_none) && Instant::now() < deadline {
-        for (i, (port, name)) in wanted.iter().enumerate() {
+        for (i, (role, name)) in wanted.iter().enumerate() {
             if pages[i].is_none() {
-                pages[i] = scrape(*port).filter(|p| sample(p, name).is_some());
+                pages[i] = reported_port(&run_dir, role)
+                    .and_then(scrape)
+                    .filter(|p| sample(p, name).is_some());
             }
         }
         std::thread::sleep(Duration::from_millis(300));
@@ -90,11 +79,22 @@ fn every_role_serves_its_metrics() {
     // Stop the run the way a person would (Ctrl-C), then look at what we got.
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
     let status = child.wait().unwrap();
-    for ((port, name), page) in wanted.iter().zip(&pages) {
+    for ((role, name), page) in wanted.iter().zip(&pages) {
         let page = page
             .as_ref()
-            .unwrap_or_else(|| panic!("no {name} on port {port}"));
+            .unwrap_or_else(|| panic!("no {name} from the {role}"));
         assert!(sample(page, name).unwrap() >= 0.0);
+    }
+    // Each page came from the process it was asked of.
+    for ((role, _), page) in wanted.iter().zip(&pages) {
+        let kind = role
+            .trim_end_matches(char::is_numeric)
+            .trim_end_matches('-');
+        let label = format!("role=\"{kind}\"");
+        assert!(
+            page.as_ref().unwrap().contains(&label),
+            "{role}: no {label}"
+        );
     }
     let learner = pages[1].as_ref().unwrap();
     assert!(learner.contains("role=\"learner\""), "{learner}");

@@ -289,7 +289,8 @@ pub struct RunConfig {
     pub torch_threads: u32,
     /// Where each role serves Prometheus `/metrics` (`0.0.0.0:9100`); empty: off.
     /// `spur local` gives its children consecutive ports from this one (reward
-    /// service, learner, then actors).
+    /// service, learner, then actors); port 0: each binds a free port and writes it
+    /// to the file `$SPUR_METRICS_ADDR_FILE` names (`<run dir>/metrics/` in local mode).
     pub prometheus_listen: String,
     /// How long a role may take to stop after SIGTERM or Ctrl-C (the learner
     /// checkpoints, the reward service commits its labels, actors close their

@@ -151,6 +151,12 @@ impl Chunk {
     pub fn from_proto(msg: TrajectoryChunk, want: &ChunkExpectation) -> Result<Self, WireError> {
         let (t, n) = check_header(&msg, want)?;
         let steps = decode_steps(&msg, want, t, n)?;
+        if msg.env_ids.len() != n {
+            return Err(WireError::invalid(
+                "env_ids",
+                format!("holds {} ids for {n} environments", msg.env_ids.len()),
+            ));
+        }
         check_texts(&msg, t * n)?;
         check_groups(&msg, want, t * n)?;
         let initial_state = decode_state(&msg, want.state_size, n)?;
@@ -240,12 +246,6 @@ fn check_header(
         return Err(WireError::invalid(
             "num_envs",
             format!("is {n}, must be between 1 and {MAX_ENVS_PER_CHUNK}"),
-        ));
-    }
-    if msg.env_ids.len() != n {
-        return Err(WireError::invalid(
-            "env_ids",
-            format!("holds {} ids for {n} environments", msg.env_ids.len()),
         ));
     }
     Ok((t, n))
