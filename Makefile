@@ -19,7 +19,7 @@ export LIBTORCH_USE_PYTORCH := 1
 export VIRTUAL_ENV          := $(abspath $(VENV))
 export PATH                 := $(VIRTUAL_ENV)/bin:$(PATH)
 
-.PHONY: run test build setup k8s-tools k8s-check image bench bench-bridge bench-soak bench-ingest bench-broadcast cartpole nethack nethack-table keyroom-table advantage-table semi-online fmt lint clean
+.PHONY: run test build setup k8s-tools k8s-check image bench bench-bridge bench-soak bench-ingest bench-broadcast bench-annotator cartpole nethack nethack-table keyroom-table advantage-table semi-online fmt lint clean
 
 ## run: keyroom with ONI intrinsic rewards from the built-in rule judge: learner,
 ## reward service and 2 actors as separate processes (offline defaults)
@@ -93,6 +93,11 @@ bench-ingest: build
 ## and ~10M parameter policies, vs loading the same payload locally
 bench-broadcast: build
 	./target/release/spur bench broadcast $(ARGS)
+
+## bench-annotator: judge calls/s the reward service achieves against a judge with a
+## fixed latency and a concurrency cap, as a fraction of that cap, and texts/s
+bench-annotator: build
+	./target/release/spur bench annotator $(ARGS)
 
 ## nethack: a short NetHack (NLE score task) run through the env bridge with ONI
 ## retrieval rewards from the built-in judge; writes <run>/curves.png

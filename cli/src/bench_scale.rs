@@ -127,7 +127,7 @@ async fn connect(transport: &Transport, addr: &str) -> anyhow::Result<LearnerCli
 }
 
 /// Config `path`, then the bench's own settings, then the user's `--set`.
-fn load(args: &ConfigArgs, ours: &[String]) -> anyhow::Result<Config> {
+pub(crate) fn load(args: &ConfigArgs, ours: &[String]) -> anyhow::Result<Config> {
     let sets: Vec<String> = ours.iter().chain(&args.set).cloned().collect();
     Ok(Config::load(
         args.config.as_deref(),

@@ -2,6 +2,7 @@
 //! config, starts tracing, and hands over to the role's `run`.
 
 mod bench;
+mod bench_annotator;
 mod bench_scale;
 mod cluster;
 mod eval;
@@ -163,6 +164,9 @@ enum BenchCommand {
     /// Publish-to-loaded time of weights at 16 subscribers (p50, p99) for ~1M and
     /// ~10M parameter policies, against loading the same payload locally.
     Broadcast(bench_scale::BroadcastArgs),
+    /// Judge calls/s a reward service achieves against a judge with a fixed latency
+    /// and a concurrency cap (the bound), and texts labelled per second.
+    Annotator(bench_annotator::AnnotatorArgs),
 }
 
 fn main() -> ExitCode {
@@ -258,6 +262,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         Command::Bench(BenchCommand::Bridge(a)) => bench::bridge(a).await,
         Command::Bench(BenchCommand::Soak(a)) => soak::soak(a).await,
         Command::Bench(BenchCommand::Ingest(a)) => bench_scale::ingest(a).await,
+        Command::Bench(BenchCommand::Annotator(a)) => bench_annotator::annotator(a).await,
         Command::Bench(BenchCommand::Broadcast(a)) => bench_scale::broadcast(a).await,
         Command::Plot(a) => {
             plot::run(a)?;
