@@ -31,6 +31,7 @@ use crate::retry::{Next, RetryWait};
 use crate::stats::Stats;
 use crate::store::{LabelStore, Pair, Record};
 use crate::tasks::Tasks;
+use crate::writer::LabelWriter;
 
 /// Longest text the service accepts, in bytes (longer ones are cut there).
 pub const MAX_TEXT_BYTES: usize = 1024;
@@ -58,6 +59,8 @@ pub struct Labeler {
     retry_changed: Notify,
     wake: Notify,
     slots: Arc<Semaphore>,
+    /// Commits the labels of concurrent answers together.
+    writer: LabelWriter,
 }
 
 /// A text's first `MAX_TEXT_BYTES` bytes, cut on a character boundary.
@@ -88,6 +91,7 @@ impl Labeler {
         max_concurrent: usize,
         retry: RetryWait,
     ) -> Self {
+        let writer = LabelWriter::start(&store, prompt_version.clone());
         Self {
             judge_id: judge.id(),
             prompt,
@@ -105,6 +109,7 @@ impl Labeler {
             retry_changed: Notify::new(),
             wake: Notify::new(),
             slots: Arc::new(Semaphore::new(max_concurrent)),
+            writer,
         }
     }
 
@@ -231,7 +236,7 @@ impl Labeler {
         self.distill.lock().expect("distill lock poisoned").take();
     }
 
-    async fn label(self: Arc<Self>, batch: Vec<String>, _permit: OwnedSemaphorePermit) {
+    async fn label(self: Arc<Self>, batch: Vec<String>, permit: OwnedSemaphorePermit) {
         let pairs = self.pairs_per_text.map(|k| self.pair_up(&batch, k));
         let (task, prompt) = match &pairs {
             Some(p) => (Task::Rank(p), self.prompt.render_pairs(p)),
@@ -241,6 +246,11 @@ impl Labeler {
         Stats::add(&self.stats.texts_judged, batch.len() as u64);
         let started = Instant::now();
         let answer = self.judge.answer(&task, &prompt).await;
+        // The cap is on requests at the judge: with labels, the next request may
+        // start while this answer is parsed and committed (the writer commits
+        // answers together). Ranking keeps its slot until its pairs are committed:
+        // the next batch is paired against the texts this one settles.
+        let _slot = pairs.is_some().then_some(permit);
         self.stats
             .record_latency(started.elapsed().as_secs_f64() * 1000.0);
         let raw = match answer {
@@ -343,11 +353,12 @@ impl Labeler {
 
     /// Commits single-text labels, then publishes them; false when the store failed.
     async fn commit_labels(&self, records: Vec<(String, Record<bool>)>) -> bool {
-        let Some(added) = self
-            .in_store("labels", move |store, pv| store.put_new(pv, records))
-            .await
-        else {
-            return false;
+        let added = match self.writer.put_new(records).await {
+            Ok(added) => added,
+            Err(e) => {
+                warn!(error = %e, "cannot commit labels, texts go back to the queue");
+                return false;
+            }
         };
         debug!(labels = added.len(), "labels committed");
         let parsed: Vec<(String, bool)> = added

@@ -11,6 +11,7 @@
 //! - `judge/`: the rule judge and the OpenAI-compatible client
 //! - `prompt.rs`, `parse.rs`: prompt templates with versions; the strict answer parser
 //! - `store.rs`: the redb label store
+//! - `writer.rs`: group commit of the labels of concurrent judge answers
 //! - `model.rs`: the label table and the reward-model versions subscribers receive
 //! - `distill.rs`: training the `classification` or `ranking` network on the verdicts
 //! - `stats.rs`: counters and judge latency percentiles
@@ -29,6 +30,7 @@ mod service;
 mod stats;
 pub mod store;
 mod tasks;
+mod writer;
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
