@@ -262,3 +262,28 @@ checkpoint_every = 1000
     c.stop.target_return = 0.98;
     c
 }
+
+/// Runs `examples/models/<script>` with the project's Python (as the env bridge finds
+/// it) and `args`, writing the TorchScript module to `dir/<name>.pt`; its path.
+pub fn export_model(script: &str, args: &[&str], dir: &std::path::Path, name: &str) -> PathBuf {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let out = dir.join(format!("{name}.pt"));
+    let python = spur_core::env::remote::python(&spur_core::config::EnvConfig::default());
+    let status = std::process::Command::new(&python)
+        .arg(root.join("examples/models").join(script))
+        .args(args)
+        .arg("--out")
+        .arg(&out)
+        .status()
+        .unwrap_or_else(|e| panic!("{python} runs: {e}"));
+    assert!(status.success(), "exporting {script} {args:?} failed");
+    out
+}
+
+/// A fresh scratch folder for one test's exported modules.
+pub fn scratch_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("spur-test-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("the temp dir is writable");
+    dir
+}
