@@ -19,7 +19,9 @@ use tch::{Device, Tensor};
 fn with_script(mut config: Config, path: &Path) -> Config {
     config.model.arch = ModelArch::Torchscript;
     config.model.path = path.display().to_string();
-    config.validate().expect("a torchscript config with a path is valid");
+    config
+        .validate()
+        .expect("a torchscript config with a path is valid");
     config
 }
 
@@ -100,14 +102,18 @@ fn torchscript_sequences_reproduce_step_by_step_acting() {
     let spec = env_spec(&tiny_memory(CoreKind::None, 0).env).unwrap();
     let m = ActorCritic::script(
         &spec,
-        &example(&spec, Some("gru"), &dir, "gru").display().to_string(),
+        &example(&spec, Some("gru"), &dir, "gru")
+            .display()
+            .to_string(),
         Device::Cpu,
     )
     .unwrap();
     assert!(m.is_recurrent());
     assert_eq!(m.state_size(), 32);
     let (steps, n, d, s) = (6usize, 3usize, spec.obs_dim, m.state_size());
-    let obs: Vec<f32> = (0..steps * n * d).map(|i| ((i * 37) % 5) as f32 * 0.5).collect();
+    let obs: Vec<f32> = (0..steps * n * d)
+        .map(|i| ((i * 37) % 5) as f32 * 0.5)
+        .collect();
     let ended = |t: usize, b: usize| (b == 1 && t == 1) || (b == 2 && t == 3);
     let mut state = vec![0.0f32; n * s];
     let (mut actions, mut log_probs, mut resets) = (Vec::new(), Vec::new(), Vec::new());
@@ -134,7 +140,10 @@ fn torchscript_sequences_reproduce_step_by_step_acting() {
         assert!((a - b).abs() < 1e-5, "step {i}: {a} vs {b}");
     }
     let carried = replay(&r.zeros_like());
-    assert!(carried.iter().zip(&log_probs).any(|(a, b)| (a - b).abs() > 1e-4));
+    assert!(carried
+        .iter()
+        .zip(&log_probs)
+        .any(|(a, b)| (a - b).abs() > 1e-4));
 }
 
 /// Modules that break the interface in one way each, from one Python source: `good`
@@ -227,7 +236,10 @@ fn malformed_modules_are_refused_naming_the_problem() {
         }
     }
     let missing = ActorCritic::script(&spec, "/nonexistent/policy.pt", Device::Cpu);
-    let err = missing.err().expect("a missing file is refused").to_string();
+    let err = missing
+        .err()
+        .expect("a missing file is refused")
+        .to_string();
     assert!(err.contains("/nonexistent/policy.pt"), "{err}");
 }
 

@@ -1221,13 +1221,16 @@ mod tests {
     fn torchscript_needs_a_path_and_only_it_takes_one() {
         let ts = "[model]\narch = \"torchscript\"\n";
         let c = Config::from_toml_str(&format!("{ts}path = \"m.pt\"\n")).unwrap();
-        assert_eq!((c.model.arch, c.model.path.as_str()), (ModelArch::Torchscript, "m.pt"));
+        assert_eq!(
+            (c.model.arch, c.model.path.as_str()),
+            (ModelArch::Torchscript, "m.pt")
+        );
         let err = Config::from_toml_str(ts).unwrap_err();
         assert!(err.to_string().contains("model.path"), "{err}");
         let err = Config::from_toml_str("[model]\npath = \"m.pt\"\n").unwrap_err();
         assert!(err.to_string().contains("model.path"), "{err}");
-        let err = Config::from_toml_str(&format!("{ts}path = \"m.pt\"\ncore = \"gru\"\n"))
-            .unwrap_err();
+        let err =
+            Config::from_toml_str(&format!("{ts}path = \"m.pt\"\ncore = \"gru\"\n")).unwrap_err();
         assert!(err.to_string().contains("model.core"), "{err}");
     }
 

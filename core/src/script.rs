@@ -59,9 +59,12 @@ impl ScriptPolicy {
         let device = path.device();
         let mut module = TrainableCModule::load(file, path)
             .map_err(|e| bad(format!("cannot be loaded: {}", first_line(&e))))?;
-        module
-            .f_set_eval()
-            .map_err(|e| bad(format!("cannot switch to evaluation mode: {}", first_line(&e))))?;
+        module.f_set_eval().map_err(|e| {
+            bad(format!(
+                "cannot switch to evaluation mode: {}",
+                first_line(&e)
+            ))
+        })?;
         let mut policy = Self {
             module,
             file: file.into(),
@@ -111,7 +114,10 @@ impl ScriptPolicy {
     fn try_step(&self, obs: &Tensor, state: &Tensor) -> Result<Step, ModelError> {
         let out = self
             .module
-            .forward_is(&[IValue::Tensor(obs.shallow_clone()), IValue::Tensor(state.shallow_clone())])
+            .forward_is(&[
+                IValue::Tensor(obs.shallow_clone()),
+                IValue::Tensor(state.shallow_clone()),
+            ])
             .map_err(|e| self.error(format!("forward failed: {}", first_line(&e))))?;
         let parts = match out {
             IValue::Tuple(parts) if parts.len() == 3 => parts,
@@ -175,7 +181,11 @@ impl ScriptPolicy {
                 self.state_size
             )));
         }
-        for (t, name) in [(&s.logits, "logits"), (&s.values, "value"), (&s.state, "next_state")] {
+        for (t, name) in [
+            (&s.logits, "logits"),
+            (&s.values, "value"),
+            (&s.state, "next_state"),
+        ] {
             if t.kind() != Kind::Float {
                 return Err(self.error(format!(
                     "forward returned {name} as {:?}, expected float32",
@@ -225,7 +235,11 @@ impl ScriptPolicy {
         let obs = Tensor::zeros([b, spec.obs_dim as i64], (Kind::Float, device));
         let step = tch::no_grad(|| self.try_step(&obs, &init.to_device(device)))?;
         self.check_step(&step, b, Some(spec.num_actions as i64))?;
-        for (t, name) in [(&step.logits, "logits"), (&step.values, "value"), (&step.state, "next_state")] {
+        for (t, name) in [
+            (&step.logits, "logits"),
+            (&step.values, "value"),
+            (&step.state, "next_state"),
+        ] {
             if t.numel() > 0 && !bool::try_from(t.isfinite().all()).unwrap_or(false) {
                 return Err(self.error(format!(
                     "forward returned non-finite {name} for zero observations"

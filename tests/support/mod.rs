@@ -45,7 +45,16 @@ impl TestLearner {
         let handle = tokio::spawn(spur_learner::serve(config, opts, listener, async {
             let _ = stopped.await;
         }));
-        wait_serving_with(&transport, &addr).await?;
+        if let Err(e) = wait_serving_with(&transport, &addr).await {
+            // A learner that stopped on its own says why.
+            if handle.is_finished() {
+                return Err(match handle.await? {
+                    Err(learner) => anyhow::anyhow!("the learner stopped: {learner}"),
+                    Ok(_) => anyhow::anyhow!("the learner stopped before serving"),
+                });
+            }
+            return Err(e);
+        }
         Ok(Self {
             addr,
             run_dir,
@@ -282,7 +291,7 @@ pub fn export_model(script: &str, args: &[&str], dir: &std::path::Path, name: &s
 
 /// A fresh scratch folder for one test's exported modules.
 pub fn scratch_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("spur-test-{name}-{}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!("spur-scratch-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("the temp dir is writable");
     dir
