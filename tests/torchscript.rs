@@ -12,7 +12,7 @@ use spur_core::env::{env_spec, EnvSpec};
 use spur_core::model::{reset_ended, ActorCritic};
 use spur_core::Config;
 use spur_learner::TrainSummary;
-use spur_tests::{export_model, scratch_dir, spawn_actor, tiny_cartpole, tiny_memory, TestLearner};
+use spur_tests::{export_model, python, scratch_dir, tiny_cartpole, tiny_memory, train_two_actors};
 use tch::{Device, Tensor};
 
 /// `config` with the TorchScript module at `path` as its policy.
@@ -43,18 +43,8 @@ fn example(spec: &EnvSpec, core: Option<&str>, dir: &Path, name: &str) -> PathBu
 }
 
 async fn train(config: Config, name: &str) -> anyhow::Result<TrainSummary> {
-    let learner = TestLearner::start(config.clone(), name).await?;
-    let actors: Vec<_> = (0..2)
-        .map(|i| spawn_actor(&config, &learner.addr, i))
-        .collect();
-    let summary = learner.handle.await??;
-    for (_stop, a) in actors {
-        a.await??;
-    }
-    eprintln!(
-        "{name}: mean return {:.3} after {} env steps",
-        summary.episode_return_mean, summary.env_steps
-    );
+    let (summary, _) = train_two_actors(&config, name).await?;
+    eprintln!("{name}: {summary:?}");
     Ok(summary)
 }
 
@@ -67,12 +57,7 @@ async fn torchscript_mlp_solves_cartpole() -> anyhow::Result<()> {
     let module = example(&env_spec(&config.env)?, None, &dir, "mlp");
     config.stop.target_return = 475.0;
     let s = train(with_script(config, &module), "ts-cartpole").await?;
-    assert!(
-        s.episode_return_mean >= 475.0,
-        "mean return {} after {} steps",
-        s.episode_return_mean,
-        s.env_steps
-    );
+    assert!(s.episode_return_mean >= 475.0, "not solved: {s:?}");
     assert!(s.checkpoint.exists());
     Ok(())
 }
@@ -157,8 +142,7 @@ from torch import Tensor, nn
 p = argparse.ArgumentParser()
 p.add_argument("--obs-dim", type=int)
 p.add_argument("--actions", type=int)
-p.add_argument("--kind")
-p.add_argument("--out")
+p.add_argument("--out-dir")
 a = p.parse_args()
 
 
@@ -194,15 +178,16 @@ class NoInitialState(nn.Module):
         return self.pi(obs), obs.sum(-1), state
 
 
-m = {
+probes = {
     "good": lambda: Probe(a.actions, False, False, 0.0),
     "wide_logits": lambda: Probe(a.actions + 1, False, False, 0.0),
     "column_value": lambda: Probe(a.actions, True, False, 0.0),
     "double_logits": lambda: Probe(a.actions, False, True, 0.0),
     "nonzero_start": lambda: Probe(a.actions, False, False, 1.0),
     "no_initial_state": NoInitialState,
-}[a.kind]()
-torch.jit.save(torch.jit.script(m), a.out)
+}
+for kind, make in probes.items():
+    torch.jit.save(torch.jit.script(make()), f"{a.out_dir}/{kind}.pt")
 "#;
 
 /// Each malformed module is refused at load (what learners and actors do before
@@ -215,13 +200,18 @@ fn malformed_modules_are_refused_naming_the_problem() {
     std::fs::write(&source, PROBES).unwrap();
     let spec = env_spec(&tiny_cartpole(0).env).unwrap();
     let (d, a) = dims(&spec);
+    let status = std::process::Command::new(python())
+        .arg(&source)
+        .args(["--obs-dim", &d, "--actions", &a, "--out-dir"])
+        .arg(&dir)
+        .status()
+        .unwrap();
+    assert!(status.success(), "the probes export");
     let load = |kind: &str| {
-        let args = ["--obs-dim", &d, "--actions", &a, "--kind", kind];
-        let file = export_model(source.to_str().unwrap(), &args, &dir, kind);
-        ActorCritic::script(&spec, &file.display().to_string(), Device::Cpu).map(|_| file)
+        let file = dir.join(format!("{kind}.pt"));
+        ActorCritic::script(&spec, &file.display().to_string(), Device::Cpu).map(|_| ())
     };
-    let good = load("good").expect("the well-formed probe loads");
-    assert!(good.exists());
+    load("good").expect("the well-formed probe loads");
     for (kind, names) in [
         ("wide_logits", &["logits", "[2, 3]", "2 actions"][..]),
         ("column_value", &["value", "[2, 1]"][..]),
@@ -230,6 +220,7 @@ fn malformed_modules_are_refused_naming_the_problem() {
         ("no_initial_state", &["initial_state"][..]),
     ] {
         let err = load(kind).expect_err(kind).to_string();
+        eprintln!("{kind}: {err}");
         assert!(err.contains(&format!("{kind}.pt")), "{kind}: {err}");
         for name in names {
             assert!(err.contains(name), "{kind}: `{name}` not in: {err}");

@@ -215,6 +215,24 @@ pub fn spawn_actor(
     (stop, handle)
 }
 
+/// Trains `config` with a learner and two actor tasks until the learner stops; the
+/// learner's summary and each actor's.
+pub async fn train_two_actors(
+    config: &Config,
+    name: &str,
+) -> anyhow::Result<(TrainSummary, Vec<spur_actor::ActorSummary>)> {
+    let learner = TestLearner::start(config.clone(), name).await?;
+    let actors: Vec<_> = (0..2)
+        .map(|i| spawn_actor(config, &learner.addr, i))
+        .collect();
+    let summary = learner.handle.await??;
+    let mut done = Vec::with_capacity(actors.len());
+    for (_stop, a) in actors {
+        done.push(a.await??);
+    }
+    Ok((summary, done))
+}
+
 /// A small, fast cartpole config for tests.
 pub fn tiny_cartpole(env_steps: u64) -> Config {
     let mut c = Config::from_toml_str(
@@ -272,12 +290,18 @@ checkpoint_every = 1000
     c
 }
 
+/// The project's Python, found as the env bridge finds it (`VIRTUAL_ENV`, then the
+/// repository's `.venv`, then `python3`).
+pub fn python() -> String {
+    spur_core::env::remote::python(&spur_core::config::EnvConfig::default())
+}
+
 /// Runs `examples/models/<script>` with the project's Python (as the env bridge finds
 /// it) and `args`, writing the TorchScript module to `dir/<name>.pt`; its path.
 pub fn export_model(script: &str, args: &[&str], dir: &std::path::Path, name: &str) -> PathBuf {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let out = dir.join(format!("{name}.pt"));
-    let python = spur_core::env::remote::python(&spur_core::config::EnvConfig::default());
+    let python = python();
     let status = std::process::Command::new(&python)
         .arg(root.join("examples/models").join(script))
         .args(args)
