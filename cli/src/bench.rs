@@ -210,10 +210,16 @@ pub async fn throughput(args: ThroughputArgs) -> anyhow::Result<std::process::Ex
 
     let c = config.clone();
     let (title, base_name) = if config.model.arch == ModelArch::Torchscript {
-        ("torchscript module, inference only".to_string(), "vs built-in")
+        (
+            "torchscript module, inference only".to_string(),
+            "vs built-in",
+        )
     } else {
         let width = config.model.core_size;
-        (format!("recurrent core ({width} wide), inference only"), "vs none")
+        (
+            format!("recurrent core ({width} wide), inference only"),
+            "vs none",
+        )
     };
     let rows = off_runtime(move || match c.model.arch {
         ModelArch::Torchscript => script_cost(&c, secs),
