@@ -266,3 +266,63 @@ fn weights_from_another_module_are_refused_naming_the_tensor() {
         .values(&obs)
         .allclose(&ours.values(&obs), 1e-6, 1e-6, false));
 }
+
+/// The NetHack example, exported from a spec as `spur spec` prints it, slices the
+/// glyph crop, stats and message where spur puts them: it loads, acts on real-sized
+/// glyph ids, stats and bytes, and reads its inputs (rows that differ get different
+/// values).
+#[test]
+fn nethack_example_reads_the_bridge_layout() {
+    use spur_core::env::ObsField;
+    let dir = scratch_dir("ts-nethack");
+    let field = |name: &str, shape: Vec<usize>| ObsField {
+        name: name.into(),
+        shape,
+    };
+    let fields = vec![
+        field("glyphs_crop", vec![5, 5]),
+        field("blstats", vec![27]),
+        field("message", vec![256]),
+    ];
+    let spec = EnvSpec {
+        obs_dim: fields.iter().map(ObsField::size).sum(),
+        num_actions: 23,
+        has_text: true,
+        max_episode_steps: 0,
+        fields,
+    };
+    let json = serde_json::json!({
+        "obs_dim": spec.obs_dim,
+        "num_actions": spec.num_actions,
+        "fields": spec.fields.iter().map(|f| serde_json::json!({"name": f.name, "shape": f.shape})).collect::<Vec<_>>(),
+    });
+    let spec_file = dir.join("spec.json");
+    std::fs::write(&spec_file, json.to_string()).unwrap();
+    let args = [
+        "--spec",
+        spec_file.to_str().unwrap(),
+        "--core",
+        "32",
+        "--size",
+        "16",
+    ];
+    let file = export_model("nethack_lstm.py", &args, &dir, "nethack");
+    let m = ActorCritic::script(&spec, &file.display().to_string(), Device::Cpu).unwrap();
+    assert_eq!(m.state_size(), 32);
+    let mut obs = vec![0.0f32; 2 * spec.obs_dim];
+    for (i, v) in obs.iter_mut().enumerate() {
+        *v = match i % spec.obs_dim {
+            j if j < 25 => ((i * 797) % 5977) as f32,
+            j if j < 52 => (i as f32) * 1000.0 - 5.0,
+            _ => (i % 256) as f32,
+        };
+    }
+    let mut state = vec![0.0f32; 2 * 32];
+    let (actions, lp) = m.act(&obs, &mut state, false);
+    assert!(actions.iter().all(|&a| (0..23).contains(&a)));
+    assert!(lp.iter().all(|l| l.is_finite() && *l < 0.0));
+    assert!(state.iter().any(|&s| s != 0.0));
+    let x = Tensor::from_slice(&obs).view([2, spec.obs_dim as i64]);
+    let v = m.values_after(&x, &Tensor::zeros([2, 32], (tch::Kind::Float, Device::Cpu)));
+    assert!(v.double_value(&[0]) != v.double_value(&[1]));
+}
