@@ -541,7 +541,8 @@ impl ActorCritic {
     /// time-major (row `t * B + b` is step t of sequence b), `initial` `[B,
     /// state_size]` the states they start from, and `resets` `[L, B]` 1.0 where the
     /// state is zeroed before a step (an episode starts there), else 0.0. The torso
-    /// runs on all rows at once, the core one step at a time, as actors step it.
+    /// runs on all rows at once, the core one step at a time, as actors step it (a
+    /// TorchScript module runs whole, one step at a time).
     pub fn unroll(&self, obs: &Tensor, initial: &Tensor, resets: &Tensor) -> Unrolled {
         let b = initial.size()[0];
         if let Body::Script(s) = &self.body {
