@@ -275,17 +275,17 @@ fn weights_from_another_module_are_refused_naming_the_tensor() {
 fn nethack_example_reads_the_bridge_layout() {
     use spur_core::env::ObsField;
     let dir = scratch_dir("ts-nethack");
-    let field = |name: &str, shape: Vec<usize>| ObsField {
-        name: name.into(),
-        shape,
-    };
-    let fields = vec![
-        field("glyphs_crop", vec![5, 5]),
-        field("blstats", vec![27]),
-        field("message", vec![256]),
-    ];
+    let fields: Vec<ObsField> = [("glyphs_crop", vec![5, 5]), ("blstats", vec![27])]
+        .into_iter()
+        .chain([("message", vec![256])])
+        .map(|(name, shape)| ObsField {
+            name: name.into(),
+            shape,
+        })
+        .collect();
+    let obs_dim = fields.iter().map(ObsField::size).sum();
     let spec = EnvSpec {
-        obs_dim: fields.iter().map(ObsField::size).sum(),
+        obs_dim,
         num_actions: 23,
         has_text: true,
         max_episode_steps: 0,
@@ -309,14 +309,20 @@ fn nethack_example_reads_the_bridge_layout() {
     let file = export_model("nethack_lstm.py", &args, &dir, "nethack");
     let m = ActorCritic::script(&spec, &file.display().to_string(), Device::Cpu).unwrap();
     assert_eq!(m.state_size(), 32);
-    let mut obs = vec![0.0f32; 2 * spec.obs_dim];
-    for (i, v) in obs.iter_mut().enumerate() {
-        *v = match i % spec.obs_dim {
-            j if j < 25 => ((i * 797) % 5977) as f32,
-            j if j < 52 => (i as f32) * 1000.0 - 5.0,
-            _ => (i % 256) as f32,
+    // Glyph ids up to NetHack's largest, stats over many orders of magnitude, text.
+    let row = |r: usize| -> Vec<f32> {
+        let glyphs = (0..25).map(|j| ((r * 25 + j) * 797 % 5977) as f32);
+        let stats = (0..27).map(|j| (j as f32 - 13.0) * 1e4 * (r + 1) as f32);
+        let text = if r == 0 {
+            &b"You see a scroll."[..]
+        } else {
+            b"It bites!"
         };
-    }
+        let msg = text.iter().map(|&c| c as f32).chain(std::iter::repeat(0.0));
+        glyphs.chain(stats).chain(msg.take(256)).collect()
+    };
+    let obs = [row(0), row(1)].concat();
+    assert_eq!(obs.len(), 2 * spec.obs_dim);
     let mut state = vec![0.0f32; 2 * 32];
     let (actions, lp) = m.act(&obs, &mut state, false);
     assert!(actions.iter().all(|&a| (0..23).contains(&a)));
