@@ -150,8 +150,8 @@ impl ScriptPolicy {
         })
     }
 
-    /// Shapes and kinds of one step's outputs for a batch of `b`; `finite` also
-    /// requires finite values of that many actions.
+    /// Shapes and kinds of one step's outputs for a batch of `b`; with `actions`, the
+    /// logits must be that wide.
     fn check_step(&self, s: &Step, b: i64, actions: Option<i64>) -> Result<(), ModelError> {
         let logits_ok = match actions {
             Some(a) => s.logits.size() == [b, a],
