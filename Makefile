@@ -19,7 +19,7 @@ export LIBTORCH_USE_PYTORCH := 1
 export VIRTUAL_ENV          := $(abspath $(VENV))
 export PATH                 := $(VIRTUAL_ENV)/bin:$(PATH)
 
-.PHONY: run test build setup k8s-tools k8s-check image bench bench-bridge bench-soak bench-ingest bench-broadcast bench-annotator cartpole nethack nethack-table keyroom-table advantage-table semi-online fmt lint clean
+.PHONY: run test build setup k8s-tools k8s-check image bench bench-bridge bench-soak bench-ingest bench-broadcast bench-annotator cartpole models cartpole-torchscript nethack nethack-table keyroom-table advantage-table semi-online fmt lint clean
 
 ## run: keyroom with ONI intrinsic rewards from the built-in rule judge: learner,
 ## reward service and 2 actors as separate processes (offline defaults)
@@ -113,6 +113,20 @@ nethack-table: build
 ## cartpole: the dense-reward smoke run (stops at mean return 475)
 cartpole: build
 	./target/release/spur local --config configs/cartpole.toml $(ARGS)
+
+## models: export the example PyTorch policies (examples/models/) as TorchScript into
+## runs/models/, sized from each config's env spec (`spur spec`)
+models: build
+	mkdir -p runs/models
+	./target/release/spur spec --config configs/cartpole-torchscript.toml > runs/models/cartpole.json
+	python3 examples/models/mlp.py --spec runs/models/cartpole.json --out runs/models/cartpole_mlp.pt
+	./target/release/spur spec --config configs/memory-torchscript.toml > runs/models/memory.json
+	python3 examples/models/recurrent_mlp.py --spec runs/models/memory.json --core lstm \
+		--hidden 32 --size 32 --out runs/models/memory_lstm.pt
+
+## cartpole-torchscript: cartpole.toml's run with the exported PyTorch MLP
+cartpole-torchscript: models
+	./target/release/spur local --config configs/cartpole-torchscript.toml $(ARGS)
 
 ## keyroom-table: success rates with and without intrinsic rewards, 3 seeds each
 keyroom-table: build

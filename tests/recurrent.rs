@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use spur_core::config::CoreKind;
 use spur_learner::TrainSummary;
-use spur_tests::{spawn_actor, tiny_memory, TestLearner};
+use spur_tests::{tiny_memory, train_two_actors, TestLearner};
 
 const BUDGET: u64 = 60_000;
 
@@ -17,14 +17,7 @@ async fn train(core: CoreKind, name: &str) -> anyhow::Result<TrainSummary> {
 async fn train_with(config: spur_core::Config, name: &str) -> anyhow::Result<TrainSummary> {
     let core = config.model.core;
     let started = Instant::now();
-    let learner = TestLearner::start(config.clone(), name).await?;
-    let actors: Vec<_> = (0..2)
-        .map(|i| spawn_actor(&config, &learner.addr, i))
-        .collect();
-    let summary = learner.handle.await??;
-    for (_stop, a) in actors {
-        a.await??;
-    }
+    let (summary, _) = train_two_actors(&config, name).await?;
     eprintln!(
         "{core:?}: mean return {:.3}, success {:.3} after {} env steps in {:.1} s",
         summary.episode_return_mean,

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use spur_tests::{spawn_actor, tiny_cartpole, TestLearner};
+use spur_tests::{spawn_actor, tiny_cartpole, train_two_actors, TestLearner};
 
 /// Two actors and a learner with a tiny MLP on cartpole: the mean return climbs far
 /// above a random policy's (about 22) within a small budget.
@@ -38,13 +38,8 @@ async fn cartpole_learns_with_hybrid_advantages() -> anyhow::Result<()> {
 }
 
 async fn learns(config: spur_core::Config, name: &str) -> anyhow::Result<()> {
-    let learner = TestLearner::start(config.clone(), name).await?;
-    let actors: Vec<_> = (0..2)
-        .map(|i| spawn_actor(&config, &learner.addr, i))
-        .collect();
-    let summary = learner.handle.await??;
-    for (_stop, a) in actors {
-        let s = a.await??;
+    let (summary, actors) = train_two_actors(&config, name).await?;
+    for s in actors {
         assert!(
             s.training_finished,
             "actors learn from the learner that training ended"
@@ -133,14 +128,7 @@ async fn semi_online_replay_learns_to_follow_the_expert() -> anyhow::Result<()> 
     config.env.replay_path = path.display().to_string();
     config.learner.gamma = 0.5;
     config.learner.entropy_coef = 0.01;
-    let learner = TestLearner::start(config.clone(), "semi-online").await?;
-    let actors: Vec<_> = (0..2)
-        .map(|i| spawn_actor(&config, &learner.addr, i))
-        .collect();
-    let summary = learner.handle.await??;
-    for (_stop, a) in actors {
-        a.await??;
-    }
+    let (summary, _) = train_two_actors(&config, "semi-online").await?;
     let _ = std::fs::remove_file(&path);
     // The return counts matched steps; a random policy matches a fifth of its
     // actions and stops at the second mismatch.

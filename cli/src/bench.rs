@@ -4,7 +4,9 @@
 //! local mode (learner and actors as processes, training for real). Ratios are
 //! against the env-only baseline measured in the same run. Then the cost of a
 //! recurrent core: inference steps/s of the config's network without a core, with an
-//! LSTM and with a GRU (`model.core_size` wide), against the one without.
+//! LSTM and with a GRU (`model.core_size` wide), against the one without; for a
+//! TorchScript policy instead, the module against the built-in network of
+//! `model.hidden`.
 //!
 //! `spur bench bridge`: CartPole-v1 stepped through the env bridge (random actions)
 //! against a plain Python loop over the same envs, and NetHack env steps/s of the
@@ -17,6 +19,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use clap::Args;
 use rand::Rng;
+use spur_core::config::ModelArch;
 use spur_core::env::{make_batch, VecEnv};
 use spur_core::model::{reset_ended, ActorCritic};
 use spur_core::Config;
@@ -115,6 +118,24 @@ fn core_cost(config: &Config, secs: f64) -> anyhow::Result<Vec<(String, f64)>> {
     Ok(rows)
 }
 
+/// Inference steps/s of the built-in network the config would get without its
+/// TorchScript module (`model.hidden`, `model.core`), then of the module.
+fn script_cost(config: &Config, secs: f64) -> anyhow::Result<Vec<(String, f64)>> {
+    let mut builtin = config.clone();
+    builtin.model.arch = ModelArch::Auto;
+    builtin.model.path.clear();
+    Ok(vec![
+        (
+            "  built-in network (model.hidden)".to_string(),
+            inference_only(&builtin, secs)?,
+        ),
+        (
+            "  torchscript module (model.path)".to_string(),
+            inference_only(config, secs)?,
+        ),
+    ])
+}
+
 /// Runs `f` on a thread of its own: bridge envs run their own runtime, which cannot
 /// start inside this async one.
 pub async fn off_runtime<T: Send + 'static>(
@@ -188,18 +209,26 @@ pub async fn throughput(args: ThroughputArgs) -> anyhow::Result<std::process::Ex
     println!("stale chunks dropped during the end-to-end run: {dropped}");
 
     let c = config.clone();
-    let cores = off_runtime(move || core_cost(&c, secs)).await?;
-    println!(
-        "\n{:<44} {:>12} {:>10}",
-        format!(
-            "recurrent core ({} wide), inference only",
-            config.model.core_size
-        ),
-        "env steps/s",
-        "vs none"
-    );
-    let base = cores[0].1;
-    for (name, v) in &cores {
+    let (title, base_name) = if config.model.arch == ModelArch::Torchscript {
+        (
+            "torchscript module, inference only".to_string(),
+            "vs built-in",
+        )
+    } else {
+        let width = config.model.core_size;
+        (
+            format!("recurrent core ({width} wide), inference only"),
+            "vs none",
+        )
+    };
+    let rows = off_runtime(move || match c.model.arch {
+        ModelArch::Torchscript => script_cost(&c, secs),
+        _ => core_cost(&c, secs),
+    })
+    .await?;
+    println!("\n{title:<44} {:>12} {base_name:>10}", "env steps/s");
+    let base = rows[0].1;
+    for (name, v) in &rows {
         println!("{name:<44} {v:>12.0} {:>9.3}x", v / base);
     }
     Ok(std::process::ExitCode::SUCCESS)

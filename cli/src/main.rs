@@ -13,6 +13,7 @@ mod plot;
 mod prometheus;
 mod shutdown;
 mod soak;
+mod spec;
 mod status;
 
 use std::path::PathBuf;
@@ -59,6 +60,10 @@ enum Command {
     Status(status::StatusArgs),
     /// Write expert trajectories (keyroom's scripted solver) for the `replay` env.
     Expert(expert::ExpertArgs),
+    /// Print a config's env spec as JSON: observation length, actions, and the named
+    /// fields of the flat observation with their offsets (what a TorchScript policy
+    /// slices).
+    Spec(spec::SpecArgs),
 }
 
 #[derive(Args, Clone)]
@@ -275,6 +280,11 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         }
         Command::Expert(a) => {
             expert::run(a)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Spec(a) => {
+            // Off the async runtime: a bridge env's spec comes from starting a bridge.
+            tokio::task::spawn_blocking(move || spec::run(a)).await??;
             Ok(ExitCode::SUCCESS)
         }
         Command::Status(a) => {

@@ -396,8 +396,13 @@ impl Default for EnvConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct ModelConfig {
     /// `auto` (the NetHack network for observations with a glyph crop, stats and a
-    /// message, else the MLP), `mlp` or `nethack`.
+    /// message, else the MLP), `mlp`, `nethack`, or `torchscript` (the module saved
+    /// by `torch.jit.save` at `model.path`).
     pub arch: ModelArch,
+    /// The TorchScript module file (`model.arch = "torchscript"` only). Its
+    /// parameters replace the built-in network's; `hidden`, `core` and `core_size`
+    /// do not apply.
+    pub path: String,
     /// Hidden layer widths of the policy and value MLPs (`nethack`: the first is the
     /// width of the shared core).
     pub hidden: Vec<u32>,
@@ -432,12 +437,14 @@ pub enum ModelArch {
     Auto,
     Mlp,
     Nethack,
+    Torchscript,
 }
 
 impl Default for ModelConfig {
     fn default() -> Self {
         Self {
             arch: ModelArch::Auto,
+            path: String::new(),
             hidden: vec![64, 64],
             device: "auto".into(),
             core: CoreKind::None,
@@ -778,6 +785,7 @@ impl Config {
             "model.hidden",
             "must list at least one positive layer width",
         )?;
+        self.validate_model_path()?;
         check(
             (1..=MAX_CORE_SIZE).contains(&self.model.core_size),
             "model.core_size",
@@ -988,6 +996,40 @@ impl Config {
     /// The `[transport]` keys and the schemes of the addresses they govern. Files
     /// are read when a role starts, not here: `--check-config` runs where the
     /// certificates are not mounted.
+    /// `model.path` names a TorchScript file exactly when `model.arch` is
+    /// `torchscript`; a recurrent core of the built-in kind does not wrap it.
+    fn validate_model_path(&self) -> Result<(), ConfigError> {
+        let m = &self.model;
+        let invalid = |key: &str, message: &str| {
+            Err(ConfigError::Invalid {
+                key: key.into(),
+                message: message.into(),
+            })
+        };
+        if m.arch != ModelArch::Torchscript {
+            if !m.path.is_empty() {
+                return invalid(
+                    "model.path",
+                    "is only read with model.arch = \"torchscript\"; remove it or set the arch",
+                );
+            }
+            return Ok(());
+        }
+        if m.path.is_empty() {
+            return invalid(
+                "model.path",
+                "must name a TorchScript file (torch.jit.save) for model.arch = \"torchscript\"",
+            );
+        }
+        if m.core != CoreKind::None {
+            return invalid(
+                "model.core",
+                "must be none for model.arch = \"torchscript\" (the module carries its own state)",
+            );
+        }
+        Ok(())
+    }
+
     fn validate_transport(&self) -> Result<(), ConfigError> {
         let invalid = |key: &str, message: &str| ConfigError::Invalid {
             key: key.into(),
@@ -1174,6 +1216,23 @@ mod tests {
         assert!(err.to_string().contains("model.core"), "{err}");
         let err = Config::from_toml_str("[model]\ncore = \"lstm\"\ncore_size = 0\n").unwrap_err();
         assert!(err.to_string().contains("model.core_size"), "{err}");
+    }
+
+    #[test]
+    fn torchscript_needs_a_path_and_only_it_takes_one() {
+        let ts = "[model]\narch = \"torchscript\"\n";
+        let c = Config::from_toml_str(&format!("{ts}path = \"m.pt\"\n")).unwrap();
+        assert_eq!(
+            (c.model.arch, c.model.path.as_str()),
+            (ModelArch::Torchscript, "m.pt")
+        );
+        let err = Config::from_toml_str(ts).unwrap_err();
+        assert!(err.to_string().contains("model.path"), "{err}");
+        let err = Config::from_toml_str("[model]\npath = \"m.pt\"\n").unwrap_err();
+        assert!(err.to_string().contains("model.path"), "{err}");
+        let err =
+            Config::from_toml_str(&format!("{ts}path = \"m.pt\"\ncore = \"gru\"\n")).unwrap_err();
+        assert!(err.to_string().contains("model.core"), "{err}");
     }
 
     #[test]

@@ -49,6 +49,9 @@ pub enum ModelError {
     Checkpoint { path: String, message: String },
     #[error("io: {0}")]
     Io(#[from] std::io::Error),
+    /// A TorchScript policy that cannot be loaded or breaks the module interface.
+    #[error("torchscript module `{file}`: {message}")]
+    Script { file: String, message: String },
 }
 
 /// An environment that cannot be built or stepped: a bridge process that would not

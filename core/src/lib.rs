@@ -4,9 +4,11 @@
 //! - `tensor`, `trajectory`: wire tensors and trajectory chunks, strictly checked
 //! - `env`: the `Env` trait, `cartpole`, `keyroom`, `memory`, `replay`, the lock-step
 //!   `VecEnv` and `remote` (envs served by the Python bridge)
-//! - `model`: the tch actor-critics (MLP, NetHack network, optional recurrent core)
-//!   and their safetensors weights
+//! - `model`: the tch actor-critics (MLP, NetHack network, optional recurrent core,
+//!   or a TorchScript module) and their safetensors weights
 //! - `recurrent`: the LSTM and GRU cores
+//! - `script`: policies saved by PyTorch as TorchScript modules (`model.arch =
+//!   "torchscript"`), their interface and its start-up checks
 //! - `vtrace`, `ppo`: the V-trace targets and the PPO loss
 //! - `advantage`: advantage estimators besides V-trace (GAE, group advantages)
 //! - `checkpoint`: atomic, versioned checkpoints
@@ -35,6 +37,7 @@ pub mod prom;
 pub mod recurrent;
 pub mod redial;
 pub mod reward;
+pub mod script;
 pub mod secret;
 pub mod tensor;
 pub mod text_model;

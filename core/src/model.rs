@@ -3,7 +3,8 @@
 //! glyph-crop CNN, a bottom-line-stats MLP and a char-level message encoder. With a
 //! recurrent core (`model.core`), the torso (the MLP's layers, shared by both heads,
 //! or the NetHack network's) feeds an LSTM or GRU whose output feeds linear policy
-//! and value heads. Batched sampling for actors (carrying one core state per env),
+//! and value heads. A TorchScript module written in PyTorch (`script`) can stand in
+//! for all of these. Batched sampling for actors (carrying one core state per env),
 //! log-prob/entropy/value evaluation for the learner (one step at a time, or whole
 //! sequences from stored states), and weights as safetensors bytes with a version in
 //! the metadata.
@@ -18,6 +19,7 @@ use crate::config::{CoreKind, ModelArch, ModelConfig};
 use crate::env::EnvSpec;
 use crate::error::ModelError;
 use crate::recurrent::RecurrentCore;
+use crate::script::{ScriptPolicy, Step};
 
 /// Metadata key holding the policy version inside a weights payload.
 pub const VERSION_KEY: &str = "spur.policy_version";
@@ -50,6 +52,8 @@ enum Body {
         v: nn::Linear,
     },
     NetHack(Box<NetHackNet>),
+    /// A TorchScript module: logits, values and its own state in one call.
+    Script(Box<ScriptPolicy>),
 }
 
 /// Glyph crop -> embedding -> two 3x3 convolutions; stats -> signed log -> linear;
@@ -235,6 +239,7 @@ impl ActorCritic {
             ModelArch::Mlp => false,
             ModelArch::Nethack => true,
             ModelArch::Auto => NETHACK_FIELDS.iter().all(|f| spec.field(f).is_some()),
+            ModelArch::Torchscript => return Self::script(spec, &config.path, device),
         };
         let recurrent = config.core != CoreKind::None;
         if !nethack {
@@ -282,6 +287,28 @@ impl ActorCritic {
             obs_dim: spec.obs_dim,
             num_actions: spec.num_actions,
         })
+    }
+
+    /// The TorchScript module saved at `file`, checked against `spec`.
+    pub fn script(spec: &EnvSpec, file: &str, device: Device) -> Result<Self, ModelError> {
+        let vs = nn::VarStore::new(device);
+        let module = ScriptPolicy::load(vs.root() / "script", file, spec)?;
+        Ok(Self {
+            vs,
+            body: Body::Script(Box::new(module)),
+            rnn: None,
+            obs_dim: spec.obs_dim,
+            num_actions: spec.num_actions,
+        })
+    }
+
+    /// Training mode for the learner's update passes (on), evaluation mode for acting
+    /// (off, the default). Only a TorchScript module has modes; the built-in
+    /// networks behave the same in both.
+    pub fn set_train(&mut self, train: bool) {
+        if let Body::Script(s) = &mut self.body {
+            s.set_train(train);
+        }
     }
 
     /// The MLP torso (`config.hidden`, tanh) shared by both heads, with the core.
@@ -351,11 +378,19 @@ impl ActorCritic {
 
     /// Floats of recurrent state per env (0: feedforward).
     pub fn state_size(&self) -> usize {
-        self.rnn.as_ref().map_or(0, |r| r.state_size() as usize)
+        match &self.body {
+            Body::Script(s) => s.state_size() as usize,
+            _ => self.rnn.as_ref().map_or(0, |r| r.state_size() as usize),
+        }
     }
 
     pub fn is_recurrent(&self) -> bool {
-        self.rnn.is_some()
+        self.state_size() > 0
+    }
+
+    /// One call of the TorchScript module with each row from a zero state.
+    fn script_from_zeros(s: &ScriptPolicy, obs: &Tensor) -> Step {
+        s.step(obs, &s.zero_state(obs.size()[0], obs.device()))
     }
 
     /// Logits per row of `obs` (with a recurrent core: each row from a zero state).
@@ -363,6 +398,7 @@ impl ActorCritic {
         match &self.body {
             Body::Mlp { policy, .. } => run_mlp(policy, obs),
             Body::NetHack(n) if self.rnn.is_none() => n.torso(obs).apply(&n.pi),
+            Body::Script(s) => Self::script_from_zeros(s, obs).logits,
             _ => self.logits_and_values(obs).0,
         }
     }
@@ -372,6 +408,7 @@ impl ActorCritic {
         match &self.body {
             Body::Mlp { value, .. } => run_mlp(value, obs).squeeze_dim(-1),
             Body::NetHack(n) if self.rnn.is_none() => n.torso(obs).apply(&n.v).squeeze_dim(-1),
+            Body::Script(s) => Self::script_from_zeros(s, obs).values,
             _ => self.logits_and_values(obs).1,
         }
     }
@@ -380,6 +417,10 @@ impl ActorCritic {
     fn logits_and_values(&self, obs: &Tensor) -> (Tensor, Tensor) {
         match (&self.body, &self.rnn) {
             (Body::Mlp { .. }, _) => (self.logits(obs), self.values(obs)),
+            (Body::Script(s), _) => {
+                let step = Self::script_from_zeros(s, obs);
+                (step.logits, step.values)
+            }
             (Body::NetHack(n), None) => {
                 let h = n.torso(obs);
                 (h.apply(&n.pi), h.apply(&n.v).squeeze_dim(-1))
@@ -403,7 +444,9 @@ impl ActorCritic {
                 .iter()
                 .fold(obs.shallow_clone(), |h, l| l.forward(&h).tanh()),
             Body::NetHack(n) => n.torso(obs),
-            Body::Mlp { .. } => unreachable!("the feedforward MLP has no shared torso"),
+            Body::Mlp { .. } | Body::Script(_) => {
+                unreachable!("only the built-in recurrent networks have a shared torso")
+            }
         }
     }
 
@@ -412,7 +455,9 @@ impl ActorCritic {
         match &self.body {
             Body::SharedMlp { pi, v, .. } => (h.apply(pi), h.apply(v).squeeze_dim(-1)),
             Body::NetHack(n) => (h.apply(&n.pi), h.apply(&n.v).squeeze_dim(-1)),
-            Body::Mlp { .. } => unreachable!("the feedforward MLP has no shared heads"),
+            Body::Mlp { .. } | Body::Script(_) => {
+                unreachable!("only the built-in recurrent networks have shared heads")
+            }
         }
     }
 
@@ -421,7 +466,9 @@ impl ActorCritic {
         match &self.body {
             Body::SharedMlp { pi, .. } => h.apply(pi),
             Body::NetHack(n) => h.apply(&n.pi),
-            Body::Mlp { .. } => unreachable!("the feedforward MLP has no shared heads"),
+            Body::Mlp { .. } | Body::Script(_) => {
+                unreachable!("only the built-in recurrent networks have shared heads")
+            }
         }
     }
 
@@ -442,19 +489,7 @@ impl ActorCritic {
             let x = Tensor::from_slice(obs)
                 .view([n, self.obs_dim as i64])
                 .to_device(self.device());
-            let logits = match &self.rnn {
-                None => self.logits(&x),
-                Some(rnn) => {
-                    let s0 = Tensor::from_slice(state)
-                        .view([n, s as i64])
-                        .to_device(self.device());
-                    let (h, next) = rnn.step(&self.features(&x), &s0);
-                    let next = Vec::<f32>::try_from(next.to_device(Device::Cpu).view([-1]))
-                        .expect("an f32 tensor converts to Vec<f32>");
-                    state.copy_from_slice(&next);
-                    self.policy_head(&h)
-                }
-            };
+            let logits = self.acting_logits(&x, state);
             let log_p = logits.log_softmax(-1, Kind::Float);
             let actions = if greedy {
                 log_p.argmax(-1, true)
@@ -470,6 +505,32 @@ impl ActorCritic {
         })
     }
 
+    /// Logits for acting on `x` `[n, obs_dim]`, advancing `state` (`n * state_size`
+    /// floats) in place.
+    fn acting_logits(&self, x: &Tensor, state: &mut [f32]) -> Tensor {
+        if self.state_size() == 0 {
+            return self.logits(x);
+        }
+        let s0 = Tensor::from_slice(state)
+            .view([x.size()[0], self.state_size() as i64])
+            .to_device(self.device());
+        let (logits, next) = match (&self.body, &self.rnn) {
+            (Body::Script(s), _) => {
+                let step = s.step(x, &s0);
+                (step.logits, step.state)
+            }
+            (_, Some(rnn)) => {
+                let (h, next) = rnn.step(&self.features(x), &s0);
+                (self.policy_head(&h), next)
+            }
+            (_, None) => unreachable!("a policy with state has a core or is a module"),
+        };
+        let next = Vec::<f32>::try_from(next.to_device(Device::Cpu).view([-1]))
+            .expect("an f32 tensor converts to Vec<f32>");
+        state.copy_from_slice(&next);
+        logits
+    }
+
     /// Log-probabilities of `actions`, the policy entropy and the values, with gradients.
     pub fn evaluate(&self, obs: &Tensor, actions: &Tensor) -> Evaluation {
         let (logits, values) = self.logits_and_values(obs);
@@ -480,30 +541,37 @@ impl ActorCritic {
     /// time-major (row `t * B + b` is step t of sequence b), `initial` `[B,
     /// state_size]` the states they start from, and `resets` `[L, B]` 1.0 where the
     /// state is zeroed before a step (an episode starts there), else 0.0. The torso
-    /// runs on all rows at once, the core one step at a time, as actors step it.
+    /// runs on all rows at once, the core one step at a time, as actors step it (a
+    /// TorchScript module runs whole, one step at a time).
     pub fn unroll(&self, obs: &Tensor, initial: &Tensor, resets: &Tensor) -> Unrolled {
+        let b = initial.size()[0];
+        if let Body::Script(s) = &self.body {
+            let (steps, states) = scan(initial, resets, |t, state| {
+                let step = s.step(&obs.narrow(0, t * b, b), state);
+                let next = step.state.shallow_clone();
+                (step, next)
+            });
+            let (logits, values): (Vec<Tensor>, Vec<Tensor>) =
+                steps.into_iter().map(|s| (s.logits, s.values)).unzip();
+            return Unrolled {
+                logits: Tensor::cat(&logits, 0),
+                values: Tensor::cat(&values, 0),
+                states,
+            };
+        }
         let rnn = self
             .rnn
             .as_ref()
             .expect("unroll is for policies with a recurrent core");
-        let (steps, b) = (resets.size()[0], initial.size()[0]);
         let features = self.features(obs);
-        let keep = (resets.ones_like() - resets).unsqueeze(-1);
-        let mut state = initial.shallow_clone();
-        let mut outs = Vec::with_capacity(steps as usize);
-        let mut states = Vec::with_capacity(steps as usize);
-        for t in 0..steps {
-            state = &state * keep.get(t);
-            let (h, next) = rnn.step(&features.narrow(0, t * b, b), &state);
-            outs.push(h);
-            states.push(next.shallow_clone());
-            state = next;
-        }
+        let (outs, states) = scan(initial, resets, |t, state| {
+            rnn.step(&features.narrow(0, t * b, b), state)
+        });
         let (logits, values) = self.heads(&Tensor::cat(&outs, 0));
         Unrolled {
             logits,
             values,
-            states: Tensor::cat(&states, 0),
+            states,
         }
     }
 
@@ -511,6 +579,9 @@ impl ActorCritic {
     /// `states` `[K, state_size]` (the value of a truncated episode's final
     /// observation).
     pub fn values_after(&self, obs: &Tensor, states: &Tensor) -> Tensor {
+        if let Body::Script(s) = &self.body {
+            return s.step(obs, states).values;
+        }
         let rnn = self
             .rnn
             .as_ref()
@@ -556,6 +627,29 @@ impl ActorCritic {
         self.vs.copy(&other.vs)?;
         Ok(())
     }
+}
+
+/// Steps `step(t, state) -> (output, next state)` through the `[L, B]` `resets`
+/// from `initial`, zeroing a row's state where its reset is 1.0; the outputs per step
+/// and every step's next state, `[L * B, state_size]`.
+fn scan<T>(
+    initial: &Tensor,
+    resets: &Tensor,
+    mut step: impl FnMut(i64, &Tensor) -> (T, Tensor),
+) -> (Vec<T>, Tensor) {
+    let steps = resets.size()[0];
+    let keep = (resets.ones_like() - resets).unsqueeze(-1);
+    let mut state = initial.shallow_clone();
+    let mut outs = Vec::with_capacity(steps as usize);
+    let mut states = Vec::with_capacity(steps as usize);
+    for t in 0..steps {
+        state = &state * keep.get(t);
+        let (out, next) = step(t, &state);
+        outs.push(out);
+        states.push(next.shallow_clone());
+        state = next;
+    }
+    (outs, Tensor::cat(&states, 0))
 }
 
 /// Zeroes the recurrent state of every env whose episode just ended (`state` holds

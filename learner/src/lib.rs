@@ -186,6 +186,8 @@ async fn start(config: &Config, opts: &LearnerOptions) -> Result<Start, LearnerE
         .map_err(|_| LearnerError::TrainerPanicked)??;
     let lc = &config.learner;
     let mut model = ActorCritic::for_spec(&spec, &config.model, resolve_device(&lc.device))?;
+    // The learner only runs update passes (actors act in evaluation mode).
+    model.set_train(true);
     let mut opt = Adam::new(model.var_store(), lc.lr, ADAM_EPS);
     let incarnation = draw_incarnation();
     let shared = Arc::new(Shared::new(

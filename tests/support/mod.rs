@@ -45,7 +45,16 @@ impl TestLearner {
         let handle = tokio::spawn(spur_learner::serve(config, opts, listener, async {
             let _ = stopped.await;
         }));
-        wait_serving_with(&transport, &addr).await?;
+        if let Err(e) = wait_serving_with(&transport, &addr).await {
+            // A learner that stopped on its own says why.
+            if handle.is_finished() {
+                return Err(match handle.await? {
+                    Err(learner) => anyhow::anyhow!("the learner stopped: {learner}"),
+                    Ok(_) => anyhow::anyhow!("the learner stopped before serving"),
+                });
+            }
+            return Err(e);
+        }
         Ok(Self {
             addr,
             run_dir,
@@ -206,6 +215,24 @@ pub fn spawn_actor(
     (stop, handle)
 }
 
+/// Trains `config` with a learner and two actor tasks until the learner stops; the
+/// learner's summary and each actor's.
+pub async fn train_two_actors(
+    config: &Config,
+    name: &str,
+) -> anyhow::Result<(TrainSummary, Vec<spur_actor::ActorSummary>)> {
+    let learner = TestLearner::start(config.clone(), name).await?;
+    let actors: Vec<_> = (0..2)
+        .map(|i| spawn_actor(config, &learner.addr, i))
+        .collect();
+    let summary = learner.handle.await??;
+    let mut done = Vec::with_capacity(actors.len());
+    for (_stop, a) in actors {
+        done.push(a.await??);
+    }
+    Ok((summary, done))
+}
+
 /// A small, fast cartpole config for tests.
 pub fn tiny_cartpole(env_steps: u64) -> Config {
     let mut c = Config::from_toml_str(
@@ -261,4 +288,35 @@ checkpoint_every = 1000
     // Stop once the last 100 episodes average this (a feedforward policy never does).
     c.stop.target_return = 0.98;
     c
+}
+
+/// The project's Python, found as the env bridge finds it (`VIRTUAL_ENV`, then the
+/// repository's `.venv`, then `python3`).
+pub fn python() -> String {
+    spur_core::env::remote::python(&spur_core::config::EnvConfig::default())
+}
+
+/// Runs `examples/models/<script>` with the project's Python (as the env bridge finds
+/// it) and `args`, writing the TorchScript module to `dir/<name>.pt`; its path.
+pub fn export_model(script: &str, args: &[&str], dir: &std::path::Path, name: &str) -> PathBuf {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let out = dir.join(format!("{name}.pt"));
+    let python = python();
+    let status = std::process::Command::new(&python)
+        .arg(root.join("examples/models").join(script))
+        .args(args)
+        .arg("--out")
+        .arg(&out)
+        .status()
+        .unwrap_or_else(|e| panic!("{python} runs: {e}"));
+    assert!(status.success(), "exporting {script} {args:?} failed");
+    out
+}
+
+/// A fresh scratch folder for one test's exported modules.
+pub fn scratch_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("spur-scratch-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("the temp dir is writable");
+    dir
 }
