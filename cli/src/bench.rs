@@ -2,7 +2,12 @@
 //! actions), inference-only steps/s (batched policy forward passes), a single actor's
 //! rollout loop without a learner (env + inference), and end-to-end env steps/s of
 //! local mode (learner and actors as processes, training for real). Ratios are
-//! against the env-only baseline measured in the same run. Then the cost of a
+//! against the env-only baseline measured in the same run. A learner-only line (a
+//! real learner fed synthetic chunks of the config's shape, see
+//! [`learner_only`](crate::bench_scale::learner_only)) completes the parts, and end to
+//! end is set against the bound they imply on this machine: each env step costs
+//! 1/env + 1/inference + 1/learner CPU-seconds (single-thread rates), so C cores
+//! cannot run more than C / (1/env + 1/inference + 1/learner) steps/s. Then the cost of a
 //! recurrent core: inference steps/s of the config's network without a core, with an
 //! LSTM and with a GRU (`model.core_size` wide), against the one without.
 //!
@@ -115,6 +120,12 @@ fn core_cost(config: &Config, secs: f64) -> anyhow::Result<Vec<(String, f64)>> {
     Ok(rows)
 }
 
+/// Env steps/s that `cores` cores can sustain at most when each step costs
+/// 1/env + 1/inference + 1/learner CPU-seconds.
+fn cpu_bound(cores: usize, env: f64, inference: f64, learner: f64) -> f64 {
+    cores as f64 / (1.0 / env + 1.0 / inference + 1.0 / learner)
+}
+
 /// Runs `f` on a thread of its own: bridge envs run their own runtime, which cannot
 /// start inside this async one.
 pub async fn off_runtime<T: Send + 'static>(
@@ -172,20 +183,40 @@ pub async fn throughput(args: ThroughputArgs) -> anyhow::Result<std::process::Ex
         ))
     })
     .await?;
+    // Blank chunks carry no groups, so a grouped learner would never train on them.
+    let learner = if config.learner.advantage.is_grouped() {
+        None
+    } else {
+        Some(crate::bench_scale::learner_only(&config, args.warmup, secs).await?)
+    };
     let (e2e, dropped) = end_to_end(&config, args.warmup, secs).await?;
     println!(
         "{:<44} {:>12} {:>10}",
         "measurement", "env steps/s", "vs env"
     );
-    for (name, v) in [
-        ("env only (1 thread, random actions)", env),
-        ("inference only (1 thread, batched forward)", inference),
-        ("one actor's rollout loop (env + inference)", rollout),
-        ("end to end (local mode, training)", e2e),
-    ] {
-        println!("{name:<44} {v:>12.0} {:>9.3}x", v / env);
+    let row = |name: &str, v: f64| println!("{name:<44} {v:>12.0} {:>9.3}x", v / env);
+    row("env only (1 thread, random actions)", env);
+    row("inference only (1 thread, batched forward)", inference);
+    row("one actor's rollout loop (env + inference)", rollout);
+    match learner {
+        Some(l) => row("learner only (1 thread, synthetic chunks)", l),
+        None => println!("learner only: not measured (grouped advantages need real episodes)"),
     }
+    row("end to end (local mode, training)", e2e);
     println!("stale chunks dropped during the end-to-end run: {dropped}");
+    if let Some(learner) = learner {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let bound = cpu_bound(cores, env, inference, learner);
+        println!(
+            "CPU bound on {cores} cores: C / (1/env + 1/inference + 1/learner) = {bound:.0} env steps/s{}",
+            if config.env.kind == spur_core::config::EnvKind::Gym {
+                " (env work runs in the bridge's Python processes)"
+            } else {
+                ""
+            }
+        );
+        println!("end to end vs that bound: {:.3}x", e2e / bound);
+    }
 
     let c = config.clone();
     let cores = off_runtime(move || core_cost(&c, secs)).await?;

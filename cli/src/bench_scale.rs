@@ -174,6 +174,52 @@ async fn push_until(
     Ok(accepted)
 }
 
+/// Env steps trained per second by a learner that only trains: a real learner
+/// served in-process with the config's batch, epochs, minibatches and model, fed
+/// synthetic chunks of the config's shape by `clients` streams as fast as it takes
+/// them. Chunks keep version 0 (so `learner.max_policy_lag` is lifted); the first
+/// `warmup` seconds are not counted.
+pub async fn learner_only(config: &Config, warmup: f64, secs: f64) -> anyhow::Result<f64> {
+    let mut config = config.clone();
+    config.learner.max_policy_lag = u64::MAX / 2;
+    config.stop.env_steps = 0;
+    config.stop.target_return = 0.0;
+    let mut learner = InProcess::start(&config, "learner-only").await?;
+    let chunk = replay_chunk(&config, learner.incarnation)?;
+    let deadline = Instant::now() + Duration::from_secs_f64(warmup + secs + 60.0);
+    let mut pushers = Vec::new();
+    for _ in 0..2 {
+        let client = connect(&learner.transport, &learner.addr).await?;
+        pushers.push(tokio::spawn(push_until(client, chunk.clone(), deadline)));
+    }
+    let trained = |s: spur_proto::v1::LearnerStatus| s.env_steps;
+    tokio::time::sleep(Duration::from_secs_f64(warmup)).await;
+    let a = trained(
+        learner
+            .client
+            .get_status(StatusRequest {})
+            .await?
+            .into_inner(),
+    );
+    let t0 = Instant::now();
+    tokio::time::sleep(Duration::from_secs_f64(secs)).await;
+    let b = trained(
+        learner
+            .client
+            .get_status(StatusRequest {})
+            .await?
+            .into_inner(),
+    );
+    let rate = (b - a) as f64 / t0.elapsed().as_secs_f64();
+    pushers.iter().for_each(JoinHandle::abort);
+    learner.stop().await?;
+    anyhow::ensure!(
+        b > a,
+        "the learner trained nothing in {secs} s (try more --seconds)"
+    );
+    Ok(rate)
+}
+
 /// Bytes/s of `clients` loopback TCP connections writing `len`-byte length-prefixed
 /// messages for `secs`, counted by the readers.
 async fn raw_tcp(clients: usize, len: usize, secs: f64) -> anyhow::Result<f64> {
