@@ -17,14 +17,19 @@
 //! one run.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Args;
 use rand::Rng;
+use spur_actor::{Rollout, WeightsUpdate};
 use spur_core::env::{make_batch, VecEnv};
-use spur_core::model::{reset_ended, ActorCritic};
+use spur_core::model::ActorCritic;
 use spur_core::Config;
+use tokio::runtime::Handle;
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
 
 use crate::cluster::Cluster;
 use crate::ConfigArgs;
@@ -88,20 +93,50 @@ fn inference_only(config: &Config, secs: f64) -> anyhow::Result<f64> {
     Ok(steps as f64 / start.elapsed().as_secs_f64())
 }
 
-fn rollout_only(config: &Config, secs: f64) -> anyhow::Result<f64> {
-    let mut venv = vec_env(config)?;
-    let model = cpu_policy(config, &venv)?;
-    let mut state = vec![0.0f32; venv.num_envs() * model.state_size()];
-    let (start, mut steps) = (Instant::now(), 0u64);
-    while start.elapsed().as_secs_f64() < secs {
-        for _ in 0..16 {
-            let (actions, _) = model.act(venv.observations(), &mut state, false);
-            let out = venv.step(&actions)?;
-            reset_ended(&mut state, &out.terminated, &out.truncated);
+/// Env steps/s of one actor's rollout loop (`spur_actor::Rollout`, with its env
+/// parts, chunk building and all) acting with fresh weights, no learner: counted in
+/// the chunks it makes after its first one (which waits for bridges to start).
+fn rollout_only(config: &Config, secs: f64, rt: Handle) -> anyhow::Result<f64> {
+    let spec = spur_core::env::env_spec(&config.env)?;
+    let model = ActorCritic::for_spec(&spec, &config.model, tch::Device::Cpu)?;
+    let bytes = model.to_safetensors(1, &Default::default())?;
+    let (_weights_tx, weights) = watch::channel(Some(Arc::new(WeightsUpdate {
+        version: 1,
+        incarnation: 1,
+        bytes,
+    })));
+    let (chunks_tx, mut chunks) = mpsc::channel(4);
+    let stop = CancellationToken::new();
+    let rollout = Rollout {
+        config: config.clone(),
+        actor_id: "bench".into(),
+        seed: config.run.seed,
+        weights,
+        chunks: chunks_tx,
+        stop: stop.clone(),
+        rt,
+        texts: None,
+    };
+    let thread = std::thread::spawn(move || rollout.run());
+    let measured = (|| {
+        chunks
+            .blocking_recv()
+            .context("the rollout loop made no chunk")?;
+        let (start, mut steps) = (Instant::now(), 0);
+        while start.elapsed().as_secs_f64() < secs {
+            let c = chunks.blocking_recv().context("the rollout loop stopped")?;
+            steps += c.steps();
         }
-        steps += 16 * venv.num_envs() as u64;
-    }
-    Ok(steps as f64 / start.elapsed().as_secs_f64())
+        Ok::<_, anyhow::Error>(steps as f64 / start.elapsed().as_secs_f64())
+    })();
+    stop.cancel();
+    drop(chunks);
+    let ended = thread
+        .join()
+        .map_err(|_| anyhow::anyhow!("the rollout thread panicked"))?;
+    let rate = measured?;
+    ended?;
+    Ok(rate)
 }
 
 /// Inference steps/s of the config's network without a core, then with each core.
@@ -174,12 +209,12 @@ pub async fn throughput(args: ThroughputArgs) -> anyhow::Result<std::process::Ex
         config.run.actors,
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
-    let c = config.clone();
+    let (c, rt) = (config.clone(), Handle::current());
     let (env, inference, rollout) = off_runtime(move || {
         Ok((
             env_only(&c, secs)?,
             inference_only(&c, secs)?,
-            rollout_only(&c, secs)?,
+            rollout_only(&c, secs, rt)?,
         ))
     })
     .await?;
