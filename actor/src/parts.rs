@@ -330,3 +330,57 @@ pub fn build(
     }
     Ok((parts, spec.expect("two halves were built")))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cartpole(split: &str) -> Config {
+        Config::from_toml_str(&format!(
+            "[env]\nkind = \"cartpole\"\nnum_envs = 4\n[actor]\nsplit_envs = \"{split}\"\n"
+        ))
+        .unwrap()
+    }
+
+    #[test]
+    fn halves_step_apart_with_distinct_episode_ids() {
+        let (mut parts, spec) = build(&cartpole("on"), 7, 1).unwrap();
+        assert_eq!(parts.len(), 2);
+        assert_eq!((parts[0].envs.clone(), parts[1].envs.clone()), (0..2, 2..4));
+        assert_eq!(parts[0].view().episode_ids, &[0, 2]);
+        assert_eq!(parts[1].view().episode_ids, &[1, 3]);
+        // Seeded apart: the halves start from different states.
+        assert_ne!(parts[0].view().observations, parts[1].view().observations);
+        let mut seen = std::collections::HashSet::new();
+        let mut ended = 0;
+        for _ in 0..200 {
+            for p in parts.iter_mut() {
+                assert!(p.finish().unwrap().is_none(), "nothing in flight");
+                p.start(vec![0, 0]).unwrap();
+            }
+            for (h, p) in parts.iter_mut().enumerate() {
+                let out = p.finish().unwrap().expect("the step started above");
+                assert_eq!(out.rewards.len(), 2);
+                ended += out.finished.len();
+                let v = p.view();
+                assert_eq!(v.observations.len(), 2 * spec.obs_dim);
+                for &e in v.episode_ids {
+                    assert_eq!(e % 2, h as i64, "half {h} holds episode {e}");
+                    seen.insert(e);
+                }
+            }
+        }
+        // Always pushing left ends CartPole's episodes within a few dozen steps.
+        assert!(ended > 8, "{ended} episodes ended");
+        assert_eq!(seen.len(), ended + 4, "every episode has its own id");
+    }
+
+    #[test]
+    fn built_in_envs_stay_in_one_part_unless_asked() {
+        assert!(!split(&cartpole("auto")));
+        let (parts, _) = build(&cartpole("off"), 7, 1).unwrap();
+        assert_eq!(parts.len(), 1);
+        assert_eq!(parts[0].envs, 0..4);
+        assert!(split(&cartpole("on")));
+    }
+}
