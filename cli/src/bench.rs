@@ -27,6 +27,7 @@ use spur_actor::{Rollout, WeightsUpdate};
 use spur_core::env::{make_batch, VecEnv};
 use spur_core::model::ActorCritic;
 use spur_core::Config;
+use spur_proto::v1::LearnerStatus;
 use tokio::runtime::Handle;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
@@ -169,6 +170,26 @@ pub async fn off_runtime<T: Send + 'static>(
     tokio::task::spawn_blocking(f).await?
 }
 
+/// When the learner's trained env steps next move past `after`, and its status then.
+async fn next_update(
+    cluster: &mut Cluster,
+    after: u64,
+    give_up: Instant,
+) -> anyhow::Result<(Instant, LearnerStatus)> {
+    loop {
+        if let Some(s) = cluster.status().await {
+            if s.env_steps != after {
+                return Ok((Instant::now(), s));
+            }
+        }
+        anyhow::ensure!(
+            Instant::now() < give_up,
+            "the end-to-end run trained nothing for too long"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 pub async fn end_to_end(config: &Config, warmup: f64, secs: f64) -> anyhow::Result<(f64, u64)> {
     let mut config = config.clone();
     config.stop.env_steps = 0;
@@ -179,17 +200,20 @@ pub async fn end_to_end(config: &Config, warmup: f64, secs: f64) -> anyhow::Resu
     let mut cluster = Cluster::start(&config, &run_dir, config.run.actors).await?;
     let result = async {
         tokio::time::sleep(Duration::from_secs_f64(warmup)).await;
-        let a = cluster
+        // From the first update after the warm-up to the last one that ends after
+        // `secs`: trained steps move a whole batch at a time.
+        let give_up = Instant::now() + Duration::from_secs_f64(10.0 * secs + 120.0);
+        let now = cluster
             .status()
             .await
             .ok_or_else(|| anyhow::anyhow!("no status from the learner"))?;
-        let t0 = Instant::now();
-        tokio::time::sleep(Duration::from_secs_f64(secs)).await;
-        let b = cluster
-            .status()
-            .await
-            .ok_or_else(|| anyhow::anyhow!("no status from the learner"))?;
-        let rate = (b.env_steps - a.env_steps) as f64 / t0.elapsed().as_secs_f64();
+        let (t0, a) = next_update(&mut cluster, now.env_steps, give_up).await?;
+        let mut last = (t0, a.clone());
+        while last.0.duration_since(t0).as_secs_f64() < secs {
+            last = next_update(&mut cluster, last.1.env_steps, give_up).await?;
+        }
+        let (t1, b) = last;
+        let rate = (b.env_steps - a.env_steps) as f64 / t1.duration_since(t0).as_secs_f64();
         Ok::<_, anyhow::Error>((rate, b.dropped_stale_chunks))
     }
     .await;
