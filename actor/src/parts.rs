@@ -149,10 +149,10 @@ impl Drop for Worker {
 enum Stepper {
     /// All envs, stepped on the caller's thread.
     Inline {
-        venv: VecEnv,
+        venv: Box<VecEnv>,
         actions: Option<Vec<i64>>,
     },
-    Worker(Worker),
+    Worker(Box<Worker>),
 }
 
 /// Some of the actor's envs: `envs` are their indices among all of them.
@@ -305,7 +305,7 @@ pub fn build(
         let venv = VecEnv::from_batch(make_batch(&config.env, n)?, seed, group_size)?;
         let spec = venv.spec().clone();
         let stepper = Stepper::Inline {
-            venv,
+            venv: Box::new(venv),
             actions: None,
         };
         return Ok((
@@ -325,7 +325,7 @@ pub fn build(
         spec = Some(s);
         parts.push(Part {
             envs: h * n / 2..(h + 1) * n / 2,
-            stepper: Stepper::Worker(w),
+            stepper: Stepper::Worker(Box::new(w)),
         });
     }
     Ok((parts, spec.expect("two halves were built")))
