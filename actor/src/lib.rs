@@ -2,7 +2,8 @@
 //!
 //! [`run`] starts three parts that hand work to each other through small bounded
 //! channels: the weight subscriber (`weights.rs`, async) fills a latest-wins slot; the
-//! rollout thread (`rollout.rs`, blocking, tch) steps the environments and produces
+//! rollout thread (`rollout.rs`, blocking, tch) steps the environments (as one part
+//! or two halves that overlap env steps with inference, `parts.rs`) and produces
 //! chunks; the push task (`push.rs`, async) streams them to the learner. Both network
 //! parts reconnect with jittered backoff. With intrinsic rewards on, new event texts
 //! go to the reward service (`texts.rs`); `error.rs` holds the typed errors. The
@@ -12,6 +13,7 @@
 //! joined within `run.drain_timeout_ms`.
 
 mod error;
+mod parts;
 mod push;
 mod rollout;
 mod texts;
@@ -32,7 +34,8 @@ use tracing::{info, warn};
 
 pub use error::ActorError;
 pub use push::PushStats;
-pub use rollout::RolloutStats;
+pub use rollout::{Rollout, RolloutStats};
+pub use weights::WeightsUpdate;
 
 #[derive(Debug, Clone)]
 pub struct ActorOptions {

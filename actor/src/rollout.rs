@@ -6,12 +6,14 @@
 //! is discarded and counted, and the next chunk starts with the new weights.
 //! A recurrent policy keeps one core state per env, zeroed when the env's episode
 //! ends, and every chunk carries each env's state at its first step.
+//! The envs are one part or two halves (`parts.rs`): each step acts on one part after
+//! the other, so a half's envs step while the other half is in the forward pass.
 
 use std::sync::Arc;
 
 use spur_core::config::Config;
 use spur_core::device::resolve_device;
-use spur_core::env::{make_batch, VecEnv};
+use spur_core::env::{EnvSpec, VecStep};
 use spur_core::model::{reset_ended, ActorCritic};
 use spur_core::trajectory::Chunk;
 use tokio::runtime::Handle;
@@ -20,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::error::ActorError;
+use crate::parts::{build, Part};
 use crate::texts::TextSink;
 use crate::weights::WeightsUpdate;
 
@@ -52,6 +55,75 @@ struct Held {
     incarnation: u64,
 }
 
+/// The recurrent states of part `p`'s envs.
+fn part_state<'a>(state: &'a mut [f32], p: &Part, state_size: usize) -> &'a mut [f32] {
+    &mut state[p.envs.start * state_size..p.envs.end * state_size]
+}
+
+/// Appends one part's step outcome to the chunk (parts in env order, so each step's
+/// row comes out in env order). The chunk's capacities say which optional columns it
+/// keeps (see [`Rollout::empty_chunk`]).
+fn record(c: &mut Chunk, out: &VecStep) {
+    c.rewards.extend_from_slice(&out.rewards);
+    if c.expert_actions.capacity() > 0 {
+        c.expert_actions.extend_from_slice(&out.expert_actions);
+    }
+    c.terminated.extend_from_slice(&out.terminated);
+    c.truncated.extend_from_slice(&out.truncated);
+    c.final_observations
+        .extend_from_slice(&out.final_observations);
+    if c.event_texts.capacity() > 0 {
+        c.event_texts.extend(out.texts.iter().cloned());
+        c.event_counts.extend_from_slice(&out.event_counts);
+    }
+    c.finished_episodes.extend_from_slice(&out.finished);
+}
+
+/// Waits for the steps in flight of every part, resetting the recurrent state of
+/// ended episodes, and records them into `chunk` (none: they are discarded).
+fn finish_parts(
+    parts: &mut [Part],
+    state: &mut [f32],
+    state_size: usize,
+    mut chunk: Option<&mut Chunk>,
+) -> Result<(), ActorError> {
+    for p in parts.iter_mut() {
+        let s = part_state(state, p, state_size);
+        if let Some(out) = p.finish()? {
+            if let Some(c) = chunk.as_deref_mut() {
+                record(c, out);
+            }
+            reset_ended(s, &out.terminated, &out.truncated);
+        }
+    }
+    Ok(())
+}
+
+/// One step of part `p` (whose recurrent states are `s`): records the outcome of
+/// its step in flight, acts on its observations and starts its next step.
+fn step_part(
+    model: &ActorCritic,
+    p: &mut Part,
+    s: &mut [f32],
+    c: &mut Chunk,
+) -> Result<(), ActorError> {
+    if let Some(out) = p.finish()? {
+        record(c, out);
+        reset_ended(s, &out.terminated, &out.truncated);
+    }
+    let v = p.view();
+    let (actions, log_probs) = model.act(v.observations, s, false);
+    c.observations.extend_from_slice(v.observations);
+    c.episode_ids.extend_from_slice(v.episode_ids);
+    c.step_indices.extend_from_slice(v.step_indices);
+    if c.group_size > 0 {
+        c.group_ids.extend_from_slice(v.group_ids);
+    }
+    c.actions.extend_from_slice(&actions);
+    c.behaviour_log_probs.extend_from_slice(&log_probs);
+    p.start(actions)
+}
+
 impl Rollout {
     pub fn run(mut self) -> Result<RolloutStats, ActorError> {
         tch::set_num_threads(self.config.run.torch_threads as i32);
@@ -59,12 +131,7 @@ impl Rollout {
         let n = self.config.env.num_envs as usize;
         let t_len = self.config.actor.rollout_len as usize;
         let group_size = self.config.actor.group_size as usize;
-        let batch = make_batch(&self.config.env, n)?;
-        let mut venv = VecEnv::from_batch(batch, self.seed, group_size)?;
-        let grouped = group_size > 1;
-        let patched_env = self.config.env.kind == spur_core::config::EnvKind::Replay;
-        let spec = venv.spec().clone();
-        let d = spec.obs_dim;
+        let (mut parts, spec) = build(&self.config, self.seed, group_size)?;
         // New event texts for the reward service, with the memory of texts sent.
         let mut texts = match self.texts.take() {
             Some(sink) if spec.has_text => Some(sink.start(&self.rt, self.actor_id.clone())),
@@ -98,38 +165,13 @@ impl Rollout {
             actor_id = self.actor_id,
             version = held.version,
             num_envs = n,
+            parts = parts.len(),
             "acting"
         );
 
-        let env_ids: Vec<u32> = (0..n as u32).collect();
         'chunks: while !self.stop.is_cancelled() {
             let chunk_version = held.version;
-            let mut c = Chunk {
-                actor_id: self.actor_id.clone(),
-                learner_incarnation: held.incarnation,
-                policy_version: chunk_version,
-                rollout_len: t_len,
-                num_envs: n,
-                obs_dim: d,
-                observations: Vec::with_capacity((t_len + 1) * n * d),
-                actions: Vec::with_capacity(t_len * n),
-                behaviour_log_probs: Vec::with_capacity(t_len * n),
-                rewards: Vec::with_capacity(t_len * n),
-                terminated: Vec::with_capacity(t_len * n),
-                truncated: Vec::with_capacity(t_len * n),
-                final_observations: Vec::new(),
-                event_texts: Vec::with_capacity(if spec.has_text { t_len * n } else { 0 }),
-                env_ids: env_ids.clone(),
-                episode_ids: Vec::with_capacity(t_len * n),
-                step_indices: Vec::with_capacity(t_len * n),
-                finished_episodes: Vec::new(),
-                event_counts: Vec::with_capacity(if spec.has_text { t_len * n } else { 0 }),
-                group_ids: Vec::with_capacity(if grouped { t_len * n } else { 0 }),
-                group_size: if grouped { group_size as u32 } else { 0 },
-                expert_actions: Vec::with_capacity(if patched_env { t_len * n } else { 0 }),
-                state_size,
-                initial_state: state.clone(),
-            };
+            let mut c = self.empty_chunk(held, &spec, state_size, &state);
             for _ in 0..t_len {
                 if let Some(h) = self.try_swap(&mut model, false) {
                     let new_incarnation = h.incarnation != held.incarnation;
@@ -144,36 +186,21 @@ impl Rollout {
                             version = h.version,
                             "new learner incarnation: discarding the chunk in progress"
                         );
+                        // The steps in flight belong to the discarded chunk.
+                        finish_parts(&mut parts, &mut state, state_size, None)?;
                         continue 'chunks;
                     }
                 }
-                let obs = venv.observations();
-                let (actions, log_probs) = model.act(obs, &mut state, false);
-                c.observations.extend_from_slice(obs);
-                c.episode_ids.extend_from_slice(venv.episode_ids());
-                c.step_indices.extend_from_slice(venv.step_indices());
-                if grouped {
-                    c.group_ids.extend_from_slice(venv.group_ids());
+                for p in parts.iter_mut() {
+                    let s = part_state(&mut state, p, state_size);
+                    step_part(&model, p, s, &mut c)?;
                 }
-                let out = venv.step(&actions)?;
-                c.actions.extend_from_slice(&actions);
-                c.behaviour_log_probs.extend_from_slice(&log_probs);
-                c.rewards.extend_from_slice(&out.rewards);
-                if patched_env {
-                    c.expert_actions.extend_from_slice(&out.expert_actions);
-                }
-                c.terminated.extend_from_slice(&out.terminated);
-                c.truncated.extend_from_slice(&out.truncated);
-                reset_ended(&mut state, &out.terminated, &out.truncated);
-                c.final_observations
-                    .extend_from_slice(&out.final_observations);
-                if spec.has_text {
-                    c.event_texts.extend(out.texts.iter().cloned());
-                    c.event_counts.extend_from_slice(&out.event_counts);
-                }
-                c.finished_episodes.extend_from_slice(&out.finished);
             }
-            c.observations.extend_from_slice(venv.observations());
+            // The last step's outcomes, then the observations after it.
+            finish_parts(&mut parts, &mut state, state_size, Some(&mut c))?;
+            for p in &parts {
+                c.observations.extend_from_slice(p.view().observations);
+            }
             // A chunk that saw a weight swap is tagged with its oldest version, so the
             // learner's lag accounting errs on the safe side; the behaviour
             // log-probs are exact per step either way.
@@ -211,6 +238,47 @@ impl Rollout {
             }
         }
         Ok(stats)
+    }
+
+    /// A chunk to fill from the envs' current position: `state` is each env's
+    /// recurrent state at its first step. Columns the run does not use get no
+    /// capacity, which [`record`] reads.
+    fn empty_chunk(&self, held: Held, spec: &EnvSpec, state_size: usize, state: &[f32]) -> Chunk {
+        let (t_len, n, d) = (
+            self.config.actor.rollout_len as usize,
+            self.config.env.num_envs as usize,
+            spec.obs_dim,
+        );
+        let group_size = self.config.actor.group_size;
+        let grouped = group_size > 1;
+        let patched_env = self.config.env.kind == spur_core::config::EnvKind::Replay;
+        let texts = if spec.has_text { t_len * n } else { 0 };
+        Chunk {
+            actor_id: self.actor_id.clone(),
+            learner_incarnation: held.incarnation,
+            policy_version: held.version,
+            rollout_len: t_len,
+            num_envs: n,
+            obs_dim: d,
+            observations: Vec::with_capacity((t_len + 1) * n * d),
+            actions: Vec::with_capacity(t_len * n),
+            behaviour_log_probs: Vec::with_capacity(t_len * n),
+            rewards: Vec::with_capacity(t_len * n),
+            terminated: Vec::with_capacity(t_len * n),
+            truncated: Vec::with_capacity(t_len * n),
+            final_observations: Vec::new(),
+            event_texts: Vec::with_capacity(texts),
+            env_ids: (0..n as u32).collect(),
+            episode_ids: Vec::with_capacity(t_len * n),
+            step_indices: Vec::with_capacity(t_len * n),
+            finished_episodes: Vec::new(),
+            event_counts: Vec::with_capacity(texts),
+            group_ids: Vec::with_capacity(if grouped { t_len * n } else { 0 }),
+            group_size: if grouped { group_size } else { 0 },
+            expert_actions: Vec::with_capacity(if patched_env { t_len * n } else { 0 }),
+            state_size,
+            initial_state: state.to_vec(),
+        }
     }
 
     /// Loads the newest weights if they changed (or whatever is there, with `force`);

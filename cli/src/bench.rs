@@ -2,7 +2,12 @@
 //! actions), inference-only steps/s (batched policy forward passes), a single actor's
 //! rollout loop without a learner (env + inference), and end-to-end env steps/s of
 //! local mode (learner and actors as processes, training for real). Ratios are
-//! against the env-only baseline measured in the same run. Then the cost of a
+//! against the env-only baseline measured in the same run. A learner-only line (a
+//! real learner fed synthetic chunks of the config's shape, see
+//! [`learner_only`](crate::bench_scale::learner_only)) completes the parts, and end to
+//! end is set against the bound they imply on this machine: each env step costs
+//! 1/env + 1/inference + 1/learner CPU-seconds (single-thread rates), so C cores
+//! cannot run more than C / (1/env + 1/inference + 1/learner) steps/s. Then the cost of a
 //! recurrent core: inference steps/s of the config's network without a core, with an
 //! LSTM and with a GRU (`model.core_size` wide), against the one without; for a
 //! TorchScript policy instead, the module against the built-in network of
@@ -14,15 +19,21 @@
 //! one run.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Args;
 use rand::Rng;
+use spur_actor::{Rollout, WeightsUpdate};
 use spur_core::config::ModelArch;
 use spur_core::env::{make_batch, VecEnv};
-use spur_core::model::{reset_ended, ActorCritic};
+use spur_core::model::ActorCritic;
 use spur_core::Config;
+use spur_proto::v1::LearnerStatus;
+use tokio::runtime::Handle;
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
 
 use crate::cluster::Cluster;
 use crate::ConfigArgs;
@@ -86,20 +97,50 @@ fn inference_only(config: &Config, secs: f64) -> anyhow::Result<f64> {
     Ok(steps as f64 / start.elapsed().as_secs_f64())
 }
 
-fn rollout_only(config: &Config, secs: f64) -> anyhow::Result<f64> {
-    let mut venv = vec_env(config)?;
-    let model = cpu_policy(config, &venv)?;
-    let mut state = vec![0.0f32; venv.num_envs() * model.state_size()];
-    let (start, mut steps) = (Instant::now(), 0u64);
-    while start.elapsed().as_secs_f64() < secs {
-        for _ in 0..16 {
-            let (actions, _) = model.act(venv.observations(), &mut state, false);
-            let out = venv.step(&actions)?;
-            reset_ended(&mut state, &out.terminated, &out.truncated);
+/// Env steps/s of one actor's rollout loop (`spur_actor::Rollout`, with its env
+/// parts, chunk building and all) acting with fresh weights, no learner: counted in
+/// the chunks it makes after its first one (which waits for bridges to start).
+fn rollout_only(config: &Config, secs: f64, rt: Handle) -> anyhow::Result<f64> {
+    let spec = spur_core::env::env_spec(&config.env)?;
+    let model = ActorCritic::for_spec(&spec, &config.model, tch::Device::Cpu)?;
+    let bytes = model.to_safetensors(1, &Default::default())?;
+    let (_weights_tx, weights) = watch::channel(Some(Arc::new(WeightsUpdate {
+        version: 1,
+        incarnation: 1,
+        bytes,
+    })));
+    let (chunks_tx, mut chunks) = mpsc::channel(4);
+    let stop = CancellationToken::new();
+    let rollout = Rollout {
+        config: config.clone(),
+        actor_id: "bench".into(),
+        seed: config.run.seed,
+        weights,
+        chunks: chunks_tx,
+        stop: stop.clone(),
+        rt,
+        texts: None,
+    };
+    let thread = std::thread::spawn(move || rollout.run());
+    let measured = (|| {
+        chunks
+            .blocking_recv()
+            .context("the rollout loop made no chunk")?;
+        let (start, mut steps) = (Instant::now(), 0);
+        while start.elapsed().as_secs_f64() < secs {
+            let c = chunks.blocking_recv().context("the rollout loop stopped")?;
+            steps += c.steps();
         }
-        steps += 16 * venv.num_envs() as u64;
-    }
-    Ok(steps as f64 / start.elapsed().as_secs_f64())
+        Ok::<_, anyhow::Error>(steps as f64 / start.elapsed().as_secs_f64())
+    })();
+    stop.cancel();
+    drop(chunks);
+    let ended = thread
+        .join()
+        .map_err(|_| anyhow::anyhow!("the rollout thread panicked"))?;
+    let rate = measured?;
+    ended?;
+    Ok(rate)
 }
 
 /// Inference steps/s of the config's network without a core, then with each core.
@@ -136,12 +177,38 @@ fn script_cost(config: &Config, secs: f64) -> anyhow::Result<Vec<(String, f64)>>
     ])
 }
 
+/// Env steps/s that `cores` cores can sustain at most when each step costs
+/// 1/env + 1/inference + 1/learner CPU-seconds.
+fn cpu_bound(cores: usize, env: f64, inference: f64, learner: f64) -> f64 {
+    cores as f64 / (1.0 / env + 1.0 / inference + 1.0 / learner)
+}
+
 /// Runs `f` on a thread of its own: bridge envs run their own runtime, which cannot
 /// start inside this async one.
 pub async fn off_runtime<T: Send + 'static>(
     f: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
 ) -> anyhow::Result<T> {
     tokio::task::spawn_blocking(f).await?
+}
+
+/// When the learner's trained env steps next move past `after`, and its status then.
+async fn next_update(
+    cluster: &mut Cluster,
+    after: u64,
+    give_up: Instant,
+) -> anyhow::Result<(Instant, LearnerStatus)> {
+    loop {
+        if let Some(s) = cluster.status().await {
+            if s.env_steps != after {
+                return Ok((Instant::now(), s));
+            }
+        }
+        anyhow::ensure!(
+            Instant::now() < give_up,
+            "the end-to-end run trained nothing for too long"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 pub async fn end_to_end(config: &Config, warmup: f64, secs: f64) -> anyhow::Result<(f64, u64)> {
@@ -154,17 +221,20 @@ pub async fn end_to_end(config: &Config, warmup: f64, secs: f64) -> anyhow::Resu
     let mut cluster = Cluster::start(&config, &run_dir, config.run.actors).await?;
     let result = async {
         tokio::time::sleep(Duration::from_secs_f64(warmup)).await;
-        let a = cluster
+        // From the first update after the warm-up to the last one that ends after
+        // `secs`: trained steps move a whole batch at a time.
+        let give_up = Instant::now() + Duration::from_secs_f64(10.0 * secs + 120.0);
+        let now = cluster
             .status()
             .await
             .ok_or_else(|| anyhow::anyhow!("no status from the learner"))?;
-        let t0 = Instant::now();
-        tokio::time::sleep(Duration::from_secs_f64(secs)).await;
-        let b = cluster
-            .status()
-            .await
-            .ok_or_else(|| anyhow::anyhow!("no status from the learner"))?;
-        let rate = (b.env_steps - a.env_steps) as f64 / t0.elapsed().as_secs_f64();
+        let (t0, a) = next_update(&mut cluster, now.env_steps, give_up).await?;
+        let mut last = (t0, a.clone());
+        while last.0.duration_since(t0).as_secs_f64() < secs {
+            last = next_update(&mut cluster, last.1.env_steps, give_up).await?;
+        }
+        let (t1, b) = last;
+        let rate = (b.env_steps - a.env_steps) as f64 / t1.duration_since(t0).as_secs_f64();
         Ok::<_, anyhow::Error>((rate, b.dropped_stale_chunks))
     }
     .await;
@@ -184,29 +254,49 @@ pub async fn throughput(args: ThroughputArgs) -> anyhow::Result<std::process::Ex
         config.run.actors,
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
-    let c = config.clone();
+    let (c, rt) = (config.clone(), Handle::current());
     let (env, inference, rollout) = off_runtime(move || {
         Ok((
             env_only(&c, secs)?,
             inference_only(&c, secs)?,
-            rollout_only(&c, secs)?,
+            rollout_only(&c, secs, rt)?,
         ))
     })
     .await?;
+    // Blank chunks carry no groups, so a grouped learner would never train on them.
+    let learner = if config.learner.advantage.is_grouped() {
+        None
+    } else {
+        Some(crate::bench_scale::learner_only(&config, args.warmup, secs).await?)
+    };
     let (e2e, dropped) = end_to_end(&config, args.warmup, secs).await?;
     println!(
         "{:<44} {:>12} {:>10}",
         "measurement", "env steps/s", "vs env"
     );
-    for (name, v) in [
-        ("env only (1 thread, random actions)", env),
-        ("inference only (1 thread, batched forward)", inference),
-        ("one actor's rollout loop (env + inference)", rollout),
-        ("end to end (local mode, training)", e2e),
-    ] {
-        println!("{name:<44} {v:>12.0} {:>9.3}x", v / env);
+    let row = |name: &str, v: f64| println!("{name:<44} {v:>12.0} {:>9.3}x", v / env);
+    row("env only (1 thread, random actions)", env);
+    row("inference only (1 thread, batched forward)", inference);
+    row("one actor's rollout loop (env + inference)", rollout);
+    match learner {
+        Some(l) => row("learner only (1 thread, synthetic chunks)", l),
+        None => println!("learner only: not measured (grouped advantages need real episodes)"),
     }
+    row("end to end (local mode, training)", e2e);
     println!("stale chunks dropped during the end-to-end run: {dropped}");
+    if let Some(learner) = learner {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let bound = cpu_bound(cores, env, inference, learner);
+        println!(
+            "CPU bound on {cores} cores: C / (1/env + 1/inference + 1/learner) = {bound:.0} env steps/s{}",
+            if config.env.kind == spur_core::config::EnvKind::Gym {
+                " (env work runs in the bridge's Python processes)"
+            } else {
+                ""
+            }
+        );
+        println!("end to end vs that bound: {:.3}x", e2e / bound);
+    }
 
     let c = config.clone();
     let (title, base_name) = if config.model.arch == ModelArch::Torchscript {

@@ -174,6 +174,61 @@ async fn push_until(
     Ok(accepted)
 }
 
+/// When the learner's trained env steps next move past `after`, and to what.
+async fn next_update(
+    client: &mut LearnerClient<AuthChannel>,
+    after: u64,
+    give_up: Instant,
+) -> anyhow::Result<(Instant, u64)> {
+    loop {
+        let s = client.get_status(StatusRequest {}).await?.into_inner();
+        if s.env_steps != after {
+            return Ok((Instant::now(), s.env_steps));
+        }
+        anyhow::ensure!(
+            Instant::now() < give_up,
+            "the learner-only run trained nothing for too long"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Env steps trained per second by a learner that only trains: a real learner
+/// served in-process with the config's batch, epochs, minibatches and model, fed
+/// synthetic chunks of the config's shape by `clients` streams as fast as it takes
+/// them. Chunks keep version 0 (so `learner.max_policy_lag` is lifted); the first
+/// `warmup` seconds are not counted.
+pub async fn learner_only(config: &Config, warmup: f64, secs: f64) -> anyhow::Result<f64> {
+    let mut config = config.clone();
+    config.learner.max_policy_lag = u64::MAX / 2;
+    config.stop.env_steps = 0;
+    config.stop.target_return = 0.0;
+    let mut learner = InProcess::start(&config, "learner-only").await?;
+    let chunk = replay_chunk(&config, learner.incarnation)?;
+    let deadline = Instant::now() + Duration::from_secs_f64(warmup + secs + 60.0);
+    let mut pushers = Vec::new();
+    for _ in 0..2 {
+        let client = connect(&learner.transport, &learner.addr).await?;
+        pushers.push(tokio::spawn(push_until(client, chunk.clone(), deadline)));
+    }
+    tokio::time::sleep(Duration::from_secs_f64(warmup)).await;
+    // From the first update after the warm-up to the last one that ends after `secs`:
+    // an update trains a whole batch at once, so counting over a fixed window would
+    // round to whole batches.
+    let give_up = Instant::now() + Duration::from_secs_f64(10.0 * secs + 120.0);
+    let client = &mut learner.client;
+    let now = client.get_status(StatusRequest {}).await?.into_inner();
+    let (t0, s0) = next_update(client, now.env_steps, give_up).await?;
+    let mut last = (t0, s0);
+    while last.0.duration_since(t0).as_secs_f64() < secs {
+        last = next_update(client, last.1, give_up).await?;
+    }
+    let rate = (last.1 - s0) as f64 / last.0.duration_since(t0).as_secs_f64();
+    pushers.iter().for_each(JoinHandle::abort);
+    learner.stop().await?;
+    Ok(rate)
+}
+
 /// Bytes/s of `clients` loopback TCP connections writing `len`-byte length-prefixed
 /// messages for `secs`, counted by the readers.
 async fn raw_tcp(clients: usize, len: usize, secs: f64) -> anyhow::Result<f64> {

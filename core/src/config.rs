@@ -469,6 +469,20 @@ pub struct ActorConfig {
     /// Episodes per group for UI-S1's advantages: each actor's envs come in blocks of
     /// this many whose k-th episodes share a task seed (1: no groups).
     pub group_size: u32,
+    /// Whether each actor steps its envs in two halves, one half's envs stepping
+    /// while the other half is in the policy's forward pass: `auto` (for bridge envs,
+    /// whose steps run in other processes), `on` or `off`.
+    pub split_envs: SplitEnvs,
+}
+
+/// `actor.split_envs`.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum SplitEnvs {
+    #[default]
+    Auto,
+    On,
+    Off,
 }
 
 impl Default for ActorConfig {
@@ -480,6 +494,7 @@ impl Default for ActorConfig {
             max_unacked_chunks: 1,
             max_backoff_ms: 5000,
             group_size: 1,
+            split_envs: SplitEnvs::Auto,
         }
     }
 }
@@ -737,6 +752,14 @@ impl Config {
                 && self.env.num_envs.is_multiple_of(self.actor.group_size),
             "actor.group_size",
             "must be at least 1 and divide env.num_envs",
+        )?;
+        check(
+            self.actor.split_envs != SplitEnvs::On
+                || (self.env.num_envs / 2).is_multiple_of(self.actor.group_size)
+                    && self.env.num_envs >= 2
+                    && self.env.num_envs.is_multiple_of(2),
+            "actor.split_envs",
+            "`on` needs env.num_envs to split into two halves of whole groups",
         )?;
         if self.env.kind == EnvKind::Gym {
             let e = &self.env;

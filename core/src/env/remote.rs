@@ -300,20 +300,21 @@ impl Server {
     }
 
     /// How messages name it: `bridge 2 of 4 (envs 8..16 at 127.0.0.1:40123, pid 812)`
-    /// or `server 10.0.0.7:50051 (envs 0..16)`.
-    fn describe(&self, of: usize) -> String {
+    /// or `server 10.0.0.7:50051 (envs 0..16)`, numbered among all of `place`'s
+    /// servers and envs.
+    fn describe(&self, place: &Place) -> String {
         let r = self.envs_in_batch();
+        let (start, end) = (place.first_env + r.start, place.first_env + r.end);
         if self.own {
             let pid = self.pid.map_or(String::new(), |p| format!(", pid {p}"));
             format!(
-                "bridge {} of {of} (envs {}..{} at {}{pid})",
-                self.index + 1,
-                r.start,
-                r.end,
+                "bridge {} of {} (envs {start}..{end} at {}{pid})",
+                place.first_server + self.index + 1,
+                place.all_servers,
                 self.addr
             )
         } else {
-            format!("server {} (envs {}..{})", self.addr, r.start, r.end)
+            format!("server {} (envs {start}..{end})", self.addr)
         }
     }
 
@@ -338,6 +339,21 @@ pub struct RemoteBatch {
     lost: Vec<bool>,
     /// Restarts tried, all servers together.
     restarts: u64,
+    /// Where the batch sits among the envs of its user, for messages.
+    place: Place,
+}
+
+/// Where a batch sits when it is one of several that together hold a user's envs
+/// (an actor that steps its envs in halves): its servers and envs are named by their
+/// position among all of them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Place {
+    /// Servers of the batches before this one.
+    pub first_server: usize,
+    /// Servers of all batches together.
+    pub all_servers: usize,
+    /// Envs of the batches before this one.
+    pub first_env: usize,
 }
 
 /// A call in flight on the batch's runtime.
@@ -436,17 +452,16 @@ impl RemoteBatch {
     /// `env.bridge_restarts` budget. Afterwards the server holds no episodes: all its
     /// envs are marked lost and it must be reset before it is stepped.
     fn recover(&mut self, si: usize, mut cause: String) -> Result<(), EnvError> {
-        let n = self.servers.len();
         let limit = self.config.bridge_restarts;
         // Stop what is left of the old process (dropping kills and reaps it).
         self.servers[si].process = None;
-        warn!(bridge = %self.servers[si].describe(n), cause, "env bridge failed");
+        warn!(bridge = %self.servers[si].describe(&self.place), cause, "env bridge failed");
         let mut attempt = 0;
         loop {
             let s = &mut self.servers[si];
             if s.restarts >= limit {
                 return Err(EnvError::BridgeFailed {
-                    bridge: s.describe(n),
+                    bridge: s.describe(&self.place),
                     restarts: s.restarts,
                     message: cause,
                 });
@@ -461,7 +476,7 @@ impl RemoteBatch {
                 // It answers, but serves something else: no restart will fix that.
                 Err(e @ EnvError::Protocol { .. }) => return Err(e),
                 Err(e) => {
-                    let bridge = self.servers[si].describe(n);
+                    let bridge = self.servers[si].describe(&self.place);
                     warn!(%bridge, attempt, error = %e, "env bridge restart failed");
                     cause = e.to_string();
                 }
@@ -471,7 +486,7 @@ impl RemoteBatch {
         s.fresh = true;
         self.lost[s.envs_in_batch()].fill(true);
         info!(
-            bridge = %s.describe(n),
+            bridge = %s.describe(&self.place),
             restarts = s.restarts,
             budget = limit,
             "env bridge restarted; its envs start new episodes"
@@ -540,6 +555,16 @@ impl RemoteBatch {
     /// `n` envs as `config` describes: on the servers of `env.remote`, or on
     /// `env.servers` bridge processes started here. Call it outside any async runtime.
     pub fn connect(config: &EnvConfig, n: usize) -> Result<Self, EnvError> {
+        Self::connect_at(config, n, None)
+    }
+
+    /// Like [`connect`](Self::connect), for a batch that is one of several at
+    /// `place` (`None`: the only one).
+    pub fn connect_at(
+        config: &EnvConfig,
+        n: usize,
+        place: Option<Place>,
+    ) -> Result<Self, EnvError> {
         let rt = runtime()?;
         let mut targets: Vec<(String, Option<BridgeProcess>)> = Vec::new();
         if config.remote.is_empty() {
@@ -602,6 +627,11 @@ impl RemoteBatch {
             bridge_restarts = config.bridge_restarts,
             "env servers ready"
         );
+        let place = place.unwrap_or(Place {
+            first_server: 0,
+            all_servers: servers.len(),
+            first_env: 0,
+        });
         Ok(Self {
             rt,
             config: config.clone(),
@@ -610,6 +640,7 @@ impl RemoteBatch {
             num_envs: n,
             lost: vec![false; n],
             restarts: 0,
+            place,
         })
     }
 }
@@ -734,7 +765,7 @@ impl EnvBatch for RemoteBatch {
                 return Err(EnvError::Config(format!(
                     "env {}: its envs lost their episodes in a restart and must be reset \
                      before they are stepped",
-                    self.servers[si].describe(n)
+                    self.servers[si].describe(&self.place)
                 )));
             }
         }
