@@ -369,7 +369,10 @@ mod tests {
         assert_eq!(squash(0.0), 0.0);
         assert_eq!((squash(1.0), squash(-1.0)), (0.5, -0.5));
         for far in [3.0, 14.0, 40.0] {
-            assert!(squash(far) - squash(far - 1.0) > 0.0, "still ordered at {far}");
+            assert!(
+                squash(far) - squash(far - 1.0) > 0.0,
+                "still ordered at {far}"
+            );
             assert!(squash(far) < 1.0 && squash(-far) > -1.0);
         }
         // Aligned versus one cell off is the widest gap on the axis.
