@@ -189,7 +189,8 @@ def print_tables(args, title, results, threshold, steps):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--table", choices=list(TABLES), default="rewards")
-    ap.add_argument("--seeds", type=int, default=5, help="seeds per variant (at least 5)")
+    ap.add_argument("--seeds", type=int, default=5,
+                    help="seeds per variant (5 or more for meaningful intervals)")
     ap.add_argument("--first-seed", type=int, default=1)
     ap.add_argument("--steps", type=int, default=0,
                     help="env steps per run (default: each config's stop.env_steps)")
@@ -198,8 +199,11 @@ def main():
     ap.add_argument("--out", help="folder of the run directories (default: runs/table-TABLE)")
     ap.add_argument("--spur", default="target/release/spur")
     args = ap.parse_args()
+    if args.seeds < 1:
+        ap.error("--seeds must be at least 1")
     if args.seeds < 5:
-        ap.error("--seeds must be at least 5: fewer make the interval meaningless")
+        print(f"warning: {args.seeds} seeds per variant; intervals need 5 or more to mean much",
+              file=sys.stderr)
     out = args.out or os.path.join("runs", f"table-{args.table}")
     title, variants = TABLES[args.table]
     jobs = []
