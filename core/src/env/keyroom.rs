@@ -4,10 +4,14 @@
 //! intrinsic reward rarely stumbles on it in larger rooms. Each step may emit a short
 //! English event text ("you pick up the key", "the door is locked", ...).
 //!
-//! Observation (14 floats, positions scaled by the room size): the agent's position,
-//! the offsets from the agent to the key (0 once carried), the door and the goal,
-//! whether the agent carries the key, whether the door is open, and the four
-//! neighbouring cells' blocking flags (north, east, south, west).
+//! Observation (14 floats): the agent's position scaled by the room size, the offsets
+//! from the agent to the key (0 once carried), the door and the goal, whether the
+//! agent carries the key, whether the door is open, and the four neighbouring cells'
+//! blocking flags (north, east, south, west). Each offset `d`, in cells along one
+//! axis, is squashed to `d / (|d| + 1)`: 0 when aligned, ±0.5 one cell away, towards
+//! ±1 far off. The last cells before a target, where the policy must turn, are as far
+//! apart as the inputs can be, at any room size; offsets scaled by the room size put
+//! them 1/size apart, which a small network learns slowly and unreliably.
 
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
@@ -81,7 +85,7 @@ impl KeyRoom {
     fn write_obs(&self, obs: &mut [f32]) {
         let scale = 1.0 / self.size as f32;
         let (ax, ay) = (self.agent.0 as f32, self.agent.1 as f32);
-        let rel = |p: (usize, usize)| ((p.0 as f32 - ax) * scale, (p.1 as f32 - ay) * scale);
+        let rel = |p: (usize, usize)| (squash(p.0 as f32 - ax), squash(p.1 as f32 - ay));
         let (kx, ky) = self.key.map_or((0.0, 0.0), rel);
         let (dx, dy) = rel(self.door);
         let (gx, gy) = rel(self.goal);
@@ -168,6 +172,11 @@ impl KeyRoom {
         }
         out
     }
+}
+
+/// An offset in cells mapped into (-1, 1), one cell from aligned at ±0.5.
+fn squash(d: f32) -> f32 {
+    d / (d.abs() + 1.0)
 }
 
 impl Env for KeyRoom {
@@ -332,6 +341,7 @@ mod tests {
             let door = (door_i % env.side(), door_i / env.side());
             walk(&mut env, (door.0 - 1, door.1), &mut obs);
             let mut text = String::new();
+            assert_eq!((obs[4], obs[5]), (0.5, 0.0), "the door is one cell east");
             assert_eq!(obs[11], 1.0, "the locked door blocks the way east");
             env.step(1, &mut obs, &mut text);
             assert_eq!(text, TEXT_UNLOCK_DOOR);
@@ -352,6 +362,21 @@ mod tests {
                 env.render()
             );
         }
+    }
+
+    #[test]
+    fn offsets_one_cell_apart_stay_far_apart_in_any_room() {
+        assert_eq!(squash(0.0), 0.0);
+        assert_eq!((squash(1.0), squash(-1.0)), (0.5, -0.5));
+        for far in [3.0, 14.0, 40.0] {
+            assert!(
+                squash(far) - squash(far - 1.0) > 0.0,
+                "still ordered at {far}"
+            );
+            assert!(squash(far) < 1.0 && squash(-far) > -1.0);
+        }
+        // Aligned versus one cell off is the widest gap on the axis.
+        assert!(squash(1.0) - squash(0.0) > squash(2.0) - squash(1.0));
     }
 
     #[test]
