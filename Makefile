@@ -105,7 +105,7 @@ nethack: build
 	./target/release/spur local --config configs/nethack-score.toml $(ARGS)
 
 ## nethack-table: NetHack (TASK=score|staircase|oracle) with extrinsic reward only and
-## each ONI variant, 3 seeds each (long: pass ARGS="--seeds 1 --steps 200000")
+## each ONI variant, 5 seeds each (long: pass ARGS="--seeds 1 --steps 200000" for a look)
 TASK ?= score
 nethack-table: build
 	python3 scripts/keyroom_table.py --table nethack-$(TASK) $(ARGS)
@@ -128,7 +128,8 @@ models: build
 cartpole-torchscript: models
 	./target/release/spur local --config configs/cartpole-torchscript.toml $(ARGS)
 
-## keyroom-table: success rates with and without intrinsic rewards, 3 seeds each
+## keyroom-table: success rates with and without intrinsic rewards, 5 seeds each, with
+## interquartile means and 95% bootstrap intervals (scripts/keyroom_table.py)
 keyroom-table: build
 	python3 scripts/keyroom_table.py $(ARGS)
 

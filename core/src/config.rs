@@ -637,6 +637,18 @@ impl Default for StopConfig {
     }
 }
 
+/// `Ok` when `ok`, else an error naming `key`.
+fn check(ok: bool, key: &str, message: &str) -> Result<(), ConfigError> {
+    if ok {
+        Ok(())
+    } else {
+        Err(ConfigError::Invalid {
+            key: key.into(),
+            message: message.into(),
+        })
+    }
+}
+
 impl Config {
     /// Reads `path`, applies `SPUR_*` variables from `vars` and then `overrides`
     /// (`key=value`), and validates the result.
@@ -711,19 +723,25 @@ impl Config {
         toml::to_string_pretty(self).expect("the config is plain data and always serializes")
     }
 
-    /// Checks every value; the error names the offending key.
+    /// Checks every value, section by section; the error names the offending key.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        fn check(ok: bool, key: &str, message: &str) -> Result<(), ConfigError> {
-            if ok {
-                Ok(())
-            } else {
-                Err(ConfigError::Invalid {
-                    key: key.into(),
-                    message: message.into(),
-                })
-            }
-        }
-        let l = &self.learner;
+        self.validate_run()?;
+        self.validate_env()?;
+        self.validate_model()?;
+        self.validate_actor()?;
+        self.validate_learner()?;
+        self.validate_intrinsic()?;
+        self.validate_reward_service()?;
+        check(
+            self.stop.target_return.is_finite(),
+            "stop.target_return",
+            "must be a finite number",
+        )?;
+        self.validate_transport()
+    }
+
+    /// The `[run]` keys.
+    fn validate_run(&self) -> Result<(), ConfigError> {
         check(!self.run.name.is_empty(), "run.name", "must not be empty")?;
         check(
             self.run.prometheus_listen.is_empty()
@@ -746,21 +764,12 @@ impl Config {
             "run.torch_threads",
             "must be at least 1",
         )?;
+        Ok(())
+    }
+
+    /// The `[env]` keys.
+    fn validate_env(&self) -> Result<(), ConfigError> {
         check(self.env.num_envs >= 1, "env.num_envs", "must be at least 1")?;
-        check(
-            (1..=crate::trajectory::MAX_GROUP_SIZE).contains(&self.actor.group_size)
-                && self.env.num_envs.is_multiple_of(self.actor.group_size),
-            "actor.group_size",
-            "must be at least 1 and divide env.num_envs",
-        )?;
-        check(
-            self.actor.split_envs != SplitEnvs::On
-                || (self.env.num_envs / 2).is_multiple_of(self.actor.group_size)
-                    && self.env.num_envs >= 2
-                    && self.env.num_envs.is_multiple_of(2),
-            "actor.split_envs",
-            "`on` needs env.num_envs to split into two halves of whole groups",
-        )?;
         if self.env.kind == EnvKind::Gym {
             let e = &self.env;
             check(
@@ -803,6 +812,11 @@ impl Config {
             "env.memory_cues",
             "must be between 2 and 16",
         )?;
+        Ok(())
+    }
+
+    /// The `[model]` keys.
+    fn validate_model(&self) -> Result<(), ConfigError> {
         check(
             !self.model.hidden.is_empty() && self.model.hidden.iter().all(|&h| h > 0),
             "model.hidden",
@@ -819,10 +833,24 @@ impl Config {
             "model.device",
             "must be auto, cpu, cuda or cuda:N",
         )?;
+        Ok(())
+    }
+
+    /// The `[actor]` keys, and how they fit `env.num_envs`.
+    fn validate_actor(&self) -> Result<(), ConfigError> {
         check(
-            crate::device::parse_device(&l.device).is_ok(),
-            "learner.device",
-            "must be auto, cpu, cuda or cuda:N",
+            (1..=crate::trajectory::MAX_GROUP_SIZE).contains(&self.actor.group_size)
+                && self.env.num_envs.is_multiple_of(self.actor.group_size),
+            "actor.group_size",
+            "must be at least 1 and divide env.num_envs",
+        )?;
+        check(
+            self.actor.split_envs != SplitEnvs::On
+                || (self.env.num_envs / 2).is_multiple_of(self.actor.group_size)
+                    && self.env.num_envs >= 2
+                    && self.env.num_envs.is_multiple_of(2),
+            "actor.split_envs",
+            "`on` needs env.num_envs to split into two halves of whole groups",
         )?;
         check(
             self.actor.rollout_len >= 1,
@@ -844,6 +872,18 @@ impl Config {
                 || self.actor.learner_addr.starts_with("https://"),
             "actor.learner_addr",
             "must start with http:// or https://",
+        )?;
+        Ok(())
+    }
+
+    /// The `[learner]` keys, and what the advantage estimator needs of the actors.
+    fn validate_learner(&self) -> Result<(), ConfigError> {
+        self.validate_learner_loss()?;
+        let l = &self.learner;
+        check(
+            crate::device::parse_device(&l.device).is_ok(),
+            "learner.device",
+            "must be auto, cpu, cuda or cuda:N",
         )?;
         check(
             l.listen.parse::<std::net::SocketAddr>().is_ok(),
@@ -872,20 +912,38 @@ impl Config {
             "must be at least 1",
         )?;
         check(
-            self.intrinsic.rank_clip > 0.0,
-            "intrinsic.rank_clip",
-            "must be positive",
-        )?;
-        check(
-            self.reward_service.pairs_per_text >= 1,
-            "reward_service.pairs_per_text",
-            "must be at least 1",
-        )?;
-        check(
             l.minibatches >= 1,
             "learner.minibatches",
             "must be at least 1",
         )?;
+        check(
+            l.broadcast_every >= 1,
+            "learner.broadcast_every",
+            "must be at least 1",
+        )?;
+        check(
+            l.queue_capacity >= 1,
+            "learner.queue_capacity",
+            "must be at least 1",
+        )?;
+        check(
+            l.checkpoint_every >= 1,
+            "learner.checkpoint_every",
+            "must be at least 1",
+        )?;
+        check(
+            l.weights_chunk_bytes >= 1024
+                && (l.weights_chunk_bytes as usize) < spur_proto::MAX_MESSAGE_BYTES,
+            "learner.weights_chunk_bytes",
+            "must be at least 1024 and below the 16 MiB message limit",
+        )?;
+        Ok(())
+    }
+
+    /// The `[intrinsic]` keys.
+    /// The optimizer and loss keys of `[learner]`.
+    fn validate_learner_loss(&self) -> Result<(), ConfigError> {
+        let l = &self.learner;
         check(
             l.lr > 0.0 && l.lr.is_finite(),
             "learner.lr",
@@ -928,28 +986,16 @@ impl Config {
             "learner.target_kl",
             "must not be negative",
         )?;
-        check(
-            l.broadcast_every >= 1,
-            "learner.broadcast_every",
-            "must be at least 1",
-        )?;
-        check(
-            l.queue_capacity >= 1,
-            "learner.queue_capacity",
-            "must be at least 1",
-        )?;
-        check(
-            l.checkpoint_every >= 1,
-            "learner.checkpoint_every",
-            "must be at least 1",
-        )?;
-        check(
-            l.weights_chunk_bytes >= 1024
-                && (l.weights_chunk_bytes as usize) < spur_proto::MAX_MESSAGE_BYTES,
-            "learner.weights_chunk_bytes",
-            "must be at least 1024 and below the 16 MiB message limit",
-        )?;
+        Ok(())
+    }
+
+    fn validate_intrinsic(&self) -> Result<(), ConfigError> {
         let i = &self.intrinsic;
+        check(
+            self.intrinsic.rank_clip > 0.0,
+            "intrinsic.rank_clip",
+            "must be positive",
+        )?;
         check(
             i.c_ext.is_finite(),
             "intrinsic.c_ext",
@@ -962,7 +1008,17 @@ impl Config {
         )?;
         check(i.clip_max > 0.0, "intrinsic.clip_max", "must be positive")?;
         check(i.beta >= 0.0, "intrinsic.beta", "must not be negative")?;
+        Ok(())
+    }
+
+    /// The `[reward_service]` keys.
+    fn validate_reward_service(&self) -> Result<(), ConfigError> {
         let r = &self.reward_service;
+        check(
+            self.reward_service.pairs_per_text >= 1,
+            "reward_service.pairs_per_text",
+            "must be at least 1",
+        )?;
         check(
             r.listen.parse::<std::net::SocketAddr>().is_ok(),
             "reward_service.listen",
@@ -1008,12 +1064,7 @@ impl Config {
             "reward_service.openai_base_url",
             "must start with http:// or https://",
         )?;
-        check(
-            self.stop.target_return.is_finite(),
-            "stop.target_return",
-            "must be a finite number",
-        )?;
-        self.validate_transport()
+        Ok(())
     }
 
     /// The `[transport]` keys and the schemes of the addresses they govern. Files
