@@ -30,7 +30,7 @@ use crate::episodes::{episodes_batch, Assembler, GroupLayout};
 use crate::error::LearnerError;
 use crate::metrics::{MetricsRow, MetricsWriter};
 use crate::sequences::{Padded, Sequences};
-use crate::state::{Shared, StepCounts};
+use crate::state::{EpisodeStats, Shared, StepCounts};
 
 /// Metadata keys of checkpoints.
 pub const META_ENV_STEPS: &str = "spur.env_steps";
@@ -96,95 +96,27 @@ struct UpdateStats {
 impl Trainer {
     pub fn run(mut self) -> Result<TrainSummary, LearnerError> {
         let lc = self.config.learner.clone();
-        let mut metrics =
-            MetricsWriter::open(&self.run_dir.join("metrics.jsonl")).map_err(|source| {
-                LearnerError::RunDir {
-                    path: self.run_dir.display().to_string(),
-                    source,
-                }
-            })?;
-        // TensorBoard is a convenience: a run without it still trains and logs.
-        let mut tensorboard = match crate::tensorboard::TensorBoard::create(&self.run_dir) {
-            Ok(tb) => Some(tb),
-            Err(e) => {
-                warn!(error = %e, "no TensorBoard event file for this run");
-                None
-            }
-        };
+        let mut logs = Logs::open(&self.run_dir)?;
         let ckpt_dir = self.run_dir.join("checkpoints");
         let start = Instant::now() - Duration::from_secs_f64(self.time_offset_s);
-        let mut last_tick = (
-            Instant::now(),
-            self.shared.env_steps.load(Ordering::Relaxed),
-        );
-        let mut rate = 0.0f64;
+        let mut rate = Throughput::new(self.shared.env_steps.load(Ordering::Relaxed));
         // UI-S1's estimators train on complete groups of episodes.
-        let grouped = lc.advantage.is_grouped();
-        let mut assembler = grouped.then(|| {
+        let mut assembler = lc.advantage.is_grouped().then(|| {
             Assembler::new(
                 self.config.actor.group_size as usize,
                 self.spec.max_episode_steps as usize + 1,
                 lc.max_open_groups as usize,
             )
         });
-        'train: loop {
-            // Gather a batch.
-            let mut chunks = Vec::new();
-            let mut steps = 0usize;
-            let mut lag_sum = 0u64;
-            let mut taken = 0usize;
-            while steps < lc.batch_steps as usize {
-                let (rx, stop) = (&mut self.rx, &self.shared.stop);
-                let next = self.rt.block_on(async {
-                    tokio::select! {
-                        c = rx.recv() => c,
-                        _ = stop.cancelled() => None,
-                    }
-                });
-                let Some(chunk) = next else { break 'train };
-                // Chunks of this incarnation are never ahead of it; one that is would
-                // be a bug, and is dropped as stale rather than trained on.
-                let lag = self.version as i64 - chunk.policy_version as i64;
-                if lag < 0 || lag as u64 > lc.max_policy_lag {
-                    let c = &self.shared.counts;
-                    StepCounts::add(&c.stale_steps, &c.stale_chunks, chunk.steps() as u64);
-                    warn!(actor_id = %chunk.actor_id, lag, version = chunk.policy_version, "dropping stale chunk");
-                    continue;
-                }
-                lag_sum += lag as u64;
-                taken += 1;
-                match assembler.as_mut() {
-                    Some(a) => {
-                        a.push(&chunk);
-                        steps = a.ready_steps();
-                    }
-                    None => {
-                        steps += chunk.steps();
-                        chunks.push(chunk);
-                    }
-                }
-            }
-            let (batch, layout) = match assembler.as_mut() {
-                Some(a) => {
-                    let (b, l) = episodes_batch(&a.take_ready(), self.model.obs_dim());
-                    (b, Some(l))
-                }
-                None => (Batch::from_chunks(&chunks), None),
-            };
-            let lr = if self.config.stop.env_steps > 0 && lc.lr_anneal {
-                let done = self.shared.env_steps.load(Ordering::Relaxed) as f64
-                    / self.config.stop.env_steps as f64;
-                lc.lr * (1.0 - done).max(0.05)
-            } else {
-                lc.lr
-            };
+        while let Some(gathered) = self.gather(assembler.as_mut()) {
+            let lr = self.scheduled_lr();
             self.opt.set_lr(lr);
-            let stats = self.update(&batch, layout.as_ref());
+            let stats = self.update(&gathered.batch, gathered.layout.as_ref());
             self.version += 1;
             self.updates += 1;
             self.shared
                 .env_steps
-                .fetch_add(batch.len() as u64, Ordering::Relaxed);
+                .fetch_add(gathered.batch.len() as u64, Ordering::Relaxed);
             self.shared
                 .policy_version
                 .store(self.version, Ordering::Release);
@@ -192,90 +124,14 @@ impl Trainer {
             if self.updates.is_multiple_of(lc.broadcast_every) {
                 self.publish(false)?;
             }
-
-            // Throughput: exponential average over updates.
-            let now = Instant::now();
             let env_steps = self.shared.env_steps.load(Ordering::Relaxed);
-            let dt = now.duration_since(last_tick.0).as_secs_f64();
-            if dt > 0.0 {
-                let inst = (env_steps - last_tick.1) as f64 / dt;
-                rate = if rate == 0.0 {
-                    inst
-                } else {
-                    0.8 * rate + 0.2 * inst
-                };
-                self.shared.set_steps_per_sec(rate);
-            }
-            last_tick = (now, env_steps);
-
+            self.shared.set_steps_per_sec(rate.tick(env_steps));
             let ep = self.shared.episode_stats();
-            let (rm_version, rm_labels, rm_loss) =
-                self.intrinsic.as_ref().map_or((0, 0, 0.0), |t| {
-                    (t.version(), t.label_count() as u64, t.loss())
-                });
-            self.shared.set_reward_model_loss(rm_loss);
-            self.shared
-                .reward_model_version
-                .store(rm_version, Ordering::Relaxed);
-            self.shared
-                .reward_labels
-                .store(rm_labels, Ordering::Relaxed);
-            self.shared
-                .set_intrinsic_reward_mean(stats.intrinsic_reward_mean);
-            let row = MetricsRow {
-                time_s: start.elapsed().as_secs_f64(),
-                env_steps,
-                steps_per_sec: rate,
-                episode_return_mean: ep.return_mean,
-                episode_len_mean: ep.len_mean,
-                success_rate: ep.success_rate,
-                episodes: ep.total,
-                policy_version: self.version,
-                updates: self.updates,
-                policy_lag_mean: lag_sum as f64 / taken.max(1) as f64,
-                groups_given_up: assembler.as_ref().map_or(0, |a| a.given_up),
-                dropped_stale_chunks: self.shared.counts.stale_chunks.load(Ordering::Relaxed),
-                env_steps_received: self.shared.counts.received.load(Ordering::Relaxed),
-                dropped_steps_stale: self.shared.counts.stale_steps.load(Ordering::Relaxed),
-                dropped_steps_incarnation: self
-                    .shared
-                    .counts
-                    .incarnation_steps
-                    .load(Ordering::Relaxed),
-                dropped_steps_malformed: self.shared.counts.malformed_steps.load(Ordering::Relaxed),
-                learner_incarnation: self.shared.incarnation,
-                queue_depth: (self.rx.len()) as u32,
-                connected_actors: self.shared.connected_actors.load(Ordering::Relaxed),
-                lr,
-                policy_loss: stats.policy_loss,
-                value_loss: stats.value_loss,
-                entropy: stats.entropy,
-                clip_fraction: stats.clip_fraction,
-                behaviour_kl: stats.behaviour_kl,
-                grad_norm: stats.grad_norm,
-                approx_kl: stats.approx_kl,
-                minibatch_steps: stats.steps as u64,
-                intrinsic_reward_mean: stats.intrinsic_reward_mean,
-                reward_model_version: rm_version,
-                reward_labels: rm_labels,
-                reward_model_loss: rm_loss,
-                batch_steps: batch.len() as u64,
-                judge: self
-                    .intrinsic
-                    .as_ref()
-                    .and_then(|t| t.service_status())
-                    .map(|s| crate::metrics::JudgeMetrics::from(&s)),
-            };
-            spur_core::prom::publish("spur_learner", &row);
-            if let Some(tb) = tensorboard.as_mut() {
-                if let Err(e) = tb.write(env_steps as i64, &row) {
-                    warn!(error = %e, "cannot write the TensorBoard event file, stopping it");
-                    tensorboard = None;
-                }
-            }
-            if let Err(e) = metrics.write(&row) {
-                warn!(error = %e, "cannot write metrics.jsonl");
-            }
+            let mut row = self.metrics_row(&gathered, &stats, &ep, lr);
+            row.time_s = start.elapsed().as_secs_f64();
+            row.steps_per_sec = rate.rate;
+            row.groups_given_up = assembler.as_ref().map_or(0, |a| a.given_up);
+            logs.write(&row);
             if self.updates.is_multiple_of(lc.checkpoint_every) {
                 self.checkpoint(&ckpt_dir, start)?;
             }
@@ -285,19 +141,7 @@ impl Trainer {
                     "every minibatch of this update had a non-finite loss"
                 );
             }
-            let budget = self.config.stop.env_steps;
-            let target = self.config.stop.target_return;
-            if budget > 0 && env_steps >= budget {
-                info!(env_steps, "env step budget reached");
-                break;
-            }
-            if target > 0.0 && ep.window >= crate::state::EPISODE_WINDOW && ep.return_mean >= target
-            {
-                info!(
-                    env_steps,
-                    return_mean = ep.return_mean,
-                    "target return reached"
-                );
+            if self.reached_goal(env_steps, &ep) {
                 break;
             }
         }
@@ -319,6 +163,150 @@ impl Trainer {
             success_rate: ep.success_rate,
             checkpoint: path,
         })
+    }
+
+    /// Takes chunks until a batch's worth of steps is ready (of chunks, or of whole
+    /// episode groups with an `assembler`), dropping stale ones; `None` on shutdown.
+    fn gather(&mut self, mut assembler: Option<&mut Assembler>) -> Option<Gathered> {
+        let lc = &self.config.learner;
+        let mut chunks = Vec::new();
+        let (mut steps, mut lag_sum, mut taken) = (0usize, 0u64, 0usize);
+        while steps < lc.batch_steps as usize {
+            let (rx, stop) = (&mut self.rx, &self.shared.stop);
+            let next = self.rt.block_on(async {
+                tokio::select! {
+                    c = rx.recv() => c,
+                    _ = stop.cancelled() => None,
+                }
+            });
+            let chunk = next?;
+            // Chunks of this incarnation are never ahead of it; one that is would be
+            // a bug, and is dropped as stale rather than trained on.
+            let lag = self.version as i64 - chunk.policy_version as i64;
+            if lag < 0 || lag as u64 > lc.max_policy_lag {
+                let c = &self.shared.counts;
+                StepCounts::add(&c.stale_steps, &c.stale_chunks, chunk.steps() as u64);
+                warn!(actor_id = %chunk.actor_id, lag, version = chunk.policy_version, "dropping stale chunk");
+                continue;
+            }
+            lag_sum += lag as u64;
+            taken += 1;
+            match assembler.as_deref_mut() {
+                Some(a) => {
+                    a.push(&chunk);
+                    steps = a.ready_steps();
+                }
+                None => {
+                    steps += chunk.steps();
+                    chunks.push(chunk);
+                }
+            }
+        }
+        let (batch, layout) = match assembler {
+            Some(a) => {
+                let (b, l) = episodes_batch(&a.take_ready(), self.model.obs_dim());
+                (b, Some(l))
+            }
+            None => (Batch::from_chunks(&chunks), None),
+        };
+        Some(Gathered {
+            batch,
+            layout,
+            lag_mean: lag_sum as f64 / taken.max(1) as f64,
+        })
+    }
+
+    /// `learner.lr`, annealed linearly over the step budget to 5% of it when
+    /// `learner.lr_anneal` is on.
+    fn scheduled_lr(&self) -> f64 {
+        let lc = &self.config.learner;
+        if self.config.stop.env_steps > 0 && lc.lr_anneal {
+            let done = self.shared.env_steps.load(Ordering::Relaxed) as f64
+                / self.config.stop.env_steps as f64;
+            lc.lr * (1.0 - done).max(0.05)
+        } else {
+            lc.lr
+        }
+    }
+
+    /// The metrics row of the update just made (time, rate and group counts are the
+    /// caller's); publishes the reward model's figures to the shared state too.
+    fn metrics_row(
+        &self,
+        gathered: &Gathered,
+        stats: &UpdateStats,
+        ep: &EpisodeStats,
+        lr: f64,
+    ) -> MetricsRow {
+        let (rm_version, rm_labels, rm_loss) = self.intrinsic.as_ref().map_or((0, 0, 0.0), |t| {
+            (t.version(), t.label_count() as u64, t.loss())
+        });
+        let shared = &self.shared;
+        shared.set_reward_model_loss(rm_loss);
+        shared
+            .reward_model_version
+            .store(rm_version, Ordering::Relaxed);
+        shared.reward_labels.store(rm_labels, Ordering::Relaxed);
+        shared.set_intrinsic_reward_mean(stats.intrinsic_reward_mean);
+        let counts = &shared.counts;
+        MetricsRow {
+            env_steps: shared.env_steps.load(Ordering::Relaxed),
+            episode_return_mean: ep.return_mean,
+            episode_len_mean: ep.len_mean,
+            success_rate: ep.success_rate,
+            episodes: ep.total,
+            policy_version: self.version,
+            updates: self.updates,
+            policy_lag_mean: gathered.lag_mean,
+            dropped_stale_chunks: counts.stale_chunks.load(Ordering::Relaxed),
+            env_steps_received: counts.received.load(Ordering::Relaxed),
+            dropped_steps_stale: counts.stale_steps.load(Ordering::Relaxed),
+            dropped_steps_incarnation: counts.incarnation_steps.load(Ordering::Relaxed),
+            dropped_steps_malformed: counts.malformed_steps.load(Ordering::Relaxed),
+            learner_incarnation: shared.incarnation,
+            queue_depth: (self.rx.len()) as u32,
+            connected_actors: shared.connected_actors.load(Ordering::Relaxed),
+            lr,
+            policy_loss: stats.policy_loss,
+            value_loss: stats.value_loss,
+            entropy: stats.entropy,
+            clip_fraction: stats.clip_fraction,
+            behaviour_kl: stats.behaviour_kl,
+            grad_norm: stats.grad_norm,
+            approx_kl: stats.approx_kl,
+            minibatch_steps: stats.steps as u64,
+            intrinsic_reward_mean: stats.intrinsic_reward_mean,
+            reward_model_version: rm_version,
+            reward_labels: rm_labels,
+            reward_model_loss: rm_loss,
+            batch_steps: gathered.batch.len() as u64,
+            judge: self
+                .intrinsic
+                .as_ref()
+                .and_then(|t| t.service_status())
+                .map(|s| crate::metrics::JudgeMetrics::from(&s)),
+            ..Default::default()
+        }
+    }
+
+    /// The step budget is spent, or the mean return over a full window reached
+    /// `stop.target_return`.
+    fn reached_goal(&self, env_steps: u64, ep: &EpisodeStats) -> bool {
+        let budget = self.config.stop.env_steps;
+        let target = self.config.stop.target_return;
+        if budget > 0 && env_steps >= budget {
+            info!(env_steps, "env step budget reached");
+            return true;
+        }
+        if target > 0.0 && ep.window >= crate::state::EPISODE_WINDOW && ep.return_mean >= target {
+            info!(
+                env_steps,
+                return_mean = ep.return_mean,
+                "target return reached"
+            );
+            return true;
+        }
+        false
     }
 
     /// UI-S1's advantages per step: `uis1` combines the step-level and episode-level
@@ -419,13 +407,14 @@ impl Trainer {
     fn update(&mut self, batch: &Batch, layout: Option<&GroupLayout>) -> UpdateStats {
         let lc = &self.config.learner;
         let dev = self.model.device();
-        let (t_len, w) = (batch.rollout_len, batch.width);
+        let t_len = batch.rollout_len;
         let n = batch.len() as i64;
-        let to_dev = |v: &[f32], rows: i64| Tensor::from_slice(v).view([rows, -1]).to_device(dev);
-        let obs_all = to_dev(&batch.observations, ((t_len + 1) * w) as i64);
-        let obs = obs_all.narrow(0, 0, n);
-        let actions = Tensor::from_slice(&batch.actions).to_device(dev);
-
+        let obs_all = to_dev(&batch.observations, ((t_len + 1) * batch.width) as i64, dev);
+        let inputs = Inputs {
+            obs: obs_all.narrow(0, 0, n),
+            obs_all,
+            actions: Tensor::from_slice(&batch.actions).to_device(dev),
+        };
         // A recurrent policy trains on whole sequences: a chunk batch's columns (its
         // targets reach one step further, to the bootstrap row), or the episodes of
         // a grouped batch.
@@ -439,37 +428,7 @@ impl Trainer {
                 (Sequences::episodes(l, s), Sequences::episodes(l, s))
             }
         });
-
-        // Targets with the current critic and policy, no gradients.
-        let (values_obs, values_final, target_lp) = match &sequences {
-            None => tch::no_grad(|| {
-                let v = to_vec(&self.model.values(&obs_all));
-                let vf = if batch.truncated_count() > 0 {
-                    let f = to_dev(&batch.final_observations, batch.truncated_count() as i64);
-                    to_vec(&self.model.values(&f))
-                } else {
-                    Vec::new()
-                };
-                let lp = self
-                    .model
-                    .logits(&obs)
-                    .log_softmax(-1, Kind::Float)
-                    .gather(1, &actions.unsqueeze(1), false)
-                    .squeeze_dim(1);
-                (v, vf, to_vec(&lp))
-            }),
-            Some((all, _)) => tch::no_grad(|| {
-                let final_obs = (batch.truncated_count() > 0)
-                    .then(|| to_dev(&batch.final_observations, batch.truncated_count() as i64));
-                let t = sequence_targets(&self.model, batch, all, &obs_all, final_obs, &actions);
-                (
-                    to_vec(&t.values),
-                    to_vec(&t.values_final),
-                    to_vec(&t.log_probs),
-                )
-            }),
-        };
-        let next_values = batch.next_values(&values_obs, &values_final);
+        let estimates = self.estimates(batch, &inputs, sequences.as_ref().map(|(all, _)| all));
         let (rewards, intrinsic_mean) = match &self.intrinsic {
             Some(table) => table.mix(
                 &batch.rewards,
@@ -479,20 +438,111 @@ impl Trainer {
             ),
             None => (batch.rewards.clone(), 0.0),
         };
-        let log_rhos: Vec<f32> = target_lp
+        let log_rhos: Vec<f32> = estimates
+            .log_probs
             .iter()
             .zip(&batch.behaviour_log_probs)
             .map(|(a, b)| a - b)
             .collect();
-        let (pg_advantages, value_targets) = match lc.advantage {
+        let (pg_advantages, value_targets) =
+            self.advantages(batch, layout, &rewards, &log_rhos, &estimates);
+        // Decoupled PPO: the ratio is taken against the proximal policy (these
+        // weights before this update); with V-trace, its truncated importance weights
+        // inside the advantages correct for the older behaviour policy.
+        let terms = LossTerms {
+            proximal: Tensor::from_slice(&estimates.log_probs).to_device(dev),
+            advantages: Tensor::from_slice(&pg_advantages).to_device(dev),
+            targets: Tensor::from_slice(&value_targets).to_device(dev),
+            experts: expert_actions(batch, lc.imitation_coef, dev),
+        };
+        let mut stats = UpdateStats {
+            intrinsic_reward_mean: intrinsic_mean,
+            behaviour_kl: -log_rhos.iter().map(|&x| x as f64).sum::<f64>()
+                / log_rhos.len().max(1) as f64,
+            ..Default::default()
+        };
+        'epochs: for _ in 0..lc.epochs {
+            let train = sequences.as_ref().map(|(_, train)| train);
+            for minibatch in self.minibatches(n, train) {
+                if self.train_minibatch(minibatch, &inputs, &terms, &mut stats) {
+                    stats.stopped_early = true;
+                    break 'epochs;
+                }
+            }
+        }
+        let k = stats.steps.max(1) as f64;
+        stats.policy_loss /= k;
+        stats.value_loss /= k;
+        stats.entropy /= k;
+        stats.clip_fraction /= k;
+        stats
+    }
+
+    /// Values of every observation row and of the truncated steps' final
+    /// observations, and log-probabilities of the batch's actions, with the current
+    /// critic and policy and without gradients (through the sequences `all` for a
+    /// recurrent policy).
+    fn estimates(&self, batch: &Batch, inputs: &Inputs, all: Option<&Sequences>) -> Estimates {
+        let dev = self.model.device();
+        let k = batch.truncated_count() as i64;
+        let final_obs = (k > 0).then(|| to_dev(&batch.final_observations, k, dev));
+        tch::no_grad(|| match all {
+            None => {
+                let log_probs = self
+                    .model
+                    .logits(&inputs.obs)
+                    .log_softmax(-1, Kind::Float)
+                    .gather(1, &inputs.actions.unsqueeze(1), false)
+                    .squeeze_dim(1);
+                Estimates {
+                    values: to_vec(&self.model.values(&inputs.obs_all)),
+                    values_final: final_obs
+                        .map_or_else(Vec::new, |f| to_vec(&self.model.values(&f))),
+                    log_probs: to_vec(&log_probs),
+                }
+            }
+            Some(all) => {
+                let t = sequence_targets(
+                    &self.model,
+                    batch,
+                    all,
+                    &inputs.obs_all,
+                    final_obs,
+                    &inputs.actions,
+                );
+                Estimates {
+                    values: to_vec(&t.values),
+                    values_final: to_vec(&t.values_final),
+                    log_probs: to_vec(&t.log_probs),
+                }
+            }
+        })
+    }
+
+    /// The policy's advantages and the critic's targets for `rewards` (mixed), by
+    /// the configured estimator: V-trace (grouped estimators replace only its policy
+    /// advantages) or GAE.
+    fn advantages(
+        &self,
+        batch: &Batch,
+        layout: Option<&GroupLayout>,
+        rewards: &[f32],
+        log_rhos: &[f32],
+        estimates: &Estimates,
+    ) -> (Vec<f32>, Vec<f32>) {
+        let lc = &self.config.learner;
+        let (t_len, w) = (batch.rollout_len, batch.width);
+        let values = &estimates.values[..batch.len()];
+        let next_values = batch.next_values(&estimates.values, &estimates.values_final);
+        match lc.advantage {
             AdvantageKind::Vtrace | AdvantageKind::Uis1 | AdvantageKind::Hybrid => {
                 let vt = vtrace(
                     &VTraceInput {
                         rollout_len: t_len,
                         batch: w,
-                        log_rhos: &log_rhos,
-                        rewards: &rewards,
-                        values: &values_obs[..batch.len()],
+                        log_rhos,
+                        rewards,
+                        values,
                         next_values: &next_values,
                         terminated: &batch.terminated,
                         truncated: &batch.truncated,
@@ -509,7 +559,7 @@ impl Trainer {
                     // The critic learns V-trace targets in every mode; only the
                     // policy's advantages differ.
                     Some(layout) => (
-                        self.group_advantages(&rewards, &vt.pg_advantages, layout),
+                        self.group_advantages(rewards, &vt.pg_advantages, layout),
                         vt.vs,
                     ),
                     None => (vt.pg_advantages, vt.vs),
@@ -519,8 +569,8 @@ impl Trainer {
                 &GaeInput {
                     rollout_len: t_len,
                     batch: w,
-                    rewards: &rewards,
-                    values: &values_obs[..batch.len()],
+                    rewards,
+                    values,
                     next_values: &next_values,
                     terminated: &batch.terminated,
                     truncated: &batch.truncated,
@@ -528,146 +578,251 @@ impl Trainer {
                 lc.gamma as f32,
                 lc.lambda as f32,
             ),
+        }
+    }
+
+    /// One epoch's minibatches: shuffled steps of `n`, or shuffled whole sequences
+    /// of `train` for a recurrent policy.
+    fn minibatches(&self, n: i64, train: Option<&Sequences>) -> Vec<Minibatch> {
+        let parts = self.config.learner.minibatches as usize;
+        let dev = self.model.device();
+        match train {
+            None => {
+                let mb = (n / parts as i64).max(1);
+                let perm = Tensor::randperm(n, (Kind::Int64, dev));
+                (0..(n / mb))
+                    .map(|m| Minibatch::Steps(perm.narrow(0, m * mb, mb)))
+                    .collect()
+            }
+            Some(train) => {
+                let j = train.len();
+                let seq_mb = (j / parts).max(1);
+                let perm =
+                    Vec::<i64>::try_from(Tensor::randperm(j as i64, (Kind::Int64, Device::Cpu)))
+                        .expect("an i64 tensor converts to Vec<i64>");
+                let perm: Vec<usize> = perm.iter().map(|&q| q as usize).collect();
+                perm.chunks_exact(seq_mb)
+                    .map(|which| Minibatch::Sequences(train.pad(which, dev)))
+                    .collect()
+            }
+        }
+    }
+
+    /// One optimizer step on `minibatch`, added to `stats`; true when the policy
+    /// moved too far from the proximal one (`learner.target_kl`) and the update
+    /// stops. A minibatch whose loss is not finite is skipped.
+    fn train_minibatch(
+        &mut self,
+        minibatch: Minibatch,
+        inputs: &Inputs,
+        terms: &LossTerms,
+        stats: &mut UpdateStats,
+    ) -> bool {
+        let lc = &self.config.learner;
+        let (idx, eval) = match minibatch {
+            Minibatch::Steps(idx) => {
+                let eval = self.model.evaluate(
+                    &inputs.obs.index_select(0, &idx),
+                    &inputs.actions.index_select(0, &idx),
+                );
+                (idx, eval)
+            }
+            Minibatch::Sequences(p) => {
+                let u = self.model.unroll(
+                    &inputs.obs_all.index_select(0, &p.index),
+                    &p.initial,
+                    &p.resets,
+                );
+                let eval = ActorCritic::evaluation(
+                    &p.pick(&u.logits),
+                    p.pick(&u.values),
+                    &inputs.actions.index_select(0, &p.flat),
+                );
+                (p.flat, eval)
+            }
         };
-        // Decoupled PPO: the ratio is taken against the proximal policy (these
-        // weights before this update); with V-trace, its truncated importance weights
-        // inside the advantages correct for the older behaviour policy.
-        let proximal = Tensor::from_slice(&target_lp).to_device(dev);
-        let advantages = Tensor::from_slice(&pg_advantages).to_device(dev);
-        let targets = Tensor::from_slice(&value_targets).to_device(dev);
+        let adv = terms.advantages.index_select(0, &idx);
+        // Scale by the spread, but never blow near-zero advantages (a batch without
+        // any reward) up into unit-size noise.
+        let std = adv.std(true).clamp_min(lc.advantage_std_floor);
+        let adv = (&adv - adv.mean(Kind::Float)) / std;
         let params = PpoParams {
             clip_eps: lc.clip_eps,
             value_coef: lc.value_coef,
             entropy_coef: lc.entropy_coef,
         };
-
-        // Patched steps of a replay env: imitate the expert's action there.
-        let experts = (!batch.expert_actions.is_empty() && lc.imitation_coef > 0.0).then(|| {
-            let mask: Vec<f32> = batch
-                .expert_actions
-                .iter()
-                .map(|&a| (a >= 0) as u8 as f32)
-                .collect();
-            let acts: Vec<i64> = batch.expert_actions.iter().map(|&a| a.max(0)).collect();
-            (
-                Tensor::from_slice(&acts).to_device(dev),
-                Tensor::from_slice(&mask).to_device(dev),
-            )
-        });
-        let mb = (n / lc.minibatches as i64).max(1);
-        // Recurrent: minibatches of whole sequences.
-        let seq_mb = sequences
-            .as_ref()
-            .map_or(1, |(_, s)| (s.len() / lc.minibatches as usize).max(1));
-        let mut stats = UpdateStats {
-            intrinsic_reward_mean: intrinsic_mean,
-            behaviour_kl: -log_rhos.iter().map(|&x| x as f64).sum::<f64>()
-                / log_rhos.len().max(1) as f64,
-            ..Default::default()
+        let loss = ppo_loss(
+            &eval.log_probs,
+            &terms.proximal.index_select(0, &idx),
+            &adv,
+            &eval.values,
+            &terms.targets.index_select(0, &idx),
+            &eval.entropy,
+            &params,
+        );
+        let loss_total = match &terms.experts {
+            Some((acts, mask)) => {
+                let m = mask.index_select(0, &idx);
+                let lp = eval
+                    .all_log_probs
+                    .gather(1, &acts.index_select(0, &idx).unsqueeze(1), false)
+                    .squeeze_dim(1);
+                let imitation = -(lp * &m).sum(Kind::Float) / m.sum(Kind::Float).clamp_min(1.0);
+                &loss.total + imitation * lc.imitation_coef
+            }
+            None => loss.total.shallow_clone(),
         };
-        'epochs: for _ in 0..lc.epochs {
-            let minibatches: Vec<Minibatch> = match &sequences {
-                None => {
-                    let perm = Tensor::randperm(n, (Kind::Int64, dev));
-                    (0..(n / mb))
-                        .map(|m| Minibatch::Steps(perm.narrow(0, m * mb, mb)))
-                        .collect()
-                }
-                Some((_, train)) => {
-                    let j = train.len();
-                    let perm = Vec::<i64>::try_from(Tensor::randperm(
-                        j as i64,
-                        (Kind::Int64, Device::Cpu),
-                    ))
-                    .expect("an i64 tensor converts to Vec<i64>");
-                    let perm: Vec<usize> = perm.iter().map(|&q| q as usize).collect();
-                    perm.chunks_exact(seq_mb)
-                        .map(|which| Minibatch::Sequences(train.pad(which, dev)))
-                        .collect()
-                }
+        if !loss_total.double_value(&[]).is_finite() {
+            warn!(
+                version = self.version,
+                "skipping a minibatch with a non-finite loss"
+            );
+            return false;
+        }
+        self.opt.zero_grad();
+        loss_total.backward();
+        let norm = self.opt.clip_grad_norm(lc.max_grad_norm);
+        if stats.steps == 0 {
+            stats.grad_norm = norm;
+        }
+        self.opt.step();
+        stats.policy_loss += loss.policy;
+        stats.value_loss += loss.value;
+        stats.entropy += loss.entropy;
+        stats.clip_fraction += loss.clip_fraction;
+        stats.approx_kl = loss.approx_kl;
+        stats.steps += 1;
+        lc.target_kl > 0.0 && loss.approx_kl > 1.5 * lc.target_kl
+    }
+}
+
+/// A batch's observations and actions on the policy's device.
+struct Inputs {
+    /// `[(T + 1) * width, obs_dim]`: every step's observation and the bootstrap row.
+    obs_all: Tensor,
+    /// `[T * width, obs_dim]`: the observations actions were taken in.
+    obs: Tensor,
+    actions: Tensor,
+}
+
+/// The current policy's and critic's view of a batch, before the update.
+struct Estimates {
+    values: Vec<f32>,
+    values_final: Vec<f32>,
+    log_probs: Vec<f32>,
+}
+
+/// What the loss compares against, per step, on the policy's device.
+struct LossTerms {
+    /// Log-probabilities under the proximal policy (before this update).
+    proximal: Tensor,
+    advantages: Tensor,
+    /// The critic's targets.
+    targets: Tensor,
+    /// The expert's actions and where there is one (patched replay steps).
+    experts: Option<(Tensor, Tensor)>,
+}
+
+/// Patched steps of a replay env: the expert's actions and a mask of where there is
+/// one, to imitate (nothing when the batch has none or imitation is off).
+fn expert_actions(batch: &Batch, imitation_coef: f64, dev: Device) -> Option<(Tensor, Tensor)> {
+    if batch.expert_actions.is_empty() || imitation_coef <= 0.0 {
+        return None;
+    }
+    let mask: Vec<f32> = batch
+        .expert_actions
+        .iter()
+        .map(|&a| (a >= 0) as u8 as f32)
+        .collect();
+    let acts: Vec<i64> = batch.expert_actions.iter().map(|&a| a.max(0)).collect();
+    Some((
+        Tensor::from_slice(&acts).to_device(dev),
+        Tensor::from_slice(&mask).to_device(dev),
+    ))
+}
+
+fn to_dev(v: &[f32], rows: i64, dev: Device) -> Tensor {
+    Tensor::from_slice(v).view([rows, -1]).to_device(dev)
+}
+
+/// A batch ready to train on, and the policy lag of the chunks it came from.
+struct Gathered {
+    batch: Batch,
+    layout: Option<GroupLayout>,
+    lag_mean: f64,
+}
+
+/// Env steps per second, an exponential average over updates.
+struct Throughput {
+    last: (Instant, u64),
+    rate: f64,
+}
+
+impl Throughput {
+    fn new(env_steps: u64) -> Self {
+        Self {
+            last: (Instant::now(), env_steps),
+            rate: 0.0,
+        }
+    }
+
+    /// Folds in the steps since the last tick; returns the average.
+    fn tick(&mut self, env_steps: u64) -> f64 {
+        let now = Instant::now();
+        let dt = now.duration_since(self.last.0).as_secs_f64();
+        if dt > 0.0 {
+            let inst = (env_steps - self.last.1) as f64 / dt;
+            self.rate = if self.rate == 0.0 {
+                inst
+            } else {
+                0.8 * self.rate + 0.2 * inst
             };
-            for minibatch in minibatches {
-                let (idx, eval) = match minibatch {
-                    Minibatch::Steps(idx) => {
-                        let eval = self
-                            .model
-                            .evaluate(&obs.index_select(0, &idx), &actions.index_select(0, &idx));
-                        (idx, eval)
-                    }
-                    Minibatch::Sequences(p) => {
-                        let u = self.model.unroll(
-                            &obs_all.index_select(0, &p.index),
-                            &p.initial,
-                            &p.resets,
-                        );
-                        let eval = ActorCritic::evaluation(
-                            &p.pick(&u.logits),
-                            p.pick(&u.values),
-                            &actions.index_select(0, &p.flat),
-                        );
-                        (p.flat, eval)
-                    }
-                };
-                let adv = advantages.index_select(0, &idx);
-                // Scale by the spread, but never blow near-zero advantages (a batch
-                // without any reward) up into unit-size noise.
-                let std = adv.std(true).clamp_min(lc.advantage_std_floor);
-                let adv = (&adv - adv.mean(Kind::Float)) / std;
-                let loss = ppo_loss(
-                    &eval.log_probs,
-                    &proximal.index_select(0, &idx),
-                    &adv,
-                    &eval.values,
-                    &targets.index_select(0, &idx),
-                    &eval.entropy,
-                    &params,
-                );
-                let loss_total = match &experts {
-                    Some((acts, mask)) => {
-                        let m = mask.index_select(0, &idx);
-                        let lp = eval
-                            .all_log_probs
-                            .gather(1, &acts.index_select(0, &idx).unsqueeze(1), false)
-                            .squeeze_dim(1);
-                        let imitation =
-                            -(lp * &m).sum(Kind::Float) / m.sum(Kind::Float).clamp_min(1.0);
-                        &loss.total + imitation * lc.imitation_coef
-                    }
-                    None => loss.total.shallow_clone(),
-                };
-                let total = loss_total.double_value(&[]);
-                if !total.is_finite() {
-                    warn!(
-                        version = self.version,
-                        "skipping a minibatch with a non-finite loss"
-                    );
-                    continue;
-                }
-                self.opt.zero_grad();
-                loss_total.backward();
-                let norm = self.opt.clip_grad_norm(lc.max_grad_norm);
-                if stats.steps == 0 {
-                    stats.grad_norm = norm;
-                }
-                self.opt.step();
-                stats.policy_loss += loss.policy;
-                stats.value_loss += loss.value;
-                stats.entropy += loss.entropy;
-                stats.clip_fraction += loss.clip_fraction;
-                stats.approx_kl = loss.approx_kl;
-                stats.steps += 1;
-                if lc.target_kl > 0.0 && loss.approx_kl > 1.5 * lc.target_kl {
-                    stats.stopped_early = true;
-                    break 'epochs;
-                }
+        }
+        self.last = (now, env_steps);
+        self.rate
+    }
+}
+
+/// Where every update's metrics row goes: `metrics.jsonl`, TensorBoard (when its
+/// file could be made) and the Prometheus gauges.
+struct Logs {
+    metrics: MetricsWriter,
+    tensorboard: Option<crate::tensorboard::TensorBoard>,
+}
+
+impl Logs {
+    fn open(run_dir: &std::path::Path) -> Result<Self, LearnerError> {
+        let metrics = MetricsWriter::open(&run_dir.join("metrics.jsonl")).map_err(|source| {
+            LearnerError::RunDir {
+                path: run_dir.display().to_string(),
+                source,
+            }
+        })?;
+        // TensorBoard is a convenience: a run without it still trains and logs.
+        let tensorboard = match crate::tensorboard::TensorBoard::create(run_dir) {
+            Ok(tb) => Some(tb),
+            Err(e) => {
+                warn!(error = %e, "no TensorBoard event file for this run");
+                None
+            }
+        };
+        Ok(Self {
+            metrics,
+            tensorboard,
+        })
+    }
+
+    fn write(&mut self, row: &MetricsRow) {
+        spur_core::prom::publish("spur_learner", row);
+        if let Some(tb) = self.tensorboard.as_mut() {
+            if let Err(e) = tb.write(row.env_steps as i64, row) {
+                warn!(error = %e, "cannot write the TensorBoard event file, stopping it");
+                self.tensorboard = None;
             }
         }
-        let k = stats.steps.max(1) as f64;
-        stats.policy_loss /= k;
-        stats.value_loss /= k;
-        stats.entropy /= k;
-        stats.clip_fraction /= k;
-        stats
+        if let Err(e) = self.metrics.write(row) {
+            warn!(error = %e, "cannot write metrics.jsonl");
+        }
     }
 }
 
