@@ -21,7 +21,6 @@ use spur_core::config::{JudgeKind, RewardModelKind};
 use spur_proto::v1::reward_service_client::RewardServiceClient;
 use spur_proto::v1::{RewardServiceStatus, RewardStatusRequest, TextBatch};
 use tokio::net::TcpListener;
-use tokio::sync::oneshot;
 
 use crate::ConfigArgs;
 
@@ -125,40 +124,18 @@ pub async fn annotator(args: AnnotatorArgs) -> anyhow::Result<std::process::Exit
         r.batch_size,
         args.texts
     );
-    let (stop, stopped) = oneshot::channel::<()>();
-    let listener = TcpListener::bind("127.0.0.1:0").await?;
-    let addr = format!("http://{}", listener.local_addr()?);
-    let opts = spur_reward_service::ServiceOptions {
-        root: std::path::PathBuf::from("."),
-        run_dir: None,
-    };
-    let service = tokio::spawn(spur_reward_service::serve(
-        config.clone(),
-        opts,
-        listener,
-        async {
-            let _ = stopped.await;
-        },
-    ));
-    let mut client = connect(&addr).await?;
+    let service =
+        spur_reward_service::InProcess::start(config.clone(), std::path::PathBuf::from("."))
+            .await?;
+    let addr = service.addr.clone();
+    let mut client = RewardServiceClient::connect(addr).await?;
     // The service answers GetStatus once its label store is open.
     client.get_status(RewardStatusRequest {}).await?;
     let (labelled, elapsed) = label_all(&mut client, args.texts).await?;
-    let _ = stop.send(());
-    service.await??;
+    service.stop().await?;
     let _ = std::fs::remove_dir_all(&dir);
     report(&judge, &labelled, elapsed, cap, args.texts);
     Ok(std::process::ExitCode::SUCCESS)
-}
-
-async fn connect(addr: &str) -> anyhow::Result<RewardServiceClient<tonic::transport::Channel>> {
-    for _ in 0..200 {
-        if let Ok(c) = RewardServiceClient::connect(addr.to_string()).await {
-            return Ok(c);
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    anyhow::bail!("the reward service at {addr} never answered")
 }
 
 /// Submits `n` unique texts and waits until every one is labelled; returns the

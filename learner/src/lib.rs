@@ -367,16 +367,8 @@ pub async fn serve(
         .transpose()?;
     let health_listener =
         bind_health("learner.health_listen", &config.learner.health_listen).await?;
-    let Start {
-        model,
-        opt,
-        shared,
-        intrinsic,
-        spec,
-        version,
-        updates,
-        time_offset_s,
-    } = start(&config, &opts).await?;
+    let started = start(&config, &opts).await?;
+    let shared = started.shared.clone();
 
     let lc = &config.learner;
     let tasks = TaskTracker::new();
@@ -384,8 +376,12 @@ pub async fn serve(
     let weights_stop = CancellationToken::new();
     let broadcaster = Broadcaster::new(
         Published {
-            version,
-            bytes: Arc::new(model.to_safetensors(version, &Default::default())?),
+            version: started.version,
+            bytes: Arc::new(
+                started
+                    .model
+                    .to_safetensors(started.version, &Default::default())?,
+            ),
             finished: false,
         },
         lc.weights_chunk_bytes as usize,
@@ -397,11 +393,11 @@ pub async fn serve(
     let service = LearnerService {
         shared: shared.clone(),
         queue: queue_tx,
-        expect: expectation(&config, &spec, model.state_size()),
+        expect: expectation(&config, &started.spec, started.model.state_size()),
         broadcaster: broadcaster.clone(),
         tasks: tasks.clone(),
     };
-    if let (Some(table), Some(client)) = (&intrinsic, reward_client) {
+    if let (Some(table), Some(client)) = (&started.intrinsic, reward_client) {
         tasks.spawn(intrinsic::subscribe(
             client,
             table.clone(),
@@ -409,16 +405,16 @@ pub async fn serve(
         ));
     }
     let trainer = Trainer {
-        intrinsic,
+        intrinsic: started.intrinsic,
         config: config.clone(),
         run_dir: run_dir.clone(),
-        model,
-        spec,
-        version,
-        updates,
-        opt,
-        time_offset_s,
-        shared: shared.clone(),
+        model: started.model,
+        spec: started.spec,
+        version: started.version,
+        updates: started.updates,
+        opt: started.opt,
+        time_offset_s: started.time_offset_s,
+        shared: started.shared,
         broadcaster,
         rx: queue_rx,
         rt: tokio::runtime::Handle::current(),

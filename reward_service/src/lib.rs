@@ -131,6 +131,45 @@ pub async fn run(
     serve(config, opts, listener, shutdown).await
 }
 
+/// A reward service running in this process on a free loopback port, for
+/// benchmarks and tests; [`InProcess::stop`] shuts it down as SIGTERM would.
+pub struct InProcess {
+    /// `http://127.0.0.1:<port>`.
+    pub addr: String,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    handle: tokio::task::JoinHandle<Result<(), ServiceError>>,
+}
+
+impl InProcess {
+    /// Binds `127.0.0.1:0` and starts serving `config` (paths resolved from `root`).
+    /// It is ready once its health service reports SERVING.
+    pub async fn start(config: Config, root: PathBuf) -> std::io::Result<Self> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = format!("http://{}", listener.local_addr()?);
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let opts = ServiceOptions {
+            root,
+            run_dir: None,
+        };
+        let handle = tokio::spawn(serve(config, opts, listener, async {
+            let _ = stopped.await;
+        }));
+        Ok(Self {
+            addr,
+            stop: Some(stop),
+            handle,
+        })
+    }
+
+    /// Asks the service to stop and waits until it has (labels in flight committed).
+    pub async fn stop(mut self) -> Result<(), ServiceError> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        (&mut self.handle).await?
+    }
+}
+
 /// Serves on a bound listener until `shutdown`.
 ///
 /// Health says NOT_SERVING while the label store loads (off the async threads) and

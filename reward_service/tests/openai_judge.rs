@@ -16,8 +16,6 @@ use spur_core::config::{Config, JudgeKind, RewardModelKind};
 use spur_proto::v1::reward_service_client::RewardServiceClient;
 use spur_proto::v1::{RewardModelRequest, RewardServiceStatus, RewardStatusRequest, TextBatch};
 use spur_reward_service::store::LabelStore;
-use spur_reward_service::ServiceOptions;
-use tokio::sync::oneshot;
 use tonic::transport::Channel;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
@@ -159,28 +157,16 @@ async fn start_stub(script: Vec<Act>) -> (String, Arc<Stub>) {
 
 struct Service {
     client: RewardServiceClient<Channel>,
-    stop: Option<oneshot::Sender<()>>,
-    handle: tokio::task::JoinHandle<Result<(), spur_reward_service::ServiceError>>,
+    service: spur_reward_service::InProcess,
 }
 
 impl Service {
     async fn start(config: &Config) -> Self {
         let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = format!("http://{}", listener.local_addr().unwrap());
-        let (stop, stopped) = oneshot::channel::<()>();
-        let opts = ServiceOptions {
-            root,
-            run_dir: None,
-        };
-        let handle = tokio::spawn(spur_reward_service::serve(
-            config.clone(),
-            opts,
-            listener,
-            async {
-                let _ = stopped.await;
-            },
-        ));
+        let service = spur_reward_service::InProcess::start(config.clone(), root)
+            .await
+            .unwrap();
+        let addr = service.addr.clone();
         let channel = Channel::from_shared(addr).unwrap().connect().await.unwrap();
         // Ready once health says so: the label store is loaded by then.
         let mut health = HealthClient::new(channel.clone());
@@ -199,8 +185,7 @@ impl Service {
         assert!(serving, "the reward service never became ready");
         Self {
             client: RewardServiceClient::new(channel),
-            stop: Some(stop),
-            handle,
+            service,
         }
     }
 
@@ -238,9 +223,8 @@ impl Service {
         panic!("timed out waiting for {what}: {:?}", self.status().await);
     }
 
-    async fn stop(mut self) {
-        let _ = self.stop.take().unwrap().send(());
-        self.handle.await.unwrap().unwrap();
+    async fn stop(self) {
+        self.service.stop().await.unwrap();
     }
 }
 

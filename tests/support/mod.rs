@@ -147,8 +147,7 @@ async fn wait_health(transport: &Transport, addr: &str, service: &str) -> anyhow
 /// (paths relative to the repository root).
 pub struct TestRewardService {
     pub addr: String,
-    pub handle: JoinHandle<Result<(), spur_reward_service::ServiceError>>,
-    stop: Option<oneshot::Sender<()>>,
+    service: spur_reward_service::InProcess,
 }
 
 impl TestRewardService {
@@ -156,29 +155,12 @@ impl TestRewardService {
     /// it, and waits until its health service reports SERVING (label store loaded).
     pub async fn start(config: &mut Config) -> anyhow::Result<Self> {
         let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
-        let addr = format!("http://{}", listener.local_addr()?);
+        let service = spur_reward_service::InProcess::start(config.clone(), root).await?;
+        let addr = service.addr.clone();
         config.reward_service.addr = addr.clone();
-        let (stop, stopped) = oneshot::channel::<()>();
-        let opts = spur_reward_service::ServiceOptions {
-            root,
-            run_dir: None,
-        };
-        let handle = tokio::spawn(spur_reward_service::serve(
-            config.clone(),
-            opts,
-            listener,
-            async {
-                let _ = stopped.await;
-            },
-        ));
         let plain = Transport::from_config(&Default::default())?;
         wait_health(&plain, &addr, "spur.v1.RewardService").await?;
-        Ok(Self {
-            addr,
-            handle,
-            stop: Some(stop),
-        })
+        Ok(Self { addr, service })
     }
 
     pub async fn client(&self) -> anyhow::Result<RewardServiceClient<Channel>> {
@@ -186,11 +168,8 @@ impl TestRewardService {
     }
 
     /// Asks the service to stop and waits for it to finish.
-    pub async fn stop(mut self) -> anyhow::Result<()> {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-        Ok(self.handle.await??)
+    pub async fn stop(self) -> anyhow::Result<()> {
+        Ok(self.service.stop().await?)
     }
 }
 
