@@ -10,9 +10,9 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use spur_core::config::{Config, EnvKind};
-use spur_core::env::remote::{python, BridgeProcess};
-use spur_core::env::{EnvBatch, RemoteBatch, StepOutcome};
+use spur_core::env::{EnvBatch, StepOutcome};
 use spur_core::EnvError;
+use spur_env_bridge::{python, BridgeProcess, RemoteBatch};
 use spur_proto::v1::env_service_client::EnvServiceClient;
 use spur_proto::v1::{RenderRequest, ResetRequest, RewardStatusRequest, StepRequest};
 use spur_tests::{spawn_actor, tiny_cartpole, TestLearner, TestRewardService};
@@ -456,7 +456,7 @@ async fn nethack_messages_reach_the_reward_service() -> anyhow::Result<()> {
 
     let spec = tokio::task::spawn_blocking({
         let env = config.env.clone();
-        move || spur_core::env::env_spec(&env)
+        move || spur_env_bridge::env_spec(&env)
     })
     .await??;
     let names: Vec<&str> = spec.fields.iter().map(|f| f.name.as_str()).collect();

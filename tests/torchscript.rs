@@ -8,9 +8,10 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use spur_core::config::{CoreKind, ModelArch};
-use spur_core::env::{env_spec, EnvSpec};
+use spur_core::env::EnvSpec;
 use spur_core::model::{reset_ended, ActorCritic};
 use spur_core::Config;
+use spur_env_bridge::env_spec;
 use spur_learner::TrainSummary;
 use spur_tests::{export_model, python, scratch_dir, tiny_cartpole, tiny_memory, train_two_actors};
 use tch::{Device, Tensor};

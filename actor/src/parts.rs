@@ -16,9 +16,9 @@ use std::sync::mpsc;
 use std::thread::JoinHandle;
 
 use spur_core::config::{Config, EnvConfig, EnvKind, SplitEnvs};
-use spur_core::env::remote::Place;
-use spur_core::env::{make_batch, EnvBatch, EnvSpec, RemoteBatch, VecEnv, VecStep};
+use spur_core::env::{EnvBatch, EnvSpec, VecEnv, VecStep};
 use spur_core::EnvError;
+use spur_env_bridge::{make_batch, Place, RemoteBatch};
 
 use crate::error::ActorError;
 

@@ -27,9 +27,10 @@ use clap::Args;
 use rand::Rng;
 use spur_actor::{Rollout, WeightsUpdate};
 use spur_core::config::ModelArch;
-use spur_core::env::{make_batch, VecEnv};
+use spur_core::env::VecEnv;
 use spur_core::model::ActorCritic;
 use spur_core::Config;
+use spur_env_bridge::make_batch;
 use spur_proto::v1::LearnerStatus;
 use tokio::runtime::Handle;
 use tokio::sync::{mpsc, watch};
@@ -101,7 +102,7 @@ fn inference_only(config: &Config, secs: f64) -> anyhow::Result<f64> {
 /// parts, chunk building and all) acting with fresh weights, no learner: counted in
 /// the chunks it makes after its first one (which waits for bridges to start).
 fn rollout_only(config: &Config, secs: f64, rt: Handle) -> anyhow::Result<f64> {
-    let spec = spur_core::env::env_spec(&config.env)?;
+    let spec = spur_env_bridge::env_spec(&config.env)?;
     let model = ActorCritic::for_spec(&spec, &config.model, tch::Device::Cpu)?;
     let bytes = model.to_safetensors(1, &Default::default())?;
     let (_weights_tx, weights) = watch::channel(Some(Arc::new(WeightsUpdate {
@@ -345,7 +346,7 @@ pub struct BridgeArgs {
 
 /// Steps/s of `python -m spur_bridge.bench` (a plain Python loop, random actions).
 fn python_loop(config: &Config, extra: &[&str], secs: f64) -> anyhow::Result<f64> {
-    let python = spur_core::env::remote::python(&config.env);
+    let python = spur_env_bridge::python(&config.env);
     let out = std::process::Command::new(&python)
         .args(["-m", "spur_bridge.bench", "--env-id", &config.env.gym_id])
         .args(["--num-envs", &config.env.num_envs.to_string()])

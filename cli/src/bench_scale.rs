@@ -18,11 +18,11 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 use clap::Args;
-use spur_core::env::env_spec;
 use spur_core::model::{read_metadata, ActorCritic};
 use spur_core::trajectory::Chunk;
 use spur_core::transport::{AuthChannel, Transport};
 use spur_core::Config;
+use spur_env_bridge::env_spec;
 use spur_proto::v1::learner_client::LearnerClient;
 use spur_proto::v1::{StatusRequest, SubscribeWeightsRequest, TrajectoryChunk};
 use spur_proto::MAX_MESSAGE_BYTES;

@@ -8,9 +8,10 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use clap::Args;
-use spur_core::env::{make_batch, Env, EnvBatch, StepOutcome};
+use spur_core::env::{Env, EnvBatch, StepOutcome};
 use spur_core::model::ActorCritic;
 use spur_core::Config;
+use spur_env_bridge::make_batch;
 
 use crate::ConfigArgs;
 
@@ -299,7 +300,7 @@ mod tests {
         config.env.kind = EnvKind::Keyroom;
         config.env.keyroom_size = 5;
         config.env.max_episode_steps = 30;
-        let spec = spur_core::env::env_spec(&config.env).unwrap();
+        let spec = spur_env_bridge::env_spec(&config.env).unwrap();
         let model = ActorCritic::for_spec(&spec, &config.model, tch::Device::Cpu).unwrap();
         let weights = model.to_safetensors(7, &HashMap::new()).unwrap();
         let r = evaluate(&config, &weights, 5, false, 3).unwrap();
@@ -318,7 +319,7 @@ mod tests {
         // Cartpole has no picture.
         let mut cp = Config::from_toml_str("").unwrap();
         cp.env.kind = EnvKind::Cartpole;
-        let spec = spur_core::env::env_spec(&cp.env).unwrap();
+        let spec = spur_env_bridge::env_spec(&cp.env).unwrap();
         let m = ActorCritic::for_spec(&spec, &cp.model, tch::Device::Cpu).unwrap();
         let w = m.to_safetensors(1, &HashMap::new()).unwrap();
         assert!(evaluate(&cp, &w, 2, true, 0).unwrap().rendering.is_none());
@@ -344,7 +345,7 @@ mod tests {
             ],
         )
         .unwrap();
-        let spec = spur_core::env::env_spec(&config.env).unwrap();
+        let spec = spur_env_bridge::env_spec(&config.env).unwrap();
         let m = ActorCritic::for_spec(&spec, &config.model, tch::Device::Cpu).unwrap();
         let w = m.to_safetensors(1, &HashMap::new()).unwrap();
         let r = evaluate(&config, &w, 10, true, 0).unwrap();

@@ -12,6 +12,7 @@
 //! not recover from, or `spur local` not stopping cleanly.
 
 use std::collections::BTreeMap;
+use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{ExitCode, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -511,16 +512,45 @@ struct Report {
 impl Report {
     /// The Markdown tables, the JSON report, and whether every check passed.
     fn render(&self, header: &str, actors: u32) -> (String, serde_json::Value, bool) {
-        use std::fmt::Write as _;
         let mut t = String::new();
         let _ = writeln!(t, "\n{header}, {:.0} s under faults\n", self.elapsed_s);
+        self.memory_table(&mut t);
+        self.kills_table(&mut t);
+        let recovery = self.recovery_table(&mut t);
+        let labels_kept = self.labels_table(&mut t);
+        let l = self.last.clone().unwrap_or_default();
+        self.learner_table(&mut t, &l);
+        let clean = self.exit_code == Some(130);
+        let checks = [
+            (
+                self.faults.iter().all(|f| f.recovery_s.is_some()),
+                "every fault recovered",
+            ),
+            (labels_kept, "no reward service kill lost labels"),
+            (self.last.is_some(), "the learner answered at the end"),
+            (clean, "spur local stopped cleanly on SIGINT (exit 130)"),
+        ];
+        for (ok, what) in checks {
+            let _ = writeln!(t, "{} {what}", if ok { "ok:    " } else { "FAILED:" });
+        }
+        if let Some(code) = self.exit_code.filter(|_| !clean) {
+            let _ = writeln!(t, "spur local exited with {code}");
+        }
+        let passed = checks.iter().all(|c| c.0);
+        (t, self.json(actors, recovery, &l, passed), passed)
+    }
 
+    /// Resident memory of every process at the start and at the end.
+    fn memory_table(&self, t: &mut String) {
         let _ = writeln!(t, "| process | RSS start (MiB) | RSS end (MiB) |");
         let _ = writeln!(t, "|---|---:|---:|");
         for ((name, a), (_, b)) in self.memory_start.iter().zip(&self.memory_end) {
             let _ = writeln!(t, "| {name} | {a:.0} | {b:.0} |");
         }
+    }
 
+    /// Kills and restarts per role.
+    fn kills_table(&self, t: &mut String) {
         let kills = |g: &str| self.faults.iter().filter(|f| group(&f.role) == g).count();
         let _ = writeln!(t, "\n| role | kill -9 | restarts |");
         let _ = writeln!(t, "|---|---:|---:|");
@@ -528,7 +558,11 @@ impl Report {
             let restarts = self.restarts.get(g).copied().unwrap_or(0);
             let _ = writeln!(t, "| {g} | {} | {restarts} |", kills(g));
         }
+    }
 
+    /// Per kind of fault: how many, how many recovered, and the time from the kill to
+    /// the next policy version; returns the same figures for the JSON report.
+    fn recovery_table(&self, t: &mut String) -> serde_json::Map<String, serde_json::Value> {
         let _ = writeln!(
             t,
             "\n| fault | count | recovered | kill to next policy version, p50 (s) | max (s) |"
@@ -559,10 +593,14 @@ impl Report {
                 json!({"count": records.len(), "recovered": times.len(), "p50_s": p50, "max_s": max}),
             );
         }
+        kinds_json
+    }
 
+    /// Labels before and after each reward service kill; returns whether every kill
+    /// kept them.
+    fn labels_table(&self, t: &mut String) -> bool {
         let label_kills: Vec<(u64, Option<u64>)> =
             self.faults.iter().filter_map(|f| f.labels).collect();
-        let labels_kept = label_kills.iter().all(|&(b, a)| a.is_some_and(|a| a >= b));
         if !label_kills.is_empty() {
             let _ = writeln!(
                 t,
@@ -574,8 +612,11 @@ impl Report {
                 let _ = writeln!(t, "| {} | {b} | {a} |", i + 1);
             }
         }
+        label_kills.iter().all(|&(b, a)| a.is_some_and(|a| a >= b))
+    }
 
-        let l = self.last.clone().unwrap_or_default();
+    /// The learner's counts at the end: received, trained and dropped steps.
+    fn learner_table(&self, t: &mut String, l: &LearnerStatus) {
         let _ = writeln!(t, "\n| learner at the end | env steps | chunks |");
         let _ = writeln!(t, "|---|---:|---:|");
         let rows = [
@@ -606,28 +647,22 @@ impl Report {
             "\npolicy version {} -> {}, learner incarnation {}, {} actors connected at the end",
             self.first.policy_version, l.policy_version, l.learner_incarnation, l.connected_actors
         );
+    }
 
-        let recovered = self.faults.iter().all(|f| f.recovery_s.is_some());
-        let clean = self.exit_code == Some(130);
-        let checks = [
-            (recovered, "every fault recovered"),
-            (labels_kept, "no reward service kill lost labels"),
-            (self.last.is_some(), "the learner answered at the end"),
-            (clean, "spur local stopped cleanly on SIGINT (exit 130)"),
-        ];
-        for (ok, what) in checks {
-            let _ = writeln!(t, "{} {what}", if ok { "ok:    " } else { "FAILED:" });
-        }
-        if let Some(code) = self.exit_code.filter(|_| !clean) {
-            let _ = writeln!(t, "spur local exited with {code}");
-        }
-
+    /// The report as JSON, for scripts.
+    fn json(
+        &self,
+        actors: u32,
+        recovery: serde_json::Map<String, serde_json::Value>,
+        l: &LearnerStatus,
+        passed: bool,
+    ) -> serde_json::Value {
         let memory = |m: &[(String, f64)]| {
             m.iter()
                 .map(|(k, v)| (k.clone(), json!(v)))
                 .collect::<serde_json::Map<_, _>>()
         };
-        let json = json!({
+        json!({
             "actors": actors,
             "seconds_under_faults": self.elapsed_s,
             "rss_mib_start": memory(&self.memory_start),
@@ -641,7 +676,7 @@ impl Report {
                 "labels_before": f.labels.map(|l| l.0),
                 "labels_after": f.labels.and_then(|l| l.1),
             })).collect::<Vec<_>>(),
-            "recovery_by_kind": kinds_json,
+            "recovery_by_kind": recovery,
             "learner_end": {
                 "policy_version": l.policy_version,
                 "learner_incarnation": l.learner_incarnation,
@@ -660,8 +695,78 @@ impl Report {
                 "unique_texts": j.unique_texts,
             })),
             "local_exit_code": self.exit_code,
-            "checks_passed": checks.iter().all(|c| c.0),
-        });
-        (t, json, checks.iter().all(|c| c.0))
+            "checks_passed": passed,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(kind: Fault, role: &str, recovery_s: Option<f64>) -> Record {
+        Record {
+            kind,
+            role: role.into(),
+            at_s: 10.0,
+            recovery_s,
+            labels: None,
+        }
+    }
+
+    fn report(faults: Vec<Record>) -> Report {
+        Report {
+            elapsed_s: 60.0,
+            first: LearnerStatus::default(),
+            last: Some(LearnerStatus {
+                policy_version: 40,
+                env_steps: 1000,
+                ..Default::default()
+            }),
+            judge_last: None,
+            memory_start: vec![("learner".into(), 100.0)],
+            memory_end: vec![("learner".into(), 120.0)],
+            faults,
+            restarts: BTreeMap::from([("learner", 1), ("actors", 2)]),
+            exit_code: Some(130),
+        }
+    }
+
+    #[test]
+    fn a_soak_where_everything_recovered_passes() {
+        let faults = vec![
+            record(Fault::Actor, "actor-3", Some(2.0)),
+            record(Fault::Actor, "actor-1", Some(4.0)),
+            record(Fault::Learner, "learner", Some(9.0)),
+        ];
+        let (table, json, passed) = report(faults).render("soak", 4);
+        assert!(passed, "{table}");
+        assert!(table.contains("| actors | 2 | 2 |"), "{table}");
+        assert!(
+            table.contains("| kill -9 actor | 2 | 2 | 2.0 | 4.0 |"),
+            "{table}"
+        );
+        assert_eq!(json["recovery_by_kind"]["learner"]["max_s"], 9.0);
+        assert_eq!(json["learner_end"]["policy_version"], 40);
+        assert_eq!(json["checks_passed"], true);
+    }
+
+    #[test]
+    fn lost_labels_or_an_unrecovered_fault_fail_the_soak() {
+        let mut judge = record(Fault::RewardService, "reward-service", Some(3.0));
+        judge.labels = Some((50, Some(48)));
+        let (table, json, passed) = report(vec![judge]).render("soak", 4);
+        assert!(!passed);
+        assert!(
+            table.contains("FAILED: no reward service kill lost labels"),
+            "{table}"
+        );
+        assert!(table.contains("| 1 | 50 | 48 |"), "{table}");
+        assert_eq!(json["checks_passed"], false);
+
+        let (table, _, passed) =
+            report(vec![record(Fault::Actor, "actor-0", None)]).render("soak", 4);
+        assert!(!passed);
+        assert!(table.contains("FAILED: every fault recovered"), "{table}");
     }
 }

@@ -4,7 +4,8 @@
 
 use clap::Args;
 use serde_json::json;
-use spur_core::env::{env_spec, EnvSpec};
+use spur_core::env::EnvSpec;
+use spur_env_bridge::env_spec;
 
 use crate::ConfigArgs;
 

@@ -11,8 +11,13 @@ pub struct Backoff {
 }
 
 impl Backoff {
+    /// Starts at 50 ms (or `max`, if that is less).
     pub fn new(max: Duration) -> Self {
-        let min = Duration::from_millis(50).min(max);
+        Self::between(Duration::from_millis(50).min(max), max)
+    }
+
+    /// Starts at `min` and doubles up to `max`.
+    pub fn between(min: Duration, max: Duration) -> Self {
         Self {
             current: min,
             min,

@@ -2,8 +2,9 @@
 //!
 //! - `config`: the typed experiment config (TOML, `SPUR_*` variables, `--set` flags)
 //! - `tensor`, `trajectory`: wire tensors and trajectory chunks, strictly checked
-//! - `env`: the `Env` trait, `cartpole`, `keyroom`, `memory`, `replay`, the lock-step
-//!   `VecEnv` and `remote` (envs served by the Python bridge)
+//! - `env`: the `Env` and `EnvBatch` traits, `cartpole`, `keyroom`, `memory`,
+//!   `replay` and the lock-step `VecEnv` (envs served by the Python bridge live in
+//!   `spur-env-bridge`)
 //! - `model`: the tch actor-critics (MLP, NetHack network, optional recurrent core,
 //!   or a TorchScript module) and their safetensors weights
 //! - `recurrent`: the LSTM and GRU cores

@@ -272,7 +272,7 @@ checkpoint_every = 1000
 /// The project's Python, found as the env bridge finds it (`VIRTUAL_ENV`, then the
 /// repository's `.venv`, then `python3`).
 pub fn python() -> String {
-    spur_core::env::remote::python(&spur_core::config::EnvConfig::default())
+    spur_env_bridge::python(&spur_core::config::EnvConfig::default())
 }
 
 /// Runs `examples/models/<script>` with the project's Python (as the env bridge finds

@@ -1,20 +1,18 @@
-//! Environments: the `Env` trait, the built-in `cartpole`, `keyroom` and `memory`, the
-//! `EnvBatch` trait for envs stepped together (in process, or K at a time by a
-//! remote env server through the Python bridge, which restarts bridges that die), and
-//! `VecEnv`, which steps a batch in lock-step and starts the next episode of every env
-//! whose episode ended or was lost with its bridge.
+//! Environments: the `Env` trait, the built-in `cartpole`, `keyroom`, `memory` and
+//! `replay`, the `EnvBatch` trait for envs stepped together (in process here; K at a
+//! time by remote env servers in the `spur-env-bridge` crate, which restarts bridges
+//! that die), and `VecEnv`, which steps a batch in lock-step and starts the next
+//! episode of every env whose episode ended or was lost with its bridge.
 
 mod cartpole;
 mod keyroom;
 mod memory;
-pub mod remote;
 pub mod replay;
 mod vec_env;
 
 pub use cartpole::CartPole;
 pub use keyroom::KeyRoom;
 pub use memory::Memory;
-pub use remote::RemoteBatch;
 pub use replay::Replay;
 pub use vec_env::{VecEnv, VecStep};
 
@@ -182,19 +180,8 @@ impl EnvBatch for LocalBatch {
     }
 }
 
-/// Builds `n` environments as the config describes, as one batch: in process for the
-/// built-in kinds, through bridge processes or env servers for `gym`.
-pub fn make_batch(config: &EnvConfig, n: usize) -> Result<Box<dyn EnvBatch>, EnvError> {
-    match config.kind {
-        EnvKind::Gym => Ok(Box::new(RemoteBatch::connect(config, n)?)),
-        _ => Ok(Box::new(LocalBatch::new(
-            (0..n).map(|_| make_env(config)).collect(),
-        ))),
-    }
-}
-
 /// Builds one built-in environment as the config describes (`gym` envs live in
-/// bridge processes: use [`make_batch`]).
+/// bridge processes: `spur_env_bridge::make_batch` builds batches of every kind).
 pub fn make_env(config: &EnvConfig) -> Box<dyn Env> {
     let limit = (config.max_episode_steps > 0).then_some(config.max_episode_steps);
     match config.kind {
@@ -213,15 +200,6 @@ pub fn make_env(config: &EnvConfig) -> Box<dyn Env> {
             )
             .unwrap_or_else(|e| panic!("env.replay_path: {e}")),
         ),
-        EnvKind::Gym => panic!("gym envs run in bridge processes: use make_batch"),
-    }
-}
-
-/// The spec of the environment the config describes (for `gym`, asked of an env
-/// server or a short-lived bridge process, once per process and config).
-pub fn env_spec(config: &EnvConfig) -> Result<EnvSpec, EnvError> {
-    match config.kind {
-        EnvKind::Gym => remote::spec(config),
-        _ => Ok(make_env(config).spec()),
+        EnvKind::Gym => panic!("gym envs run in bridge processes: use spur_env_bridge::make_batch"),
     }
 }

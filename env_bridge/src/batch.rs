@@ -1,262 +1,21 @@
-//! `RemoteBatch`: envs that live in env servers (`spur.v1.EnvService`, served by the
-//! Python bridge in `bridge/python`), K per server, stepped with one call per server
-//! and step. All servers are called at once, so several servers step in parallel.
-//!
-//! With `env.remote` empty the batch starts `env.servers` bridge processes itself
-//! (`python -m spur_bridge ... --exit-with-parent`) and stops them when dropped; with
-//! addresses it connects to servers someone else runs (a Kubernetes sidecar).
-//!
-//! A server that dies (its process exits, or a call fails in transport) takes its
-//! envs' episodes with it: there is nothing to retry mid-episode. The batch restarts
-//! the bridge (for `env.remote`, reconnects to the address, resolving it again) with
-//! backoff, up to `env.bridge_restarts` times per server over its life, and reports
-//! the envs' episodes [`lost`](super::StepOutcome::lost) so that the caller starts new
-//! ones; once the budget is spent the failure is an error naming the server. A server
-//! that answers out of protocol is an error at once.
+//! `RemoteBatch`: a batch of envs spread over env servers, K per server, every server
+//! called at once per step; servers that die are restarted (or reconnected) within
+//! `env.bridge_restarts`, and their envs' episodes reported lost.
 
-use std::collections::VecDeque;
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex, OnceLock};
-use std::time::Duration;
-
+use spur_core::backoff::Backoff;
+use spur_core::config::EnvConfig;
+use spur_core::env::{EnvBatch, EnvSpec, StepOutcome};
+use spur_core::EnvError;
 use spur_proto::v1::env_service_client::EnvServiceClient;
-use spur_proto::v1::{EnvSpecReply, EnvSpecRequest, RenderRequest, ResetRequest, StepRequest};
-use tonic::transport::{Channel, Endpoint};
+use spur_proto::v1::{RenderRequest, ResetRequest, StepReply, StepRequest};
+use std::time::Duration;
+use tonic::transport::Channel;
 use tracing::{info, warn};
 
-use super::{EnvBatch, EnvSpec, ObsField, StepOutcome};
-use crate::config::EnvConfig;
-use crate::error::EnvError;
-use crate::tensor::Element;
-
-/// Largest message an env server may send (thousands of NetHack observations).
-const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
-/// How long a bridge process may take to import its env and listen.
-const START_TIMEOUT: Duration = Duration::from_secs(120);
-/// How long one reset or step call may take.
-const CALL_TIMEOUT: Duration = Duration::from_secs(60);
-/// The line a bridge prints once it serves.
-const READY: &str = "SPUR_BRIDGE_LISTENING ";
-
-/// A bridge process this side started; killed when dropped.
-pub struct BridgeProcess {
-    child: Child,
-}
-
-impl BridgeProcess {
-    /// The process id (as in the "env bridge started" log line).
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// The exit status, once the process has ended.
-    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
-        self.child.try_wait().ok().flatten()
-    }
-}
-
-impl Drop for BridgeProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// The Python that runs bridges: `env.python`, else the active venv's, else the
-/// project venv's, else `python3`.
-pub fn python(config: &EnvConfig) -> String {
-    if !config.python.is_empty() {
-        return config.python.clone();
-    }
-    if let Ok(venv) = std::env::var("VIRTUAL_ENV") {
-        let p = std::path::Path::new(&venv).join("bin/python");
-        if p.exists() {
-            return p.to_string_lossy().into_owned();
-        }
-    }
-    // The project venv: in the working directory, then where this was built.
-    for p in [
-        ".venv/bin/python",
-        concat!(env!("CARGO_MANIFEST_DIR"), "/../.venv/bin/python"),
-    ] {
-        if std::path::Path::new(p).exists() {
-            return p.into();
-        }
-    }
-    "python3".into()
-}
-
-impl BridgeProcess {
-    /// Starts `python -m spur_bridge` for `num_envs` envs of `config.gym_id` on a free
-    /// loopback port; returns it with its address once it serves.
-    pub fn spawn(config: &EnvConfig, num_envs: usize) -> Result<(Self, String), EnvError> {
-        let python = python(config);
-        let mut cmd = Command::new(&python);
-        // `--exit-with-parent` is Linux's parent-death signal, which fires when the
-        // *thread* that started the bridge ends: every caller keeps the batch on the
-        // thread that built it (the rollout thread, a blocking task), which ends with it.
-        cmd.args([
-            "-m",
-            "spur_bridge",
-            "--exit-with-parent",
-            "--listen",
-            "127.0.0.1:0",
-        ])
-        .args(["--env-id", &config.gym_id])
-        .args(["--num-envs", &num_envs.to_string()])
-        .args(["--crop", &config.crop.to_string()])
-        .args(["--max-episode-steps", &config.max_episode_steps.to_string()])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-        let command = format!("{python} -m spur_bridge --env-id {}", config.gym_id);
-        let spawn_error = |message: String| EnvError::Spawn {
-            command: command.clone(),
-            message,
-        };
-        let mut child = cmd.spawn().map_err(|e| {
-            spawn_error(format!(
-                "{e} (run `make setup`, or set env.python to a Python with spur_bridge)"
-            ))
-        })?;
-        // The bridge's log lines go to ours; the last few explain a failed start.
-        let tail = Arc::new(Mutex::new(VecDeque::new()));
-        let stderr = child.stderr.take().expect("stderr is piped");
-        let tail_w = tail.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                info!(target: "spur_bridge", "{line}");
-                let mut t = tail_w.lock().expect("the tail lock is never poisoned");
-                if t.len() == 20 {
-                    t.pop_front();
-                }
-                t.push_back(line);
-            }
-        });
-        let stdout = child.stdout.take().expect("stdout is piped");
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Some(port) = line.strip_prefix(READY) {
-                    let _ = tx.send(port.trim().to_string());
-                }
-            }
-        });
-        let mut process = BridgeProcess { child };
-        match rx.recv_timeout(START_TIMEOUT) {
-            Ok(port) => {
-                let addr = format!("127.0.0.1:{port}");
-                info!(
-                    pid = process.pid(),
-                    addr,
-                    env = config.gym_id,
-                    num_envs,
-                    "env bridge started"
-                );
-                Ok((process, addr))
-            }
-            Err(_) => {
-                // Either it exited (the channel closed) or it hung: stop it, then explain.
-                let _ = process.child.kill();
-                let status = process.child.wait().ok();
-                std::thread::sleep(Duration::from_millis(100)); // let the stderr thread drain
-                let said: Vec<String> = tail
-                    .lock()
-                    .expect("the tail lock is never poisoned")
-                    .iter()
-                    .cloned()
-                    .collect();
-                Err(spawn_error(format!(
-                    "exited ({}) before serving; it said: {}",
-                    status.map_or("killed after the start timeout".into(), |s| s.to_string()),
-                    if said.is_empty() {
-                        "nothing".into()
-                    } else {
-                        said.join(" | ")
-                    }
-                )))
-            }
-        }
-    }
-}
-
-fn endpoint(addr: &str) -> Result<Endpoint, EnvError> {
-    let url = if addr.starts_with("http://") || addr.starts_with("https://") {
-        addr.to_string()
-    } else {
-        format!("http://{addr}")
-    };
-    Endpoint::from_shared(url)
-        .map(|e| {
-            e.connect_timeout(Duration::from_secs(5))
-                .timeout(CALL_TIMEOUT)
-                .tcp_nodelay(true)
-        })
-        .map_err(|e| EnvError::Config(format!("env.remote `{addr}`: {e}")))
-}
-
-fn server_error(addr: &str, status: tonic::Status) -> EnvError {
-    EnvError::Server {
-        addr: addr.to_string(),
-        message: format!("{:?}: {}", status.code(), status.message()),
-    }
-}
-
-fn protocol(addr: &str, message: String) -> EnvError {
-    EnvError::Protocol {
-        addr: addr.to_string(),
-        message,
-    }
-}
-
-/// Converts an env server's spec.
-fn to_spec(addr: &str, r: &EnvSpecReply) -> Result<EnvSpec, EnvError> {
-    let fields: Vec<ObsField> = r
-        .fields
-        .iter()
-        .map(|f| ObsField {
-            name: f.name.clone(),
-            shape: f.shape.iter().map(|&d| d as usize).collect(),
-        })
-        .collect();
-    let obs_dim: usize = fields.iter().map(ObsField::size).sum();
-    if obs_dim == 0 || r.num_actions == 0 {
-        return Err(protocol(
-            addr,
-            format!(
-                "an empty spec ({obs_dim} observation floats, {} actions)",
-                r.num_actions
-            ),
-        ));
-    }
-    Ok(EnvSpec {
-        obs_dim,
-        num_actions: r.num_actions as usize,
-        has_text: r.has_text,
-        max_episode_steps: r.max_episode_steps,
-        fields,
-    })
-}
-
-/// Little-endian f32s of `bytes` into `out`, which must match in length.
-fn decode_f32(addr: &str, bytes: &[u8], out: &mut [f32]) -> Result<(), EnvError> {
-    if bytes.len() != out.len() * 4 {
-        return Err(protocol(
-            addr,
-            format!(
-                "{} observation bytes, expected {} ({} floats)",
-                bytes.len(),
-                out.len() * 4,
-                out.len()
-            ),
-        ));
-    }
-    for (o, b) in out.iter_mut().zip(bytes.chunks_exact(4)) {
-        *o = f32::read_le(b);
-    }
-    Ok(())
-}
+use crate::process::BridgeProcess;
+use crate::wire::{
+    check_server, connect, decode_f32, protocol, runtime, server_error, server_is_gone,
+};
 
 /// One env server of a batch, as [`RemoteBatch::bridges`] lists it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -271,6 +30,7 @@ pub struct BridgeInfo {
     pub restarts: u32,
 }
 
+/// One env server of a batch: how to reach it, its envs, and its restarts.
 struct Server {
     /// Position among the batch's servers (0-based), for messages.
     index: usize,
@@ -359,45 +119,10 @@ pub struct Place {
 /// A call in flight on the batch's runtime.
 type Call<T> = tokio::task::JoinHandle<Result<tonic::Response<T>, tonic::Status>>;
 
-/// Whether a failed call means the server is gone (or its envs are in an unknown
-/// state), so that restarting it is the way on; other codes are answers to a bad
-/// request and stay errors.
-fn server_is_gone(status: &tonic::Status) -> bool {
-    use tonic::Code;
-    matches!(
-        status.code(),
-        Code::Unavailable
-            | Code::Unknown
-            | Code::Cancelled
-            | Code::DeadlineExceeded
-            | Code::Internal
-            | Code::Aborted
-            | Code::DataLoss
-    )
-}
-
-/// How long to wait before the `attempt`-th try (1-based) of one recovery: the
-/// first at once, then 0.5 s doubling up to 8 s, with jitter.
-fn restart_delay(attempt: u32) -> Duration {
-    if attempt <= 1 {
-        return Duration::ZERO;
-    }
-    let base = Duration::from_millis(500) * 2u32.pow((attempt - 2).min(4));
-    base.mul_f64(rand::random_range(0.5..=1.0))
-}
-
-/// Checks that a server answering `reply` serves `config`'s env; returns its spec.
-fn check_server(config: &EnvConfig, addr: &str, reply: &EnvSpecReply) -> Result<EnvSpec, EnvError> {
-    if reply.env_id != config.gym_id {
-        return Err(protocol(
-            addr,
-            format!(
-                "serves {}, not env.gym_id = {}",
-                reply.env_id, config.gym_id
-            ),
-        ));
-    }
-    to_spec(addr, reply)
+/// The wait between tries of one recovery after the first, which goes at once: 0.5 s
+/// doubling up to 8 s, with jitter.
+fn restart_backoff() -> Backoff {
+    Backoff::between(Duration::from_millis(500), Duration::from_secs(8))
 }
 
 impl RemoteBatch {
@@ -457,6 +182,7 @@ impl RemoteBatch {
         self.servers[si].process = None;
         warn!(bridge = %self.servers[si].describe(&self.place), cause, "env bridge failed");
         let mut attempt = 0;
+        let mut backoff = restart_backoff();
         loop {
             let s = &mut self.servers[si];
             if s.restarts >= limit {
@@ -467,7 +193,9 @@ impl RemoteBatch {
                 });
             }
             attempt += 1;
-            std::thread::sleep(restart_delay(attempt));
+            if attempt > 1 {
+                std::thread::sleep(backoff.next_delay());
+            }
             s.restarts += 1;
             self.restarts += 1;
             metrics::counter!("spur_actor_bridge_restarts_total").increment(1);
@@ -523,32 +251,6 @@ impl RemoteBatch {
         s.client = client;
         Ok(())
     }
-}
-
-fn runtime() -> Result<tokio::runtime::Runtime, EnvError> {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| EnvError::Config(format!("cannot start a runtime for env calls: {e}")))
-}
-
-async fn connect(addr: &str) -> Result<(EnvServiceClient<Channel>, EnvSpecReply), EnvError> {
-    let channel = endpoint(addr)?
-        .connect()
-        .await
-        .map_err(|e| EnvError::Server {
-            addr: addr.to_string(),
-            message: format!("cannot connect: {e}"),
-        })?;
-    let mut client = EnvServiceClient::new(channel)
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES);
-    let spec = client
-        .spec(EnvSpecRequest {})
-        .await
-        .map_err(|s| server_error(addr, s))?
-        .into_inner();
-    Ok((client, spec))
 }
 
 impl RemoteBatch {
@@ -752,40 +454,11 @@ impl EnvBatch for RemoteBatch {
         texts: &mut [String],
         outcomes: &mut [StepOutcome],
     ) -> Result<(), EnvError> {
-        let d = self.spec.obs_dim;
-        let n = self.servers.len();
-        // A bridge that exited since the last call is restarted before anything is
-        // sent to it; it is not stepped this time.
-        let mut skip = vec![false; n];
-        for (si, skip) in skip.iter_mut().enumerate() {
-            if let Some(e) = self.servers[si].exited() {
-                self.recover(si, format!("the bridge process exited: {e}"))?;
-                *skip = true;
-            } else if self.servers[si].fresh {
-                return Err(EnvError::Config(format!(
-                    "env {}: its envs lost their episodes in a restart and must be reset \
-                     before they are stepped",
-                    self.servers[si].describe(&self.place)
-                )));
-            }
-        }
-        let calls: Vec<_> = self
-            .servers
-            .iter()
-            .zip(&skip)
-            .map(|(s, &skip)| {
-                (!skip).then(|| {
-                    let mut client = s.client.clone();
-                    let request = StepRequest {
-                        actions: actions[s.envs_in_batch()].to_vec(),
-                    };
-                    self.rt.spawn(async move { client.step(request).await })
-                })
-            })
-            .collect();
+        let skip = self.restart_exited()?;
+        let calls = self.send_steps(actions, &skip);
         // Every reply is awaited before any is handled, so a restart does not leave
         // the other servers' steps unread.
-        let mut replies = Vec::with_capacity(n);
+        let mut replies = Vec::with_capacity(calls.len());
         for (s, call) in self.servers.iter().zip(calls) {
             replies.push(match call {
                 Some(call) => Some(self.wait(s, call, "step")?),
@@ -801,72 +474,14 @@ impl EnvBatch for RemoteBatch {
                 }
                 None => None,
             };
-            let s = &self.servers[si];
-            let Some(r) = reply else {
+            match reply {
+                Some(r) => self.take_step(si, r, obs, texts, outcomes)?,
                 // Restarted: the step did not happen, and every episode is gone.
-                for i in s.envs_in_batch() {
-                    mark_lost(i, outcomes, texts, &mut self.lost);
+                None => {
+                    for i in self.servers[si].envs_in_batch() {
+                        mark_lost(i, outcomes, texts, &mut self.lost);
+                    }
                 }
-                continue;
-            };
-            let k = s.envs;
-            if r.rewards.len() != k
-                || r.terminated.len() != k
-                || r.truncated.len() != k
-                || r.success.len() != k
-                || r.texts.len() != k
-            {
-                return Err(protocol(
-                    &s.addr,
-                    format!(
-                        "a step reply for {k} envs with {} rewards, {} terminated, {} truncated, \
-                         {} success flags and {} texts",
-                        r.rewards.len(),
-                        r.terminated.len(),
-                        r.truncated.len(),
-                        r.success.len(),
-                        r.texts.len()
-                    ),
-                ));
-            }
-            if r.observations.len() != k * d * 4 {
-                return Err(protocol(
-                    &s.addr,
-                    format!(
-                        "{} observation bytes, expected {} ({k} envs of {d} floats)",
-                        r.observations.len(),
-                        k * d * 4
-                    ),
-                ));
-            }
-            for (j, text) in r.texts.into_iter().enumerate() {
-                let i = s.offset + j;
-                if self.lost[i] {
-                    // Its episode went with an earlier restart (one that a reset ran
-                    // into); this step was a placeholder's.
-                    mark_lost(i, outcomes, texts, &mut self.lost);
-                    continue;
-                }
-                if !r.rewards[j].is_finite() {
-                    return Err(protocol(
-                        &s.addr,
-                        format!("env {j} returned reward {}", r.rewards[j]),
-                    ));
-                }
-                decode_f32(
-                    &s.addr,
-                    &r.observations[j * d * 4..(j + 1) * d * 4],
-                    &mut obs[i * d..(i + 1) * d],
-                )?;
-                outcomes[i] = StepOutcome {
-                    reward: r.rewards[j],
-                    terminated: r.terminated[j],
-                    truncated: r.truncated[j] && !r.terminated[j],
-                    success: r.success[j],
-                    expert_action: None,
-                    lost: false,
-                };
-                texts[i] = text;
             }
         }
         Ok(())
@@ -891,42 +506,123 @@ impl EnvBatch for RemoteBatch {
     }
 }
 
-/// The spec of `config`'s gym env: asked of the first `env.remote` server, or of a
-/// one-env bridge process started for the question. Cached per process.
-pub fn spec(config: &EnvConfig) -> Result<EnvSpec, EnvError> {
-    static CACHE: OnceLock<Mutex<Vec<(EnvConfig, EnvSpec)>>> = OnceLock::new();
-    let cache = CACHE.get_or_init(Default::default);
-    if let Some((_, s)) = cache
-        .lock()
-        .expect("the spec cache is never poisoned")
-        .iter()
-        .find(|(c, _)| c == config)
-    {
-        return Ok(s.clone());
+impl RemoteBatch {
+    /// Before a step: restarts every bridge that exited since the last call (it is not
+    /// stepped this time; the returned flags say which) and refuses to step a server
+    /// whose envs were not reset since an earlier restart.
+    fn restart_exited(&mut self) -> Result<Vec<bool>, EnvError> {
+        let mut skip = vec![false; self.servers.len()];
+        for (si, skip) in skip.iter_mut().enumerate() {
+            if let Some(e) = self.servers[si].exited() {
+                self.recover(si, format!("the bridge process exited: {e}"))?;
+                *skip = true;
+            } else if self.servers[si].fresh {
+                return Err(EnvError::Config(format!(
+                    "env {}: its envs lost their episodes in a restart and must be reset \
+                     before they are stepped",
+                    self.servers[si].describe(&self.place)
+                )));
+            }
+        }
+        Ok(skip)
     }
-    // A thread of its own, so this works from inside an async runtime as well.
-    let spec = std::thread::scope(|scope| {
-        scope
-            .spawn(|| -> Result<EnvSpec, EnvError> {
-                let rt = runtime()?;
-                let (addr, _process) = match config.remote.first() {
-                    Some(a) => (a.clone(), None),
-                    None => {
-                        let (p, a) = BridgeProcess::spawn(config, 1)?;
-                        (a, Some(p))
-                    }
-                };
-                let (_, reply) = rt.block_on(connect(&addr))?;
-                to_spec(&addr, &reply)
+
+    /// Sends every server not skipped its envs' actions, all at once.
+    fn send_steps(&self, actions: &[i64], skip: &[bool]) -> Vec<Option<Call<StepReply>>> {
+        self.servers
+            .iter()
+            .zip(skip)
+            .map(|(s, &skip)| {
+                (!skip).then(|| {
+                    let mut client = s.client.clone();
+                    let request = StepRequest {
+                        actions: actions[s.envs_in_batch()].to_vec(),
+                    };
+                    self.rt.spawn(async move { client.step(request).await })
+                })
             })
-            .join()
-            .unwrap_or_else(|_| Err(EnvError::Config("the spec query panicked".into())))
-    })?;
-    cache
-        .lock()
-        .expect("the spec cache is never poisoned")
-        .push((config.clone(), spec.clone()));
-    Ok(spec)
+            .collect()
+    }
+
+    /// Checks server `si`'s step reply and writes its envs' observations, texts and
+    /// outcomes into the batch's slots.
+    fn take_step(
+        &mut self,
+        si: usize,
+        r: StepReply,
+        obs: &mut [f32],
+        texts: &mut [String],
+        outcomes: &mut [StepOutcome],
+    ) -> Result<(), EnvError> {
+        let d = self.spec.obs_dim;
+        let s = &self.servers[si];
+        check_step_reply(&s.addr, &r, s.envs, d)?;
+        for (j, text) in r.texts.into_iter().enumerate() {
+            let i = s.offset + j;
+            if self.lost[i] {
+                // Its episode went with an earlier restart (one that a reset ran
+                // into); this step was a placeholder's.
+                mark_lost(i, outcomes, texts, &mut self.lost);
+                continue;
+            }
+            if !r.rewards[j].is_finite() {
+                return Err(protocol(
+                    &s.addr,
+                    format!("env {j} returned reward {}", r.rewards[j]),
+                ));
+            }
+            decode_f32(
+                &s.addr,
+                &r.observations[j * d * 4..(j + 1) * d * 4],
+                &mut obs[i * d..(i + 1) * d],
+            )?;
+            outcomes[i] = StepOutcome {
+                reward: r.rewards[j],
+                terminated: r.terminated[j],
+                truncated: r.truncated[j] && !r.terminated[j],
+                success: r.success[j],
+                expert_action: None,
+                lost: false,
+            };
+            texts[i] = text;
+        }
+        Ok(())
+    }
+}
+
+/// Checks that a step reply from `addr` holds one of everything for each of its `k`
+/// envs, and `k` observations of `d` floats.
+fn check_step_reply(addr: &str, r: &StepReply, k: usize, d: usize) -> Result<(), EnvError> {
+    if r.rewards.len() != k
+        || r.terminated.len() != k
+        || r.truncated.len() != k
+        || r.success.len() != k
+        || r.texts.len() != k
+    {
+        return Err(protocol(
+            addr,
+            format!(
+                "a step reply for {k} envs with {} rewards, {} terminated, {} truncated, \
+                 {} success flags and {} texts",
+                r.rewards.len(),
+                r.terminated.len(),
+                r.truncated.len(),
+                r.success.len(),
+                r.texts.len()
+            ),
+        ));
+    }
+    if r.observations.len() != k * d * 4 {
+        return Err(protocol(
+            addr,
+            format!(
+                "{} observation bytes, expected {} ({k} envs of {d} floats)",
+                r.observations.len(),
+                k * d * 4
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Reports env `i`'s step as lost with its episode: no reward, no text.
