@@ -19,7 +19,7 @@ export LIBTORCH_USE_PYTORCH := 1
 export VIRTUAL_ENV          := $(abspath $(VENV))
 export PATH                 := $(VIRTUAL_ENV)/bin:$(PATH)
 
-.PHONY: run test build setup k8s-tools k8s-check image bench bench-bridge bench-soak bench-ingest bench-broadcast bench-annotator cartpole models cartpole-torchscript nethack nethack-table keyroom-table advantage-table semi-online fmt lint clean
+.PHONY: run test build setup k8s-tools k8s-check image bench bench-bridge bench-soak bench-ingest bench-broadcast bench-annotator cartpole models cartpole-torchscript nethack nethack-table minihack-table keyroom-table advantage-table semi-online fmt lint clean
 
 ## run: keyroom with ONI intrinsic rewards from the built-in rule judge: learner,
 ## reward service and 2 actors as separate processes (offline defaults)
@@ -109,6 +109,13 @@ nethack: build
 TASK ?= score
 nethack-table: build
 	python3 scripts/keyroom_table.py --table nethack-$(TASK) $(ARGS)
+
+## minihack-table: a MiniHack sparse-reward task (MTASK=keyroom|river|maze) with
+## extrinsic reward only and each ONI variant, 5 seeds each (long: pass
+## ARGS="--seeds 1 --steps 100000" for a look)
+MTASK ?= keyroom
+minihack-table: build
+	python3 scripts/keyroom_table.py --table minihack-$(MTASK) $(ARGS)
 
 ## cartpole: the dense-reward smoke run (stops at mean return 475)
 cartpole: build

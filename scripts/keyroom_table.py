@@ -12,6 +12,8 @@ Tables (every one is the same loop over its variants' configs and the seeds):
   nethack-score | nethack-staircase | nethack-oracle
                       NetHack through the env bridge: extrinsic only vs ONI
                       retrieval, classification, ranking
+  minihack-keyroom | minihack-river | minihack-maze
+                      MiniHack's sparse-reward tasks, the same four variants
 
 Per run: final success and return (the last 100 episodes when the run stops), the
 lowest success over the last fifth of the budget (200k steps of 1M: does the curve
@@ -43,8 +45,8 @@ ONI = "configs/keyroom-oni.toml"
 GROUPED = ["--set", "actor.group_size=4"]
 
 
-def nethack_variants(task):
-    config = f"configs/nethack-{task}.toml"
+def oni_variants(config):
+    """Extrinsic reward only, then each ONI reward model, all with the rule judge."""
     return [
         ("extrinsic only", config, ["--set", "intrinsic.enabled=false"]),
         ("ONI retrieval (rule judge)", config, []),
@@ -72,8 +74,15 @@ TABLES = {
         ("LSTM", "configs/minihack-room-lstm.toml", []),
     ]),
     **{
-        f"nethack-{task}": (f"NetHack ({task}) through the env bridge", nethack_variants(task))
+        f"nethack-{task}": (f"NetHack ({task}) through the env bridge",
+                            oni_variants(f"configs/nethack-{task}.toml"))
         for task in ["score", "staircase", "oracle"]
+    },
+    **{
+        f"minihack-{task}": (f"MiniHack {title} through the env bridge",
+                             oni_variants(f"configs/minihack-{task}-oni.toml"))
+        for task, title in [("keyroom", "KeyRoom-S5"), ("river", "River-Narrow"),
+                            ("maze", "MazeWalk-15x15")]
     },
 }
 

@@ -1218,6 +1218,44 @@ fn set_path(table: &mut toml::Table, key: &str, value: toml::Value) -> Result<()
 mod tests {
     use super::*;
 
+    /// Every config under `configs/` loads and validates, and the prompt, goal and
+    /// rules files it names exist (paths are relative to the repository root).
+    #[test]
+    fn every_shipped_config_loads_and_names_files_that_exist() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let mut checked = 0;
+        for entry in std::fs::read_dir(root.join("configs")).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().and_then(|e| e.to_str()) != Some("toml") {
+                continue;
+            }
+            let config = match Config::load(Some(&path), [], &[]) {
+                Ok(c) => c,
+                // Expert data is made by `make semi-online`, not shipped.
+                Err(ConfigError::Invalid { key, .. }) if key == "env.replay_path" => continue,
+                Err(e) => panic!("{}: {e}", path.display()),
+            };
+            let rs = &config.reward_service;
+            let mut named = vec![
+                ("reward_service.prompt", &rs.prompt),
+                ("reward_service.rank_prompt", &rs.rank_prompt),
+                ("reward_service.goal", &rs.goal),
+            ];
+            if rs.judge == JudgeKind::Rules {
+                named.push(("reward_service.rules", &rs.rules));
+            }
+            for (key, file) in named {
+                assert!(
+                    file.is_empty() || root.join(file).is_file(),
+                    "{}: {key} = {file} does not exist",
+                    path.display()
+                );
+            }
+            checked += 1;
+        }
+        assert!(checked >= 10, "only {checked} configs checked");
+    }
+
     #[test]
     fn defaults_are_valid() {
         Config::from_toml_str("").expect("defaults validate");
