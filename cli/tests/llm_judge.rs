@@ -60,7 +60,9 @@ fn start_server(dir: &Path) -> (Server, String, String) {
     );
 
     let url_file = dir.join("judge.json");
+    // The server's access lines go to stdout, its own messages to stderr.
     let server_log = dir.join("server.log");
+    let log = std::fs::File::create(&server_log).unwrap();
     let mut server = Server(
         Command::new(python())
             .arg(&script)
@@ -69,8 +71,8 @@ fn start_server(dir: &Path) -> (Server, String, String) {
             .arg("--url-file")
             .arg(&url_file)
             .stdin(Stdio::null())
-            .stdout(std::fs::File::create(dir.join("server.out")).unwrap())
-            .stderr(std::fs::File::create(&server_log).unwrap())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
             .spawn()
             .expect("python runs"),
     );

@@ -18,8 +18,8 @@ the goal. The rule judge says otherwise, so a stored label tells which judge gav
 `serve` starts `transformers serve` on a free loopback port with that folder as its
 only model, offline (no hub), waits until its /health answers, writes
 `{"base_url": "http://127.0.0.1:PORT/v1", "model": "<folder>"}` to --url-file and then
-waits for the server; SIGTERM stops both. The server's log (stderr) has one access
-line per request.
+waits for the server; SIGTERM stops both. The server writes one access line per
+request to stdout and its other messages to stderr.
 """
 
 import argparse
