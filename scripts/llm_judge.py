@@ -3,7 +3,8 @@
 language model made on this machine (judges/llm/tiny_judge.py) and served by
 `transformers serve`, a real OpenAI-compatible server. Then the judge's figures: its
 latency as the reward service measured it (p50, p99), calls per labelled text, and
-how many requests the server answered.
+how many requests the server answered; then --probe requests sent straight to the
+server, one at a time, time it without the rest of the run competing for the CPU.
 
 The model is trained into --model (once; --retrain makes it again). Every run starts
 with an empty label store in the run directory, so each text goes to the server.
@@ -14,16 +15,19 @@ Usage: scripts/llm_judge.py [--spur target/release/spur] [--config configs/keyro
 """
 import argparse
 import json
-import os
+import random
 import shutil
 import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "judges/llm/tiny_judge.py"
+sys.path.insert(0, str(TINY.parent))
+import tiny_judge  # noqa: E402
 
 
 def start_server(model: Path, run_dir: Path) -> tuple[subprocess.Popen, dict]:
@@ -38,6 +42,31 @@ def start_server(model: Path, run_dir: Path) -> tuple[subprocess.Popen, dict]:
             sys.exit(f"the judge server exited before serving; see {run_dir / 'server.log'}")
         time.sleep(0.2)
     return server, json.loads(url_file.read_text())
+
+
+def probe(found: dict, n: int) -> list[float]:
+    """Milliseconds of `n` requests sent straight to the server, one at a time, each a
+    random batch of keyroom texts in the service's prompt and request shape."""
+    template = (ROOT / "prompts/classify.txt").read_text()
+    goal = (ROOT / "prompts/keyroom-goal.txt").read_text()
+    rng = random.Random(1)
+    took = []
+    for texts in tiny_judge.batches(rng, n):
+        body = json.dumps({
+            "model": found["model"],
+            "messages": [{"role": "user", "content": tiny_judge.render(template, goal, texts)}],
+            "temperature": 0.0,
+            "max_tokens": 2048,
+        }).encode()
+        req = urllib.request.Request(f"{found['base_url']}/chat/completions", data=body,
+                                     headers={"content-type": "application/json"})
+        started = time.monotonic()
+        with urllib.request.urlopen(req, timeout=60) as r:
+            answer = json.load(r)["choices"][0]["message"]["content"]
+        took.append((time.monotonic() - started) * 1000)
+        if answer.strip() != tiny_judge.answer(texts):
+            sys.exit(f"the server answered {answer!r} for {texts}")
+    return sorted(took)
 
 
 def stop(server: subprocess.Popen) -> None:
@@ -55,6 +84,8 @@ def main() -> None:
     p.add_argument("--model", default="runs/tiny-judge")
     p.add_argument("--run-dir", default="runs/llm-judge")
     p.add_argument("--retrain", action="store_true")
+    p.add_argument("--probe", type=int, default=50,
+                   help="requests sent straight to the server after the run, to time it")
     args, extra = p.parse_known_args()
 
     model = Path(args.model).resolve()
@@ -76,6 +107,7 @@ def main() -> None:
         print("+", " ".join(cmd), flush=True)
         code = subprocess.call(cmd)
         seconds = time.monotonic() - started
+        probed = probe(found, args.probe) if code == 0 and args.probe else []
     finally:
         stop(server)
     if code != 0:
@@ -97,6 +129,11 @@ def main() -> None:
           f"the server answered {answered} requests")
     print(f"latency: p50 {judge['llm_latency_p50_ms']:.0f} ms, "
           f"p99 {judge['llm_latency_p99_ms']:.0f} ms per judge call")
+    if probed:
+        def at(q):
+            return probed[min(len(probed) - 1, int(q * len(probed)))]
+        print(f"server:  p50 {at(0.5):.0f} ms, p99 {at(0.99):.0f} ms over {len(probed)} "
+              "requests sent one at a time after the run (batches of 1 to 7 texts)")
     print(f"run:     {last['env_steps']} env steps in {seconds:.0f} s, success "
           f"{last['success_rate']:.2f} (last 100 episodes), mean return "
           f"{last['episode_return_mean']:.2f}")
