@@ -26,7 +26,6 @@ import argparse
 import json
 import os
 import random
-import re
 import signal
 import socket
 import subprocess
@@ -99,6 +98,45 @@ def build_tokenizer(corpus: list[str]):
     return fast
 
 
+def fit(model, encoded: list[tuple[list[int], list[int]]], pad: int, args, rng) -> float:
+    """`args.steps` AdamW steps on random minibatches of (inputs, targets), padded on
+    the right; the last minibatch's loss."""
+    import torch
+
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
+    model.train()
+    for step in range(args.steps):
+        chunk = rng.sample(encoded, args.batch)
+        width = max(len(ids) for ids, _ in chunk)
+        ids = torch.full((len(chunk), width), pad)
+        targets = torch.full((len(chunk), width), -100)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for row, (inputs, wanted) in enumerate(chunk):
+            ids[row, : len(inputs)] = torch.tensor(inputs)
+            targets[row, : len(wanted)] = torch.tensor(wanted)
+            mask[row, : len(inputs)] = 1
+        loss = model(input_ids=ids, attention_mask=mask, labels=targets).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % 50 == 0:
+            print(f"step {step} loss {loss.item():.4f}", file=sys.stderr)
+    model.eval()
+    return loss.item()
+
+
+def greedy(model, tok, head: list[int]) -> str:
+    """The model's greedy answer to the prompt tokens `head`, as the server decodes it."""
+    import torch
+
+    with torch.no_grad():
+        out = model.generate(
+            torch.tensor([head]), max_new_tokens=32, do_sample=False,
+            eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+        )
+    return tok.decode(out[0, len(head):], skip_special_tokens=True).strip()
+
+
 def train(args) -> None:
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
@@ -140,40 +178,15 @@ def train(args) -> None:
         tie_word_embeddings=True,
     )
     model = LlamaForCausalLM(config)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
     started = time.monotonic()
-    model.train()
-    for step in range(args.steps):
-        chunk = rng.sample(encoded, args.batch)
-        width = max(len(ids) for ids, _ in chunk)
-        ids = torch.full((len(chunk), width), tok.pad_token_id)
-        labels = torch.full((len(chunk), width), -100)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for row, (i, l) in enumerate(chunk):
-            ids[row, : len(i)] = torch.tensor(i)
-            labels[row, : len(l)] = torch.tensor(l)
-            mask[row, : len(i)] = 1
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if step % 50 == 0:
-            print(f"step {step} loss {loss.item():.4f}", file=sys.stderr)
+    loss = fit(model, encoded, tok.pad_token_id, args, rng)
     seconds = time.monotonic() - started
 
     # Greedy answers for fresh batches of every size must be exactly the intended ones.
-    model.eval()
-    checks = [b for b in batches(random.Random(args.seed + 1), 200)]
-    wrong = 0
-    for b in checks:
-        head = asked(render(template, goal, b))
-        with torch.no_grad():
-            out = model.generate(
-                torch.tensor([head]), max_new_tokens=32, do_sample=False,
-                eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-            )
-        got = tok.decode(out[0, len(head):], skip_special_tokens=True)
-        wrong += got.strip() != answer(b)
+    checks = batches(random.Random(args.seed + 1), 200)
+    wrong = sum(
+        greedy(model, tok, asked(render(template, goal, b))) != answer(b) for b in checks
+    )
     if wrong:
         sys.exit(f"the trained model answers {wrong} of {len(checks)} check prompts wrongly")
 
@@ -187,10 +200,10 @@ def train(args) -> None:
     summary = {
         "parameters": sum(p.numel() for p in model.parameters()),
         "vocab": len(tok),
-        "longest_prompt_tokens": longest,
+        "longest_example_tokens": longest,
         "steps": args.steps,
         "train_seconds": round(seconds, 1),
-        "final_loss": round(loss.item(), 5),
+        "final_loss": round(loss, 5),
         "checked_prompts": len(checks),
     }
     (out / "tiny_judge.json").write_text(json.dumps(summary, indent=1) + "\n")
@@ -215,11 +228,14 @@ def serve(args) -> None:
     model = Path(args.model).resolve()
     if not (model / "config.json").is_file():
         sys.exit(f"no model in {model}: run `tiny_judge.py train --out {model}` first")
+    server_cli = Path(sys.executable).with_name("transformers")
+    if not server_cli.is_file():
+        sys.exit(f"no {server_cli}: `make llm-tools` installs judges/llm/requirements.txt")
     port = args.port or free_port()
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_DISABLE_UPDATE_CHECK="1",
                TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1")
     cmd = [
-        str(Path(sys.executable).with_name("transformers")), "serve", str(model),
+        str(server_cli), "serve", str(model),
         "--host", "127.0.0.1", "--port", str(port), "--device", "cpu",
         "--log-level", "info", "--format", "quiet",
     ]
@@ -269,7 +285,15 @@ def main() -> None:
     s.add_argument("--port", type=int, default=0, help="0 picks a free one")
     s.add_argument("--url-file", help="where to write the base URL and model name once it serves")
     args = p.parse_args()
-    train(args) if args.command == "train" else serve(args)
+    if args.command == "train":
+        if args.steps < 1 or args.batch < 1 or not args.lr > 0:
+            p.error("--steps and --batch must be at least 1 and --lr positive")
+        try:
+            train(args)
+        except ImportError as e:
+            sys.exit(f"{e}: `make llm-tools` installs judges/llm/requirements.txt")
+    else:
+        serve(args)
 
 
 if __name__ == "__main__":
