@@ -104,7 +104,12 @@ fn build_judge(
                 breaker_cooldown: Duration::from_millis(r.breaker_cooldown_ms),
             };
             let judge = OpenAiJudge::new(settings).map_err(ServiceError::JudgeClient)?;
-            let version = prompt.version.clone();
+            // Another model gives other answers: its labels are its own.
+            let version = format!(
+                "{}-{}",
+                prompt.version,
+                prompt::version_of(&[&r.openai_model])
+            );
             Ok((Judge::OpenAi(judge), prompt, version))
         }
     }
@@ -516,4 +521,39 @@ fn start_labeler(
         retry,
     ));
     Ok((labeler, distiller))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn version(judge: JudgeKind, model: &str, goal: &str) -> String {
+        let mut config = Config::from_toml_str("").unwrap();
+        config.reward_service.judge = judge;
+        config.reward_service.openai_model = model.into();
+        config.reward_service.goal = goal.into();
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        build_judge(&config, &root).unwrap().2
+    }
+
+    #[test]
+    fn labels_are_kept_apart_by_model_prompt_and_goal() {
+        let keyroom = "prompts/keyroom-goal.txt";
+        let a = version(JudgeKind::Openai, "model-a", keyroom);
+        assert_eq!(a, version(JudgeKind::Openai, "model-a", keyroom));
+        assert_ne!(a, version(JudgeKind::Openai, "model-b", keyroom));
+        assert_ne!(
+            a,
+            version(
+                JudgeKind::Openai,
+                "model-a",
+                "prompts/nethack-score-goal.txt"
+            )
+        );
+        // The rule judge answers by its rules file, whatever the model setting says.
+        assert_eq!(
+            version(JudgeKind::Rules, "model-a", keyroom),
+            version(JudgeKind::Rules, "model-b", keyroom)
+        );
+    }
 }
