@@ -29,7 +29,8 @@ fn ip(bin: &Path, args: &[&str]) -> Result<(), String> {
 }
 
 /// Whether this process can make network namespaces: root, an `ip` binary, and a
-/// trial namespace that can be added and deleted. The error says which is missing.
+/// trial namespace that can be added, given a hosts file, entered with `ip netns
+/// exec`, and deleted. The error says what failed.
 pub fn usable(bin: Option<&Path>) -> Result<(), String> {
     // SAFETY: geteuid(2) has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
@@ -38,7 +39,14 @@ pub fn usable(bin: Option<&Path>) -> Result<(), String> {
     let bin = bin.ok_or("no `ip` on PATH")?;
     let trial = format!("spur-trial-{}", run_id());
     ip(bin, &["netns", "add", &trial])?;
-    ip(bin, &["netns", "del", &trial])
+    let dir = hosts_dir(&trial);
+    let tried = std::fs::create_dir_all(&dir)
+        .and_then(|()| std::fs::write(dir.join("hosts"), "127.0.0.1\tlocalhost\n"))
+        .map_err(|e| format!("{}: {e}", dir.display()))
+        .and_then(|()| ip(bin, &["netns", "exec", &trial, "true"]));
+    let _ = std::fs::remove_dir_all(&dir);
+    let deleted = ip(bin, &["netns", "del", &trial]);
+    tried.and(deleted)
 }
 
 /// A short id for this run's names (interface names are at most 15 bytes).
