@@ -8,8 +8,9 @@ For every replica of every Deployment and StatefulSet it prints (JSON, one objec
 pod): the pod name (StatefulSet ordinals, distinct names for Deployment replicas), its
 address, the command line with $(VAR) expanded, the environment (ConfigMap and Secret
 values resolved, POD_NAME from metadata.name), the working directory, the grace
-period, the gRPC health probe (port and service) of its readinessProbe, and with
---net netns the hosts file the pod gets.
+period, the gRPC health probe (port and service) of its readinessProbe, the uid and
+gid of its securityContext, the local directories of its mounts, and with --net
+netns the hosts file the pod gets.
 
 Files: mounted ConfigMaps and Secrets are written to ROOT/pods/<pod>/<mount path>,
 volume claims become ROOT/volumes/<pod>/<claim> (kept across a pod's restarts, as a
@@ -204,6 +205,7 @@ def main():
         argv = [rewrite_addresses(relocate(a), ip) for a in argv]
         env = {k: rewrite_addresses(relocate(v), ip) for k, v in env.items()}
         probe = (c.get("readinessProbe") or {}).get("grpc")
+        security = {**(wl.pod.get("securityContext") or {}), **(c.get("securityContext") or {})}
         workdir = c.get("workingDir", check.IMAGE_WORKDIR)
         pods.append({
             "pod": pod,
@@ -215,6 +217,12 @@ def main():
             # The image's working directory holds what the repository root does.
             "cwd": str(check.ROOT) if workdir == check.IMAGE_WORKDIR else relocate(workdir),
             "grace_s": wl.pod.get("terminationGracePeriodSeconds", 30),
+            # The user the container runs as, and the directories its mounts became
+            # (what a kubelet would make writable to it through fsGroup).
+            "run_as": None if security.get("runAsUser") is None else {
+                "uid": security["runAsUser"],
+                "gid": security.get("runAsGroup", security["runAsUser"])},
+            "mounts": sorted(set(mounts.values())),
             "health": None if probe is None else {
                 "addr": f"{ip}:{probe['port']}", "service": probe.get("service", "")},
         })

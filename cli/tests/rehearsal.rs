@@ -14,13 +14,16 @@
 //! that maps the Service names to the pods behind them, so the manifests' URLs and
 //! 0.0.0.0 listeners are used as they are. Elsewhere each pod gets a loopback address
 //! and rehearse.py rewrites the Service URLs to pod addresses; the test says which
-//! mode ran (`SPUR_REHEARSAL_NET=loopback` asks for the latter). Not done either way:
+//! mode ran (`SPUR_REHEARSAL_NET=loopback` asks for the latter). As root the pods
+//! run as their securityContext's uid and gid (`setpriv`). Not done either way:
 //! NetworkPolicies, DNS, Service virtual IPs, kubelet probes, the image itself.
 
 mod netns;
 mod support;
 
+use std::ffi::OsString;
 use std::net::SocketAddr;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -60,6 +63,9 @@ struct Pod {
     spec: Value,
     /// The pod's network namespace, in netns mode.
     netns: Option<String>,
+    /// `setpriv` and the uid and gid of the pod's securityContext, when this test
+    /// can switch users (it runs as root).
+    user: Option<(PathBuf, u32, u32)>,
     child: Option<Child>,
     starts: u32,
 }
@@ -86,12 +92,21 @@ impl Pod {
             .collect();
         let log = std::fs::File::create(self.log_path(dir)).expect("log file");
         // The container's env only (a pod inherits nothing from the node), plus PATH.
-        let spur = Path::new(env!("CARGO_BIN_EXE_spur"));
+        let mut line: Vec<OsString> = vec![];
+        if let Some((setpriv, uid, gid)) = &self.user {
+            line.push(setpriv.into());
+            for a in ["--reuid", &uid.to_string(), "--regid", &gid.to_string()] {
+                line.push(a.into());
+            }
+            line.push("--clear-groups".into());
+        }
+        line.push(env!("CARGO_BIN_EXE_spur").into());
+        line.extend(argv[1..].iter().map(OsString::from));
         let mut cmd = match (net, &self.netns) {
-            (Some(net), Some(ns)) => net.exec(ns, spur),
-            _ => Command::new(spur),
+            (Some(net), Some(ns)) => net.exec(ns, Path::new(&line[0])),
+            _ => Command::new(&line[0]),
         };
-        cmd.args(&argv[1..])
+        cmd.args(&line[1..])
             .env_clear()
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
             .env("HOME", dir)
@@ -420,6 +435,8 @@ async fn dev_overlay_trains_and_survives_a_learner_pod_deletion() {
         started.elapsed().as_secs_f64()
     );
 
+    learner_runs_as_its_user(&mut cluster);
+
     // `kubectl delete pod spur-learner-0`: SIGTERM, exit within the grace period (the
     // learner checkpoints on the way out), then the StatefulSet's fresh pod on the
     // same volume.
@@ -494,8 +511,25 @@ fn boot(kubectl: &Path, overlay: &str, mut net: Option<Network>, secrets: &[Stri
     names.sort_unstable();
     names.dedup();
     assert_eq!(names.len(), 4, "pod names must be distinct: {names:?}");
+    // SAFETY: geteuid(2) has no preconditions.
+    let setpriv = on_path("setpriv").filter(|_| unsafe { libc::geteuid() } == 0);
+    match &setpriv {
+        Some(_) => eprintln!("*** rehearsal: each pod runs as its securityContext's user ***"),
+        None => {
+            eprintln!("*** rehearsal: pods run as this test's user (not root or no setpriv) ***")
+        }
+    }
     let mut pods = vec![];
     for spec in specs {
+        let user = setpriv.as_ref().and_then(|bin| {
+            let id = |k: &str| spec["run_as"][k].as_u64().map(|v| v as u32);
+            let (uid, gid) = (id("uid")?, id("gid")?);
+            // As fsGroup does for a pod's volumes: its mounts are its own.
+            for m in spec["mounts"].as_array().expect("mounts are a list") {
+                chown_tree(Path::new(m.as_str().expect("a path")), uid, gid);
+            }
+            Some((bin.clone(), uid, gid))
+        });
         let netns = net.as_mut().map(|net| {
             let (pod, ip) = (spec["pod"].as_str().unwrap(), spec["ip"].as_str().unwrap());
             let hosts = spec["hosts"]
@@ -507,6 +541,7 @@ fn boot(kubectl: &Path, overlay: &str, mut net: Option<Network>, secrets: &[Stri
         pods.push(Pod {
             spec,
             netns,
+            user,
             child: None,
             starts: 0,
         });
@@ -516,6 +551,17 @@ fn boot(kubectl: &Path, overlay: &str, mut net: Option<Network>, secrets: &[Stri
         pods,
         tls: None,
         net,
+    }
+}
+
+/// `chown -R uid:gid path`.
+fn chown_tree(path: &Path, uid: u32, gid: u32) {
+    std::os::unix::fs::chown(path, Some(uid), Some(gid))
+        .unwrap_or_else(|e| panic!("chown {}: {e}", path.display()));
+    if path.is_dir() {
+        for e in std::fs::read_dir(path).expect("a readable directory") {
+            chown_tree(&e.expect("a directory entry").path(), uid, gid);
+        }
     }
 }
 
@@ -651,6 +697,30 @@ async fn dev_tls_overlay_trains_over_mutual_tls_between_namespaces() {
         let (status, _) = p.terminate();
         assert!(status.success(), "{} exited with {status}", p.name());
     }
+}
+
+/// The learner's run directory, on its volume, belongs to the securityContext's
+/// user when the pods run as it: the process wrote it as that user.
+fn learner_runs_as_its_user(cluster: &mut Cluster) {
+    let learner = cluster.pod("spur-learner");
+    let Some((_, uid, _)) = learner.user else {
+        return;
+    };
+    let argv = learner.spec["argv"].as_array().expect("argv");
+    let at = argv
+        .iter()
+        .position(|a| a == "--run-dir")
+        .expect("--run-dir");
+    let checkpoints = Path::new(argv[at + 1].as_str().expect("a path")).join("checkpoints");
+    let owner = std::fs::metadata(&checkpoints)
+        .unwrap_or_else(|e| panic!("{}: {e}", checkpoints.display()))
+        .uid();
+    assert_eq!(
+        owner,
+        uid,
+        "{} belongs to uid {owner}",
+        checkpoints.display()
+    );
 }
 
 /// What the namespaces make real: an actor reaches the learner by the Service name in
