@@ -21,7 +21,7 @@
 mod netns;
 mod support;
 
-use std::ffi::OsString;
+use std::ffi::{OsStr, OsString};
 use std::net::SocketAddr;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -513,17 +513,22 @@ fn boot(kubectl: &Path, overlay: &str, mut net: Option<Network>, secrets: &[Stri
     assert_eq!(names.len(), 4, "pod names must be distinct: {names:?}");
     // SAFETY: geteuid(2) has no preconditions.
     let setpriv = on_path("setpriv").filter(|_| unsafe { libc::geteuid() } == 0);
-    match &setpriv {
-        Some(_) => eprintln!("*** rehearsal: each pod runs as its securityContext's user ***"),
-        None => {
-            eprintln!("*** rehearsal: pods run as this test's user (not root or no setpriv) ***")
-        }
+    if setpriv.is_none() {
+        eprintln!("*** rehearsal: pods run as this test's user (not root, or no setpriv) ***");
     }
+    let mut usable = std::collections::HashMap::new();
     let mut pods = vec![];
     for spec in specs {
         let user = setpriv.as_ref().and_then(|bin| {
             let id = |k: &str| spec["run_as"][k].as_u64().map(|v| v as u32);
             let (uid, gid) = (id("uid")?, id("gid")?);
+            let can = usable
+                .entry((uid, gid))
+                .or_insert_with(|| user_can_run(bin, uid, gid));
+            if let Err(why) = can {
+                eprintln!("*** rehearsal: pods run as this test's user: {why} ***");
+                return None;
+            }
             // As fsGroup does for a pod's volumes: its mounts are its own.
             for m in spec["mounts"].as_array().expect("mounts are a list") {
                 chown_tree(Path::new(m.as_str().expect("a path")), uid, gid);
@@ -552,6 +557,35 @@ fn boot(kubectl: &Path, overlay: &str, mut net: Option<Network>, secrets: &[Stri
         tls: None,
         net,
     }
+}
+
+/// Whether uid and gid can start the spur binary (its libraries load) and read the
+/// repository (prompts, rules): a checkout under a private home directory cannot.
+fn user_can_run(setpriv: &Path, uid: u32, gid: u32) -> Result<(), String> {
+    let run = |args: &[&OsStr]| {
+        let out = Command::new(setpriv)
+            .args(["--reuid", &uid.to_string(), "--regid", &gid.to_string()])
+            .arg("--clear-groups")
+            .args(args)
+            .output()
+            .map_err(|e| format!("setpriv: {e}"))?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(format!(
+                "uid {uid} cannot run {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ))
+        }
+    };
+    let rules = Path::new(ROOT).join("judges/keyroom.rules");
+    run(&[
+        OsStr::new(env!("CARGO_BIN_EXE_spur")),
+        OsStr::new("--version"),
+    ])?;
+    run(&[OsStr::new("test"), OsStr::new("-r"), rules.as_os_str()])?;
+    eprintln!("*** rehearsal: pods run as their securityContext's user (uid {uid}) ***");
+    Ok(())
 }
 
 /// `chown -R uid:gid path`.
