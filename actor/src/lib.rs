@@ -107,6 +107,8 @@ pub async fn serve(
 
     let (readiness, flags) = health::Readiness::new();
     let health_stop = CancellationToken::new();
+    // Every way out of this function, an error included, closes the health port.
+    let health_open = health_stop.clone().drop_guard();
     let health_server = match health {
         Some(listener) => {
             let (reporter, service) = tonic_health::server::health_reporter();
@@ -216,7 +218,7 @@ pub async fn serve(
             "tasks still running at the drain deadline: the weight subscription or the text sender"
         );
     }
-    health_stop.cancel();
+    drop(health_open);
     if let Some(server) = health_server {
         let _ = tokio::time::timeout_at(deadline, server).await;
     }
