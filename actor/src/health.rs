@@ -10,7 +10,11 @@
 
 use std::sync::Arc;
 
+use spur_core::transport::Transport;
+use tokio::net::TcpListener;
 use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 use tonic_health::server::HealthReporter;
 use tonic_health::ServingStatus;
 use tracing::info;
@@ -73,13 +77,27 @@ impl Readiness {
     }
 }
 
+/// Serves gRPC health on `listener` (plain, whatever `transport` says of the rest)
+/// until `stop` is cancelled; [`HEALTH_SERVICE`] follows `flags` and is NOT_SERVING
+/// before the first probe can ask.
+pub(crate) async fn serve(
+    listener: TcpListener,
+    transport: &Transport,
+    flags: watch::Receiver<State>,
+    actor_id: String,
+    stop: CancellationToken,
+) -> JoinHandle<()> {
+    let (reporter, service) = tonic_health::server::health_reporter();
+    reporter
+        .set_service_status(HEALTH_SERVICE, ServingStatus::NotServing)
+        .await;
+    tokio::spawn(report(flags, reporter, actor_id));
+    tokio::spawn(transport.serve_health(listener, service, stop.cancelled_owned()))
+}
+
 /// Sets [`HEALTH_SERVICE`]'s status from every change of the flags; ends when every
 /// [`Readiness`] is gone.
-pub(crate) async fn report(
-    mut flags: watch::Receiver<State>,
-    reporter: HealthReporter,
-    actor_id: String,
-) {
+async fn report(mut flags: watch::Receiver<State>, reporter: HealthReporter, actor_id: String) {
     let mut last = None;
     loop {
         let status = flags.borrow_and_update().status();

@@ -111,17 +111,8 @@ pub async fn serve(
     let health_open = health_stop.clone().drop_guard();
     let health_server = match health {
         Some(listener) => {
-            let (reporter, service) = tonic_health::server::health_reporter();
-            // NOT_SERVING before the server answers its first probe.
-            reporter
-                .set_service_status(HEALTH_SERVICE, tonic_health::ServingStatus::NotServing)
-                .await;
-            tokio::spawn(health::report(flags, reporter, opts.actor_id.clone()));
-            Some(tokio::spawn(transport.serve_health(
-                listener,
-                service,
-                health_stop.clone().cancelled_owned(),
-            )))
+            let id = opts.actor_id.clone();
+            Some(health::serve(listener, &transport, flags, id, health_stop.clone()).await)
         }
         None => None,
     };
