@@ -43,7 +43,11 @@ IMAGE_WORKDIR = "/opt/spur"
 UID = 10001
 ROLES = ("learner", "actor", "reward-service")
 # The gRPC health service name each serving role reports (tonic-health).
-HEALTH_SERVICE = {"learner": "spur.v1.Learner", "reward-service": "spur.v1.RewardService"}
+HEALTH_SERVICE = {"learner": "spur.v1.Learner", "reward-service": "spur.v1.RewardService",
+                  "actor": "spur.v1.Actor"}
+# Roles whose startupProbe asks for their service too; an actor's startup asks for the
+# server as a whole, since its readiness waits on the learner.
+STARTUP_ON_SERVICE = {"learner", "reward-service"}
 GPU = "nvidia.com/gpu"
 # The overlay whose example Secret documents the keys every overlay may reference.
 SECRET_CONTRACT_OVERLAY = "dev"
@@ -54,7 +58,7 @@ GRACE_MARGIN_MS = 5000
 # kubectl create secret) and the keys pods may use from them.
 EXTERNAL_SECRETS = {"spur-tls": {"tls.crt", "tls.key", "ca.crt"}}
 # The config section that holds each serving role's listen and health_listen.
-ROLE_SECTION = {"learner": "learner", "reward-service": "reward_service"}
+ROLE_SECTION = {"learner": "learner", "reward-service": "reward_service", "actor": "actor"}
 
 
 # ----------------------------------------------------------------------------- model
@@ -343,7 +347,8 @@ def health_port(cfg, role):
     (`health_listen`, for probes that cannot do mutual TLS) when set, else its main
     listen port."""
     section = cfg[ROLE_SECTION[role]]
-    return listen_port(section.get("health_listen") or section["listen"])[1]
+    addr = section.get("health_listen") or section.get("listen")
+    return listen_port(addr)[1] if addr else None
 
 
 def listen_port(addr):
@@ -503,7 +508,8 @@ def check_ports(ctx):
 
 def check_probes(ctx):
     """Startup, readiness and liveness on every container, on declared ports, gRPC
-    health for serving roles (numeric port, the role's service for readiness)."""
+    health for every spur role (numeric port, the port the role serves health on, the
+    role's service for readiness)."""
     ov, errs = ctx.ov, []
     for wl in ov.workloads:
         for c in wl.containers():
@@ -530,11 +536,12 @@ def check_probes(ctx):
                     if cfg and port != health_port(cfg, role):
                         section = cfg[ROLE_SECTION[role]]
                         errs.append(f"{where}: {kind} asks port {port}, the role serves "
-                                    f"health on {health_port(cfg, role)} (listen "
-                                    f"{section['listen']}, health_listen "
-                                    f"{section.get('health_listen') or 'off'})")
-                    if kind != "livenessProbe" and \
-                            probe["grpc"].get("service") != HEALTH_SERVICE[role]:
+                                    f"health on {health_port(cfg, role) or 'no port'} "
+                                    f"(listen {section.get('listen') or 'none'}, "
+                                    f"health_listen {section.get('health_listen') or 'off'})")
+                    asks_service = kind == "readinessProbe" or \
+                        (kind == "startupProbe" and role in STARTUP_ON_SERVICE)
+                    if asks_service and probe["grpc"].get("service") != HEALTH_SERVICE[role]:
                         errs.append(f"{where}: {kind} must ask for "
                                     f"{HEALTH_SERVICE[role]} (NOT_SERVING while draining)")
             live = c.get("livenessProbe") or {}
@@ -1017,6 +1024,14 @@ def _probe_on_tls_port(objs):
     container(objs, *LEARNER)["readinessProbe"]["grpc"]["port"] = 50051
 
 
+def _actor_health_off(objs):
+    set_env(container(objs, *ACTOR), "SPUR_ACTOR__HEALTH_LISTEN", "")
+
+
+def _actor_readiness_unnamed(objs):
+    container(objs, *ACTOR)["readinessProbe"]["grpc"].pop("service")
+
+
 def _root(objs):
     container(objs, *ACTOR)["securityContext"]["runAsUser"] = 0
 
@@ -1097,6 +1112,9 @@ MUTATIONS = [
     ("dev", "probes", "readiness without the role's health service", _probe_service),
     ("dev-tls", "probes", "a probe on the mutual-TLS port, not health_listen",
      _probe_on_tls_port),
+    ("dev", "probes", "actor probes with actor.health_listen off", _actor_health_off),
+    ("dev", "probes", "actor readiness that ignores the learner (no service)",
+     _actor_readiness_unnamed),
     ("dev", "vars", "an undefined $(VAR) in the actor's args", _var),
     ("dev", "refs", "a Secret key nobody documents", _secret_key),
     ("dev", "refs", "a ConfigMap that does not exist", _config_map),

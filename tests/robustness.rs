@@ -1,4 +1,5 @@
-//! Bad input gets a clear error and the learner keeps serving everyone else.
+//! Bad input gets a clear error and the learner keeps serving everyone else; a
+//! restarted learner takes its actors over, whose health says when they are ready.
 
 use std::time::Duration;
 
@@ -7,6 +8,9 @@ use spur_core::trajectory::Chunk;
 use spur_proto::v1::{SubscribeWeightsRequest, TrajectoryChunk};
 use spur_tests::{spawn_actor, tiny_cartpole, TestLearner};
 use tonic::Code;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
 
 fn malformed() -> TrajectoryChunk {
     // Claims 32 steps of 2 envs but carries observations for 3 envs.
@@ -219,4 +223,109 @@ fn metrics_rows(run_dir: &std::path::Path) -> Vec<serde_json::Value> {
         .lines()
         .map(|l| serde_json::from_str(l).expect("metrics rows are JSON"))
         .collect()
+}
+
+/// The status `spur.v1.Actor` has on the actor's health port, None while it does not
+/// answer.
+async fn actor_health(addr: &str) -> Option<ServingStatus> {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .ok()?
+        .connect()
+        .await
+        .ok()?;
+    let mut client = HealthClient::new(channel);
+    let req = HealthCheckRequest {
+        service: spur_actor::HEALTH_SERVICE.into(),
+    };
+    let status = client.check(req).await.ok()?.into_inner().status;
+    ServingStatus::try_from(status).ok()
+}
+
+/// Polls the actor's health until it reports `want`, failing after a minute.
+async fn wait_actor_health(addr: &str, want: ServingStatus) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let now = actor_health(addr).await;
+        if now == Some(want) {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() > deadline {
+            anyhow::bail!("the actor's health never said {want:?}; last {now:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The actor's readiness follows its learner: NOT_SERVING while no learner answers,
+/// SERVING once it acts with the learner's weights over an open stream, NOT_SERVING
+/// while the learner is gone, SERVING again under the learner's next incarnation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn actor_health_follows_its_learner() -> anyhow::Result<()> {
+    let mut config = tiny_cartpole(0);
+    config.learner.checkpoint_every = 2;
+    config.actor.max_backoff_ms = 200;
+    let run_dir =
+        std::env::temp_dir().join(format!("spur-test-actor-health-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&run_dir);
+    // The learner's port is taken before any learner serves on it.
+    let held = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let learner_addr = held.local_addr()?.to_string();
+    let health = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let health_addr = health.local_addr()?.to_string();
+    let (stop_actor, actor_stopped) = tokio::sync::oneshot::channel::<()>();
+    let opts = spur_actor::ActorOptions {
+        actor_id: "actor-health".into(),
+        index: Some(0),
+        learner_addr: Some(format!("http://{learner_addr}")),
+    };
+    let actor = tokio::spawn(spur_actor::serve(
+        config.clone(),
+        opts,
+        Some(health),
+        async {
+            let _ = actor_stopped.await;
+        },
+    ));
+    // Without a learner there are no weights: the first answer is NOT_SERVING.
+    let first = loop {
+        if let Some(s) = actor_health(&health_addr).await {
+            break s;
+        }
+        assert!(!actor.is_finished(), "the actor stopped");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(first, ServingStatus::NotServing);
+
+    let start_learner = |listener, resume| {
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let opts = spur_learner::LearnerOptions {
+            run_dir: run_dir.clone(),
+            resume,
+        };
+        let handle = tokio::spawn(spur_learner::serve(config.clone(), opts, listener, async {
+            let _ = stopped.await;
+        }));
+        (stop, handle)
+    };
+    let (stop, learner) = start_learner(held, false);
+    wait_actor_health(&health_addr, ServingStatus::Serving).await?;
+
+    // The learner goes away: the actor reconnects and is not ready meanwhile.
+    let _ = stop.send(());
+    learner.await??;
+    wait_actor_health(&health_addr, ServingStatus::NotServing).await?;
+
+    // A new learner on the same address, from the checkpoint: ready again.
+    let listener = tokio::net::TcpListener::bind(&learner_addr).await?;
+    let (stop, learner) = start_learner(listener, true);
+    wait_actor_health(&health_addr, ServingStatus::Serving).await?;
+
+    let _ = stop_actor.send(());
+    let summary = actor.await??;
+    assert!(summary.push.reconnects >= 1, "{summary:?}");
+    // The health port closes with the actor.
+    assert_eq!(actor_health(&health_addr).await, None);
+    let _ = stop.send(());
+    learner.await??;
+    Ok(())
 }

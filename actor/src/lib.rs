@@ -10,9 +10,11 @@
 //! actor ends when the learner announces that training has finished, or when
 //! `shutdown` resolves: one cancellation token stops every part, the push task sends
 //! what the rollout thread made and waits for its acknowledgements, and every task is
-//! joined within `run.drain_timeout_ms`.
+//! joined within `run.drain_timeout_ms`. With `actor.health_listen` set, a plain gRPC
+//! health port says whether the actor is ready (`health.rs`).
 
 mod error;
+mod health;
 mod parts;
 mod push;
 mod rollout;
@@ -26,13 +28,15 @@ use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 use spur_core::config::Config;
-use spur_core::transport::Transport;
+use spur_core::transport::{bind_health, Transport};
+use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 pub use error::ActorError;
+pub use health::{Readiness, HEALTH_SERVICE};
 pub use push::PushStats;
 pub use rollout::{Rollout, RolloutStats};
 pub use weights::WeightsUpdate;
@@ -72,9 +76,21 @@ pub struct ActorSummary {
     pub training_finished: bool,
 }
 
+/// Runs an actor, with its health port bound from `actor.health_listen` (if set).
 pub async fn run(
     config: Config,
     opts: ActorOptions,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<ActorSummary, ActorError> {
+    let health = bind_health("actor.health_listen", &config.actor.health_listen).await?;
+    serve(config, opts, health, shutdown).await
+}
+
+/// Runs an actor that serves gRPC health on `health` (when given) until it ends.
+pub async fn serve(
+    config: Config,
+    opts: ActorOptions,
+    health: Option<TcpListener>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<ActorSummary, ActorError> {
     let addr = opts
@@ -89,6 +105,18 @@ pub async fn run(
     let finished = Arc::new(AtomicBool::new(false));
     let tasks = TaskTracker::new();
 
+    let (readiness, flags) = health::Readiness::new();
+    let health_stop = CancellationToken::new();
+    // Every way out of this function, an error included, closes the health port.
+    let health_open = health_stop.clone().drop_guard();
+    let health_server = match health {
+        Some(listener) => {
+            let id = opts.actor_id.clone();
+            Some(health::serve(listener, &transport, flags, id, health_stop.clone()).await)
+        }
+        None => None,
+    };
+
     let (slot, slot_rx) = watch::channel(None);
     tasks.spawn(weights::subscribe(
         learner.clone(),
@@ -101,6 +129,7 @@ pub async fn run(
     let (chunk_tx, chunk_rx) = mpsc::channel(config.actor.send_queue as usize);
     let pusher = tasks.spawn(push::push(
         learner,
+        readiness.clone(),
         opts.actor_id.clone(),
         chunk_rx,
         config.actor.max_unacked_chunks as usize,
@@ -109,10 +138,12 @@ pub async fn run(
     ));
 
     let stopper = stop.clone();
+    let draining = readiness.clone();
     tasks.spawn(async move {
         tokio::select! {
             _ = shutdown => {
                 info!("shutdown requested, closing the trajectory stream");
+                draining.stopping();
                 stopper.cancel();
             }
             _ = stopper.cancelled() => {}
@@ -134,6 +165,7 @@ pub async fn run(
         config,
         actor_id: opts.actor_id.clone(),
         weights: slot_rx,
+        readiness: readiness.clone(),
         chunks: chunk_tx,
         stop: stop.clone(),
         rt: tokio::runtime::Handle::current(),
@@ -150,6 +182,8 @@ pub async fn run(
         .map_err(|_| ActorError::Rollout("the rollout thread panicked".into()))?;
     // The rollout thread is gone (its chunk channel with it): the push task sends
     // what is left and waits for acknowledgements until the drain deadline.
+    readiness.stopping();
+    drop(readiness);
     stop.cancel();
     let deadline = tokio::time::Instant::now() + drain;
     let push = match tokio::time::timeout_at(deadline, pusher).await {
@@ -174,6 +208,10 @@ pub async fn run(
             tasks = tasks.len(),
             "tasks still running at the drain deadline: the weight subscription or the text sender"
         );
+    }
+    drop(health_open);
+    if let Some(server) = health_server {
+        let _ = tokio::time::timeout_at(deadline, server).await;
     }
     let rollout = rollout?;
     let summary = ActorSummary {

@@ -17,6 +17,7 @@ use tonic::Code;
 use tracing::info;
 
 use crate::error::ActorError;
+use crate::health::Readiness;
 use spur_core::redial::{CallError, Redial};
 
 /// Counters of one actor's pushing.
@@ -35,6 +36,7 @@ pub struct PushStats {
 /// error only when the learner rejects a chunk as malformed (a bug, not a hiccup).
 pub async fn push(
     learner: Connector,
+    readiness: Readiness,
     actor_id: String,
     mut chunks: mpsc::Receiver<Chunk>,
     max_unacked: usize,
@@ -61,6 +63,7 @@ pub async fn push(
             stats.unsent_on_stop += chunks.len() as u64 + pending.is_some() as u64;
             return Ok(stats);
         };
+        readiness.streaming(true);
         if stats.reconnects > 0 {
             info!(actor_id, "trajectory stream reopened");
         }
@@ -122,6 +125,7 @@ pub async fn push(
             unacked += 1;
             redial.progressed();
         };
+        readiness.streaming(false);
         if let CallError::Rpc(status) = &broke {
             if status.code() == Code::InvalidArgument {
                 return Err(ActorError::Rejected(status.message().to_string()));

@@ -22,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::error::ActorError;
+use crate::health::Readiness;
 use crate::parts::{build, Part};
 use crate::texts::TextSink;
 use crate::weights::WeightsUpdate;
@@ -32,6 +33,8 @@ pub struct Rollout {
     /// Seeds this actor's environments apart from other actors'.
     pub seed: u64,
     pub weights: watch::Receiver<Option<Arc<WeightsUpdate>>>,
+    /// Told when the policy first holds the learner's weights.
+    pub readiness: Readiness,
     pub chunks: mpsc::Sender<Chunk>,
     pub stop: CancellationToken,
     pub rt: Handle,
@@ -161,6 +164,7 @@ impl Rollout {
                 return Ok(stats); // stopped, or the subscriber is gone
             }
         };
+        self.readiness.acting();
         info!(
             actor_id = self.actor_id,
             version = held.version,

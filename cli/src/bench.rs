@@ -117,6 +117,7 @@ fn rollout_only(config: &Config, secs: f64, rt: Handle) -> anyhow::Result<f64> {
         actor_id: "bench".into(),
         seed: config.run.seed,
         weights,
+        readiness: Default::default(),
         chunks: chunks_tx,
         stop: stop.clone(),
         rt,

@@ -129,6 +129,9 @@ impl Cluster {
         let mut config = config.clone();
         config.learner.listen = "127.0.0.1:0".into();
         config.reward_service.listen = "127.0.0.1:0".into();
+        // This process watches its actors; one health port for all of them would
+        // clash (a config written for actor pods may set it).
+        config.actor.health_listen = String::new();
         let config_path = run_dir.join("config.toml");
         std::fs::write(&config_path, config.to_toml())?;
         let transport = Transport::from_config(&config.transport)?;

@@ -48,6 +48,8 @@ fn check_config_prints_the_resolved_config_and_binds_nothing() {
                 &listen("reward_service.listen"),
                 "--set",
                 &listen("run.prometheus_listen"),
+                "--set",
+                &listen("actor.health_listen"),
                 "--check-config",
             ],
             &[("SPUR_ENV__NUM_ENVS", "8")],
@@ -185,6 +187,14 @@ fn manifests_render_validate_and_hang_together() {
         );
     }
     assert!(report.contains("each caught by its check"), "{report}");
+    // Every role's probes are checked, the actors' gRPC health included.
+    for broken in [
+        "dev: actor probes with actor.health_listen off: caught by `probes`",
+        "dev: actor readiness that ignores the learner (no service): caught by `probes`",
+        "dev-tls: a probe on the mutual-TLS port, not health_listen: caught by `probes`",
+    ] {
+        assert!(report.contains(broken), "missing {broken:?} in:\n{report}");
+    }
     println!("k8s checks took {:.1} s", started.elapsed().as_secs_f64());
 }
 

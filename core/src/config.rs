@@ -460,6 +460,11 @@ pub struct ActorConfig {
     pub rollout_len: u32,
     /// Learner address the actor connects to (`http://host:port`).
     pub learner_addr: String,
+    /// Socket address of a port that serves only gRPC health, plain (no TLS, no
+    /// token) whatever `[transport]` says: `spur.v1.Actor` is SERVING while the
+    /// policy holds the learner's weights and the trajectory stream is open; empty:
+    /// none (the actor serves nothing else).
+    pub health_listen: String,
     /// Finished chunks an actor holds for sending before its rollout waits.
     pub send_queue: u32,
     /// Chunks sent to the learner but not yet acknowledged before sending waits.
@@ -490,6 +495,7 @@ impl Default for ActorConfig {
         Self {
             rollout_len: 32,
             learner_addr: "http://127.0.0.1:50051".into(),
+            health_listen: String::new(),
             send_queue: 1,
             max_unacked_chunks: 1,
             max_backoff_ms: 5000,
@@ -1123,14 +1129,16 @@ impl Config {
         let health = [
             (
                 "learner.health_listen",
-                &self.learner.health_listen,
-                &self.learner.listen,
+                self.learner.health_listen.as_str(),
+                self.learner.listen.as_str(),
             ),
             (
                 "reward_service.health_listen",
-                &self.reward_service.health_listen,
-                &self.reward_service.listen,
+                self.reward_service.health_listen.as_str(),
+                self.reward_service.listen.as_str(),
             ),
+            // The actor serves nothing but health.
+            ("actor.health_listen", self.actor.health_listen.as_str(), ""),
         ];
         for (key, value, main) in health {
             if value.is_empty() {
@@ -1365,6 +1373,9 @@ mod tests {
         assert!(err.to_string().contains("reward_service.addr"), "{err}");
         let err = Config::from_toml_str("[learner]\nhealth_listen = \"probe\"\n").unwrap_err();
         assert!(err.to_string().contains("learner.health_listen"), "{err}");
+        let err = Config::from_toml_str("[actor]\nhealth_listen = \"50063\"\n").unwrap_err();
+        assert!(err.to_string().contains("actor.health_listen"), "{err}");
+        Config::from_toml_str("[actor]\nhealth_listen = \"0.0.0.0:50063\"\n").expect("a port");
         let err = Config::from_toml_str(
             "[reward_service]\nlisten = \"0.0.0.0:7\"\nhealth_listen = \"0.0.0.0:7\"\n",
         )
