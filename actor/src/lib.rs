@@ -31,7 +31,8 @@ use spur_core::config::Config;
 use spur_core::transport::{bind_health, Transport};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot, watch};
-use tokio_util::sync::CancellationToken;
+use tokio::task::JoinHandle;
+use tokio_util::sync::{CancellationToken, DropGuard};
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
@@ -93,68 +94,16 @@ pub async fn serve(
     health: Option<TcpListener>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<ActorSummary, ActorError> {
-    let addr = opts
-        .learner_addr
-        .clone()
-        .unwrap_or_else(|| config.actor.learner_addr.clone());
     let transport = Transport::from_config(&config.transport)?;
-    let learner = transport.client(&addr)?;
-    let max_backoff = Duration::from_millis(config.actor.max_backoff_ms);
     let drain = Duration::from_millis(config.run.drain_timeout_ms);
-    let stop = CancellationToken::new();
-    let finished = Arc::new(AtomicBool::new(false));
-    let tasks = TaskTracker::new();
-
     let (readiness, flags) = health::Readiness::new();
-    let health_stop = CancellationToken::new();
-    // Every way out of this function, an error included, closes the health port.
-    let health_open = health_stop.clone().drop_guard();
-    let health_server = match health {
-        Some(listener) => {
-            let id = opts.actor_id.clone();
-            Some(health::serve(listener, &transport, flags, id, health_stop.clone()).await)
-        }
-        None => None,
-    };
-
-    let (slot, slot_rx) = watch::channel(None);
-    tasks.spawn(weights::subscribe(
-        learner.clone(),
-        opts.actor_id.clone(),
-        slot,
-        finished.clone(),
-        stop.clone(),
-        max_backoff,
-    ));
-    let (chunk_tx, chunk_rx) = mpsc::channel(config.actor.send_queue as usize);
-    let pusher = tasks.spawn(push::push(
-        learner,
-        readiness.clone(),
-        opts.actor_id.clone(),
-        chunk_rx,
-        config.actor.max_unacked_chunks as usize,
-        max_backoff,
-        drain,
-    ));
-
-    let stopper = stop.clone();
-    let draining = readiness.clone();
-    tasks.spawn(async move {
-        tokio::select! {
-            _ = shutdown => {
-                info!("shutdown requested, closing the trajectory stream");
-                draining.stopping();
-                stopper.cancel();
-            }
-            _ = stopper.cancelled() => {}
-        }
-    });
-
+    let health = HealthPort::open(health, &transport, flags, &opts.actor_id).await;
+    let (net, weights, chunks) = Network::start(&config, &opts, &transport, &readiness, shutdown)?;
     let texts = if config.intrinsic.enabled {
         Some(texts::TextSink {
             reward: transport.client(&config.reward_service.addr)?,
-            max_backoff,
-            tasks: tasks.clone(),
+            max_backoff: Duration::from_millis(config.actor.max_backoff_ms),
+            tasks: net.tasks.clone(),
         })
     } else {
         None
@@ -164,60 +113,25 @@ pub async fn serve(
         seed: opts.seed(config.run.seed),
         config,
         actor_id: opts.actor_id.clone(),
-        weights: slot_rx,
+        weights,
         readiness: readiness.clone(),
-        chunks: chunk_tx,
-        stop: stop.clone(),
+        chunks,
+        stop: net.stop.clone(),
         rt: tokio::runtime::Handle::current(),
     };
-    let (result_tx, result_rx) = oneshot::channel();
-    std::thread::Builder::new()
-        .name("spur-rollout".into())
-        .spawn(move || {
-            let _ = result_tx.send(rollout.run());
-        })
-        .map_err(|e| ActorError::Rollout(e.to_string()))?;
-    let rollout = result_rx
-        .await
-        .map_err(|_| ActorError::Rollout("the rollout thread panicked".into()))?;
+    let rollout = on_own_thread(rollout).await?;
     // The rollout thread is gone (its chunk channel with it): the push task sends
     // what is left and waits for acknowledgements until the drain deadline.
     readiness.stopping();
     drop(readiness);
-    stop.cancel();
     let deadline = tokio::time::Instant::now() + drain;
-    let push = match tokio::time::timeout_at(deadline, pusher).await {
-        Ok(Ok(r)) => r?,
-        Ok(Err(e)) => return Err(ActorError::Rollout(e.to_string())),
-        Err(_) => {
-            warn!(
-                actor_id = opts.actor_id,
-                ?drain,
-                "could not flush the last chunks by the drain deadline"
-            );
-            PushStats::default()
-        }
-    };
-    tasks.close();
-    if tokio::time::timeout_at(deadline, tasks.wait())
-        .await
-        .is_err()
-    {
-        warn!(
-            actor_id = opts.actor_id,
-            tasks = tasks.len(),
-            "tasks still running at the drain deadline: the weight subscription or the text sender"
-        );
-    }
-    drop(health_open);
-    if let Some(server) = health_server {
-        let _ = tokio::time::timeout_at(deadline, server).await;
-    }
+    let (push, training_finished) = net.drain(deadline, &opts.actor_id).await?;
+    health.close(deadline).await;
     let rollout = rollout?;
     let summary = ActorSummary {
         rollout,
         push,
-        training_finished: finished.load(Ordering::Acquire),
+        training_finished,
     };
     info!(
         actor_id = opts.actor_id,
@@ -228,6 +142,178 @@ pub async fn serve(
         "actor stopped"
     );
     Ok(summary)
+}
+
+/// The actor's health port, if it has one; dropping it (on every way out of
+/// [`serve`], errors included) closes the port.
+struct HealthPort {
+    _open: DropGuard,
+    server: Option<JoinHandle<()>>,
+}
+
+impl HealthPort {
+    async fn open(
+        listener: Option<TcpListener>,
+        transport: &Transport,
+        flags: watch::Receiver<health::State>,
+        actor_id: &str,
+    ) -> Self {
+        let stop = CancellationToken::new();
+        let server = match listener {
+            Some(l) => {
+                Some(health::serve(l, transport, flags, actor_id.into(), stop.clone()).await)
+            }
+            None => None,
+        };
+        Self {
+            _open: stop.drop_guard(),
+            server,
+        }
+    }
+
+    /// Closes the port and waits (until `deadline`) for its server to end.
+    async fn close(self, deadline: tokio::time::Instant) {
+        let Self { _open, server } = self;
+        drop(_open);
+        if let Some(server) = server {
+            let _ = tokio::time::timeout_at(deadline, server).await;
+        }
+    }
+}
+
+/// Where the weight subscription leaves the newest weights for the rollout thread.
+type WeightsSlot = watch::Receiver<Option<Arc<WeightsUpdate>>>;
+
+/// The actor's network side: the weight subscription, the push task, and the task
+/// that turns `shutdown` into a stop of every part.
+struct Network {
+    stop: CancellationToken,
+    finished: Arc<AtomicBool>,
+    tasks: TaskTracker,
+    pusher: JoinHandle<Result<PushStats, ActorError>>,
+    drain: Duration,
+}
+
+impl Network {
+    /// Starts the network tasks; returns them with the weight slot and the chunk
+    /// channel the rollout thread uses.
+    fn start(
+        config: &Config,
+        opts: &ActorOptions,
+        transport: &Transport,
+        readiness: &Readiness,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<
+        (
+            Self,
+            WeightsSlot,
+            mpsc::Sender<spur_core::trajectory::Chunk>,
+        ),
+        ActorError,
+    > {
+        let addr = opts
+            .learner_addr
+            .clone()
+            .unwrap_or_else(|| config.actor.learner_addr.clone());
+        let learner = transport.client(&addr)?;
+        let max_backoff = Duration::from_millis(config.actor.max_backoff_ms);
+        let drain = Duration::from_millis(config.run.drain_timeout_ms);
+        let stop = CancellationToken::new();
+        let finished = Arc::new(AtomicBool::new(false));
+        let tasks = TaskTracker::new();
+
+        let (slot, slot_rx) = watch::channel(None);
+        tasks.spawn(weights::subscribe(
+            learner.clone(),
+            opts.actor_id.clone(),
+            slot,
+            finished.clone(),
+            stop.clone(),
+            max_backoff,
+        ));
+        let (chunk_tx, chunk_rx) = mpsc::channel(config.actor.send_queue as usize);
+        let pusher = tasks.spawn(push::push(
+            learner,
+            readiness.clone(),
+            opts.actor_id.clone(),
+            chunk_rx,
+            config.actor.max_unacked_chunks as usize,
+            max_backoff,
+            drain,
+        ));
+        let stopper = stop.clone();
+        let draining = readiness.clone();
+        tasks.spawn(async move {
+            tokio::select! {
+                _ = shutdown => {
+                    info!("shutdown requested, closing the trajectory stream");
+                    draining.stopping();
+                    stopper.cancel();
+                }
+                _ = stopper.cancelled() => {}
+            }
+        });
+        let net = Self {
+            stop,
+            finished,
+            tasks,
+            pusher,
+            drain,
+        };
+        Ok((net, slot_rx, chunk_tx))
+    }
+
+    /// Stops every part, lets the push task send what is left until `deadline`, and
+    /// joins the other tasks; returns the push figures and whether the learner said
+    /// training is over.
+    async fn drain(
+        self,
+        deadline: tokio::time::Instant,
+        actor_id: &str,
+    ) -> Result<(PushStats, bool), ActorError> {
+        self.stop.cancel();
+        let push = match tokio::time::timeout_at(deadline, self.pusher).await {
+            Ok(Ok(r)) => r?,
+            Ok(Err(e)) => return Err(ActorError::Rollout(e.to_string())),
+            Err(_) => {
+                warn!(
+                    actor_id,
+                    drain = ?self.drain,
+                    "could not flush the last chunks by the drain deadline"
+                );
+                PushStats::default()
+            }
+        };
+        self.tasks.close();
+        if tokio::time::timeout_at(deadline, self.tasks.wait())
+            .await
+            .is_err()
+        {
+            warn!(
+                actor_id,
+                tasks = self.tasks.len(),
+                "tasks still running at the drain deadline: the weight subscription or the text sender"
+            );
+        }
+        Ok((push, self.finished.load(Ordering::Acquire)))
+    }
+}
+
+/// Runs the rollout (blocking tch and env work) on a thread of its own and waits for
+/// its result.
+async fn on_own_thread(
+    rollout: rollout::Rollout,
+) -> Result<Result<RolloutStats, ActorError>, ActorError> {
+    let (result_tx, result_rx) = oneshot::channel();
+    std::thread::Builder::new()
+        .name("spur-rollout".into())
+        .spawn(move || {
+            let _ = result_tx.send(rollout.run());
+        })
+        .map_err(|e| ActorError::Rollout(e.to_string()))?;
+    result_rx
+        .await
+        .map_err(|_| ActorError::Rollout("the rollout thread panicked".into()))
 }
 
 #[cfg(test)]
