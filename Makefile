@@ -154,7 +154,8 @@ cartpole-torchscript: models
 keyroom-table: build
 	python3 scripts/keyroom_table.py $(ARGS)
 
-## advantage-table: keyroom success with vtrace, gae, uis1 and hybrid advantages
+## advantage-table: keyroom success with vtrace, gae, uis1 and hybrid advantages (and
+## uis1 and hybrid with z-scored group terms), 5 seeds each, IQM and 95% intervals
 advantage-table: build
 	python3 scripts/keyroom_table.py --table advantages $(ARGS)
 

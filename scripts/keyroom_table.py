@@ -7,7 +7,9 @@ Tables (every one is the same loop over its variants' configs and the seeds):
   make-run            `make run` itself: configs/keyroom-oni.toml as it is
   rewards             keyroom: extrinsic only vs ONI retrieval, classification, ranking
   advantages          keyroom: vtrace, gae, uis1, hybrid (ONI retrieval rewards,
-                      groups of 4 episodes)
+                      groups of 4 episodes), and uis1 and hybrid with UI-S1's
+                      z-scores instead of the keyroom config's mean-only terms,
+                      with and without its spread threshold
   minihack            MiniHack-Room-5x5 through the env bridge, feedforward and LSTM
   nethack-score | nethack-staircase | nethack-oracle
                       NetHack through the env bridge: extrinsic only vs ONI
@@ -68,6 +70,16 @@ TABLES = {
     "advantages": ("keyroom 15x15 with ONI retrieval rewards, groups of 4 episodes", [
         (f"{name}", ONI, GROUPED + ["--set", f"learner.advantage={name}"])
         for name in ["vtrace", "gae", "uis1", "hybrid"]
+    ] + [
+        # UI-S1's own normalization (mean_std_norm) and no spread threshold beyond 0
+        (f"{name}, z-scores", ONI, GROUPED + [
+            "--set", f"learner.advantage={name}", "--set", "learner.group_std_norm=true",
+            "--set", "learner.group_min_spread=0"])
+        for name in ["uis1", "hybrid"]
+    ] + [
+        # z-scores with the keyroom config's spread threshold: which of the two matters
+        ("uis1, z-scores, spread > 0.05", ONI, GROUPED + [
+            "--set", "learner.advantage=uis1", "--set", "learner.group_std_norm=true"]),
     ]),
     "minihack": ("MiniHack-Room-5x5 through the env bridge", [
         ("feedforward", "configs/minihack-room.toml", []),

@@ -19,13 +19,30 @@ async fn cartpole_learns_with_gae_advantages() -> anyhow::Result<()> {
     learns(config, "learns-gae").await
 }
 
-/// UI-S1's critic-free estimator over groups of 4 episodes that share a start state.
+/// UI-S1's critic-free estimator over groups of 4 episodes that share a start state,
+/// with a spread filter that drops groups whose returns lie close together (early
+/// short episodes, and groups that all reach the step limit): it still learns, and
+/// `metrics.jsonl` counts the groups it kept and dropped.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cartpole_learns_with_uis1_group_advantages() -> anyhow::Result<()> {
     let mut config = tiny_cartpole(200_000);
     config.learner.advantage = spur_core::config::AdvantageKind::Uis1;
     config.actor.group_size = 4;
-    learns(config, "learns-uis1").await
+    config.learner.group_min_spread = 5.0;
+    learns(config, "learns-uis1").await?;
+    let run_dir =
+        std::env::temp_dir().join(format!("spur-test-learns-uis1-{}", std::process::id()));
+    let metrics = std::fs::read_to_string(run_dir.join("metrics.jsonl"))?;
+    let last: serde_json::Value =
+        serde_json::from_str(metrics.lines().last().expect("at least one update"))?;
+    let (kept, dropped) = (
+        last["groups_kept"].as_u64().expect("groups_kept column"),
+        last["groups_dropped"]
+            .as_u64()
+            .expect("groups_dropped column"),
+    );
+    assert!(kept > 0 && dropped > 0, "kept {kept}, dropped {dropped}");
+    Ok(())
 }
 
 /// V-trace plus UI-S1's episode-level term.

@@ -3,10 +3,13 @@
 //! - [`gae`]: generalized advantage estimation (Schulman et al., 2016) over
 //!   time-major `[T, B]` arrays with the current critic, no off-policy correction.
 //! - [`group_advantages`]: UI-S1's critic-free estimator over a group of complete
-//!   episodes that share a task: discounted step returns
-//!   `R_t = r_t + gamma_s * R_{t+1}`, a step-level z-score of `R_t` over the
-//!   group's episodes that reach step t, an episode-level z-score of each episode's
-//!   return over the group, combined as `w_E * A_E + w_S * A_S`.
+//!   episodes that share a task. A group whose episode returns hardly differ is
+//!   dropped ([`group_spread`] at or below `min_spread`: UI-S1's dynamic sampling).
+//!   Otherwise each step gets `w_E * A_E + w_S * A_S`: the episode term `A_E`
+//!   centres each episode's outcome on the group's mean, the step term `A_S`
+//!   centres the discounted step return `R_t = r_t + gamma_s * R_{t+1}` on the mean
+//!   over the group's episodes at the same step index; both are divided by their
+//!   spread when `divide_by_std` is set.
 //!
 //! Episode ends follow `vtrace.rs`: a terminated step has no future; a truncated one
 //! bootstraps from the value of its final observation (GAE). UI-S1's estimator has no
@@ -80,6 +83,11 @@ pub struct GroupParams {
     pub w_episode: f64,
     /// Weight of the step-level term.
     pub w_step: f64,
+    /// Divide both terms by their group's standard deviation (UI-S1's
+    /// `mean_std_norm`); otherwise only subtract the mean (`mean_norm`).
+    pub divide_by_std: bool,
+    /// A group whose [`group_spread`] is at or below this is dropped.
+    pub min_spread: f64,
     /// Added to the standard deviation before dividing.
     pub eps: f64,
 }
@@ -90,50 +98,82 @@ impl Default for GroupParams {
             gamma_step: 0.5,
             w_episode: 1.0,
             w_step: 1.0,
+            divide_by_std: true,
+            min_spread: 0.0,
             eps: 1e-6,
         }
     }
 }
 
-/// `(x - mean) / (std + eps)` for each of `xs` (population std); all 0 for fewer
-/// than two values.
-fn z_scores(xs: &[f64], eps: f64) -> Vec<f64> {
+/// One episode of a group: its step rewards (the mixed reward, for the step term
+/// and the spread) and its outcome (for the episode term).
+#[derive(Debug, Clone, Copy)]
+pub struct GroupEpisode<'a> {
+    pub rewards: &'a [f32],
+    pub outcome: f64,
+}
+
+/// Population standard deviation of `xs` (0 for fewer than two).
+fn spread(xs: &[f64]) -> f64 {
     if xs.len() < 2 {
-        return vec![0.0; xs.len()];
+        return 0.0;
     }
     let n = xs.len() as f64;
     let mean = xs.iter().sum::<f64>() / n;
-    let var = xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / n;
-    let std = var.sqrt();
-    xs.iter().map(|x| (x - mean) / (std + eps)).collect()
+    (xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / n).sqrt()
 }
 
-/// UI-S1 advantages for a group of complete episodes (their step rewards, any
-/// lengths): one advantage per step of each episode. A step index only some
-/// episodes reach is scored among those; a step reached by one episode alone, like a
-/// group of one, gets no step-level term.
-pub fn group_advantages(episodes: &[&[f32]], p: &GroupParams) -> Vec<Vec<f32>> {
-    let returns: Vec<Vec<f64>> = episodes
-        .iter()
-        .map(|r| discounted_returns(r, p.gamma_step))
-        .collect();
+/// How much a group's episodes differ: the standard deviation of their (undiscounted)
+/// returns of step rewards. The dynamic-sampling filter compares it with
+/// [`GroupParams::min_spread`].
+pub fn group_spread(episodes: &[GroupEpisode]) -> f64 {
     let totals: Vec<f64> = episodes
         .iter()
-        .map(|r| r.iter().map(|&x| x as f64).sum())
+        .map(|e| e.rewards.iter().map(|&x| x as f64).sum())
         .collect();
-    let a_episode = z_scores(&totals, p.eps);
-    let mut out: Vec<Vec<f32>> = episodes.iter().map(|r| vec![0.0; r.len()]).collect();
-    let longest = episodes.iter().map(|r| r.len()).max().unwrap_or(0);
+    spread(&totals)
+}
+
+/// `x - mean`, divided by `std + eps` when `divide`, for each of `xs`; all 0 for
+/// fewer than two values.
+fn centred(xs: &[f64], divide: bool, eps: f64) -> Vec<f64> {
+    if xs.len() < 2 {
+        return vec![0.0; xs.len()];
+    }
+    let mean = xs.iter().sum::<f64>() / xs.len() as f64;
+    let scale = if divide { spread(xs) + eps } else { 1.0 };
+    xs.iter().map(|x| (x - mean) / scale).collect()
+}
+
+/// UI-S1 advantages for a group of complete episodes (any lengths): one advantage
+/// per step of each episode, or `None` when the group is dropped for too little
+/// spread. A step index only some episodes reach is scored among those; a step
+/// reached by one episode alone, like a group of one, gets no step-level term.
+pub fn group_advantages(episodes: &[GroupEpisode], p: &GroupParams) -> Option<Vec<Vec<f32>>> {
+    if episodes.len() >= 2 && group_spread(episodes) <= p.min_spread {
+        return None;
+    }
+    let returns: Vec<Vec<f64>> = episodes
+        .iter()
+        .map(|e| discounted_returns(e.rewards, p.gamma_step))
+        .collect();
+    let outcomes: Vec<f64> = episodes.iter().map(|e| e.outcome).collect();
+    let a_episode = centred(&outcomes, p.divide_by_std, p.eps);
+    let mut out: Vec<Vec<f32>> = episodes
+        .iter()
+        .map(|e| vec![0.0; e.rewards.len()])
+        .collect();
+    let longest = episodes.iter().map(|e| e.rewards.len()).max().unwrap_or(0);
     for t in 0..longest {
         let present: Vec<usize> = (0..episodes.len())
-            .filter(|&i| episodes[i].len() > t)
+            .filter(|&i| episodes[i].rewards.len() > t)
             .collect();
         let at_t: Vec<f64> = present.iter().map(|&i| returns[i][t]).collect();
-        for (&i, a_step) in present.iter().zip(z_scores(&at_t, p.eps)) {
+        for (&i, a_step) in present.iter().zip(centred(&at_t, p.divide_by_std, p.eps)) {
             out[i][t] = (p.w_episode * a_episode[i] + p.w_step * a_step) as f32;
         }
     }
-    out
+    Some(out)
 }
 
 #[cfg(test)]
@@ -228,51 +268,87 @@ mod tests {
         assert_eq!(r, vec![1.0 + 0.25 * 2.0, 1.0, 2.0]);
     }
 
-    #[test]
-    fn group_advantages_by_hand() {
-        let p = GroupParams::default();
-        // Two episodes of different lengths: [1, 0] and [0, 0, 1].
-        let a = [1.0f32, 0.0];
-        let b = [0.0f32, 0.0, 1.0];
-        let out = group_advantages(&[&a, &b], &p);
-        // Episode returns 1 and 1: zero spread, A_E = 0.
-        // Step 0: R = 1 (a) and 0.25 (b): z = +1 / -1. Step 1: R = 0 and 0.5: -1 / +1.
-        // Step 2: only b reaches it: no step term.
-        let want_a = [1.0f32, -1.0];
-        let want_b = [-1.0f32, 1.0, 0.0];
-        assert!(close(&out[0], &want_a), "{:?}", out[0]);
-        assert!(close(&out[1], &want_b), "{:?}", out[1]);
+    fn ep(rewards: &[f32], outcome: f64) -> GroupEpisode<'_> {
+        GroupEpisode { rewards, outcome }
+    }
 
-        // Episode term: returns 2, 0, 1 -> mean 1, std sqrt(2/3).
+    #[test]
+    fn the_step_term_compares_matching_steps() {
+        let p = GroupParams {
+            w_episode: 0.0,
+            ..GroupParams::default()
+        };
+        // [1, 0] and [0, 0, 2] with gamma_s = 0.5: step returns [1, 0] and
+        // [0.5, 1, 2]. Step 0: 1 vs 0.5 (+1 / -1); step 1: 0 vs 1 (-1 / +1); step 2:
+        // only the second episode gets there, so nothing to compare.
+        let (a, b) = ([1.0f32, 0.0], [0.0f32, 0.0, 2.0]);
+        let out = group_advantages(&[ep(&a, 0.0), ep(&b, 0.0)], &p).expect("kept");
+        assert!(close(&out[0], &[1.0, -1.0]), "{:?}", out[0]);
+        assert!(close(&out[1], &[-1.0, 1.0, 0.0]), "{:?}", out[1]);
+        // Without the division, the terms keep the size of the return differences.
+        let raw = GroupParams {
+            divide_by_std: false,
+            ..p
+        };
+        let out = group_advantages(&[ep(&a, 0.0), ep(&b, 0.0)], &raw).expect("kept");
+        assert!(close(&out[0], &[0.25, -0.5]), "{:?}", out[0]);
+        assert!(close(&out[1], &[-0.25, 0.5, 0.0]), "{:?}", out[1]);
+    }
+
+    #[test]
+    fn the_episode_term_scores_the_outcome_not_the_step_rewards() {
+        let p = GroupParams {
+            w_step: 0.0,
+            ..GroupParams::default()
+        };
+        // The first episode collected more reward (say, intrinsic) but failed; the
+        // second succeeded. The episode term follows the outcome.
+        let (a, b) = ([0.4f32, 0.4], [0.0f32, 0.0, 0.0]);
+        let out = group_advantages(&[ep(&a, 0.0), ep(&b, 1.0)], &p).expect("kept");
+        assert!(close(&out[0], &[-1.0, -1.0]), "{:?}", out[0]);
+        assert!(close(&out[1], &[1.0, 1.0, 1.0]), "{:?}", out[1]);
+        // Outcomes 2, 0, 1: mean 1, population std sqrt(2/3).
         let (x, y, z) = ([2.0f32], [0.0f32], [1.0f32]);
-        let w = GroupParams { w_step: 0.0, ..p };
-        let out = group_advantages(&[&x, &y, &z], &w);
+        let group = [ep(&x, 2.0), ep(&y, 0.0), ep(&z, 1.0)];
+        let out = group_advantages(&group, &p).expect("kept");
         let s = (2.0f64 / 3.0).sqrt();
         let want = [(1.0 / s) as f32, (-1.0 / s) as f32, 0.0];
         for (o, w) in out.iter().zip(want) {
             assert!((o[0] - w).abs() < 1e-4, "{out:?}");
         }
-        // Weights scale the terms.
-        let both = group_advantages(
-            &[&x, &y, &z],
-            &GroupParams {
-                w_episode: 2.0,
-                w_step: 0.5,
-                ..p
-            },
-        );
-        // One step each: R_0 = the return, so A_S = A_E.
-        assert!((both[0][0] - 2.5 * want[0]).abs() < 1e-4, "{both:?}");
+        // Weights scale the terms; with one step each, R_0 is the reward, which here
+        // equals the outcome, so A_S = A_E.
+        let both = GroupParams {
+            w_episode: 2.0,
+            w_step: 0.5,
+            ..p
+        };
+        let out = group_advantages(&group, &both).expect("kept");
+        assert!((out[0][0] - 2.5 * want[0]).abs() < 1e-4, "{out:?}");
     }
 
     #[test]
-    fn a_group_of_one_or_without_spread_gets_zero() {
+    fn groups_without_enough_spread_are_dropped() {
         let p = GroupParams::default();
-        let one = [1.0f32, 2.0, 3.0];
-        assert_eq!(group_advantages(&[&one], &p), vec![vec![0.0; 3]]);
         let same = [0.5f32, 0.5];
-        let out = group_advantages(&[&same, &same, &same], &p);
-        assert!(out.iter().flatten().all(|&x| x == 0.0));
-        assert!(group_advantages(&[], &p).is_empty());
+        // Zero spread: dropped even at the default threshold of 0, whatever the
+        // outcomes say.
+        assert_eq!(group_spread(&[ep(&same, 0.0), ep(&same, 1.0)]), 0.0);
+        assert!(group_advantages(&[ep(&same, 0.0), ep(&same, 1.0)], &p).is_none());
+        // Returns 1 and 0.6: spread 0.2. Kept below that threshold, dropped at or
+        // above it.
+        let (a, b) = ([1.0f32], [0.6f32]);
+        let group = [ep(&a, 1.0), ep(&b, 0.0)];
+        assert!((group_spread(&group) - 0.2).abs() < 1e-6);
+        let at = |min_spread| GroupParams { min_spread, ..p };
+        assert!(group_advantages(&group, &at(0.1)).is_some());
+        assert!(group_advantages(&group, &at(0.3)).is_none());
+        // A group of one has nothing to compare: kept, all zero.
+        let one = [1.0f32, 2.0, 3.0];
+        assert_eq!(
+            group_advantages(&[ep(&one, 1.0)], &p),
+            Some(vec![vec![0.0; 3]])
+        );
+        assert_eq!(group_advantages(&[], &p), Some(vec![]));
     }
 }

@@ -561,6 +561,19 @@ pub struct LearnerConfig {
     /// UI-S1: weights of the episode-level and step-level terms.
     pub w_episode: f64,
     pub w_step: f64,
+    /// UI-S1: what the episode-level term scores: `extrinsic` (the sum of the
+    /// environment's rewards, the task's outcome) or `mixed` (the sum of the mixed
+    /// extrinsic and intrinsic reward).
+    pub group_outcome: GroupOutcome,
+    /// UI-S1's dynamic sampling: a group whose episodes' returns (of the mixed
+    /// reward) have a standard deviation at or below this is dropped (and counted):
+    /// `uis1` does not train on it, `hybrid` keeps only its V-trace term. 0 drops
+    /// only groups whose returns are all equal.
+    pub group_min_spread: f64,
+    /// UI-S1: divide the episode-level and step-level terms by their group's
+    /// standard deviation (UI-S1's `mean_std_norm`); `false` only subtracts the
+    /// group's mean (`mean_norm`), so small return differences stay small.
+    pub group_std_norm: bool,
     /// Groups whose episodes are still running, at most; the oldest beyond are given
     /// up (and counted).
     pub max_open_groups: u32,
@@ -580,6 +593,16 @@ pub enum AdvantageKind {
     Uis1,
     /// V-trace advantages as the step-level term plus UI-S1's episode-level term.
     Hybrid,
+}
+
+/// What UI-S1's episode-level term scores (`learner.group_outcome`).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum GroupOutcome {
+    /// The episode's sum of environment rewards.
+    Extrinsic,
+    /// The episode's sum of mixed (extrinsic plus intrinsic) rewards.
+    Mixed,
 }
 
 impl AdvantageKind {
@@ -619,6 +642,9 @@ impl Default for LearnerConfig {
             gamma_step: 0.5,
             w_episode: 1.0,
             w_step: 1.0,
+            group_outcome: GroupOutcome::Extrinsic,
+            group_min_spread: 0.0,
+            group_std_norm: true,
             max_open_groups: 4096,
             imitation_coef: 1.0,
         }
@@ -911,6 +937,26 @@ impl Config {
             (0.0..=1.0).contains(&l.gamma_step),
             "learner.gamma_step",
             "must be in [0, 1]",
+        )?;
+        for (value, key) in [
+            (l.w_episode, "learner.w_episode"),
+            (l.w_step, "learner.w_step"),
+        ] {
+            check(
+                value.is_finite() && value >= 0.0,
+                key,
+                "must be a finite number >= 0",
+            )?;
+        }
+        check(
+            !l.advantage.is_grouped() || l.w_episode + l.w_step > 0.0,
+            "learner.w_episode",
+            "learner.w_episode and learner.w_step are both 0: the group estimators would have no advantage",
+        )?;
+        check(
+            l.group_min_spread.is_finite() && l.group_min_spread >= 0.0,
+            "learner.group_min_spread",
+            "must be a finite number >= 0",
         )?;
         check(
             l.max_open_groups >= 1,
@@ -1304,6 +1350,22 @@ mod tests {
         let err =
             Config::from_toml_str("[env]\nnum_envs = 6\n[actor]\ngroup_size = 4\n").unwrap_err();
         assert!(err.to_string().contains("actor.group_size"), "{err}");
+        // UI-S1's group keys: a known outcome, a spread and weights that make sense.
+        let grouped = "[actor]\ngroup_size = 4\n[learner]\nadvantage = \"uis1\"\n";
+        let c = Config::from_toml_str(&format!(
+            "{grouped}group_outcome = \"mixed\"\ngroup_min_spread = 0.05\n"
+        ))
+        .unwrap();
+        assert_eq!(c.learner.group_outcome, GroupOutcome::Mixed);
+        for (bad, key) in [
+            ("group_outcome = \"success\"", "learner.group_outcome"),
+            ("group_min_spread = -0.1", "learner.group_min_spread"),
+            ("w_step = -1.0", "learner.w_step"),
+            ("w_step = 0.0\nw_episode = 0.0", "learner.w_episode"),
+        ] {
+            let err = Config::from_toml_str(&format!("{grouped}{bad}\n")).unwrap_err();
+            assert!(err.to_string().contains(key), "{bad}: {err}");
+        }
         // A replay file that cannot be read is a config error naming the key.
         let err = Config::load(
             None,

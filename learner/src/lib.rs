@@ -418,6 +418,8 @@ pub async fn serve(
         broadcaster,
         rx: queue_rx,
         rt: tokio::runtime::Handle::current(),
+        groups_kept: 0,
+        groups_dropped: 0,
     };
     let (result_tx, mut result_rx) = oneshot::channel();
     std::thread::Builder::new()

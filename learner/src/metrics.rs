@@ -45,6 +45,10 @@ pub struct MetricsRow {
     pub batch_steps: u64,
     /// Groups of episodes dropped before they were complete (UI-S1 estimators).
     pub groups_given_up: u64,
+    /// Complete groups UI-S1's spread filter (`learner.group_min_spread`) kept and
+    /// dropped so far in this incarnation.
+    pub groups_kept: u64,
+    pub groups_dropped: u64,
     /// The reward service's counters at this update, when it runs.
     #[serde(flatten)]
     pub judge: Option<JudgeMetrics>,

@@ -12,9 +12,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use spur_core::adam::Adam;
-use spur_core::advantage::{gae, group_advantages, GaeInput, GroupParams};
+use spur_core::advantage::{gae, group_advantages, GaeInput, GroupEpisode, GroupParams};
 use spur_core::checkpoint;
-use spur_core::config::{AdvantageKind, Config};
+use spur_core::config::{AdvantageKind, Config, GroupOutcome};
 use spur_core::model::{tensors_to_safetensors, ActorCritic};
 use spur_core::ppo::{ppo_loss, PpoParams};
 use spur_core::trajectory::Chunk;
@@ -60,6 +60,9 @@ pub struct Trainer {
     pub broadcaster: Broadcaster,
     pub rx: mpsc::Receiver<Chunk>,
     pub rt: Handle,
+    /// Groups of episodes UI-S1's spread filter kept and dropped, in this incarnation.
+    pub groups_kept: u64,
+    pub groups_dropped: u64,
 }
 
 /// What a finished training run reports.
@@ -91,6 +94,16 @@ struct UpdateStats {
     /// The update stopped before its last minibatch because of `target_kl`.
     stopped_early: bool,
     steps: usize,
+    /// Steps of the batch the policy trained on (all but those of dropped groups).
+    trained_steps: usize,
+}
+
+/// A batch's policy advantages and value targets, and for UI-S1's estimators which
+/// of its groups the spread filter kept.
+struct Advantages {
+    policy: Vec<f32>,
+    targets: Vec<f32>,
+    kept: Option<Vec<bool>>,
 }
 
 impl Trainer {
@@ -131,11 +144,13 @@ impl Trainer {
             row.time_s = start.elapsed().as_secs_f64();
             row.steps_per_sec = rate.rate;
             row.groups_given_up = assembler.as_ref().map_or(0, |a| a.given_up);
+            row.groups_kept = self.groups_kept;
+            row.groups_dropped = self.groups_dropped;
             logs.write(&row);
             if self.updates.is_multiple_of(lc.checkpoint_every) {
                 self.checkpoint(&ckpt_dir, start)?;
             }
-            if stats.steps == 0 {
+            if stats.steps == 0 && stats.trained_steps > 0 {
                 warn!(
                     version = self.version,
                     "every minibatch of this update had a non-finite loss"
@@ -309,27 +324,50 @@ impl Trainer {
         false
     }
 
-    /// UI-S1's advantages per step: `uis1` combines the step-level and episode-level
-    /// z-scores; `hybrid` takes V-trace's advantage as the step-level term.
+    /// UI-S1's advantages per step and which groups the spread filter kept: `uis1`
+    /// combines the step-level and episode-level terms (0 on dropped groups, which
+    /// it does not train on); `hybrid` takes V-trace's advantage as the step-level
+    /// term and adds the episode-level term on kept groups.
     fn group_advantages(
-        &self,
+        &mut self,
         rewards: &[f32],
+        extrinsic: &[f32],
         vtrace_adv: &[f32],
         layout: &GroupLayout,
-    ) -> Vec<f32> {
+    ) -> (Vec<f32>, Vec<bool>) {
         let lc = &self.config.learner;
         let hybrid = lc.advantage == AdvantageKind::Hybrid;
         let params = GroupParams {
             gamma_step: lc.gamma_step,
             w_episode: lc.w_episode,
             w_step: if hybrid { 0.0 } else { lc.w_step },
+            divide_by_std: lc.group_std_norm,
+            min_spread: lc.group_min_spread,
             ..GroupParams::default()
         };
         let mut adv = vec![0.0f32; rewards.len()];
+        let mut kept = Vec::with_capacity(layout.len());
         for group in layout {
-            let episodes: Vec<&[f32]> = group.iter().map(|&(s, l)| &rewards[s..s + l]).collect();
-            for (&(s, l), a) in group.iter().zip(group_advantages(&episodes, &params)) {
-                adv[s..s + l].copy_from_slice(&a);
+            let episodes: Vec<GroupEpisode> = group
+                .iter()
+                .map(|&(s, l)| GroupEpisode {
+                    rewards: &rewards[s..s + l],
+                    outcome: match lc.group_outcome {
+                        GroupOutcome::Extrinsic => {
+                            extrinsic[s..s + l].iter().map(|&r| r as f64).sum()
+                        }
+                        GroupOutcome::Mixed => rewards[s..s + l].iter().map(|&r| r as f64).sum(),
+                    },
+                })
+                .collect();
+            match group_advantages(&episodes, &params) {
+                Some(per_episode) => {
+                    for (&(s, l), a) in group.iter().zip(per_episode) {
+                        adv[s..s + l].copy_from_slice(&a);
+                    }
+                    kept.push(true);
+                }
+                None => kept.push(false),
             }
         }
         if hybrid {
@@ -337,7 +375,10 @@ impl Trainer {
                 *a += lc.w_step as f32 * v;
             }
         }
-        adv
+        let dropped = kept.iter().filter(|&&k| !k).count() as u64;
+        self.groups_dropped += dropped;
+        self.groups_kept += kept.len() as u64 - dropped;
+        (adv, kept)
     }
 
     fn should_stop(&self) -> bool {
@@ -405,7 +446,6 @@ impl Trainer {
 
     /// One update on `batch`; `layout` says where each group's episodes are (UI-S1).
     fn update(&mut self, batch: &Batch, layout: Option<&GroupLayout>) -> UpdateStats {
-        let lc = &self.config.learner;
         let dev = self.model.device();
         let t_len = batch.rollout_len;
         let n = batch.len() as i64;
@@ -415,20 +455,14 @@ impl Trainer {
             obs_all,
             actions: Tensor::from_slice(&batch.actions).to_device(dev),
         };
-        // A recurrent policy trains on whole sequences: a chunk batch's columns (its
+        // A recurrent policy runs over whole sequences: a chunk batch's columns (its
         // targets reach one step further, to the bootstrap row), or the episodes of
         // a grouped batch.
-        let sequences = self.model.is_recurrent().then(|| match layout {
-            None => (
-                Sequences::columns(batch, t_len + 1),
-                Sequences::columns(batch, t_len),
-            ),
-            Some(l) => {
-                let s = self.model.state_size();
-                (Sequences::episodes(l, s), Sequences::episodes(l, s))
-            }
+        let all_sequences = self.model.is_recurrent().then(|| match layout {
+            None => Sequences::columns(batch, t_len + 1),
+            Some(l) => Sequences::episodes(l, self.model.state_size()),
         });
-        let estimates = self.estimates(batch, &inputs, sequences.as_ref().map(|(all, _)| all));
+        let estimates = self.estimates(batch, &inputs, all_sequences.as_ref());
         let (rewards, intrinsic_mean) = match &self.intrinsic {
             Some(table) => table.mix(
                 &batch.rewards,
@@ -444,8 +478,35 @@ impl Trainer {
             .zip(&batch.behaviour_log_probs)
             .map(|(a, b)| a - b)
             .collect();
-        let (pg_advantages, value_targets) =
-            self.advantages(batch, layout, &rewards, &log_rhos, &estimates);
+        let advantages = self.advantages(batch, layout, &rewards, &log_rhos, &estimates);
+        // `uis1` trains only on the groups the spread filter kept (`hybrid` keeps
+        // every step: dropped groups still have their V-trace term).
+        let trained_layout: Option<GroupLayout> = match (layout, &advantages.kept) {
+            (Some(l), Some(kept)) if self.config.learner.advantage == AdvantageKind::Uis1 => Some(
+                l.iter()
+                    .zip(kept)
+                    .filter(|(_, &k)| k)
+                    .map(|(g, _)| g.clone())
+                    .collect(),
+            ),
+            _ => layout.cloned(),
+        };
+        let trained: Vec<i64> = match &trained_layout {
+            Some(l) => l
+                .iter()
+                .flatten()
+                .flat_map(|&(s, len)| s as i64..(s + len) as i64)
+                .collect(),
+            None => (0..n).collect(),
+        };
+        // The training sequences of a recurrent policy: a chunk batch's columns, or
+        // the trained groups' episodes.
+        let sequences = self.model.is_recurrent().then(|| match &trained_layout {
+            None => Sequences::columns(batch, t_len),
+            Some(l) => Sequences::episodes(l, self.model.state_size()),
+        });
+        let lc = &self.config.learner;
+        let (pg_advantages, value_targets) = (advantages.policy, advantages.targets);
         // Decoupled PPO: the ratio is taken against the proximal policy (these
         // weights before this update); with V-trace, its truncated importance weights
         // inside the advantages correct for the older behaviour policy.
@@ -457,13 +518,14 @@ impl Trainer {
         };
         let mut stats = UpdateStats {
             intrinsic_reward_mean: intrinsic_mean,
+            trained_steps: trained.len(),
             behaviour_kl: -log_rhos.iter().map(|&x| x as f64).sum::<f64>()
                 / log_rhos.len().max(1) as f64,
             ..Default::default()
         };
+        let trained = Tensor::from_slice(&trained).to_device(dev);
         'epochs: for _ in 0..lc.epochs {
-            let train = sequences.as_ref().map(|(_, train)| train);
-            for minibatch in self.minibatches(n, train) {
+            for minibatch in self.minibatches(&trained, sequences.as_ref()) {
                 if self.train_minibatch(minibatch, &inputs, &terms, &mut stats) {
                     stats.stopped_early = true;
                     break 'epochs;
@@ -523,13 +585,13 @@ impl Trainer {
     /// the configured estimator: V-trace (grouped estimators replace only its policy
     /// advantages) or GAE.
     fn advantages(
-        &self,
+        &mut self,
         batch: &Batch,
         layout: Option<&GroupLayout>,
         rewards: &[f32],
         log_rhos: &[f32],
         estimates: &Estimates,
-    ) -> (Vec<f32>, Vec<f32>) {
+    ) -> Advantages {
         let lc = &self.config.learner;
         let (t_len, w) = (batch.rollout_len, batch.width);
         let values = &estimates.values[..batch.len()];
@@ -558,38 +620,59 @@ impl Trainer {
                 match layout {
                     // The critic learns V-trace targets in every mode; only the
                     // policy's advantages differ.
-                    Some(layout) => (
-                        self.group_advantages(rewards, &vt.pg_advantages, layout),
-                        vt.vs,
-                    ),
-                    None => (vt.pg_advantages, vt.vs),
+                    Some(layout) => {
+                        let (policy, kept) = self.group_advantages(
+                            rewards,
+                            &batch.rewards,
+                            &vt.pg_advantages,
+                            layout,
+                        );
+                        Advantages {
+                            policy,
+                            targets: vt.vs,
+                            kept: Some(kept),
+                        }
+                    }
+                    None => Advantages {
+                        policy: vt.pg_advantages,
+                        targets: vt.vs,
+                        kept: None,
+                    },
                 }
             }
-            AdvantageKind::Gae => gae(
-                &GaeInput {
-                    rollout_len: t_len,
-                    batch: w,
-                    rewards,
-                    values,
-                    next_values: &next_values,
-                    terminated: &batch.terminated,
-                    truncated: &batch.truncated,
-                },
-                lc.gamma as f32,
-                lc.lambda as f32,
-            ),
+            AdvantageKind::Gae => {
+                let (policy, targets) = gae(
+                    &GaeInput {
+                        rollout_len: t_len,
+                        batch: w,
+                        rewards,
+                        values,
+                        next_values: &next_values,
+                        terminated: &batch.terminated,
+                        truncated: &batch.truncated,
+                    },
+                    lc.gamma as f32,
+                    lc.lambda as f32,
+                );
+                Advantages {
+                    policy,
+                    targets,
+                    kept: None,
+                }
+            }
         }
     }
 
-    /// One epoch's minibatches: shuffled steps of `n`, or shuffled whole sequences
-    /// of `train` for a recurrent policy.
-    fn minibatches(&self, n: i64, train: Option<&Sequences>) -> Vec<Minibatch> {
+    /// One epoch's minibatches: the `trained` steps shuffled, or shuffled whole
+    /// sequences of `train` for a recurrent policy.
+    fn minibatches(&self, trained: &Tensor, train: Option<&Sequences>) -> Vec<Minibatch> {
         let parts = self.config.learner.minibatches as usize;
         let dev = self.model.device();
         match train {
             None => {
+                let n = trained.size()[0];
                 let mb = (n / parts as i64).max(1);
-                let perm = Tensor::randperm(n, (Kind::Int64, dev));
+                let perm = trained.index_select(0, &Tensor::randperm(n, (Kind::Int64, dev)));
                 (0..(n / mb))
                     .map(|m| Minibatch::Steps(perm.narrow(0, m * mb, mb)))
                     .collect()
