@@ -95,6 +95,12 @@ def sf_run(args, task, seed, steps, run_dir):
     return json.loads(lines[-1])
 
 
+def machine():
+    """The date, the cores and the load: rates mean little without them."""
+    load = " ".join(f"{x:.1f}" for x in os.getloadavg())
+    return f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {os.cpu_count()} cores, load {load}"
+
+
 def fmt_int(x):
     return "-" if x is None else f"{x:,.0f}"
 
@@ -160,6 +166,7 @@ def main():
     if args.install:
         install(args.venv)
     stamp = time.strftime("%Y%m%d-%H%M%S")
+    started = machine()
     base = os.path.join(args.out, stamp)
     results = {}
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))
@@ -185,6 +192,7 @@ def main():
         json.dump([{**v} for v in results.values()], f, indent=1)
     print()
     print(table(results, seeds))
+    print(f"\nstart: {started}\nend:   {machine()}")
     print(f"\nruns: {base}")
 
 
