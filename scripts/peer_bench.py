@@ -64,7 +64,6 @@ def spur_run(args, task, seed, steps, run_dir):
         cmd += ["--set", s]
     with open(os.path.join(run_dir, "bench.log"), "w") as log:
         subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT)
-    rows = []
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f if line.strip()]
     first, last = rows[0], rows[-1]
@@ -189,7 +188,7 @@ def main():
                       f"final return {r['return_mean']:.1f} ({time.monotonic() - t:.0f} s)",
                       flush=True)
     with open(os.path.join(base, "results.json"), "w") as f:
-        json.dump([{**v} for v in results.values()], f, indent=1)
+        json.dump(list(results.values()), f, indent=1)
     print()
     print(table(results, seeds))
     print(f"\nstart: {started}\nend:   {machine()}")
