@@ -2,6 +2,10 @@
 # `make run` and `make test`, so both work on a fresh machine.
 
 VENV          := .venv
+# Sample Factory's own venv for `make bench-peer` (it pins gymnasium < 1 and nle 1.0.0,
+# which the project venv cannot hold beside gymnasium 1.2.0 and nle 1.3.0).
+PEER_VENV     := runs/peer-venv
+PEER_STAMP    := $(PEER_VENV)/.peer-sf-2.1.1
 TORCH_VERSION := 2.13.0
 TORCH_STAMP   := $(VENV)/.torch-$(TORCH_VERSION)
 BRIDGE_STAMP  := $(VENV)/.bridge
@@ -20,7 +24,7 @@ export LIBTORCH_USE_PYTORCH := 1
 export VIRTUAL_ENV          := $(abspath $(VENV))
 export PATH                 := $(VIRTUAL_ENV)/bin:$(PATH)
 
-.PHONY: run test build setup k8s-tools llm-tools llm-judge k8s-check image bench bench-bridge bench-soak bench-ingest bench-broadcast bench-annotator cartpole models cartpole-torchscript nethack nethack-table minihack-table keyroom-table advantage-table semi-online fmt lint clean
+.PHONY: run test build setup k8s-tools llm-tools llm-judge k8s-check image bench bench-bridge bench-soak bench-ingest bench-broadcast bench-annotator bench-peer cartpole models cartpole-torchscript nethack nethack-table minihack-table keyroom-table advantage-table semi-online fmt lint clean
 
 ## run: keyroom with ONI intrinsic rewards from the built-in rule judge: learner,
 ## reward service and 2 actors as separate processes (offline defaults)
@@ -112,6 +116,19 @@ bench-broadcast: build
 ## fixed latency and a concurrency cap, as a fraction of that cap, and texts/s
 bench-annotator: build
 	./target/release/spur bench annotator $(ARGS)
+
+## bench-peer: spur against Sample Factory 2.1.1 with matched settings, one after the
+## other: env steps/s on CartPole-v1 and NetHackScore-v0, CartPole env steps to a mean
+## return of 475 (3 seeds, about 15-25 minutes on 2 cores; ARGS="--seeds 1" for less)
+bench-peer: build $(PEER_STAMP)
+	python3 scripts/peer_bench.py --venv $(PEER_VENV) $(ARGS)
+
+# Only bench-peer needs it; `make test` never installs it.
+$(PEER_STAMP):
+	python3 -m venv $(PEER_VENV)
+	$(PEER_VENV)/bin/python -m pip install --quiet --no-cache-dir sample-factory==2.1.1 \
+	  gymnasium==0.29.1 nle==1.0.0 torch==$(TORCH_VERSION) "numpy<2"
+	touch $@
 
 ## nethack: a short NetHack (NLE score task) run through the env bridge with ONI
 ## retrieval rewards from the built-in judge; writes <run>/curves.png
