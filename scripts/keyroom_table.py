@@ -241,6 +241,22 @@ def main():
     ]
     print_tables(args, title, results, args.threshold, max(j[5] for j in jobs))
     print(f"\nrun directories: {out}")
+    plot_bands(args, out, variants, jobs)
+
+
+def plot_bands(args, out, variants, jobs):
+    """One curve per variant over its seeds (mean, band from lowest to highest)."""
+    png = os.path.join(out, "curves.png")
+    done = [j[4] for j in jobs if read_rows(j[4])]
+    if not done:
+        return
+    r = subprocess.run([args.spur, "plot", "--band", *done, "--out", png],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        print(f"spur plot failed: {r.stderr.strip()}", file=sys.stderr)
+        return
+    names = ", ".join(f"variant{v} = {name}" for v, (name, _, _) in enumerate(variants))
+    print(f"curves (mean over seeds, band from lowest to highest): {png} ({names})")
 
 
 if __name__ == "__main__":

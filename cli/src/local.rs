@@ -190,7 +190,7 @@ fn status_line(s: &LearnerStatus) -> String {
 /// metrics gets none.
 fn write_curves(run_dir: &std::path::Path) {
     let out = run_dir.join("curves.png");
-    match crate::plot::write_plot(&[run_dir.to_path_buf()], &out) {
+    match crate::plot::write_plot(&[run_dir.to_path_buf()], &out, false) {
         Ok(()) => println!("plot:        {}", out.display()),
         Err(e) => tracing::warn!(error = %format!("{e:#}"), "no learning-curve plot"),
     }

@@ -1,6 +1,8 @@
 //! `spur plot RUN [RUN ...]`: learning curves from `metrics.jsonl` as one PNG, with
-//! several runs overlaid for comparison. The font is embedded (DejaVu Sans), so
-//! plotting needs nothing from the system.
+//! several runs overlaid for comparison, or with `--band` one curve per variant (runs
+//! named `<variant>-seed<N>`): the mean over its seeds and a band from the lowest to the
+//! highest seed. The font is embedded (DejaVu Sans), so plotting needs nothing from
+//! the system.
 
 use std::path::{Path, PathBuf};
 use std::sync::Once;
@@ -18,6 +20,10 @@ pub struct PlotArgs {
     /// here for several).
     #[arg(long, short)]
     out: Option<PathBuf>,
+    /// One curve per variant: runs whose names differ only in a `-seed<N>` suffix are
+    /// drawn as their mean with a band from the lowest to the highest seed.
+    #[arg(long)]
+    band: bool,
 }
 
 /// The panels: a metrics.jsonl column and its title.
@@ -91,19 +97,134 @@ pub fn run(args: PlotArgs) -> anyhow::Result<()> {
             [one] if one.is_dir() => one.join("curves.png"),
             _ => PathBuf::from("curves.png"),
         });
-    write_plot(&args.runs, &out)?;
+    write_plot(&args.runs, &out, args.band)?;
     println!("plot:        {}", out.display());
     Ok(())
 }
 
-/// Draws the learning curves of `runs` into the PNG `out`.
-pub fn write_plot(runs: &[PathBuf], out: &Path) -> anyhow::Result<()> {
+/// Draws the learning curves of `runs` into the PNG `out`, one per run or (`band`)
+/// one per variant with its seeds' spread.
+pub fn write_plot(runs: &[PathBuf], out: &Path, band: bool) -> anyhow::Result<()> {
     let runs: Vec<Run> = runs
         .iter()
         .map(|p| Run::load(p))
         .collect::<anyhow::Result<_>>()?;
     register_font()?;
-    draw(&runs, out).map_err(|e| anyhow::anyhow!("cannot draw {}: {e}", out.display()))
+    draw(&runs, band, out).map_err(|e| anyhow::anyhow!("cannot draw {}: {e}", out.display()))
+}
+
+/// (env steps, value) points of a curve.
+type Series = Vec<(f64, f64)>;
+/// (env steps, lowest, highest) of a band.
+type Band = Vec<(f64, f64, f64)>;
+
+/// One drawn curve: a run's series, or a variant's mean with its band.
+struct Curve {
+    name: String,
+    line: Series,
+    band: Band,
+}
+
+/// The variant a run belongs to: its name without a `-seed<N>` suffix.
+fn variant(name: &str) -> &str {
+    match name.rsplit_once("-seed") {
+        Some((v, n)) if !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) => v,
+        _ => name,
+    }
+}
+
+/// Points on the common x grid: where every run of a variant has a value.
+const BAND_POINTS: usize = 100;
+
+/// The value of `series` (sorted by x) at `x`, interpolated linearly; None outside it.
+fn at(series: &[(f64, f64)], x: f64) -> Option<f64> {
+    let i = series.partition_point(|p| p.0 < x);
+    let (x1, y1) = *series.get(i)?;
+    if x1 == x || i == 0 {
+        return (x1 == x).then_some(y1);
+    }
+    let (x0, y0) = series[i - 1];
+    Some(y0 + (y1 - y0) * (x - x0) / (x1 - x0))
+}
+
+/// Mean and spread of several runs' series over the x range they share.
+fn band_of(series: &[Series]) -> (Series, Band) {
+    let lo = series
+        .iter()
+        .map(|s| s[0].0)
+        .fold(f64::NEG_INFINITY, f64::max);
+    let hi = series
+        .iter()
+        .map(|s| s[s.len() - 1].0)
+        .fold(f64::INFINITY, f64::min);
+    let (mut line, mut band) = (Vec::new(), Vec::new());
+    if hi < lo {
+        return (line, band);
+    }
+    for k in 0..=BAND_POINTS {
+        let x = lo + (hi - lo) * k as f64 / BAND_POINTS as f64;
+        let ys: Vec<f64> = series.iter().filter_map(|s| at(s, x)).collect();
+        if ys.len() < series.len() {
+            continue;
+        }
+        let mean = ys.iter().sum::<f64>() / ys.len() as f64;
+        let (min, max) = ys
+            .iter()
+            .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &y| {
+                (a.min(y), b.max(y))
+            });
+        line.push((x, mean));
+        band.push((x, min, max));
+    }
+    (line, band)
+}
+
+/// The curves of one panel's column: per run, or per variant with `band`.
+fn curves(runs: &[Run], column: &str, band: bool) -> Vec<Curve> {
+    if !band {
+        return runs
+            .iter()
+            .map(|r| Curve {
+                name: r.name.clone(),
+                line: r.series(column),
+                band: Vec::new(),
+            })
+            .collect();
+    }
+    let mut variants: Vec<(&str, Vec<Series>)> = Vec::new();
+    for r in runs {
+        let v = variant(&r.name);
+        let mut s = r.series(column);
+        s.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let i = match variants.iter().position(|(name, _)| *name == v) {
+            Some(i) => i,
+            None => {
+                variants.push((v, Vec::new()));
+                variants.len() - 1
+            }
+        };
+        if !s.is_empty() {
+            variants[i].1.push(s);
+        }
+    }
+    variants
+        .into_iter()
+        .map(|(name, series)| {
+            let (line, band) = if series.is_empty() {
+                Default::default()
+            } else {
+                band_of(&series)
+            };
+            Curve {
+                name: match series.len() {
+                    1 => format!("{name} (1 seed)"),
+                    n => format!("{name} ({n} seeds)"),
+                },
+                line,
+                band,
+            }
+        })
+        .collect()
 }
 
 fn register_font() -> anyhow::Result<()> {
@@ -120,7 +241,7 @@ fn register_font() -> anyhow::Result<()> {
     result
 }
 
-fn draw(runs: &[Run], out: &Path) -> Result<(), Box<dyn std::error::Error>> {
+fn draw(runs: &[Run], band: bool, out: &Path) -> Result<(), Box<dyn std::error::Error>> {
     let root = BitMapBackend::new(out, (1500, 900)).into_drawing_area();
     root.fill(&WHITE)?;
     let title = match runs {
@@ -129,15 +250,21 @@ fn draw(runs: &[Run], out: &Path) -> Result<(), Box<dyn std::error::Error>> {
     };
     let root = root.titled(&title, ("sans-serif", 24))?;
     for (area, (column, caption)) in root.split_evenly((2, 3)).iter().zip(PANELS) {
-        let series: Vec<(usize, Vec<(f64, f64)>)> = runs
-            .iter()
-            .map(|r| r.series(column))
+        let all = curves(runs, column, band);
+        let legend = all.len() > 1;
+        let series: Vec<(usize, Curve)> = all
+            .into_iter()
             .enumerate()
-            .filter(|(_, s)| !s.is_empty())
+            .filter(|(_, c)| !c.line.is_empty())
             .collect();
-        let points = series.iter().flat_map(|(_, s)| s.iter());
+        let points = series.iter().flat_map(|(_, c)| {
+            c.line
+                .iter()
+                .copied()
+                .chain(c.band.iter().flat_map(|&(x, a, b)| [(x, a), (x, b)]))
+        });
         let (mut x_max, mut y_min, mut y_max) = (1.0f64, f64::INFINITY, f64::NEG_INFINITY);
-        for &(x, y) in points {
+        for (x, y) in points {
             x_max = x_max.max(x);
             y_min = y_min.min(y);
             y_max = y_max.max(y);
@@ -171,14 +298,23 @@ fn draw(runs: &[Run], out: &Path) -> Result<(), Box<dyn std::error::Error>> {
             ))?;
             continue;
         }
-        for (i, s) in series {
+        for (i, c) in series {
             let color = COLORS[i % COLORS.len()];
+            if !c.band.is_empty() {
+                let outline: Vec<(f64, f64)> = c
+                    .band
+                    .iter()
+                    .map(|&(x, lo, _)| (x, lo))
+                    .chain(c.band.iter().rev().map(|&(x, _, hi)| (x, hi)))
+                    .collect();
+                chart.draw_series(std::iter::once(Polygon::new(outline, color.mix(0.2))))?;
+            }
             chart
-                .draw_series(LineSeries::new(s, color.stroke_width(2)))?
-                .label(runs[i].name.clone())
+                .draw_series(LineSeries::new(c.line, color.stroke_width(2)))?
+                .label(c.name)
                 .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color));
         }
-        if runs.len() > 1 {
+        if legend {
             chart
                 .configure_series_labels()
                 .position(SeriesLabelPosition::UpperLeft)
@@ -240,14 +376,49 @@ mod tests {
             runs.push(run);
         }
         let out = dir.join("curves.png");
-        write_plot(&runs, &out).unwrap();
+        write_plot(&runs, &out, false).unwrap();
         let png = std::fs::read(&out).unwrap();
         assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
         assert!(png.len() > 10_000, "a real picture, not an empty one");
 
-        let err = write_plot(&[dir.join("missing")], &out).unwrap_err();
+        let err = write_plot(&[dir.join("missing")], &out, false).unwrap_err();
         assert!(format!("{err:#}").contains("missing"), "{err:#}");
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    fn run(name: &str, points: &[(f64, f64)]) -> Run {
+        Run {
+            name: name.into(),
+            rows: points
+                .iter()
+                .map(|&(x, y)| serde_json::json!({"env_steps": x, "success_rate": y}))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn seeds_of_a_variant_become_a_mean_with_their_spread() {
+        assert_eq!(variant("variant2-seed13"), "variant2");
+        assert_eq!(variant("ranking-seed"), "ranking-seed");
+        assert_eq!(variant("plain"), "plain");
+        let runs = [
+            run("a-seed1", &[(0.0, 0.0), (100.0, 1.0)]),
+            run("a-seed2", &[(0.0, 0.2), (50.0, 0.2), (80.0, 0.8)]),
+            run("b-seed1", &[(0.0, 0.5), (100.0, 0.5)]),
+        ];
+        let c = curves(&runs, "success_rate", true);
+        assert_eq!(c.len(), 2);
+        assert_eq!(c[0].name, "a (2 seeds)");
+        // The x range both seeds cover: 0 to 80.
+        assert_eq!(c[0].line.first().unwrap().0, 0.0);
+        assert_eq!(c[0].line.last().unwrap().0, 80.0);
+        // At x = 40: seed 1 reads 0.4, seed 2 reads 0.2.
+        let k = c[0].band.iter().position(|b| b.0 == 40.0).unwrap();
+        assert!((c[0].line[k].1 - 0.3).abs() < 1e-9);
+        assert!((c[0].band[k].1 - 0.2).abs() < 1e-9 && (c[0].band[k].2 - 0.4).abs() < 1e-9);
+        assert!(c[1].band.iter().all(|&(_, lo, hi)| lo == 0.5 && hi == 0.5));
+        // Without --band every run is a curve of its own.
+        assert_eq!(curves(&runs, "success_rate", false).len(), 3);
     }
 
     #[test]
