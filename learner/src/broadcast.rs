@@ -1,24 +1,27 @@
 //! Weight broadcast: the training thread publishes each new version into a watch
 //! channel, which keeps only the latest; each subscriber stream sends whatever is
 //! newest when it is ready, so a slow subscriber skips versions instead of queueing
-//! them. Payloads are cut into pieces below the message limit. Every piece carries
-//! the learner's incarnation; a subscriber that holds weights of another incarnation
-//! gets the current version whatever its number (a resumed learner can be behind).
+//! them. Payloads are cut into pieces below the message limit, each a slice of the
+//! one published buffer. Every piece carries the learner's incarnation; a subscriber
+//! that holds weights of another incarnation gets the current version whatever its
+//! number (a resumed learner can be behind).
 
 use std::sync::Arc;
 
 use spur_proto::v1::WeightsChunk;
+use spur_proto::Bytes;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::Status;
 
-/// One published version: safetensors bytes, and whether training has finished.
+/// One published version: safetensors bytes (shared by every subscriber's pieces,
+/// never copied per subscriber), and whether training has finished.
 #[derive(Debug)]
 pub struct Published {
     pub version: u64,
-    pub bytes: Arc<Vec<u8>>,
+    pub bytes: Bytes,
     pub finished: bool,
 }
 
@@ -115,7 +118,7 @@ pub fn pieces(p: &Published, chunk_bytes: usize, incarnation: u64) -> Vec<Weight
                 chunk_index: i as u32,
                 num_chunks: n as u32,
                 total_bytes: total as u64,
-                data: p.bytes[start..end].to_vec(),
+                data: p.bytes.slice(start..end),
                 training_finished: p.finished && i + 1 == n,
                 learner_incarnation: incarnation,
             }
@@ -131,7 +134,7 @@ mod tests {
     fn published(version: u64, len: usize, finished: bool) -> Published {
         Published {
             version,
-            bytes: Arc::new((0..len).map(|i| i as u8).collect()),
+            bytes: (0..len).map(|i| i as u8).collect::<Vec<u8>>().into(),
             finished,
         }
     }
@@ -145,7 +148,7 @@ mod tests {
             ps.iter().map(|c| c.data.len()).collect::<Vec<_>>(),
             vec![1024, 1024, 452]
         );
-        let joined: Vec<u8> = ps.iter().flat_map(|c| c.data.clone()).collect();
+        let joined: Vec<u8> = ps.iter().flat_map(|c| c.data.to_vec()).collect();
         assert_eq!(&joined, p.bytes.as_ref());
         assert!(ps
             .iter()

@@ -385,7 +385,7 @@ impl Trainer {
         );
         self.broadcaster.publish(Published {
             version: self.version,
-            bytes: Arc::new(self.model.to_safetensors(self.version, &meta)?),
+            bytes: self.model.to_safetensors(self.version, &meta)?.into(),
             finished,
         });
         Ok(())
