@@ -413,8 +413,9 @@ impl ActorCritic {
         }
     }
 
-    /// Logits and values in one pass (the NetHack network shares its torso).
-    fn logits_and_values(&self, obs: &Tensor) -> (Tensor, Tensor) {
+    /// Logits and values in one pass (the NetHack network shares its torso; with a
+    /// recurrent core: each row from a zero state).
+    pub fn logits_and_values(&self, obs: &Tensor) -> (Tensor, Tensor) {
         match (&self.body, &self.rnn) {
             (Body::Mlp { .. }, _) => (self.logits(obs), self.values(obs)),
             (Body::Script(s), _) => {
