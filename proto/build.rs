@@ -6,7 +6,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     unsafe { std::env::set_var("PROTOC", protoc) };
     println!("cargo:rerun-if-changed=spur/v1/spur.proto");
     println!("cargo:rerun-if-changed=spur/v1/env.proto");
+    // Tensor and weight payloads decode as views into the received buffer instead of
+    // being copied out of it, and weight pieces are slices of one published payload.
     tonic_prost_build::configure()
+        .bytes(".spur.v1.Tensor.data")
+        .bytes(".spur.v1.WeightsChunk.data")
         .compile_protos(&["spur/v1/spur.proto", "spur/v1/env.proto"], &["."])?;
     Ok(())
 }

@@ -187,7 +187,7 @@ mod tests {
             chunk_index: index,
             num_chunks: n,
             total_bytes: total,
-            data: data.to_vec(),
+            data: data.to_vec().into(),
             training_finished: false,
             learner_incarnation: 3,
         }

@@ -6,11 +6,12 @@
 //! trains) for N seconds: acknowledged env steps/s and MB/s, against K plain TCP
 //! loopback connections moving length-prefixed payloads of the same size.
 //!
-//! `spur bench broadcast`: 16 weight subscribers, each reassembling the pieces and
-//! loading them into an `ActorCritic`, under a learner that publishes after every
-//! update (one client replays chunks to drive it): publish-to-loaded time, p50 and
-//! p99, from the `spur.published_unix_ns` the learner writes into each payload's
-//! metadata, against copying and loading the same payload locally.
+//! `spur bench broadcast`: 16 weight subscribers, each reading its stream into a
+//! latest-wins slot and loading the newest payload into an `ActorCritic` whenever it
+//! is free (as actors do), under a learner that publishes after every update (one
+//! client replays chunks to drive it): publish-to-loaded time, p50 and p99, from the
+//! `spur.published_unix_ns` the learner writes into each payload's metadata, against
+//! copying and loading the same payload locally.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -28,7 +29,7 @@ use spur_proto::v1::{StatusRequest, SubscribeWeightsRequest, TrajectoryChunk};
 use spur_proto::MAX_MESSAGE_BYTES;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 use tonic::codegen::tokio_stream;
 
@@ -331,28 +332,47 @@ fn unix_s() -> f64 {
         .map_or(0.0, |d| d.as_secs_f64())
 }
 
-/// Follows the learner's weights, loading each complete payload into its own policy
-/// (off the runtime, as an actor's rollout thread would); records publish-to-loaded
-/// seconds of every version but the first (which was published before it came).
-async fn subscriber(
+/// Reads the weight stream, keeping the newest complete payload in `slot` (latest
+/// wins), as an actor's weight subscription does.
+async fn reassemble(
     mut client: LearnerClient<AuthChannel>,
-    mut model: ActorCritic,
-    seen: Arc<Mutex<Vec<f64>>>,
+    slot: watch::Sender<Option<Arc<Vec<u8>>>>,
 ) -> anyhow::Result<()> {
     let mut stream = client
         .subscribe_weights(SubscribeWeightsRequest::default())
         .await?
         .into_inner();
-    let (mut buf, mut first) = (Vec::new(), true);
+    let mut buf = Vec::new();
     while let Some(piece) = stream.message().await? {
         if piece.chunk_index == 0 {
             buf.clear();
         }
         buf.extend_from_slice(&piece.data);
-        if piece.chunk_index + 1 < piece.num_chunks {
-            continue;
+        if piece.chunk_index + 1 == piece.num_chunks {
+            slot.send_replace(Some(Arc::new(std::mem::take(&mut buf))));
         }
-        let bytes = std::mem::take(&mut buf);
+    }
+    Ok(())
+}
+
+/// Follows the learner's weights as an actor does: the stream is read all the time
+/// into a latest-wins slot, and the policy loads the newest payload whenever it is
+/// free (off the runtime, as an actor's rollout thread would). Records
+/// publish-to-loaded seconds of every version loaded but the first (which was
+/// published before it came).
+async fn subscriber(
+    client: LearnerClient<AuthChannel>,
+    mut model: ActorCritic,
+    seen: Arc<Mutex<Vec<f64>>>,
+) -> anyhow::Result<()> {
+    let (slot, mut newest) = watch::channel(None);
+    let reader = tokio::spawn(reassemble(client, slot));
+    let mut first = true;
+    // Ends when the reader drops the slot: the stream ended.
+    while newest.changed().await.is_ok() {
+        let Some(bytes) = newest.borrow_and_update().clone() else {
+            continue;
+        };
         let (m, meta) = tokio::task::spawn_blocking(move || {
             let meta = model.load_safetensors(&bytes);
             (model, meta)
@@ -368,7 +388,7 @@ async fn subscriber(
                 .push(unix_s() - ns / 1e9);
         }
     }
-    Ok(())
+    reader.await?
 }
 
 /// Publish-to-loaded seconds of every subscriber and version, the payload size and

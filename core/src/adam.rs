@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 
 use safetensors::SafeTensors;
-use tch::{nn, Kind, Tensor};
+use tch::{nn, Tensor};
 
 use crate::error::ModelError;
 use crate::model::read_f32_tensor;
@@ -91,9 +91,10 @@ impl Adam {
                 .map(|s| s.var.grad())
                 .filter(|g| g.defined())
                 .collect();
+            // One reduction per gradient, no squared copy of it.
             let norm = grads
                 .iter()
-                .map(|g| g.square().sum(Kind::Float).double_value(&[]))
+                .map(|g| g.norm().double_value(&[]).powi(2))
                 .sum::<f64>()
                 .sqrt();
             let coef = max_norm / (norm + 1e-6);
@@ -120,10 +121,17 @@ impl Adam {
                 if !g.defined() {
                     continue;
                 }
-                let _ = s.m.g_mul_scalar_(b1).g_add_(&(&g * (1.0 - b1)));
-                let _ = s.v.g_mul_scalar_(b2).g_add_(&(g.square() * (1.0 - b2)));
-                let denom = s.v.sqrt() / bc2.sqrt() + eps;
-                let _ = s.var.g_sub_(&(&s.m / denom * step_size));
+                // In place wherever possible: m and v move toward g and g^2 by
+                // (1 - beta) (lerp), and the step is one addcdiv with the step size
+                // folded into the denominator. Two temporaries instead of eight.
+                let _ = s.m.lerp_(&g, 1.0 - b1);
+                let _ = s.v.lerp_(&g.square(), 1.0 - b2);
+                let mut denom = s.v.sqrt();
+                let _ = denom
+                    .g_div_scalar_(bc2.sqrt())
+                    .g_add_scalar_(eps)
+                    .g_div_scalar_(-step_size);
+                let _ = s.var.addcdiv_(&s.m, &denom);
             }
         });
     }
@@ -172,7 +180,7 @@ mod tests {
     use super::*;
     use crate::model::{tensors_to_safetensors, ActorCritic};
     use tch::nn::OptimizerConfig;
-    use tch::Device;
+    use tch::{Device, Kind};
 
     fn loss(m: &ActorCritic, seed: i64) -> Tensor {
         // Deterministic inputs without the global generator, which tests running in

@@ -550,6 +550,12 @@ pub struct LearnerConfig {
     pub checkpoint_every: u64,
     /// Largest weights payload piece per message, in bytes.
     pub weights_chunk_bytes: u32,
+    /// HTTP/2 flow-control window of each stream the learner receives (a trajectory
+    /// stream), in bytes: how much an actor may send before the learner has read it.
+    /// A window smaller than a chunk costs a round trip per window's worth of bytes.
+    pub stream_window_bytes: u32,
+    /// HTTP/2 flow-control window of each connection to the learner, in bytes.
+    pub connection_window_bytes: u32,
     /// `auto`, `cpu`, `cuda` or `cuda:N` for the learner's model.
     pub device: String,
     /// How advantages are estimated: `vtrace` (off-policy corrected), `gae`, `uis1`
@@ -637,6 +643,8 @@ impl Default for LearnerConfig {
             queue_capacity: 4,
             checkpoint_every: 50,
             weights_chunk_bytes: 1 << 20,
+            stream_window_bytes: 1 << 20,
+            connection_window_bytes: 1 << 20,
             device: "auto".into(),
             advantage: AdvantageKind::Vtrace,
             gamma_step: 0.5,
@@ -670,6 +678,12 @@ impl Default for StopConfig {
 }
 
 /// `Ok` when `ok`, else an error naming `key`.
+/// HTTP/2's initial flow-control window (RFC 9113, 6.9.2): the smallest the learner
+/// accepts.
+const MIN_FLOW_WINDOW: u32 = 65_535;
+/// The largest flow-control window HTTP/2 allows (2^31 - 1).
+const MAX_FLOW_WINDOW: u32 = (1 << 31) - 1;
+
 fn check(ok: bool, key: &str, message: &str) -> Result<(), ConfigError> {
     if ok {
         Ok(())
@@ -989,6 +1003,17 @@ impl Config {
             "learner.weights_chunk_bytes",
             "must be at least 1024 and below the 16 MiB message limit",
         )?;
+        for (key, bytes) in [
+            ("learner.stream_window_bytes", l.stream_window_bytes),
+            ("learner.connection_window_bytes", l.connection_window_bytes),
+        ] {
+            check(
+                (MIN_FLOW_WINDOW..=MAX_FLOW_WINDOW).contains(&bytes),
+                key,
+                "must be between 65535 (HTTP/2's initial window) and 2147483647 \
+                 (the largest window HTTP/2 allows)",
+            )?;
+        }
         Ok(())
     }
 
@@ -1398,6 +1423,23 @@ mod tests {
         assert!(err.to_string().contains("model.core"), "{err}");
         let err = Config::from_toml_str("[model]\ncore = \"lstm\"\ncore_size = 0\n").unwrap_err();
         assert!(err.to_string().contains("model.core_size"), "{err}");
+    }
+
+    #[test]
+    fn flow_windows_stay_within_what_http2_allows() {
+        let c = Config::from_toml_str(
+            "[learner]\nstream_window_bytes = 65535\nconnection_window_bytes = 2147483647\n",
+        )
+        .expect("both ends of the range");
+        assert_eq!(c.learner.stream_window_bytes, 65_535);
+        for key in ["stream_window_bytes", "connection_window_bytes"] {
+            for bad in [0u64, 65_534, 2_147_483_648] {
+                let err = Config::from_toml_str(&format!("[learner]\n{key} = {bad}\n"))
+                    .unwrap_err()
+                    .to_string();
+                assert!(err.contains(&format!("learner.{key}")), "{bad}: {err}");
+            }
+        }
     }
 
     #[test]

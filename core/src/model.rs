@@ -413,8 +413,9 @@ impl ActorCritic {
         }
     }
 
-    /// Logits and values in one pass (the NetHack network shares its torso).
-    fn logits_and_values(&self, obs: &Tensor) -> (Tensor, Tensor) {
+    /// Logits and values in one pass (the NetHack network shares its torso; with a
+    /// recurrent core: each row from a zero state).
+    pub fn logits_and_values(&self, obs: &Tensor) -> (Tensor, Tensor) {
         match (&self.body, &self.rnn) {
             (Body::Mlp { .. }, _) => (self.logits(obs), self.values(obs)),
             (Body::Script(s), _) => {
@@ -689,8 +690,12 @@ pub fn tensors_to_safetensors(
     for (name, t) in order {
         let t = t.to_device(Device::Cpu).to_kind(Kind::Float).contiguous();
         let shape: Vec<usize> = t.size().iter().map(|&d| d as usize).collect();
-        let values = Vec::<f32>::try_from(t.view([-1]))?;
-        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        // The tensor's bytes in one copy; safetensors wants them little-endian.
+        let mut bytes = vec![0u8; t.numel() * 4];
+        t.f_copy_data_u8(&mut bytes, t.numel())?;
+        if cfg!(target_endian = "big") {
+            bytes.chunks_exact_mut(4).for_each(<[u8]>::reverse);
+        }
         blobs.push((name.clone(), shape, bytes));
     }
     let views = blobs
@@ -720,16 +725,17 @@ pub fn read_f32_tensor(st: &SafeTensors, name: &str, want: &[i64]) -> Result<Ten
             want_usize
         )));
     }
-    let values: Vec<f32> = view
-        .data()
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes(b.try_into().expect("chunks of 4 bytes")))
-        .collect();
-    if values.iter().any(|v| !v.is_finite()) {
+    let le = |b: &[u8]| f32::from_le_bytes(b.try_into().expect("chunks of 4 bytes"));
+    if view.data().chunks_exact(4).any(|b| !le(b).is_finite()) {
         return Err(ModelError::Weights(format!(
             "tensor `{name}` holds a non-finite value"
         )));
     }
+    if cfg!(target_endian = "little") {
+        // The payload's bytes are the tensor's bytes: one copy, no per-value loop.
+        return Ok(Tensor::f_from_data_size(view.data(), want, Kind::Float)?);
+    }
+    let values: Vec<f32> = view.data().chunks_exact(4).map(le).collect();
     Ok(Tensor::from_slice(&values).view(want))
 }
 

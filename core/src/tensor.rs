@@ -62,7 +62,7 @@ pub fn encode<T: Element>(shape: &[usize], data: &[T]) -> Tensor {
     Tensor {
         dtype: T::DTYPE as i32,
         shape: shape.iter().map(|&d| d as i64).collect(),
-        data: bytes,
+        data: bytes.into(),
     }
 }
 

@@ -252,7 +252,7 @@ impl Transport {
         let serve = self
             .plain_server()
             .add_service(health)
-            .serve_with_incoming_shutdown(TcpIncoming::from(listener), stop);
+            .serve_with_incoming_shutdown(incoming(listener), stop);
         async move {
             if let Err(e) = serve.await {
                 warn!(error = %e, "the plain health server ended with an error");
@@ -304,6 +304,13 @@ impl Transport {
             token: AttachToken::new(self.token.as_ref()),
         })
     }
+}
+
+/// The connections `listener` accepts, with Nagle's algorithm off as on the client
+/// side: a small reply (an acknowledgement) leaves at once instead of waiting for
+/// the peer's TCP acknowledgement of the previous one.
+pub fn incoming(listener: TcpListener) -> TcpIncoming {
+    TcpIncoming::from(listener).with_nodelay(Some(true))
 }
 
 /// Binds a role's plain health port, `listen` being the value of config key `key`

@@ -1,24 +1,30 @@
 //! Weight broadcast: the training thread publishes each new version into a watch
 //! channel, which keeps only the latest; each subscriber stream sends whatever is
 //! newest when it is ready, so a slow subscriber skips versions instead of queueing
-//! them. Payloads are cut into pieces below the message limit. Every piece carries
-//! the learner's incarnation; a subscriber that holds weights of another incarnation
-//! gets the current version whatever its number (a resumed learner can be behind).
+//! them. Payloads are cut into pieces below the message limit, each a slice of the
+//! one published buffer. A version still going out when a newer one is published is
+//! cut short (the subscriber's reassembly starts over at the newer version's first
+//! piece), but never two in a row, so a publisher faster than a subscriber's link
+//! cannot starve it. Every piece carries the learner's incarnation; a subscriber that
+//! holds weights of another incarnation gets the current version whatever its number
+//! (a resumed learner can be behind).
 
 use std::sync::Arc;
 
 use spur_proto::v1::WeightsChunk;
+use spur_proto::Bytes;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::Status;
 
-/// One published version: safetensors bytes, and whether training has finished.
+/// One published version: safetensors bytes (shared by every subscriber's pieces,
+/// never copied per subscriber), and whether training has finished.
 #[derive(Debug)]
 pub struct Published {
     pub version: u64,
-    pub bytes: Arc<Vec<u8>>,
+    pub bytes: Bytes,
     pub finished: bool,
 }
 
@@ -73,12 +79,23 @@ impl Broadcaster {
             0
         };
         self.tasks.spawn(async move {
+            // The previous version was cut short: this one goes out whole.
+            let mut cut = false;
             loop {
                 let p = rx.borrow_and_update().clone();
                 // A finished version goes out even when its number was already sent
                 // (the last update's weights are published before the flag).
                 if p.version > sent || p.finished {
+                    let mut cut_now = false;
                     for piece in pieces(&p, chunk_bytes, incarnation) {
+                        if piece.chunk_index > 0
+                            && !cut
+                            && !p.finished
+                            && rx.has_changed().unwrap_or(false)
+                        {
+                            cut_now = true; // a newer version is waiting
+                            break;
+                        }
                         let sent_piece = tokio::select! {
                             r = out.send(Ok(piece)) => r.is_ok(),
                             _ = stop.cancelled() => false,
@@ -86,6 +103,10 @@ impl Broadcaster {
                         if !sent_piece {
                             return; // subscriber went away, or the learner stops
                         }
+                    }
+                    cut = cut_now;
+                    if cut {
+                        continue;
                     }
                     sent = p.version;
                 }
@@ -115,7 +136,7 @@ pub fn pieces(p: &Published, chunk_bytes: usize, incarnation: u64) -> Vec<Weight
                 chunk_index: i as u32,
                 num_chunks: n as u32,
                 total_bytes: total as u64,
-                data: p.bytes[start..end].to_vec(),
+                data: p.bytes.slice(start..end),
                 training_finished: p.finished && i + 1 == n,
                 learner_incarnation: incarnation,
             }
@@ -131,7 +152,7 @@ mod tests {
     fn published(version: u64, len: usize, finished: bool) -> Published {
         Published {
             version,
-            bytes: Arc::new((0..len).map(|i| i as u8).collect()),
+            bytes: (0..len).map(|i| i as u8).collect::<Vec<u8>>().into(),
             finished,
         }
     }
@@ -145,7 +166,7 @@ mod tests {
             ps.iter().map(|c| c.data.len()).collect::<Vec<_>>(),
             vec![1024, 1024, 452]
         );
-        let joined: Vec<u8> = ps.iter().flat_map(|c| c.data.clone()).collect();
+        let joined: Vec<u8> = ps.iter().flat_map(|c| c.data.to_vec()).collect();
         assert_eq!(&joined, p.bytes.as_ref());
         assert!(ps
             .iter()
@@ -173,6 +194,40 @@ mod tests {
         }
         assert!(seen.len() <= 3, "{seen:?}");
         assert_eq!(*seen.last().unwrap(), 10);
+    }
+
+    #[tokio::test]
+    async fn a_newer_version_cuts_the_one_going_out_short_but_not_two_in_a_row() {
+        // 10 pieces a version; the stream's buffer holds two of them.
+        let b = broadcaster(published(1, 10 * 1024, false), 7);
+        let mut s = b.subscribe(0, 0);
+        assert_eq!(s.next().await.unwrap().unwrap().chunk_index, 0);
+        b.publish(published(2, 10 * 1024, false));
+        // Version 1 stops after the pieces already handed over; version 2 starts.
+        let mut v1 = 1;
+        let first_of_2 = loop {
+            let piece = s.next().await.unwrap().unwrap();
+            if piece.version == 1 {
+                v1 += 1;
+                continue;
+            }
+            break piece;
+        };
+        assert!(v1 < 10, "version 1 went out whole");
+        assert_eq!((first_of_2.version, first_of_2.chunk_index), (2, 0));
+        // Version 3 arrives while 2 is going out: 2 was the cut one's successor, so
+        // it completes, and 3 follows whole.
+        b.publish(published(3, 10 * 1024, false));
+        let mut seen = vec![(2, 0)];
+        while seen.len() < 20 {
+            let piece = s.next().await.unwrap().unwrap();
+            seen.push((piece.version, piece.chunk_index));
+        }
+        let want: Vec<(u64, u32)> = (0..10)
+            .map(|i| (2, i))
+            .chain((0..10).map(|i| (3, i)))
+            .collect();
+        assert_eq!(seen, want);
     }
 
     #[tokio::test]

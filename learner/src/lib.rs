@@ -44,13 +44,12 @@ use spur_core::config::Config;
 use spur_core::device::resolve_device;
 use spur_core::model::ActorCritic;
 use spur_core::trajectory::ChunkExpectation;
-use spur_core::transport::{bind_health, Transport};
+use spur_core::transport::{bind_health, incoming, Transport};
 use spur_env_bridge::env_spec;
 use spur_proto::v1::learner_server::LearnerServer;
 use spur_proto::MAX_MESSAGE_BYTES;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
@@ -65,9 +64,6 @@ use trainer::Trainer;
 
 /// Adam's epsilon (PPO implementations use 1e-5 rather than PyTorch's 1e-8).
 const ADAM_EPS: f64 = 1e-5;
-
-/// HTTP/2 flow-control window of the learner's server, per stream and connection.
-const FLOW_WINDOW_BYTES: u32 = 64 * 1024;
 
 /// Name of the file in the run directory that holds the bound address.
 pub const ADDR_FILE: &str = "learner.addr";
@@ -377,11 +373,10 @@ pub async fn serve(
     let broadcaster = Broadcaster::new(
         Published {
             version: started.version,
-            bytes: Arc::new(
-                started
-                    .model
-                    .to_safetensors(started.version, &Default::default())?,
-            ),
+            bytes: started
+                .model
+                .to_safetensors(started.version, &Default::default())?
+                .into(),
             finished: false,
         },
         lc.weights_chunk_bytes as usize,
@@ -454,10 +449,11 @@ pub async fn serve(
     }
     let server = tokio::spawn(
         main_server
-            // Small HTTP/2 windows: chunks wait in the actors, not in socket buffers,
-            // so the bounded queue is what sets the policy lag.
-            .initial_stream_window_size(Some(FLOW_WINDOW_BYTES))
-            .initial_connection_window_size(Some(FLOW_WINDOW_BYTES))
+            // Windows large enough for a chunk to arrive without waiting for window
+            // updates; actors keep at most `actor.max_unacked_chunks` in flight, so the
+            // bounded queue, not the windows, sets the policy lag.
+            .initial_stream_window_size(Some(lc.stream_window_bytes))
+            .initial_connection_window_size(Some(lc.connection_window_bytes))
             .add_service(health)
             .add_service(
                 transport.guard(
@@ -467,7 +463,7 @@ pub async fn serve(
                 ),
             )
             .serve_with_incoming_shutdown(
-                TcpListenerStream::new(listener),
+                incoming(listener),
                 server_stop.clone().cancelled_owned(),
             ),
     );

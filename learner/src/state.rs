@@ -191,13 +191,18 @@ impl Shared {
     /// Notes an accepted chunk from `actor_id` produced by `version`.
     pub fn record_chunk(&self, actor_id: &str, version: u64, steps: u64) {
         let mut actors = self.actors.lock().expect("actor table lock poisoned");
-        let info = actors
-            .entry(actor_id.to_string())
-            .or_insert_with(|| ActorInfo {
+        // The id is copied only the first time an actor is seen.
+        if !actors.contains_key(actor_id) {
+            let first = ActorInfo {
                 actor_id: actor_id.to_string(),
                 first_policy_version: version,
                 ..Default::default()
-            });
+            };
+            actors.insert(actor_id.to_string(), first);
+        }
+        let info = actors
+            .get_mut(actor_id)
+            .expect("inserted above when it was missing");
         info.chunks += 1;
         info.env_steps += steps;
         info.last_policy_version = version;

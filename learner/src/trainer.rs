@@ -426,7 +426,7 @@ impl Trainer {
         );
         self.broadcaster.publish(Published {
             version: self.version,
-            bytes: Arc::new(self.model.to_safetensors(self.version, &meta)?),
+            bytes: self.model.to_safetensors(self.version, &meta)?.into(),
             finished,
         });
         Ok(())
@@ -550,14 +550,16 @@ impl Trainer {
         let final_obs = (k > 0).then(|| to_dev(&batch.final_observations, k, dev));
         tch::no_grad(|| match all {
             None => {
-                let log_probs = self
-                    .model
-                    .logits(&inputs.obs)
+                // One pass over every row: a shared torso (the NetHack network) runs
+                // once, not once for the logits and again for the values.
+                let (logits, values) = self.model.logits_and_values(&inputs.obs_all);
+                let log_probs = logits
+                    .narrow(0, 0, inputs.obs.size()[0])
                     .log_softmax(-1, Kind::Float)
                     .gather(1, &inputs.actions.unsqueeze(1), false)
                     .squeeze_dim(1);
                 Estimates {
-                    values: to_vec(&self.model.values(&inputs.obs_all)),
+                    values: to_vec(&values),
                     values_final: final_obs
                         .map_or_else(Vec::new, |f| to_vec(&self.model.values(&f))),
                     log_probs: to_vec(&log_probs),

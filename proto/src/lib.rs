@@ -5,6 +5,9 @@
 //! versioned weights and status. Conversions between these messages and tensors live
 //! in `spur-core` (`tensor.rs`, `trajectory.rs`).
 
+/// The type of `Tensor.data` and `WeightsChunk.data`: a view into a shared buffer.
+pub use prost::bytes::Bytes;
+
 pub mod v1 {
     tonic::include_proto!("spur.v1");
 }
