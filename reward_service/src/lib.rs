@@ -39,13 +39,12 @@ use std::time::Duration;
 
 use spur_core::config::{Config, JudgeKind, RewardModelKind};
 use spur_core::secret::Secret;
-use spur_core::transport::{bind_health, Transport};
+use spur_core::transport::{bind_health, incoming, Transport};
 use spur_proto::v1::reward_service_server::RewardServiceServer;
 use spur_proto::MAX_MESSAGE_BYTES;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::time::Instant;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic_health::server::HealthReporter;
 use tonic_health::ServingStatus;
@@ -268,7 +267,7 @@ impl Running {
                     ),
                 )
                 .serve_with_incoming_shutdown(
-                    TcpListenerStream::new(listener),
+                    incoming(listener),
                     cancel.clone().cancelled_owned(),
                 ),
         );
