@@ -52,6 +52,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tonic_health::pb::health_server::{Health, HealthServer};
 use tracing::{info, warn};
 
 pub use error::LearnerError;
@@ -288,9 +289,12 @@ struct Running {
     weights_stop: CancellationToken,
     weight_streams: TaskTracker,
     server_stop: CancellationToken,
-    server: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+    server: ServerTask,
     tasks: TaskTracker,
 }
+
+/// The main gRPC server's task.
+type ServerTask = tokio::task::JoinHandle<Result<(), tonic::transport::Error>>;
 
 impl Running {
     /// Ends everything by `deadline`: health, trajectory streams, weight streams
@@ -346,12 +350,9 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<TrainSummary, LearnerError> {
     let run_dir = opts.run_dir.clone();
-    let io_err = |source| LearnerError::RunDir {
-        path: run_dir.display().to_string(),
-        source,
-    };
-    std::fs::create_dir_all(&run_dir).map_err(io_err)?;
-    std::fs::write(run_dir.join("config.toml"), config.to_toml()).map_err(io_err)?;
+    std::fs::create_dir_all(&run_dir).map_err(run_dir_error(&run_dir))?;
+    std::fs::write(run_dir.join("config.toml"), config.to_toml())
+        .map_err(run_dir_error(&run_dir))?;
     let drain = Duration::from_millis(config.run.drain_timeout_ms);
     // Certificates, the token and the health port before any training work.
     let transport = Transport::from_config(&config.transport)?;
@@ -366,107 +367,31 @@ pub async fn serve(
     let started = start(&config, &opts).await?;
     let shared = started.shared.clone();
 
-    let lc = &config.learner;
     let tasks = TaskTracker::new();
-    let weight_streams = TaskTracker::new();
-    let weights_stop = CancellationToken::new();
-    let broadcaster = Broadcaster::new(
-        Published {
-            version: started.version,
-            bytes: started
-                .model
-                .to_safetensors(started.version, &Default::default())?
-                .into(),
-            finished: false,
-        },
-        lc.weights_chunk_bytes as usize,
-        shared.incarnation,
-        weights_stop.clone(),
-        weight_streams.clone(),
-    );
-    let (queue_tx, queue_rx) = mpsc::channel(lc.queue_capacity as usize);
-    let service = LearnerService {
-        shared: shared.clone(),
-        queue: queue_tx,
-        expect: expectation(&config, &started.spec, started.model.state_size()),
-        broadcaster: broadcaster.clone(),
-        tasks: tasks.clone(),
-    };
-    if let (Some(table), Some(client)) = (&started.intrinsic, reward_client) {
+    let (service, trainer, weights) = assemble(&config, &run_dir, started, &tasks)?;
+    if let (Some(table), Some(client)) = (&trainer.intrinsic, reward_client) {
         tasks.spawn(intrinsic::subscribe(
             client,
             table.clone(),
             shared.stop.clone(),
         ));
     }
-    let trainer = Trainer {
-        intrinsic: started.intrinsic,
-        config: config.clone(),
-        run_dir: run_dir.clone(),
-        model: started.model,
-        spec: started.spec,
-        version: started.version,
-        updates: started.updates,
-        opt: started.opt,
-        time_offset_s: started.time_offset_s,
-        shared: started.shared,
-        broadcaster,
-        rx: queue_rx,
-        rt: tokio::runtime::Handle::current(),
-        groups_kept: 0,
-        groups_dropped: 0,
-    };
-    let (result_tx, mut result_rx) = oneshot::channel();
-    std::thread::Builder::new()
-        .name("spur-trainer".into())
-        .spawn(move || {
-            let _ = result_tx.send(trainer.run());
-        })
-        .map_err(io_err)?;
+    let mut result_rx = on_own_thread(trainer).map_err(run_dir_error(&run_dir))?;
     tasks.spawn(gauges(shared.clone()));
     let (reporter, health) = tonic_health::server::health_reporter();
     tasks.spawn(watch_shutdown(shutdown, shared.clone(), reporter.clone()));
-
     // Weights are loaded and the trainer runs: ready.
     reporter
         .set_serving::<LearnerServer<LearnerService>>()
         .await;
-    let addr = listener.local_addr().map_err(io_err)?;
-    checkpoint::write_atomic(&run_dir.join(ADDR_FILE), addr.to_string().as_bytes())
-        .map_err(io_err)?;
-    info!(%addr, run_dir = %run_dir.display(), "learner listening");
-
-    let server_stop = CancellationToken::new();
-    if let Some(listener) = health_listener {
-        let health_addr = listener.local_addr().map_err(io_err)?.to_string();
-        checkpoint::write_atomic(&run_dir.join(HEALTH_ADDR_FILE), health_addr.as_bytes())
-            .map_err(io_err)?;
-        tasks.spawn(transport.serve_health(
-            listener,
-            health.clone(),
-            server_stop.clone().cancelled_owned(),
-        ));
-    }
-    let server = tokio::spawn(
-        main_server
-            // Windows large enough for a chunk to arrive without waiting for window
-            // updates; actors keep at most `actor.max_unacked_chunks` in flight, so the
-            // bounded queue, not the windows, sets the policy lag.
-            .initial_stream_window_size(Some(lc.stream_window_bytes))
-            .initial_connection_window_size(Some(lc.connection_window_bytes))
-            .add_service(health)
-            .add_service(
-                transport.guard(
-                    LearnerServer::new(service)
-                        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-                        .max_encoding_message_size(MAX_MESSAGE_BYTES),
-                ),
-            )
-            .serve_with_incoming_shutdown(
-                incoming(listener),
-                server_stop.clone().cancelled_owned(),
-            ),
-    );
+    let ports = Ports {
+        transport: &transport,
+        main_server,
+        listener,
+        health_listener,
+        run_dir: &run_dir,
+    };
+    let (server_stop, server) = ports.serve(&config, service, health, &tasks)?;
 
     // The trainer ends by itself (goal reached) or after a shutdown request; the
     // latter must finish its update and checkpoint within the drain timeout.
@@ -480,8 +405,8 @@ pub async fn serve(
     let running = Running {
         shared,
         reporter,
-        weights_stop,
-        weight_streams,
+        weights_stop: weights.stop,
+        weight_streams: weights.streams,
         server_stop,
         server,
         tasks,
@@ -495,4 +420,150 @@ pub async fn serve(
         "training finished"
     );
     Ok(summary)
+}
+
+/// How a failure to write into the run directory reads.
+fn run_dir_error(run_dir: &std::path::Path) -> impl Fn(std::io::Error) -> LearnerError + '_ {
+    move |source| LearnerError::RunDir {
+        path: run_dir.display().to_string(),
+        source,
+    }
+}
+
+/// The weight streams' own stop and tracker: they outlive the trajectory streams after
+/// a finished run, until every subscriber has the final version.
+struct WeightStreams {
+    stop: CancellationToken,
+    streams: TaskTracker,
+}
+
+/// Connects what `start` made: the broadcaster (holding the starting weights), the
+/// chunk queue between the gRPC service and the trainer, the service and the trainer.
+fn assemble(
+    config: &Config,
+    run_dir: &std::path::Path,
+    started: Start,
+    tasks: &TaskTracker,
+) -> Result<(LearnerService, Trainer, WeightStreams), LearnerError> {
+    let lc = &config.learner;
+    let weights = WeightStreams {
+        stop: CancellationToken::new(),
+        streams: TaskTracker::new(),
+    };
+    let broadcaster = Broadcaster::new(
+        Published {
+            version: started.version,
+            bytes: started
+                .model
+                .to_safetensors(started.version, &Default::default())?
+                .into(),
+            finished: false,
+        },
+        lc.weights_chunk_bytes as usize,
+        started.shared.incarnation,
+        weights.stop.clone(),
+        weights.streams.clone(),
+    );
+    let (queue_tx, queue_rx) = mpsc::channel(lc.queue_capacity as usize);
+    let service = LearnerService {
+        shared: started.shared.clone(),
+        queue: queue_tx,
+        expect: expectation(config, &started.spec, started.model.state_size()),
+        broadcaster: broadcaster.clone(),
+        tasks: tasks.clone(),
+    };
+    let trainer = Trainer {
+        intrinsic: started.intrinsic,
+        config: config.clone(),
+        run_dir: run_dir.to_path_buf(),
+        model: started.model,
+        spec: started.spec,
+        version: started.version,
+        updates: started.updates,
+        opt: started.opt,
+        time_offset_s: started.time_offset_s,
+        shared: started.shared,
+        broadcaster,
+        rx: queue_rx,
+        rt: tokio::runtime::Handle::current(),
+        groups_kept: 0,
+        groups_dropped: 0,
+    };
+    Ok((service, trainer, weights))
+}
+
+/// Runs the trainer (blocking tch work) on a thread of its own; its result arrives on
+/// the returned channel.
+fn on_own_thread(
+    trainer: Trainer,
+) -> std::io::Result<oneshot::Receiver<Result<TrainSummary, LearnerError>>> {
+    let (result_tx, result_rx) = oneshot::channel();
+    std::thread::Builder::new()
+        .name("spur-trainer".into())
+        .spawn(move || {
+            let _ = result_tx.send(trainer.run());
+        })?;
+    Ok(result_rx)
+}
+
+/// The learner's listeners, before they serve.
+struct Ports<'a> {
+    transport: &'a Transport,
+    /// The main port's server, TLS and all.
+    main_server: tonic::transport::Server,
+    listener: TcpListener,
+    health_listener: Option<TcpListener>,
+    run_dir: &'a std::path::Path,
+}
+
+impl Ports<'_> {
+    /// Writes the bound addresses into the run directory and serves: health on its
+    /// own plain port (if any) and with the learner service on the main one. Returns
+    /// the token that stops both and the main server's task.
+    fn serve(
+        self,
+        config: &Config,
+        service: LearnerService,
+        health: HealthServer<impl Health>,
+        tasks: &TaskTracker,
+    ) -> Result<(CancellationToken, ServerTask), LearnerError> {
+        let io_err = run_dir_error(self.run_dir);
+        let lc = &config.learner;
+        let addr = self.listener.local_addr().map_err(&io_err)?;
+        checkpoint::write_atomic(&self.run_dir.join(ADDR_FILE), addr.to_string().as_bytes())
+            .map_err(&io_err)?;
+        info!(%addr, run_dir = %self.run_dir.display(), "learner listening");
+        let stop = CancellationToken::new();
+        if let Some(listener) = self.health_listener {
+            let health_addr = listener.local_addr().map_err(&io_err)?.to_string();
+            checkpoint::write_atomic(&self.run_dir.join(HEALTH_ADDR_FILE), health_addr.as_bytes())
+                .map_err(&io_err)?;
+            tasks.spawn(self.transport.serve_health(
+                listener,
+                health.clone(),
+                stop.clone().cancelled_owned(),
+            ));
+        }
+        let server = tokio::spawn(
+            self.main_server
+                // Windows large enough for a chunk to arrive without waiting for
+                // window updates; actors keep at most `actor.max_unacked_chunks` in
+                // flight, so the bounded queue, not the windows, sets the policy lag.
+                .initial_stream_window_size(Some(lc.stream_window_bytes))
+                .initial_connection_window_size(Some(lc.connection_window_bytes))
+                .add_service(health)
+                .add_service(
+                    self.transport.guard(
+                        LearnerServer::new(service)
+                            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                            .max_encoding_message_size(MAX_MESSAGE_BYTES),
+                    ),
+                )
+                .serve_with_incoming_shutdown(
+                    incoming(self.listener),
+                    stop.clone().cancelled_owned(),
+                ),
+        );
+        Ok((stop, server))
+    }
 }
