@@ -9,13 +9,13 @@
 mod support;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 use spur_proto::v1::learner_client::LearnerClient;
 use spur_proto::v1::reward_service_client::RewardServiceClient;
 use spur_proto::v1::{LearnerStatus, RewardServiceStatus, RewardStatusRequest, StatusRequest};
-use support::{kill_9, read_log, start_stub, temp_dir};
+use support::{keyroom_with_judge, kill_9, read_log, start_stub, temp_dir};
 
 /// How long the system gets to recover from one fault.
 const RECOVERY: Duration = Duration::from_secs(60);
@@ -141,36 +141,14 @@ impl Run {
 }
 
 fn spur_local(dir: &Path, judge_url: &str) -> Child {
-    let log = std::fs::File::create(dir.join("local.log")).unwrap();
-    let store = format!("reward_service.store={}", dir.join("labels.redb").display());
-    let url = format!("reward_service.openai_base_url={judge_url}");
-    let ckpt = format!("learner.checkpoint_every={CHECKPOINT_EVERY}");
-    let sets = [
-        "env.keyroom_size=7",
-        "env.max_episode_steps=120",
-        "learner.batch_steps=2048",
-        "stop.env_steps=100000000",
-        "reward_service.judge=openai",
-        "reward_service.openai_model=stub-model",
-        "run.max_restarts=2",
-        "run.drain_timeout_ms=10000",
-        "actor.max_backoff_ms=500",
-        &ckpt,
-        &store,
-        &url,
+    let extra = [
+        "stop.env_steps=100000000".to_string(),
+        "run.max_restarts=2".into(),
+        "run.drain_timeout_ms=10000".into(),
+        "actor.max_backoff_ms=500".into(),
+        format!("learner.checkpoint_every={CHECKPOINT_EVERY}"),
     ];
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_spur"));
-    cmd.current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
-        .args(["local", "--config", "configs/keyroom-oni.toml", "--run-dir"])
-        .arg(dir);
-    for s in sets {
-        cmd.args(["--set", s]);
-    }
-    cmd.stdin(Stdio::null())
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .unwrap()
+    keyroom_with_judge(dir, dir, judge_url, "stub-model", &extra)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

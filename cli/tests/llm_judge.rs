@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use spur_reward_service::judge::RulesJudge;
 use spur_reward_service::parse::parse_labels;
 use spur_reward_service::store::LabelStore;
-use support::{python, read_log, temp_dir, ROOT};
+use support::{keyroom_with_judge, python, read_log, temp_dir, ROOT};
 
 /// The one text on which the model and the rule judge disagree, by design.
 const DISAGREED: &str = "the door is locked";
@@ -103,30 +103,11 @@ fn start_server(dir: &Path) -> (Server, String, String) {
 /// until the mean return (the success rate: keyroom pays 1 at the goal only) of the
 /// last 100 episodes reaches 0.8.
 fn train_keyroom(dir: &Path, url: &str, model: &str) -> Child {
-    let log = std::fs::File::create(dir.join("local.log")).unwrap();
-    let sets = [
-        "env.keyroom_size=7".to_string(),
-        "env.max_episode_steps=120".into(),
-        "learner.batch_steps=2048".into(),
-        "stop.env_steps=3000000".into(),
+    let extra = [
+        "stop.env_steps=3000000".to_string(),
         "stop.target_return=0.8".into(),
-        "reward_service.judge=openai".into(),
-        format!("reward_service.openai_base_url={url}"),
-        format!("reward_service.openai_model={model}"),
-        format!("reward_service.store={}", dir.join("labels.redb").display()),
     ];
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_spur"));
-    cmd.current_dir(ROOT)
-        .args(["local", "--config", "configs/keyroom-oni.toml", "--run-dir"])
-        .arg(dir.join("run"));
-    for s in &sets {
-        cmd.args(["--set", s]);
-    }
-    cmd.stdin(Stdio::null())
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .unwrap()
+    keyroom_with_judge(dir, &dir.join("run"), url, model, &extra)
 }
 
 /// The verdict the rule judge gives `text`.

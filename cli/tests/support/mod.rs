@@ -6,6 +6,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -143,4 +144,39 @@ pub fn python() -> PathBuf {
     } else {
         PathBuf::from("python3")
     }
+}
+
+/// `spur local` on keyroom 7x7 (120-step episodes, 2048-step batches) with ONI rewards
+/// labelled by the OpenAI-compatible judge at `judge_url` serving `model`: labels in
+/// `dir/labels.redb`, output in `dir/local.log`, the run in `run_dir`; `extra` are more
+/// `--set` values.
+pub fn keyroom_with_judge(
+    dir: &Path,
+    run_dir: &Path,
+    judge_url: &str,
+    model: &str,
+    extra: &[String],
+) -> Child {
+    let log = std::fs::File::create(dir.join("local.log")).unwrap();
+    let sets = [
+        "env.keyroom_size=7".to_string(),
+        "env.max_episode_steps=120".into(),
+        "learner.batch_steps=2048".into(),
+        "reward_service.judge=openai".into(),
+        format!("reward_service.openai_base_url={judge_url}"),
+        format!("reward_service.openai_model={model}"),
+        format!("reward_service.store={}", dir.join("labels.redb").display()),
+    ];
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_spur"));
+    cmd.current_dir(ROOT)
+        .args(["local", "--config", "configs/keyroom-oni.toml", "--run-dir"])
+        .arg(run_dir);
+    for s in sets.iter().chain(extra) {
+        cmd.args(["--set", s]);
+    }
+    cmd.stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap()
 }
