@@ -10,6 +10,7 @@ use std::time::Duration;
 use spur_core::trajectory::Chunk;
 use spur_core::transport::Connector;
 use spur_proto::v1::learner_client::LearnerClient;
+use spur_proto::v1::PushAck;
 use spur_proto::MAX_MESSAGE_BYTES;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -30,6 +31,35 @@ pub struct PushStats {
     pub reconnects: u64,
     /// Chunks still queued when the actor stopped with the learner unreachable.
     pub unsent_on_stop: u64,
+}
+
+impl PushStats {
+    /// Counts one chunk the learner acknowledged.
+    fn acked(&mut self) {
+        self.acked_chunks += 1;
+        metrics::counter!("spur_actor_acked_chunks_total").increment(1);
+    }
+}
+
+/// After the rollout finished: waits for the acknowledgements of the `unacked` chunks
+/// in flight, until `drain` has passed; what is still unacknowledged then is counted.
+async fn last_acks(
+    acks: &mut tonic::Streaming<PushAck>,
+    mut unacked: usize,
+    drain: Duration,
+    stats: &mut PushStats,
+) {
+    let deadline = tokio::time::Instant::now() + drain;
+    while unacked > 0 {
+        match tokio::time::timeout_at(deadline, acks.message()).await {
+            Ok(Ok(Some(_))) => {
+                unacked -= 1;
+                stats.acked();
+            }
+            _ => break,
+        }
+    }
+    stats.unacked_on_break += unacked as u64;
 }
 
 /// Sends every chunk from `chunks` until the rollout thread closes it. Returns an
@@ -73,8 +103,7 @@ pub async fn push(
                 match acks.message().await {
                     Ok(Some(_)) => {
                         unacked -= 1;
-                        stats.acked_chunks += 1;
-                        metrics::counter!("spur_actor_acked_chunks_total").increment(1);
+                        stats.acked();
                         continue;
                     }
                     Ok(None) => break CallError::Closed("the learner closed the stream"),
@@ -89,18 +118,7 @@ pub async fn push(
                         None => {
                             // Rollout finished: wait for the last acks, then close.
                             drop(tx);
-                            let deadline = tokio::time::Instant::now() + drain;
-                            while unacked > 0 {
-                                match tokio::time::timeout_at(deadline, acks.message()).await {
-                                    Ok(Ok(Some(_))) => {
-                                        unacked -= 1;
-                                        stats.acked_chunks += 1;
-                                        metrics::counter!("spur_actor_acked_chunks_total").increment(1);
-                                    }
-                                    _ => break,
-                                }
-                            }
-                            stats.unacked_on_break += unacked as u64;
+                            last_acks(&mut acks, unacked, drain, &mut stats).await;
                             return Ok(stats);
                         }
                     },
@@ -108,8 +126,7 @@ pub async fn push(
                         match a {
                             Ok(Some(_)) => {
                                 unacked = unacked.saturating_sub(1);
-                                stats.acked_chunks += 1;
-                                metrics::counter!("spur_actor_acked_chunks_total").increment(1);
+                                stats.acked();
                                 continue;
                             }
                             Ok(None) => break CallError::Closed("the learner closed the stream"),

@@ -24,7 +24,7 @@ use tracing::{info, warn};
 use crate::error::ActorError;
 use crate::health::Readiness;
 use crate::parts::{build, Part};
-use crate::texts::TextSink;
+use crate::texts::{SentTexts, TextSink};
 use crate::weights::WeightsUpdate;
 
 pub struct Rollout {
@@ -148,21 +148,9 @@ impl Rollout {
         let state_size = model.state_size();
         let mut state = vec![0.0f32; n * state_size];
 
-        // Act only with the learner's weights: wait for the first version.
-        let mut held = loop {
-            if let Some(h) = self.try_swap(&mut model, true) {
-                break h;
-            }
-            let (weights, stop) = (&mut self.weights, &self.stop);
-            let changed = self.rt.block_on(async {
-                tokio::select! {
-                    r = weights.changed() => r.is_ok(),
-                    _ = stop.cancelled() => false,
-                }
-            });
-            if !changed {
-                return Ok(stats); // stopped, or the subscriber is gone
-            }
+        // Act only with the learner's weights.
+        let Some(mut held) = self.first_weights(&mut model) else {
+            return Ok(stats); // stopped, or the subscriber is gone
         };
         self.readiness.acting();
         info!(
@@ -209,39 +197,50 @@ impl Rollout {
             // learner's lag accounting errs on the safe side; the behaviour
             // log-probs are exact per step either way.
             if let Some((tx, sent)) = texts.as_mut() {
-                let new = sent.new_texts(&c.event_texts);
-                if !new.is_empty() {
-                    // Never wait for the reward service: if it is behind, send later.
-                    // The channel is the bounded buffer of unsent texts; what does
-                    // not fit is counted and marked unsent, so it goes again the next
-                    // time it occurs.
-                    if let Err(e) = tx.try_send(new) {
-                        let (mpsc::error::TrySendError::Full(t)
-                        | mpsc::error::TrySendError::Closed(t)) = e;
-                        metrics::counter!("spur_actor_dropped_texts_total")
-                            .increment(t.len() as u64);
-                        sent.unmark(&t);
-                    }
-                }
+                send_new_texts(tx, sent, &c.event_texts);
             }
             stats.env_steps += (t_len * n) as u64;
             stats.chunks += 1;
             metrics::counter!("spur_actor_env_steps_total").increment((t_len * n) as u64);
             metrics::counter!("spur_actor_chunks_total").increment(1);
             metrics::gauge!("spur_actor_policy_version").set(chunk_version as f64);
-            // A full send queue waits (backpressure), but never past a stop.
-            let (chunks, stop) = (&self.chunks, &self.stop);
-            let sent = self.rt.block_on(async {
-                tokio::select! {
-                    r = chunks.send(c) => r.is_ok(),
-                    _ = stop.cancelled() => false,
-                }
-            });
-            if !sent {
+            if !self.send(c) {
                 break; // stopping, or the push task is gone
             }
         }
         Ok(stats)
+    }
+
+    /// Waits for the learner's first weights and loads them; None when the actor
+    /// stops first, or the subscriber is gone.
+    fn first_weights(&mut self, model: &mut ActorCritic) -> Option<Held> {
+        loop {
+            if let Some(h) = self.try_swap(model, true) {
+                return Some(h);
+            }
+            let (weights, stop) = (&mut self.weights, &self.stop);
+            let changed = self.rt.block_on(async {
+                tokio::select! {
+                    r = weights.changed() => r.is_ok(),
+                    _ = stop.cancelled() => false,
+                }
+            });
+            if !changed {
+                return None;
+            }
+        }
+    }
+
+    /// Hands a chunk to the push task. A full send queue waits (backpressure), but
+    /// never past a stop; false when stopping or the push task is gone.
+    fn send(&self, c: Chunk) -> bool {
+        let (chunks, stop) = (&self.chunks, &self.stop);
+        self.rt.block_on(async {
+            tokio::select! {
+                r = chunks.send(c) => r.is_ok(),
+                _ = stop.cancelled() => false,
+            }
+        })
     }
 
     /// A chunk to fill from the envs' current position: `state` is each env's
@@ -302,5 +301,20 @@ impl Rollout {
                 None
             }
         }
+    }
+}
+
+/// Sends the texts of `texts` the reward service has not had yet, never waiting for
+/// it: the channel is the bounded buffer of unsent texts, and what does not fit is
+/// counted and marked unsent, so it goes again the next time it occurs.
+fn send_new_texts(tx: &mpsc::Sender<Vec<String>>, sent: &mut SentTexts, texts: &[String]) {
+    let new = sent.new_texts(texts);
+    if new.is_empty() {
+        return;
+    }
+    if let Err(e) = tx.try_send(new) {
+        let (mpsc::error::TrySendError::Full(t) | mpsc::error::TrySendError::Closed(t)) = e;
+        metrics::counter!("spur_actor_dropped_texts_total").increment(t.len() as u64);
+        sent.unmark(&t);
     }
 }
