@@ -27,10 +27,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sha2::{Digest, Sha256};
+use spur_core::blocking::on_own_thread;
 use spur_core::config::Config;
 use spur_core::transport::{bind_health, Transport};
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::{CancellationToken, DropGuard};
 use tokio_util::task::TaskTracker;
@@ -119,7 +120,10 @@ pub async fn serve(
         stop: net.stop.clone(),
         rt: tokio::runtime::Handle::current(),
     };
-    let rollout = on_own_thread(rollout).await?;
+    let rollout = on_own_thread("spur-rollout", move || rollout.run())
+        .map_err(|e| ActorError::Rollout(e.to_string()))?
+        .await
+        .map_err(|_| ActorError::Rollout("the rollout thread panicked".into()))?;
     // The rollout thread is gone (its chunk channel with it): the push task sends
     // what is left and waits for acknowledgements until the drain deadline.
     readiness.stopping();
@@ -297,23 +301,6 @@ impl Network {
         }
         Ok((push, self.finished.load(Ordering::Acquire)))
     }
-}
-
-/// Runs the rollout (blocking tch and env work) on a thread of its own and waits for
-/// its result.
-async fn on_own_thread(
-    rollout: rollout::Rollout,
-) -> Result<Result<RolloutStats, ActorError>, ActorError> {
-    let (result_tx, result_rx) = oneshot::channel();
-    std::thread::Builder::new()
-        .name("spur-rollout".into())
-        .spawn(move || {
-            let _ = result_tx.send(rollout.run());
-        })
-        .map_err(|e| ActorError::Rollout(e.to_string()))?;
-    result_rx
-        .await
-        .map_err(|_| ActorError::Rollout("the rollout thread panicked".into()))
 }
 
 #[cfg(test)]

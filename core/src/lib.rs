@@ -18,6 +18,7 @@
 //! - `text_model`: the char-level CNN behind the distilled intrinsic reward models
 //! - `reward`: ONI's repeat decay of intrinsic rewards
 //! - `backoff`: jittered exponential backoff for reconnecting clients
+//! - `blocking`: blocking work on a thread of its own, awaited from async code
 //! - `redial`: typed call errors and reopening long-lived calls with backoff
 //! - `transport`: every gRPC server and client endpoint (TLS, token, keepalive)
 //! - `secret`: secrets from the environment that never print
@@ -27,6 +28,7 @@
 pub mod adam;
 pub mod advantage;
 pub mod backoff;
+pub mod blocking;
 pub mod checkpoint;
 pub mod config;
 pub mod device;

@@ -39,6 +39,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use spur_core::adam::Adam;
+use spur_core::blocking::on_own_thread;
 use spur_core::checkpoint;
 use spur_core::config::Config;
 use spur_core::device::resolve_device;
@@ -49,7 +50,7 @@ use spur_env_bridge::env_spec;
 use spur_proto::v1::learner_server::LearnerServer;
 use spur_proto::MAX_MESSAGE_BYTES;
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic_health::pb::health_server::{Health, HealthServer};
@@ -376,7 +377,8 @@ pub async fn serve(
             shared.stop.clone(),
         ));
     }
-    let mut result_rx = on_own_thread(trainer).map_err(run_dir_error(&run_dir))?;
+    let mut result_rx =
+        on_own_thread("spur-trainer", move || trainer.run()).map_err(run_dir_error(&run_dir))?;
     tasks.spawn(gauges(shared.clone()));
     let (reporter, health) = tonic_health::server::health_reporter();
     tasks.spawn(watch_shutdown(shutdown, shared.clone(), reporter.clone()));
@@ -490,20 +492,6 @@ fn assemble(
         groups_dropped: 0,
     };
     Ok((service, trainer, weights))
-}
-
-/// Runs the trainer (blocking tch work) on a thread of its own; its result arrives on
-/// the returned channel.
-fn on_own_thread(
-    trainer: Trainer,
-) -> std::io::Result<oneshot::Receiver<Result<TrainSummary, LearnerError>>> {
-    let (result_tx, result_rx) = oneshot::channel();
-    std::thread::Builder::new()
-        .name("spur-trainer".into())
-        .spawn(move || {
-            let _ = result_tx.send(trainer.run());
-        })?;
-    Ok(result_rx)
 }
 
 /// The learner's listeners, before they serve.
