@@ -266,10 +266,7 @@ impl Running {
                             .max_encoding_message_size(MAX_MESSAGE_BYTES),
                     ),
                 )
-                .serve_with_incoming_shutdown(
-                    incoming(listener),
-                    cancel.clone().cancelled_owned(),
-                ),
+                .serve_with_incoming_shutdown(incoming(listener), cancel.clone().cancelled_owned()),
         );
         Ok(Self {
             addr,
