@@ -32,6 +32,9 @@ import subprocess
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from keyroom_table import read_rows  # noqa: E402  (tolerates a torn last line)
+
 PINS = ["sample-factory==2.1.1", "gymnasium==0.29.1", "nle==1.0.0", "torch==2.13.0", "numpy<2"]
 TARGET = 475.0
 
@@ -64,8 +67,7 @@ def spur_run(args, task, seed, steps, run_dir):
         cmd += ["--set", s]
     with open(os.path.join(run_dir, "bench.log"), "w") as log:
         subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT)
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
+    rows = read_rows(run_dir)
     first, last = rows[0], rows[-1]
     dt = last["time_s"] - first["time_s"]
     reached = [r["env_steps"] for r in rows

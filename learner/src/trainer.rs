@@ -345,6 +345,11 @@ impl Trainer {
             min_spread: lc.group_min_spread,
             ..GroupParams::default()
         };
+        // The rewards whose episode sum is an episode's outcome.
+        let scored = match lc.group_outcome {
+            GroupOutcome::Extrinsic => extrinsic,
+            GroupOutcome::Mixed => rewards,
+        };
         let mut adv = vec![0.0f32; rewards.len()];
         let mut kept = Vec::with_capacity(layout.len());
         for group in layout {
@@ -352,12 +357,7 @@ impl Trainer {
                 .iter()
                 .map(|&(s, l)| GroupEpisode {
                     rewards: &rewards[s..s + l],
-                    outcome: match lc.group_outcome {
-                        GroupOutcome::Extrinsic => {
-                            extrinsic[s..s + l].iter().map(|&r| r as f64).sum()
-                        }
-                        GroupOutcome::Mixed => rewards[s..s + l].iter().map(|&r| r as f64).sum(),
-                    },
+                    outcome: scored[s..s + l].iter().map(|&r| r as f64).sum(),
                 })
                 .collect();
             match group_advantages(&episodes, &params) {
