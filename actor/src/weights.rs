@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use spur_core::transport::Connector;
 use spur_proto::v1::learner_client::LearnerClient;
 use spur_proto::v1::{SubscribeWeightsRequest, WeightsChunk};
-use spur_proto::MAX_MESSAGE_BYTES;
+use spur_proto::{Bytes, MAX_MESSAGE_BYTES};
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
@@ -25,7 +25,7 @@ pub struct WeightsUpdate {
     pub version: u64,
     /// The learner incarnation that published this version.
     pub incarnation: u64,
-    pub bytes: Vec<u8>,
+    pub bytes: Bytes,
 }
 
 pub type WeightsSlot = watch::Sender<Option<Arc<WeightsUpdate>>>;
@@ -65,23 +65,33 @@ impl WeightsAssembler {
             self.next = u32::MAX;
             return None;
         }
+        if c.num_chunks == 1 {
+            // The whole payload in one message: keep its buffer, no copy.
+            return self.complete(c.data);
+        }
         self.buf.extend_from_slice(&c.data);
         self.next += 1;
         if self.next == c.num_chunks {
-            if self.buf.len() as u64 != self.total {
-                warn!(
-                    version = c.version,
-                    "weights payload shorter than announced"
-                );
-                return None;
-            }
-            return Some(WeightsUpdate {
-                version: self.version,
-                incarnation: self.incarnation,
-                bytes: std::mem::take(&mut self.buf),
-            });
+            let bytes = std::mem::take(&mut self.buf).into();
+            return self.complete(bytes);
         }
         None
+    }
+
+    /// The finished version, if its payload is as long as its first piece announced.
+    fn complete(&self, bytes: Bytes) -> Option<WeightsUpdate> {
+        if bytes.len() as u64 != self.total {
+            warn!(
+                version = self.version,
+                "weights payload shorter than announced"
+            );
+            return None;
+        }
+        Some(WeightsUpdate {
+            version: self.version,
+            incarnation: self.incarnation,
+            bytes,
+        })
     }
 }
 
@@ -198,7 +208,7 @@ mod tests {
         let mut a = WeightsAssembler::default();
         assert!(a.push(piece(2, 0, 2, 4, &[1, 2])).is_none());
         let w = a.push(piece(2, 1, 2, 4, &[3, 4])).unwrap();
-        assert_eq!((w.version, w.bytes), (2, vec![1, 2, 3, 4]));
+        assert_eq!((w.version, &w.bytes[..]), (2, &[1u8, 2, 3, 4][..]));
         // a missing middle piece discards the version
         assert!(a.push(piece(3, 0, 3, 6, &[1, 2])).is_none());
         assert!(a.push(piece(3, 2, 3, 6, &[5, 6])).is_none());
@@ -210,5 +220,19 @@ mod tests {
         let mut other = piece(5, 1, 2, 2, &[2]);
         other.learner_incarnation = 4;
         assert!(a.push(other).is_none());
+    }
+
+    #[test]
+    fn a_single_piece_is_kept_without_a_copy_and_checked() {
+        let mut a = WeightsAssembler::default();
+        let one = piece(6, 0, 1, 3, &[7, 8, 9]);
+        let at = one.data.as_ptr();
+        let w = a.push(one).unwrap();
+        assert_eq!((w.version, &w.bytes[..]), (6, &[7u8, 8, 9][..]));
+        assert_eq!(w.bytes.as_ptr(), at, "the piece's own buffer");
+        // a single piece shorter than its announced total is no version
+        assert!(a.push(piece(7, 0, 1, 4, &[1, 2, 3])).is_none());
+        // and the next whole one still arrives
+        assert_eq!(a.push(piece(8, 0, 1, 1, &[5])).unwrap().version, 8);
     }
 }

@@ -108,7 +108,7 @@ fn rollout_only(config: &Config, secs: f64, rt: Handle) -> anyhow::Result<f64> {
     let (_weights_tx, weights) = watch::channel(Some(Arc::new(WeightsUpdate {
         version: 1,
         incarnation: 1,
-        bytes,
+        bytes: bytes.into(),
     })));
     let (chunks_tx, mut chunks) = mpsc::channel(4);
     let stop = CancellationToken::new();

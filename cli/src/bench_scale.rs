@@ -290,7 +290,10 @@ pub async fn ingest(args: IngestArgs) -> anyhow::Result<std::process::ExitCode> 
         std::thread::available_parallelism().map_or(0, |n| n.get()),
         args.seconds
     );
+    let cpu0 = process_cpu_s();
     let raw = raw_tcp(args.clients, bytes, args.seconds).await?;
+    let raw_cpu = process_cpu_s() - cpu0;
+    let cpu0 = process_cpu_s();
     let deadline = Instant::now() + Duration::from_secs_f64(args.seconds);
     let mut pushers = Vec::new();
     for _ in 0..args.clients {
@@ -301,23 +304,39 @@ pub async fn ingest(args: IngestArgs) -> anyhow::Result<std::process::ExitCode> 
     for p in pushers {
         chunks += p.await??;
     }
+    let cpu = process_cpu_s() - cpu0;
     learner.stop().await?;
     let rate = chunks as f64 * bytes as f64 / args.seconds;
+    // CPU time per byte moved (senders and receivers together, all in this process)
+    // moves much less with other people's load than bytes per second does.
+    let per_gb = |cpu: f64, b: f64| cpu / (b * args.seconds / 1e9);
+    let raw_per_gb = per_gb(raw_cpu, raw);
     println!(
-        "{:<44} {:>12} {:>10} {:>8}",
-        "measurement", "env steps/s", "MB/s", "vs tcp"
+        "{:<44} {:>12} {:>10} {:>8} {:>9} {:>8}",
+        "measurement", "env steps/s", "MB/s", "vs tcp", "CPU s/GB", "vs tcp"
     );
-    let row = |name: &str, b: f64| {
+    let row = |name: &str, b: f64, cpu: f64| {
         let steps_s = b / bytes as f64 * steps as f64;
+        let cpu_gb = per_gb(cpu, b);
         println!(
-            "{name:<44} {steps_s:>12.0} {:>10.1} {:>7.3}x",
+            "{name:<44} {steps_s:>12.0} {:>10.1} {:>7.3}x {cpu_gb:>9.2} {:>7.3}x",
             b / 1e6,
-            b / raw
+            b / raw,
+            raw_per_gb / cpu_gb
         );
     };
-    row("raw TCP loopback, same bytes (baseline)", raw);
-    row("learner, chunks acknowledged", rate);
+    row("raw TCP loopback, same bytes (baseline)", raw, raw_cpu);
+    row("learner, chunks acknowledged", rate, cpu);
     Ok(std::process::ExitCode::SUCCESS)
+}
+
+/// CPU seconds (user and system) this process has used so far, every thread.
+fn process_cpu_s() -> f64 {
+    // SAFETY: getrusage only writes the struct it is given.
+    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) };
+    let s = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 * 1e-6;
+    s(u.ru_utime) + s(u.ru_stime)
 }
 
 /// The p-th percentile (0..=100) of `v`, in milliseconds.

@@ -711,8 +711,9 @@ pub fn tensors_to_safetensors(
     safetensors::serialize(views, Some(info)).map_err(|e| ModelError::Weights(e.to_string()))
 }
 
-/// One f32 tensor of a safetensors payload, checked against the shape it must have.
-pub fn read_f32_tensor(st: &SafeTensors, name: &str, want: &[i64]) -> Result<Tensor, ModelError> {
+/// The bytes of one f32 tensor of a safetensors payload, checked against the shape
+/// it must have and for non-finite values.
+fn checked_f32<'a>(st: &SafeTensors<'a>, name: &str, want: &[i64]) -> Result<&'a [u8], ModelError> {
     let view = st
         .tensor(name)
         .map_err(|_| ModelError::Weights(format!("tensor `{name}` is missing")))?;
@@ -725,18 +726,65 @@ pub fn read_f32_tensor(st: &SafeTensors, name: &str, want: &[i64]) -> Result<Ten
             want_usize
         )));
     }
-    let le = |b: &[u8]| f32::from_le_bytes(b.try_into().expect("chunks of 4 bytes"));
-    if view.data().chunks_exact(4).any(|b| !le(b).is_finite()) {
+    if !all_finite_le(view.data()) {
         return Err(ModelError::Weights(format!(
             "tensor `{name}` holds a non-finite value"
         )));
     }
+    Ok(view.data())
+}
+
+/// Whether every little-endian f32 in `bytes` is finite. A value is infinite or NaN
+/// exactly when its exponent bits are all set; the loop has no early exit, so it
+/// vectorizes (an actor checks every weight of every version it receives).
+fn all_finite_le(bytes: &[u8]) -> bool {
+    const EXPONENT: u32 = 0x7f80_0000;
+    !bytes.chunks_exact(4).fold(false, |bad, b| {
+        let bits = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+        bad | (bits & EXPONENT == EXPONENT)
+    })
+}
+
+fn le_values(data: &[u8]) -> Vec<f32> {
+    data.chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect()
+}
+
+/// One f32 tensor of a safetensors payload, checked against the shape it must have.
+pub fn read_f32_tensor(st: &SafeTensors, name: &str, want: &[i64]) -> Result<Tensor, ModelError> {
+    let data = checked_f32(st, name, want)?;
     if cfg!(target_endian = "little") {
         // The payload's bytes are the tensor's bytes: one copy, no per-value loop.
-        return Ok(Tensor::f_from_data_size(view.data(), want, Kind::Float)?);
+        return Ok(Tensor::f_from_data_size(data, want, Kind::Float)?);
     }
-    let values: Vec<f32> = view.data().chunks_exact(4).map(le).collect();
-    Ok(Tensor::from_slice(&values).view(want))
+    Ok(Tensor::from_slice(&le_values(data)).view(want))
+}
+
+/// Overwrites `var` (f32, contiguous, any device) with the little-endian values in
+/// `data`, which holds exactly its elements.
+fn copy_le_f32(var: &mut Tensor, data: &[u8]) -> Result<(), ModelError> {
+    if cfg!(target_endian = "big") {
+        let src = Tensor::from_slice(&le_values(data)).view(var.size().as_slice());
+        var.f_copy_(&src.to_device(var.device()))?;
+        return Ok(());
+    }
+    // A byte view of `data` (no alignment needed, unlike a float view: a piece's data
+    // starts wherever its message put it) copied into a byte view of the variable, so
+    // the payload is copied once, straight into place.
+    // SAFETY: `src` reads `data`, which outlives it (it is dropped in this function),
+    // and nothing writes through it.
+    let src = unsafe {
+        Tensor::f_from_blob(
+            data.as_ptr(),
+            &[data.len() as i64],
+            &[1],
+            Kind::Uint8,
+            Device::Cpu,
+        )?
+    };
+    var.f_view([-1])?.f_view_dtype(Kind::Uint8)?.f_copy_(&src)?;
+    Ok(())
 }
 
 /// Copies a payload from [`vars_to_safetensors`] into `vs` (same architecture); nothing
@@ -746,18 +794,16 @@ pub fn load_vars(vs: &nn::VarStore, bytes: &[u8]) -> Result<HashMap<String, Stri
     let st = SafeTensors::deserialize(bytes).map_err(|e| ModelError::Weights(e.to_string()))?;
     let mut vars: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
     vars.sort_by(|a, b| a.0.cmp(&b.0));
-    let mut staged = Vec::with_capacity(vars.len());
-    for (name, var) in &vars {
-        staged.push((
-            var.shallow_clone(),
-            read_f32_tensor(&st, name, &var.size())?,
-        ));
-    }
+    // Every tensor is checked before any variable is written.
+    let checked = vars
+        .iter()
+        .map(|(name, var)| checked_f32(&st, name, &var.size()))
+        .collect::<Result<Vec<_>, _>>()?;
     tch::no_grad(|| {
-        for (mut var, src) in staged {
-            var.copy_(&src.to_device(var.device()));
-        }
-    });
+        vars.iter_mut()
+            .zip(checked)
+            .try_for_each(|((_, var), data)| copy_le_f32(var, data))
+    })?;
     Ok(metadata)
 }
 
@@ -803,6 +849,55 @@ mod tests {
         assert!(err.unwrap_err().to_string().contains("policy.l1.bias"));
         assert!(b.load_safetensors(b"not a payload").is_err());
         assert!(before.allclose(&b.logits(&obs), 0.0, 0.0, false));
+    }
+
+    #[test]
+    fn non_finite_weights_are_refused_by_name_and_change_nothing() {
+        let a = ActorCritic::new(4, 2, &[8], Device::Cpu);
+        let mut b = ActorCritic::new(4, 2, &[8], Device::Cpu);
+        let obs = Tensor::from_slice(&[0.1f32, -0.2, 0.3, 0.0]).view([1, 4]);
+        let before = b.logits(&obs);
+        // the payload is otherwise valid: b takes it as it is
+        let good = a.to_safetensors(1, &HashMap::new()).unwrap();
+        let mut c = ActorCritic::new(4, 2, &[8], Device::Cpu);
+        c.load_safetensors(&good).unwrap();
+        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            tch::no_grad(|| {
+                let vars = a.vs.variables();
+                let _ = vars["value.l1.weight"].get(0).get(3).fill_(f64::from(bad));
+            });
+            let err = b
+                .load_safetensors(&a.to_safetensors(2, &HashMap::new()).unwrap())
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("value.l1.weight") && err.contains("non-finite"),
+                "{err}"
+            );
+            assert!(before.allclose(&b.logits(&obs), 0.0, 0.0, false));
+        }
+        // the largest finite values are weights like any other
+        assert!(all_finite_le(
+            &[f32::MAX, f32::MIN, -0.0, f32::MIN_POSITIVE / 2.0]
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect::<Vec<u8>>()
+        ));
+    }
+
+    #[test]
+    fn weights_load_from_a_payload_at_any_alignment() {
+        let a = ActorCritic::new(4, 2, &[8], Device::Cpu);
+        let bytes = a.to_safetensors(1, &HashMap::new()).unwrap();
+        let obs = Tensor::from_slice(&[0.1f32, -0.2, 0.3, 0.0]).view([1, 4]);
+        for offset in 1..4 {
+            let mut shifted = vec![0u8; offset];
+            shifted.extend_from_slice(&bytes);
+            let mut b = ActorCritic::new(4, 2, &[8], Device::Cpu);
+            b.load_safetensors(&shifted[offset..]).unwrap();
+            assert!(a.logits(&obs).allclose(&b.logits(&obs), 0.0, 0.0, false));
+            assert!(a.values(&obs).allclose(&b.values(&obs), 0.0, 0.0, false));
+        }
     }
 
     #[test]
