@@ -118,10 +118,11 @@ bench-annotator: build
 	./target/release/spur bench annotator $(ARGS)
 
 ## bench-peer: spur against Sample Factory 2.1.1 with matched settings, one after the
-## other: env steps/s on CartPole-v1 and NetHackScore-v0, CartPole env steps to a mean
-## return of 475 (3 seeds, about 15-25 minutes on 2 cores; ARGS="--seeds 1" for less)
+## other: env steps/s on CartPole-v1 (spur's Rust env, and Gymnasium's through the env
+## bridge) and NetHackScore-v0, CartPole env steps to a mean return of 475 (3 seeds;
+## ARGS="--seeds 1" for less). `spur bench peer` runs scripts/peer_bench.py.
 bench-peer: build $(PEER_STAMP)
-	python3 scripts/peer_bench.py --venv $(PEER_VENV) $(ARGS)
+	./target/release/spur bench peer --venv $(PEER_VENV) $(ARGS)
 
 # Only bench-peer needs it; `make test` never installs it.
 $(PEER_STAMP):

@@ -1,12 +1,22 @@
 #!/usr/bin/env python3
 """spur against Sample Factory 2.1.1, one system after the other in one run, on
 CartPole-v1 and NetHackScore-v0 with matched settings; prints one markdown table.
+`spur bench peer` runs this script with its own binary as --spur.
+
+Tasks:
+  - cartpole: spur's own Rust CartPole (configs/cartpole.toml),
+  - gym-cartpole: Gymnasium's CartPole-v1 in spur's env bridge, one Python bridge
+    process per actor (configs/gym-cartpole.toml, the same learner settings),
+  - nethack: NetHackScore-v0 through the env bridge (configs/nethack-score.toml).
+Sample Factory runs its CartPole-v1 for both CartPole tasks. gym-cartpole reuses the
+Sample Factory run of the same seed from cartpole when this invocation made one (the
+table says so), and runs it itself otherwise.
 
 For each task and seed it runs spur (`spur local` with the task's config) and then
 Sample Factory (`scripts/peer_sf.py` in the peer venv), and reads:
   - env steps/s, from the first training step to the last (start-up left out),
-  - CartPole only: env steps at which the mean return of the last 100 episodes first
-    reached 475 (both runs stop there; a run that never does counts as missing).
+  - CartPole tasks only: env steps at which the mean return of the last 100 episodes
+    first reached 475 (both runs stop there; a run that never does counts as missing).
 Ratios are spur / Sample Factory per seed; the table gives the median over seeds.
 
 Matched on both sides: 2 workers (actors) x 16 envs, rollout 32, batch (4096 for
@@ -21,7 +31,8 @@ The peer venv (runs/peer-venv by default) is made by `make bench-peer`; with
 --install this script makes it itself.
 
 Usage: scripts/peer_bench.py [--seeds 3] [--first-seed 1] [--cartpole-steps 400000]
-           [--nethack-steps 100000] [--tasks cartpole,nethack] [--out runs/peer]
+           [--nethack-steps 100000] [--nethack-seeds 1]
+           [--tasks cartpole,gym-cartpole,nethack] [--out runs/peer]
            [--spur target/release/spur] [--venv runs/peer-venv] [--install]
 """
 import argparse
@@ -38,9 +49,12 @@ from keyroom_table import read_rows  # noqa: E402  (tolerates a torn last line)
 PINS = ["sample-factory==2.1.1", "gymnasium==0.29.1", "nle==1.0.0", "torch==2.13.0", "numpy<2"]
 TARGET = 475.0
 
-# task -> (config, spur overrides, Sample Factory task name)
+# task -> (config, spur overrides, Sample Factory task name). configs/gym-cartpole.toml
+# has configs/cartpole.toml's learner settings but V-trace, the default estimator; the
+# override gives both spur rows GAE, as Sample Factory runs.
 TASKS = {
     "cartpole": ("configs/cartpole.toml", ["learner.advantage=gae"], "cartpole"),
+    "gym-cartpole": ("configs/gym-cartpole.toml", ["learner.advantage=gae"], "cartpole"),
     "nethack": (
         "configs/nethack-score.toml",
         ["learner.advantage=gae", "intrinsic.enabled=false", "learner.device=cpu",
@@ -48,6 +62,8 @@ TASKS = {
         "nethack",
     ),
 }
+# Tasks run to a mean return of TARGET, with the steps-to-target columns.
+SOLVED = {task for task, (_, _, sf) in TASKS.items() if sf == "cartpole"}
 
 
 def install(venv):
@@ -61,7 +77,7 @@ def spur_run(args, task, seed, steps, run_dir):
     config, sets, _ = TASKS[task]
     cmd = [args.spur, "local", "--config", config, "--run-dir", run_dir,
            "--set", f"run.seed={seed}", "--set", f"stop.env_steps={steps}"]
-    if task == "cartpole":
+    if task in SOLVED:
         cmd += ["--set", f"stop.target_return={TARGET}"]
     for s in sets:
         cmd += ["--set", s]
@@ -86,7 +102,7 @@ def sf_run(args, task, seed, steps, run_dir):
     here = os.path.dirname(os.path.abspath(__file__))
     cmd = [py, os.path.join(here, "peer_sf.py"), "--task", TASKS[task][2], "--seed", str(seed),
            "--env-steps", str(steps), "--train-dir", run_dir]
-    if task == "cartpole":
+    if task in SOLVED:
         cmd += ["--target-return", str(TARGET)]
     with open(os.path.join(run_dir, "bench.log"), "w") as log:
         out = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=log, text=True)
@@ -94,6 +110,16 @@ def sf_run(args, task, seed, steps, run_dir):
     if out.returncode != 0 or not lines:
         raise RuntimeError(f"sample factory failed (exit {out.returncode}); see {run_dir}/bench.log")
     return json.loads(lines[-1])
+
+
+def reusable(results, task, seed):
+    """(task, result) of a Sample Factory run of the same seed made earlier in this
+    invocation for another task with the same Sample Factory task, or (None, None)."""
+    for other, (_, _, sf) in TASKS.items():
+        earlier = results.get((other, seed, "sf"))
+        if other != task and sf == TASKS[task][2] and earlier and "reused_from" not in earlier:
+            return other, earlier
+    return None, None
 
 
 def machine():
@@ -115,6 +141,7 @@ def table(results, seeds):
     out = ["| task | seed | spur env steps/s | Sample Factory env steps/s | ratio "
            "| spur steps to 475 | SF steps to 475 | ratio |",
            "|---|---|---:|---:|---:|---:|---:|---:|"]
+    notes = []
     for task in TASKS:
         rows = [(s, results.get((task, s, "spur")), results.get((task, s, "sf"))) for s in seeds]
         rows = [r for r in rows if r[1] or r[2]]
@@ -128,7 +155,7 @@ def table(results, seeds):
             ta = a and a["steps_to_target"]
             tb = b and b["steps_to_target"]
             solve.append(ta / tb if ta and tb else None)
-            cart = task == "cartpole"
+            cart = task in SOLVED
             out.append(
                 f"| {task} | {seed} | {fmt_int(ra)} | {fmt_int(rb)} | "
                 f"{'-' if speed[-1] is None else f'{speed[-1]:.2f}x'} | "
@@ -137,7 +164,7 @@ def table(results, seeds):
         ma = median([a and a["steps_per_sec"] for _, a, _ in rows])
         mb = median([b and b["steps_per_sec"] for _, _, b in rows])
         ms = median(speed)
-        cart = task == "cartpole"
+        cart = task in SOLVED
         ta = median([a and a["steps_to_target"] for _, a, _ in rows])
         tb = median([b and b["steps_to_target"] for _, _, b in rows])
         mt = median(solve)
@@ -146,7 +173,11 @@ def table(results, seeds):
             f"{'-' if ms is None else f'**{ms:.2f}x**'} | {fmt_int(ta) if cart else ''} | "
             f"{fmt_int(tb) if cart else ''} | "
             f"{('-' if mt is None else f'**{mt:.2f}x**') if cart else ''} |")
-    return "\n".join(out)
+        reused = sorted({b["reused_from"] for _, _, b in rows if b and "reused_from" in b})
+        for other in reused:
+            notes.append(f"{task}: the Sample Factory columns are the {other} rows' runs "
+                         "of the same seeds (one Sample Factory run serves both).")
+    return "\n".join(out + ([""] + notes if notes else []))
 
 
 def main():
@@ -158,7 +189,8 @@ def main():
     ap.add_argument("--nethack-steps", type=int, default=100_000,
                     help="NetHack steps per run (about 1-2 minutes each on 2 cores)")
     ap.add_argument("--nethack-seeds", type=int, default=1)
-    ap.add_argument("--tasks", default="cartpole,nethack")
+    ap.add_argument("--tasks", default="cartpole,gym-cartpole,nethack",
+                    help=f"comma-separated, of: {', '.join(TASKS)}")
     ap.add_argument("--out", default="runs/peer")
     ap.add_argument("--spur", default="target/release/spur")
     ap.add_argument("--venv", default="runs/peer-venv")
@@ -171,11 +203,20 @@ def main():
     base = os.path.join(args.out, stamp)
     results = {}
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))
-    for task in args.tasks.split(","):
-        steps = args.cartpole_steps if task == "cartpole" else args.nethack_steps
-        task_seeds = seeds if task == "cartpole" else seeds[: args.nethack_seeds]
+    tasks = args.tasks.split(",")
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown:
+        ap.error(f"unknown task(s) {', '.join(unknown)}; known: {', '.join(TASKS)}")
+    for task in tasks:
+        steps = args.cartpole_steps if task in SOLVED else args.nethack_steps
+        task_seeds = seeds if task in SOLVED else seeds[: args.nethack_seeds]
         for seed in task_seeds:
             for system, fn in (("spur", spur_run), ("sf", sf_run)):
+                other, earlier = reusable(results, task, seed) if system == "sf" else (None, None)
+                if earlier:
+                    results[(task, seed, system)] = dict(earlier, reused_from=other)
+                    print(f"{task} {system} seed {seed}: the {other} run of this seed", flush=True)
+                    continue
                 run_dir = os.path.abspath(os.path.join(base, f"{task}-{system}-seed{seed}"))
                 os.makedirs(run_dir, exist_ok=True)
                 t = time.monotonic()

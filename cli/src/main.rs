@@ -3,6 +3,7 @@
 
 mod bench;
 mod bench_annotator;
+mod bench_peer;
 mod bench_scale;
 mod cluster;
 mod eval;
@@ -172,6 +173,11 @@ enum BenchCommand {
     /// Judge calls/s a reward service achieves against a judge with a fixed latency
     /// and a concurrency cap (the bound), and texts labelled per second.
     Annotator(bench_annotator::AnnotatorArgs),
+    /// spur against Sample Factory 2.1.1 with matched settings, one after the other:
+    /// env steps/s on CartPole-v1 (spur's Rust env and Gymnasium's through the env
+    /// bridge) and NetHackScore-v0, and CartPole env steps to a mean return of 475.
+    /// Runs scripts/peer_bench.py with this binary as spur.
+    Peer(bench_peer::PeerArgs),
 }
 
 fn main() -> ExitCode {
@@ -269,6 +275,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         Command::Bench(BenchCommand::Ingest(a)) => bench_scale::ingest(a).await,
         Command::Bench(BenchCommand::Annotator(a)) => bench_annotator::annotator(a).await,
         Command::Bench(BenchCommand::Broadcast(a)) => bench_scale::broadcast(a).await,
+        Command::Bench(BenchCommand::Peer(a)) => bench_peer::peer(a).await,
         Command::Plot(a) => {
             plot::run(a)?;
             Ok(ExitCode::SUCCESS)
