@@ -857,7 +857,7 @@ mod tests {
         let mut b = ActorCritic::new(4, 2, &[8], Device::Cpu);
         let obs = Tensor::from_slice(&[0.1f32, -0.2, 0.3, 0.0]).view([1, 4]);
         let before = b.logits(&obs);
-        // the payload is otherwise valid: b takes it as it is
+        // the same payload, all finite, loads
         let good = a.to_safetensors(1, &HashMap::new()).unwrap();
         let mut c = ActorCritic::new(4, 2, &[8], Device::Cpu);
         c.load_safetensors(&good).unwrap();
