@@ -24,15 +24,19 @@ CartPole, 2048 for NetHack), minibatches, epochs, learning rate, discount, GAE l
 0.95, clip 0.2, value and entropy coefficients, gradient clip 0.5, one torch thread
 per process, the network (CartPole: separate 64x64 tanh MLPs; NetHack: spur's
 network, shared torso), no observation normalisation, CPU. spur runs GAE too
-(`learner.advantage=gae`, since Sample Factory's V-trace crashes in 2.1.1) and no
-intrinsic reward. What differs is in docs/benchmarks.md.
+(`learner.advantage=gae`, since Sample Factory's V-trace crashes in 2.1.1) from the
+actors' values, as Sample Factory does (`learner.actor_estimates=true`; with
+--learner-estimates spur's learner recomputes values and log-probabilities over each
+batch first, one forward pass more per update), and no intrinsic reward. What differs
+is in docs/benchmarks.md.
 
 The peer venv (runs/peer-venv by default) is made by `make bench-peer`; with
 --install this script makes it itself.
 
 Usage: scripts/peer_bench.py [--seeds 3] [--first-seed 1] [--cartpole-steps 400000]
            [--nethack-steps 100000] [--nethack-seeds 1]
-           [--tasks cartpole,gym-cartpole,nethack] [--out runs/peer]
+           [--tasks cartpole,gym-cartpole,nethack] [--learner-estimates]
+           [--out runs/peer]
            [--spur target/release/spur] [--venv runs/peer-venv] [--install]
 """
 import argparse
@@ -49,16 +53,20 @@ from keyroom_table import read_rows  # noqa: E402  (tolerates a torn last line)
 PINS = ["sample-factory==2.1.1", "gymnasium==0.29.1", "nle==1.0.0", "torch==2.13.0", "numpy<2"]
 TARGET = 475.0
 
+# GAE as Sample Factory runs it: from the values the actors computed when they acted,
+# with their log-probabilities as PPO's old policy (no learner pass over the batch
+# before each update). --learner-estimates drops the second key.
+GAE = ["learner.advantage=gae", "learner.actor_estimates=true"]
+
 # task -> (config, spur overrides, Sample Factory task name). configs/gym-cartpole.toml
 # has configs/cartpole.toml's learner settings but V-trace, the default estimator; the
 # override gives both spur rows GAE, as Sample Factory runs.
 TASKS = {
-    "cartpole": ("configs/cartpole.toml", ["learner.advantage=gae"], "cartpole"),
-    "gym-cartpole": ("configs/gym-cartpole.toml", ["learner.advantage=gae"], "cartpole"),
+    "cartpole": ("configs/cartpole.toml", GAE, "cartpole"),
+    "gym-cartpole": ("configs/gym-cartpole.toml", GAE, "cartpole"),
     "nethack": (
         "configs/nethack-score.toml",
-        ["learner.advantage=gae", "intrinsic.enabled=false", "learner.device=cpu",
-         "model.device=cpu"],
+        GAE + ["intrinsic.enabled=false", "learner.device=cpu", "model.device=cpu"],
         "nethack",
     ),
 }
@@ -80,6 +88,8 @@ def spur_run(args, task, seed, steps, run_dir):
     if task in SOLVED:
         cmd += ["--set", f"stop.target_return={TARGET}"]
     for s in sets:
+        if args.learner_estimates and s == "learner.actor_estimates=true":
+            continue
         cmd += ["--set", s]
     with open(os.path.join(run_dir, "bench.log"), "w") as log:
         subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT)
@@ -191,6 +201,9 @@ def main():
     ap.add_argument("--nethack-seeds", type=int, default=1)
     ap.add_argument("--tasks", default="cartpole,gym-cartpole,nethack",
                     help=f"comma-separated, of: {', '.join(TASKS)}")
+    ap.add_argument("--learner-estimates", action="store_true",
+                    help="spur's learner recomputes values and log-probabilities over "
+                         "each batch (not the actors'), as before")
     ap.add_argument("--out", default="runs/peer")
     ap.add_argument("--spur", default="target/release/spur")
     ap.add_argument("--venv", default="runs/peer-venv")

@@ -19,6 +19,30 @@ async fn cartpole_learns_with_gae_advantages() -> anyhow::Result<()> {
     learns(config, "learns-gae").await
 }
 
+/// GAE from the actors' own values and log-probabilities (`learner.actor_estimates`):
+/// the learner skips its pass over the batch, so its proximal policy is the acting
+/// one and the measured KL from behaviour to proximal is exactly 0 in every update.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cartpole_learns_with_the_actors_values() -> anyhow::Result<()> {
+    let mut config = tiny_cartpole(200_000);
+    config.learner.advantage = spur_core::config::AdvantageKind::Gae;
+    config.learner.actor_estimates = true;
+    learns(config, "learns-actor-values").await?;
+    let run_dir = std::env::temp_dir().join(format!(
+        "spur-test-learns-actor-values-{}",
+        std::process::id()
+    ));
+    let metrics = std::fs::read_to_string(run_dir.join("metrics.jsonl"))?;
+    let kls: Vec<f64> = metrics
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).map(|v| v["behaviour_kl"].as_f64()))
+        .collect::<Result<Option<Vec<f64>>, _>>()?
+        .expect("a behaviour_kl column");
+    assert!(!kls.is_empty());
+    assert!(kls.iter().all(|&k| k == 0.0), "{kls:?}");
+    Ok(())
+}
+
 /// UI-S1's critic-free estimator over groups of 4 episodes that share a start state,
 /// with a spread filter that drops groups whose returns lie close together (early
 /// short episodes, and groups that all reach the step limit): it still learns, and

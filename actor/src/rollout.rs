@@ -115,7 +115,13 @@ fn step_part(
         reset_ended(s, &out.terminated, &out.truncated);
     }
     let v = p.view();
-    let (actions, log_probs) = model.act(v.observations, s, false);
+    let (actions, log_probs) = if c.behaviour_values.capacity() > 0 {
+        let (actions, log_probs, values) = model.act_with_values(v.observations, false);
+        c.behaviour_values.extend_from_slice(&values);
+        (actions, log_probs)
+    } else {
+        model.act(v.observations, s, false)
+    };
     c.observations.extend_from_slice(v.observations);
     c.episode_ids.extend_from_slice(v.episode_ids);
     c.step_indices.extend_from_slice(v.step_indices);
@@ -142,6 +148,13 @@ impl Rollout {
         };
         let device = resolve_device(&self.config.model.device);
         let mut model = ActorCritic::for_spec(&spec, &self.config.model, device)?;
+        if self.config.learner.actor_estimates && model.is_recurrent() {
+            return Err(ActorError::Rollout(
+                "learner.actor_estimates needs a feedforward policy; this module keeps a \
+                 recurrent state"
+                    .into(),
+            ));
+        }
         let mut stats = RolloutStats::default();
         // One recurrent state per env (none for a feedforward policy), carried across
         // chunks and weight swaps, zeroed when an episode ends.
@@ -188,10 +201,15 @@ impl Rollout {
                     step_part(&model, p, s, &mut c)?;
                 }
             }
-            // The last step's outcomes, then the observations after it.
+            // The last step's outcomes, then the observations after it (and their
+            // values, to bootstrap from, when the learner takes the actors').
             finish_parts(&mut parts, &mut state, state_size, Some(&mut c))?;
             for p in &parts {
-                c.observations.extend_from_slice(p.view().observations);
+                let after = p.view().observations;
+                c.observations.extend_from_slice(after);
+                if c.behaviour_values.capacity() > 0 {
+                    c.behaviour_values.extend(model.values_of(after));
+                }
             }
             // A chunk that saw a weight swap is tagged with its oldest version, so the
             // learner's lag accounting errs on the safe side; the behaviour
@@ -281,6 +299,11 @@ impl Rollout {
             expert_actions: Vec::with_capacity(if patched_env { t_len * n } else { 0 }),
             state_size,
             initial_state: state.to_vec(),
+            behaviour_values: Vec::with_capacity(if self.config.learner.actor_estimates {
+                (t_len + 1) * n
+            } else {
+                0
+            }),
         }
     }
 

@@ -49,6 +49,10 @@ pub struct PeerArgs {
     /// Make the venv first (about 12 minutes and 5 GB).
     #[arg(long)]
     install: bool,
+    /// spur's learner recomputes values and log-probabilities over each batch before
+    /// its update instead of taking the actors' (`learner.actor_estimates=false`).
+    #[arg(long)]
+    learner_estimates: bool,
 }
 
 /// `SCRIPT` under `root`, or an error naming the path that is missing.
@@ -82,6 +86,9 @@ pub async fn peer(args: PeerArgs) -> anyhow::Result<ExitCode> {
         .arg(&args.venv);
     if args.install {
         cmd.arg("--install");
+    }
+    if args.learner_estimates {
+        cmd.arg("--learner-estimates");
     }
     let status = cmd
         .status()

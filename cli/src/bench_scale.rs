@@ -137,7 +137,8 @@ pub(crate) fn load(args: &ConfigArgs, ours: &[String]) -> anyhow::Result<Config>
     )?)
 }
 
-/// A chunk every check accepts: zero observations, action 0, no episode ends.
+/// A chunk every check accepts: zero observations, action 0, no episode ends (with
+/// zero values when the learner takes the actors', `learner.actor_estimates`).
 fn replay_chunk(config: &Config, incarnation: u64) -> anyhow::Result<TrajectoryChunk> {
     let spec = env_spec(&config.env)?;
     let model = ActorCritic::for_spec(&spec, &config.model, tch::Device::Cpu)?;
@@ -150,6 +151,11 @@ fn replay_chunk(config: &Config, incarnation: u64) -> anyhow::Result<TrajectoryC
         policy_version: 0,
         behaviour_log_probs: vec![-(spec.num_actions as f32).ln(); t * n],
         learner_incarnation: incarnation,
+        behaviour_values: if config.learner.actor_estimates {
+            vec![0.0; (t + 1) * n]
+        } else {
+            Vec::new()
+        },
         ..Chunk::blank("bench", t, n, d, model.state_size())
     }
     .to_proto())

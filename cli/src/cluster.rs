@@ -104,6 +104,27 @@ fn spur_command(run_dir: &Path, log_name: &str) -> anyhow::Result<Command> {
     Ok(cmd)
 }
 
+/// Makes `cmd`'s process `inc` steps nicer than this one (`run.actor_nice`); what it
+/// starts inherits the niceness.
+fn lower_priority(cmd: &mut Command, inc: u32) {
+    if inc == 0 {
+        return;
+    }
+    let inc = inc as libc::c_int;
+    // SAFETY: the closure runs in the forked child before exec and makes only
+    // async-signal-safe calls (it sets errno and calls nice(2)).
+    unsafe {
+        cmd.pre_exec(move || {
+            // nice(2) returns the new niceness, which may itself be -1: errno tells.
+            *libc::__errno_location() = 0;
+            if libc::nice(inc) == -1 && *libc::__errno_location() != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
 /// `--set run.prometheus_listen=...` giving the `slot`-th child its own port, when
 /// Prometheus metrics are on.
 fn prometheus_args(config: &Config, slot: u16) -> Vec<String> {
@@ -184,7 +205,9 @@ impl Cluster {
 
     fn spawn_actor(&self, index: u32) -> anyhow::Result<Child> {
         let name = format!("actor-{index}");
-        let child = spur_command(&self.run_dir, &name)?
+        let mut cmd = spur_command(&self.run_dir, &name)?;
+        lower_priority(&mut cmd, self.config.run.actor_nice);
+        let child = cmd
             .arg("actor")
             .arg("--config")
             .arg(&self.config_path)

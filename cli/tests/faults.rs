@@ -36,6 +36,20 @@ impl Run {
             .ok()
     }
 
+    /// The niceness of `role`'s process now (field 19 of `/proc/PID/stat`).
+    fn niceness(&self, role: &str) -> i32 {
+        let pid = self
+            .pid(role)
+            .unwrap_or_else(|| panic!("no pid for {role}"));
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("a live process");
+        // Fields after the command name, which ends at the last ')': state is 3.
+        let rest = &stat[stat.rfind(')').expect("a stat line") + 2..];
+        rest.split(' ')
+            .nth(16)
+            .and_then(|f| f.parse().ok())
+            .expect("a niceness field")
+    }
+
     fn addr(&self, file: &str) -> Option<String> {
         let a = std::fs::read_to_string(self.dir.join(file)).ok()?;
         Some(format!("http://{}", a.trim()))
@@ -164,9 +178,15 @@ async fn every_role_survives_kill_9_and_the_run_reaches_its_target() {
         .wait_learner("the first updates", |s| s.policy_version >= 5)
         .await;
 
+    // Actors run `run.actor_nice` (default 10) steps nicer than the learner.
+    // (Niceness stops at 19, for a test that itself runs nice.)
+    let actor_nice = (run.niceness("learner") + 10).min(19);
+    assert_eq!(run.niceness("actor-0"), actor_nice);
+
     // 1. An actor.
     let t = Instant::now();
     run.kill_and_wait_replacement("actor-0").await;
+    assert_eq!(run.niceness("actor-0"), actor_nice, "the replacement too");
     let after_actor = run
         .wait_learner("training after an actor was killed", |s| {
             s.policy_version >= start.policy_version + 5 && s.env_steps > start.env_steps

@@ -300,6 +300,11 @@ pub struct RunConfig {
     /// `spur local`: how often each role (reward service, learner, each actor slot)
     /// is restarted after a crash before the run fails.
     pub max_restarts: u32,
+    /// `spur local`: niceness added to each actor process (and so to the env bridges
+    /// it starts), 0-19. On a shared machine the learner's update sets the pace; at a
+    /// lower priority the actors run in its gaps instead of taking its core. 0: the
+    /// same priority as the learner.
+    pub actor_nice: u32,
 }
 
 impl Default for RunConfig {
@@ -313,6 +318,7 @@ impl Default for RunConfig {
             prometheus_listen: String::new(),
             drain_timeout_ms: 15_000,
             max_restarts: 3,
+            actor_nice: 10,
         }
     }
 }
@@ -586,6 +592,13 @@ pub struct LearnerConfig {
     /// Weight of the imitation term (cross-entropy to the expert's action) on steps
     /// a `replay` env patched.
     pub imitation_coef: f64,
+    /// Take each step's value and the old policy's log-probability from the actor
+    /// that acted (sent with the chunk) instead of a forward pass of the learner over
+    /// the batch before every update: standard PPO, as Sample Factory runs it, and one
+    /// pass fewer per update (about 1/7 of the learner's work with 2 epochs). Only
+    /// with `advantage = "gae"` (V-trace needs the current policy's log-probabilities)
+    /// and a feedforward policy. Actors read the same key and send their values.
+    pub actor_estimates: bool,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -655,6 +668,7 @@ impl Default for LearnerConfig {
             group_std_norm: true,
             max_open_groups: 4096,
             imitation_coef: 1.0,
+            actor_estimates: false,
         }
     }
 }
@@ -810,6 +824,11 @@ impl Config {
             "run.torch_threads",
             "must be at least 1",
         )?;
+        check(
+            self.run.actor_nice <= 19,
+            "run.actor_nice",
+            "must be between 0 and 19 (the range of niceness an unprivileged process can add)",
+        )?;
         Ok(())
     }
 
@@ -946,6 +965,18 @@ impl Config {
             !l.advantage.is_grouped() || self.actor.group_size >= 2,
             "learner.advantage",
             "uis1 and hybrid compare episodes within groups: set actor.group_size >= 2",
+        )?;
+        check(
+            !l.actor_estimates || l.advantage == AdvantageKind::Gae,
+            "learner.actor_estimates",
+            "needs learner.advantage = \"gae\": V-trace and the group estimators need the \
+             current policy's log-probabilities, which only the learner's own pass gives",
+        )?;
+        check(
+            !l.actor_estimates || self.model.core == CoreKind::None,
+            "learner.actor_estimates",
+            "needs a feedforward policy (model.core = \"none\"): a recurrent learner \
+             re-runs each sequence anyway",
         )?;
         check(
             (0.0..=1.0).contains(&l.gamma_step),
@@ -1369,6 +1400,9 @@ mod tests {
         assert!(err.to_string().contains("env.num_envs"), "{err}");
         let err = Config::from_toml_str("[env]\nkind = \"pong\"\n").unwrap_err();
         assert!(err.to_string().contains("env.kind"), "{err}");
+        Config::from_toml_str("[run]\nactor_nice = 19\n").expect("the lowest priority");
+        let err = Config::from_toml_str("[run]\nactor_nice = 20\n").unwrap_err();
+        assert!(err.to_string().contains("run.actor_nice"), "{err}");
         // UI-S1's estimators need groups; groups must divide the envs.
         let err = Config::from_toml_str("[learner]\nadvantage = \"uis1\"\n").unwrap_err();
         assert!(err.to_string().contains("actor.group_size"), "{err}");
@@ -1423,6 +1457,19 @@ mod tests {
         assert!(err.to_string().contains("model.core"), "{err}");
         let err = Config::from_toml_str("[model]\ncore = \"lstm\"\ncore_size = 0\n").unwrap_err();
         assert!(err.to_string().contains("model.core_size"), "{err}");
+    }
+
+    #[test]
+    fn actor_estimates_need_gae_and_a_feedforward_policy() {
+        let gae = "[learner]\nactor_estimates = true\nadvantage = \"gae\"\n";
+        let c = Config::from_toml_str(gae).expect("GAE with a feedforward policy");
+        assert!(c.learner.actor_estimates);
+        let err = Config::from_toml_str("[learner]\nactor_estimates = true\n").unwrap_err();
+        assert!(err.to_string().contains("learner.actor_estimates"), "{err}");
+        assert!(err.to_string().contains("gae"), "{err}");
+        let err = Config::from_toml_str(&format!("{gae}[model]\ncore = \"lstm\"\n")).unwrap_err();
+        assert!(err.to_string().contains("learner.actor_estimates"), "{err}");
+        assert!(err.to_string().contains("model.core"), "{err}");
     }
 
     #[test]

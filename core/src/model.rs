@@ -201,6 +201,12 @@ fn mlp(path: &nn::Path, sizes: &[i64]) -> Vec<nn::Linear> {
         .collect()
 }
 
+/// A float tensor's elements, flattened, on the CPU.
+fn f32_vec(t: &Tensor) -> Vec<f32> {
+    Vec::<f32>::try_from(t.reshape([-1]).to_device(Device::Cpu))
+        .expect("an f32 tensor converts to Vec<f32>")
+}
+
 fn run_mlp(layers: &[nn::Linear], x: &Tensor) -> Tensor {
     let last = layers.len() - 1;
     layers
@@ -487,23 +493,53 @@ impl ActorCritic {
             "act needs state_size floats of state per row"
         );
         tch::no_grad(|| {
-            let x = Tensor::from_slice(obs)
-                .view([n, self.obs_dim as i64])
-                .to_device(self.device());
-            let logits = self.acting_logits(&x, state);
-            let log_p = logits.log_softmax(-1, Kind::Float);
-            let actions = if greedy {
-                log_p.argmax(-1, true)
-            } else {
-                log_p.exp().multinomial(1, true)
-            };
-            let chosen = log_p.gather(1, &actions, false);
-            let actions = Vec::<i64>::try_from(actions.view([-1]).to_device(Device::Cpu))
-                .expect("an i64 tensor converts to Vec<i64>");
-            let chosen = Vec::<f32>::try_from(chosen.view([-1]).to_device(Device::Cpu))
-                .expect("an f32 tensor converts to Vec<f32>");
-            (actions, chosen)
+            let x = self.rows(obs);
+            Self::sample(&self.acting_logits(&x, state), greedy)
         })
+    }
+
+    /// [`act`](Self::act) for a feedforward policy, with each row's value from the
+    /// same pass (the NetHack network's torso runs once for both heads).
+    pub fn act_with_values(&self, obs: &[f32], greedy: bool) -> (Vec<i64>, Vec<f32>, Vec<f32>) {
+        assert!(
+            !self.is_recurrent(),
+            "act_with_values needs a feedforward policy"
+        );
+        tch::no_grad(|| {
+            let (logits, values) = self.logits_and_values(&self.rows(obs));
+            let (actions, log_probs) = Self::sample(&logits, greedy);
+            (actions, log_probs, f32_vec(&values))
+        })
+    }
+
+    /// The critic's value of each row of `obs` (`n * obs_dim` floats) without
+    /// gradients; a feedforward policy only.
+    pub fn values_of(&self, obs: &[f32]) -> Vec<f32> {
+        assert!(!self.is_recurrent(), "values_of needs a feedforward policy");
+        tch::no_grad(|| f32_vec(&self.values(&self.rows(obs))))
+    }
+
+    /// `obs` (`n * obs_dim` floats) as an `[n, obs_dim]` tensor on the policy's device.
+    fn rows(&self, obs: &[f32]) -> Tensor {
+        let n = (obs.len() / self.obs_dim) as i64;
+        Tensor::from_slice(obs)
+            .view([n, self.obs_dim as i64])
+            .to_device(self.device())
+    }
+
+    /// One action per row of `logits` (sampled, or the most likely with `greedy`)
+    /// and its log-probability.
+    fn sample(logits: &Tensor, greedy: bool) -> (Vec<i64>, Vec<f32>) {
+        let log_p = logits.log_softmax(-1, Kind::Float);
+        let actions = if greedy {
+            log_p.argmax(-1, true)
+        } else {
+            log_p.exp().multinomial(1, true)
+        };
+        let chosen = log_p.gather(1, &actions, false);
+        let actions = Vec::<i64>::try_from(actions.view([-1]).to_device(Device::Cpu))
+            .expect("an i64 tensor converts to Vec<i64>");
+        (actions, f32_vec(&chosen))
     }
 
     /// Logits for acting on `x` `[n, obs_dim]`, advancing `state` (`n * state_size`
@@ -912,6 +948,12 @@ mod tests {
             lp.iter().all(|&l| (l - (0.25f32).ln()).abs() < 0.1),
             "{lp:?}"
         );
+        // With values: one per row, the critic's, which reads the observations.
+        let rows: Vec<f32> = (0..30).map(|i| i as f32 / 10.0).collect();
+        let (a, lp, v) = m.act_with_values(&rows, false);
+        assert_eq!((a.len(), lp.len(), v.len()), (10, 10, 10));
+        assert_eq!(v, m.values_of(&rows));
+        assert!(v[0] != v[9], "{v:?}");
     }
 
     fn memory_spec() -> EnvSpec {
@@ -1065,6 +1107,14 @@ mod tests {
         b.load_safetensors(&a.to_safetensors(3, &HashMap::new()).unwrap())
             .unwrap();
         assert!(a.values(&x).allclose(&b.values(&x), 1e-6, 1e-6, false));
+        // Acting with values: the greedy actions and log-probabilities of `act`,
+        // and the critic's values of the same rows.
+        let (greedy, greedy_lp) = a.act(&obs, &mut [], true);
+        let (with, with_lp, values) = a.act_with_values(&obs, true);
+        assert_eq!((&greedy, &greedy_lp), (&with, &with_lp));
+        assert_eq!(values, a.values_of(&obs));
+        let direct = Vec::<f32>::try_from(a.values(&x)).unwrap();
+        assert_eq!(values, direct);
         // An MLP cannot load NetHack weights.
         let mut mlp = ActorCritic::new(spec.obs_dim, 23, &[32], Device::Cpu);
         assert!(mlp

@@ -52,6 +52,9 @@ pub struct Chunk {
     pub state_size: usize,
     /// `N * state_size`: each env's core state before the chunk's first step.
     pub initial_state: Vec<f32>,
+    /// `(T + 1) * N` values of the observation rows under the acting policy, or
+    /// empty (sent only for `learner.actor_estimates`).
+    pub behaviour_values: Vec<f32>,
 }
 
 /// What the receiver knows about chunks it accepts.
@@ -66,6 +69,9 @@ pub struct ChunkExpectation {
     /// Floats of recurrent state per env of the receiver's policy (0: feedforward,
     /// and chunks must carry no state).
     pub state_size: usize,
+    /// The receiver trains with the actors' values (`learner.actor_estimates`):
+    /// chunks must carry them. Otherwise values a chunk carries are dropped unread.
+    pub values: bool,
 }
 
 impl Chunk {
@@ -107,6 +113,7 @@ impl Chunk {
             learner_incarnation: 0,
             state_size,
             initial_state: vec![0.0; n * state_size],
+            behaviour_values: Vec::new(),
         }
     }
 
@@ -142,6 +149,8 @@ impl Chunk {
             learner_incarnation: self.learner_incarnation,
             initial_state: (self.state_size > 0)
                 .then(|| encode(&[n, self.state_size], &self.initial_state)),
+            behaviour_values: (!self.behaviour_values.is_empty())
+                .then(|| encode(&[t + 1, n], &self.behaviour_values)),
         }
     }
 
@@ -160,6 +169,7 @@ impl Chunk {
         check_texts(&msg, t * n)?;
         check_groups(&msg, want, t * n)?;
         let initial_state = decode_state(&msg, want.state_size, n)?;
+        let behaviour_values = decode_values(&msg, want.values, t, n)?;
         let episode_ids = decode::<i64>("episode_ids", msg.episode_ids.as_ref(), &[t, n])?;
         let step_indices = decode::<i64>("step_indices", msg.step_indices.as_ref(), &[t, n])?;
         if step_indices.iter().any(|&s| s < 0) {
@@ -207,6 +217,7 @@ impl Chunk {
             learner_incarnation: msg.learner_incarnation,
             state_size: want.state_size,
             initial_state,
+            behaviour_values,
         })
     }
 }
@@ -444,6 +455,32 @@ fn decode_state(msg: &TrajectoryChunk, s: usize, n: usize) -> Result<Vec<f32>, W
     })
 }
 
+/// The acting policy's values, `[t + 1, n]`, when the receiver trains with them
+/// (nothing otherwise: a learner that runs its own critic does not read them).
+fn decode_values(
+    msg: &TrajectoryChunk,
+    wanted: bool,
+    t: usize,
+    n: usize,
+) -> Result<Vec<f32>, WireError> {
+    if !wanted {
+        return Ok(Vec::new());
+    }
+    decode::<f32>(
+        "behaviour_values",
+        msg.behaviour_values.as_ref(),
+        &[t + 1, n],
+    )
+    .map_err(|e| match e {
+        WireError::Missing { field } => WireError::invalid(
+            field,
+            "is missing; this learner trains with the actors' values \
+                 (learner.actor_estimates): set the key for the actors too",
+        ),
+        other => other,
+    })
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -479,6 +516,7 @@ pub(crate) mod tests {
             learner_incarnation: 11,
             state_size: 0,
             initial_state: vec![],
+            behaviour_values: vec![],
         }
     }
 
@@ -488,6 +526,7 @@ pub(crate) mod tests {
         num_actions: 2,
         group_size: 0,
         state_size: 0,
+        values: false,
     };
 
     #[test]
@@ -568,6 +607,49 @@ pub(crate) mod tests {
             err.contains("initial_state") && err.contains("model.core"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn values_travel_for_a_learner_that_wants_them_and_are_checked_by_name() {
+        let valued = ChunkExpectation {
+            values: true,
+            ..WANT
+        };
+        let mut v = sample_chunk();
+        v.behaviour_values = vec![0.5, -1.0, 2.0, 0.0, 3.25, 1.0];
+        assert_eq!(Chunk::from_proto(v.to_proto(), &valued).unwrap(), v);
+        // A learner that runs its own critic drops them unread.
+        let plain = Chunk::from_proto(v.to_proto(), &WANT).unwrap();
+        assert!(plain.behaviour_values.is_empty());
+        assert_eq!(plain.observations, v.observations);
+        type Mangle = Box<dyn Fn(&mut TrajectoryChunk)>;
+        let cases: Vec<(Mangle, &str)> = vec![
+            (
+                Box::new(|m| m.behaviour_values = None),
+                "learner.actor_estimates",
+            ),
+            (
+                // [T, N]: the bootstrap row is missing.
+                Box::new(|m| m.behaviour_values = Some(encode(&[2, 2], &[0f32; 4]))),
+                "shape",
+            ),
+            (
+                Box::new(|m| {
+                    m.behaviour_values =
+                        Some(encode(&[3, 2], &[0f32, 0.0, 0.0, f32::INFINITY, 0.0, 0.0]))
+                }),
+                "finite",
+            ),
+        ];
+        for (mangle, what) in cases {
+            let mut m = v.to_proto();
+            mangle(&mut m);
+            let err = Chunk::from_proto(m, &valued).unwrap_err().to_string();
+            assert!(
+                err.contains("behaviour_values") && err.contains(what),
+                "{what}: {err}"
+            );
+        }
     }
 
     #[test]

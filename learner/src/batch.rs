@@ -32,6 +32,9 @@ pub struct Batch {
     pub state_size: usize,
     /// `B * state_size`: each column's core state before its first step.
     pub initial_states: Vec<f32>,
+    /// `(T + 1) * B` values of the observation rows under the acting policies, or
+    /// empty unless every chunk carries them (`learner.actor_estimates`).
+    pub behaviour_values: Vec<f32>,
 }
 
 impl Batch {
@@ -62,7 +65,9 @@ impl Batch {
                 .iter()
                 .flat_map(|c| c.initial_state.iter().copied())
                 .collect(),
+            behaviour_values: Vec::new(),
         };
+        let has_values = chunks.iter().all(|c| !c.behaviour_values.is_empty());
         let has_experts = chunks.iter().any(|c| !c.expert_actions.is_empty());
         let has_text = chunks.iter().any(|c| !c.event_texts.is_empty());
         let mut cursors = vec![0usize; chunks.len()];
@@ -71,6 +76,10 @@ impl Batch {
                 let row = t * c.num_envs * d;
                 b.observations
                     .extend_from_slice(&c.observations[row..row + c.num_envs * d]);
+                if has_values {
+                    b.behaviour_values
+                        .extend_from_slice(&c.behaviour_values[t * c.num_envs..][..c.num_envs]);
+                }
             }
             if t == t_len {
                 break;
@@ -173,6 +182,7 @@ mod tests {
             learner_incarnation: 1,
             state_size: 0,
             initial_state: vec![],
+            behaviour_values: vec![],
         }
     }
 
@@ -192,5 +202,18 @@ mod tests {
         // values: obs value = obs itself, final value = final obs itself
         let nv = batch.next_values(&batch.observations, &batch.final_observations);
         assert_eq!(nv, vec![100.0, 12.0, 110.0, 2.0, 111.0, 15.0]);
+        assert!(batch.behaviour_values.is_empty());
+    }
+
+    #[test]
+    fn actors_values_interleave_like_observations_and_need_every_chunk() {
+        let (mut a, mut b) = (chunk(1, 0.0, vec![0, 0]), chunk(2, 10.0, vec![0; 4]));
+        a.behaviour_values = a.observations.clone();
+        b.behaviour_values = b.observations.clone();
+        let batch = Batch::from_chunks(&[a.clone(), b]);
+        assert_eq!(batch.behaviour_values, batch.observations);
+        // One chunk without values: the batch has none (the learner checks on arrival).
+        let batch = Batch::from_chunks(&[a, chunk(2, 10.0, vec![0; 4])]);
+        assert!(batch.behaviour_values.is_empty());
     }
 }

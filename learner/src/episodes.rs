@@ -219,6 +219,8 @@ pub fn episodes_batch(groups: &[Group], obs_dim: usize) -> (Batch, GroupLayout) 
         // sequence per episode).
         state_size: 0,
         initial_states: Vec::new(),
+        // Grouped estimators run the learner's own critic.
+        behaviour_values: Vec::new(),
     };
     let has_experts = groups
         .iter()
@@ -314,6 +316,7 @@ mod tests {
             learner_incarnation: 1,
             state_size: 0,
             initial_state: vec![],
+            behaviour_values: vec![],
         }
     }
 

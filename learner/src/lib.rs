@@ -240,6 +240,7 @@ fn expectation(
             0
         },
         state_size,
+        values: config.learner.actor_estimates,
     }
 }
 

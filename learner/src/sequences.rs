@@ -189,6 +189,7 @@ mod tests {
                 learner_incarnation: 1,
                 state_size: s,
                 initial_state: state.clone(),
+                behaviour_values: vec![],
             };
             for _ in 0..t_len {
                 let obs = venv.observations().to_vec();

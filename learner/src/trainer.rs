@@ -544,10 +544,22 @@ impl Trainer {
     /// observations, and log-probabilities of the batch's actions, with the current
     /// critic and policy and without gradients (through the sequences `all` for a
     /// recurrent policy).
+    /// With the actors' values (`learner.actor_estimates`), only the truncated steps'
+    /// final observations (rarely more than a few rows) go through the critic; the
+    /// acting policy's log-probabilities stand for the proximal policy's.
     fn estimates(&self, batch: &Batch, inputs: &Inputs, all: Option<&Sequences>) -> Estimates {
         let dev = self.model.device();
         let k = batch.truncated_count() as i64;
         let final_obs = (k > 0).then(|| to_dev(&batch.final_observations, k, dev));
+        if !batch.behaviour_values.is_empty() {
+            return Estimates {
+                values: batch.behaviour_values.clone(),
+                values_final: final_obs.map_or_else(Vec::new, |f| {
+                    tch::no_grad(|| to_vec(&self.model.values(&f)))
+                }),
+                log_probs: batch.behaviour_log_probs.clone(),
+            };
+        }
         tch::no_grad(|| match all {
             None => {
                 // One pass over every row: a shared torso (the NetHack network) runs
