@@ -1,8 +1,8 @@
 //! `spur bench peer`: spur against Sample Factory 2.1.1 with matched settings, one
 //! system after the other in one run. Sample Factory is Python, so the runner is
-//! `scripts/peer_bench.py`; this subcommand starts it with `python3` from PATH and
-//! points its `--spur` at this very binary, so the build that is asked is the build
-//! that is measured.
+//! `scripts/peer_bench.py`; this subcommand starts it with the project venv's Python
+//! (it reads its tables with numpy) and points its `--spur` at this very binary, so
+//! the build that is asked is the build that is measured.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -17,7 +17,8 @@ const SCRIPT: &str = "scripts/peer_bench.py";
 #[command(after_help = "\
 Run it from the repository root: the script, the configs and the default paths are \
 relative to it. The first run needs Sample Factory's venv (`make bench-peer` makes \
-it, or pass --install); `python3` on PATH runs the script. The table, the machine's \
+it, or pass --install); the project venv's Python (`.venv`, from `make setup`) runs \
+the script, `python3` from PATH where there is none. The table, the machine's \
 load at the start and the end, and the run directories are printed at the end; the \
 exit status is the script's.")]
 pub struct PeerArgs {
@@ -55,6 +56,22 @@ pub struct PeerArgs {
     learner_estimates: bool,
 }
 
+/// The Python that runs the script: the active venv's, else the project venv's under
+/// `root` (`make setup` makes it, with numpy), else `python3` from PATH.
+fn python(root: &Path, active_venv: Option<&std::ffi::OsStr>) -> PathBuf {
+    let venv_python = |venv: &Path| venv.join("bin").join("python");
+    if let Some(p) = active_venv.map(|v| venv_python(Path::new(v))) {
+        if p.is_file() {
+            return p;
+        }
+    }
+    let project = venv_python(&root.join(".venv"));
+    if project.is_file() {
+        return project;
+    }
+    PathBuf::from("python3")
+}
+
 /// `SCRIPT` under `root`, or an error naming the path that is missing.
 fn find_script(root: &Path) -> anyhow::Result<PathBuf> {
     let script = root.join(SCRIPT);
@@ -70,7 +87,8 @@ pub async fn peer(args: PeerArgs) -> anyhow::Result<ExitCode> {
     let here = std::env::current_dir().context("cannot read the current directory")?;
     let script = find_script(&here)?;
     let spur = std::env::current_exe().context("cannot find this spur binary's path")?;
-    let mut cmd = tokio::process::Command::new("python3");
+    let python = python(&here, std::env::var_os("VIRTUAL_ENV").as_deref());
+    let mut cmd = tokio::process::Command::new(&python);
     cmd.arg(&script)
         .arg("--spur")
         .arg(&spur)
@@ -93,7 +111,7 @@ pub async fn peer(args: PeerArgs) -> anyhow::Result<ExitCode> {
     let status = cmd
         .status()
         .await
-        .with_context(|| format!("cannot run python3 {}", script.display()))?;
+        .with_context(|| format!("cannot run {} {}", python.display(), script.display()))?;
     // A script killed by a signal has no code: report failure.
     Ok(match status.code() {
         Some(0) => ExitCode::SUCCESS,
@@ -116,6 +134,27 @@ mod tests {
             "{err}"
         );
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_python_is_the_venvs_when_there_is_one() {
+        let root = std::env::temp_dir().join(format!("spur-peer-py-{}", std::process::id()));
+        let bin = root.join(".venv").join("bin");
+        // No venv anywhere: python3 from PATH.
+        assert_eq!(python(&root, None), PathBuf::from("python3"));
+        std::fs::create_dir_all(&bin).unwrap();
+        std::fs::write(bin.join("python"), "").unwrap();
+        assert_eq!(python(&root, None), bin.join("python"));
+        // An active venv without a python does not count; one with it wins.
+        let other = root.join("other");
+        assert_eq!(python(&root, Some(other.as_os_str())), bin.join("python"));
+        std::fs::create_dir_all(other.join("bin")).unwrap();
+        std::fs::write(other.join("bin").join("python"), "").unwrap();
+        assert_eq!(
+            python(&root, Some(other.as_os_str())),
+            other.join("bin").join("python")
+        );
+        std::fs::remove_dir_all(&root).unwrap();
     }
 
     #[test]
