@@ -50,8 +50,9 @@ pub struct PeerArgs {
     /// Make the venv first (about 12 minutes and 5 GB).
     #[arg(long)]
     install: bool,
-    /// spur's learner recomputes values and log-probabilities over each batch before
-    /// its update instead of taking the actors' (`learner.actor_estimates=false`).
+    /// On NetHack too, spur's learner recomputes values and log-probabilities over
+    /// each batch before its update instead of taking the actors'
+    /// (`learner.actor_estimates=false`, as on CartPole).
     #[arg(long)]
     learner_estimates: bool,
 }
