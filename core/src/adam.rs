@@ -30,7 +30,6 @@ struct Slot {
     name: String,
     shape: Vec<i64>,
     offset: i64,
-    numel: i64,
 }
 
 pub struct Adam {
@@ -68,17 +67,16 @@ impl Adam {
         let mut offset = 0;
         tch::no_grad(|| {
             for (name, var) in &mut vars {
-                let (shape, numel) = (var.size(), var.numel() as i64);
-                let mut data = params.narrow(0, offset, numel).view(shape.as_slice());
+                let slot = Slot {
+                    name: name.clone(),
+                    shape: var.size(),
+                    offset,
+                };
+                let mut data = Self::part(&params, &slot);
                 data.copy_(var);
                 var.set_data(&data);
-                slots.push(Slot {
-                    name: name.clone(),
-                    shape,
-                    offset,
-                    numel,
-                });
-                offset += numel;
+                offset += var.numel() as i64;
+                slots.push(slot);
             }
         });
         // Give every variable a gradient (zeros, from a backward pass through nothing
@@ -95,12 +93,7 @@ impl Adam {
         });
         tch::no_grad(|| {
             for ((_, var), slot) in vars.iter().zip(&slots) {
-                let mut grad = var.grad();
-                grad.set_data(
-                    &grads
-                        .narrow(0, slot.offset, slot.numel)
-                        .view(slot.shape.as_slice()),
-                );
+                var.grad().set_data(&Self::part(&grads, slot));
             }
         });
         Self {
@@ -163,7 +156,8 @@ impl Adam {
 
     /// `flat`'s slice for `slot`, shaped like its variable.
     fn part(flat: &Tensor, slot: &Slot) -> Tensor {
-        flat.narrow(0, slot.offset, slot.numel)
+        let numel = slot.shape.iter().product::<i64>();
+        flat.narrow(0, slot.offset, numel)
             .view(slot.shape.as_slice())
     }
 

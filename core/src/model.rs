@@ -202,9 +202,9 @@ fn mlp(path: &nn::Path, sizes: &[i64]) -> Vec<nn::Linear> {
 }
 
 /// A float tensor's elements, flattened, on the CPU.
-fn f32_vec(t: &Tensor) -> Vec<f32> {
-    Vec::<f32>::try_from(t.reshape([-1]).to_device(Device::Cpu))
-        .expect("an f32 tensor converts to Vec<f32>")
+pub fn f32_vec(t: &Tensor) -> Vec<f32> {
+    Vec::<f32>::try_from(t.to_device(Device::Cpu).to_kind(Kind::Float).reshape([-1]))
+        .expect("a float tensor converts to Vec<f32>")
 }
 
 fn run_mlp(layers: &[nn::Linear], x: &Tensor) -> Tensor {
@@ -562,9 +562,7 @@ impl ActorCritic {
             }
             (_, None) => unreachable!("a policy with state has a core or is a module"),
         };
-        let next = Vec::<f32>::try_from(next.to_device(Device::Cpu).view([-1]))
-            .expect("an f32 tensor converts to Vec<f32>");
-        state.copy_from_slice(&next);
+        state.copy_from_slice(&f32_vec(&next));
         logits
     }
 

@@ -15,7 +15,7 @@ use spur_core::adam::Adam;
 use spur_core::advantage::{gae, group_advantages, GaeInput, GroupEpisode, GroupParams};
 use spur_core::checkpoint;
 use spur_core::config::{AdvantageKind, Config, GroupOutcome};
-use spur_core::model::{tensors_to_safetensors, ActorCritic};
+use spur_core::model::{f32_vec, tensors_to_safetensors, ActorCritic};
 use spur_core::ppo::{ppo_loss, PpoParams};
 use spur_core::trajectory::Chunk;
 use spur_core::vtrace::{vtrace, VTraceInput, VTraceParams};
@@ -555,7 +555,7 @@ impl Trainer {
             return Estimates {
                 values: batch.behaviour_values.clone(),
                 values_final: final_obs.map_or_else(Vec::new, |f| {
-                    tch::no_grad(|| to_vec(&self.model.values(&f)))
+                    tch::no_grad(|| f32_vec(&self.model.values(&f)))
                 }),
                 log_probs: batch.behaviour_log_probs.clone(),
             };
@@ -571,10 +571,10 @@ impl Trainer {
                     .gather(1, &inputs.actions.unsqueeze(1), false)
                     .squeeze_dim(1);
                 Estimates {
-                    values: to_vec(&values),
+                    values: f32_vec(&values),
                     values_final: final_obs
-                        .map_or_else(Vec::new, |f| to_vec(&self.model.values(&f))),
-                    log_probs: to_vec(&log_probs),
+                        .map_or_else(Vec::new, |f| f32_vec(&self.model.values(&f))),
+                    log_probs: f32_vec(&log_probs),
                 }
             }
             Some(all) => {
@@ -587,9 +587,9 @@ impl Trainer {
                     &inputs.actions,
                 );
                 Estimates {
-                    values: to_vec(&t.values),
-                    values_final: to_vec(&t.values_final),
-                    log_probs: to_vec(&t.log_probs),
+                    values: f32_vec(&t.values),
+                    values_final: f32_vec(&t.values_final),
+                    log_probs: f32_vec(&t.log_probs),
                 }
             }
         })
@@ -991,9 +991,4 @@ pub(crate) fn sequence_targets(
         values_final,
         log_probs,
     }
-}
-
-fn to_vec(t: &Tensor) -> Vec<f32> {
-    Vec::<f32>::try_from(t.to_device(Device::Cpu).to_kind(Kind::Float).view([-1]))
-        .expect("a float tensor converts to Vec<f32>")
 }
