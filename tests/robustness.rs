@@ -329,3 +329,55 @@ async fn actor_health_follows_its_learner() -> anyhow::Result<()> {
     learner.await??;
     Ok(())
 }
+
+/// An actor whose weight stream was down when training ended (it was redialing) still
+/// hears that it ended when it comes back: the learner keeps serving until every actor
+/// that sent chunks lately has been told, then ends without waiting for its drain
+/// deadline. Before, the learner was gone by then and the actor redialed for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_actor_away_when_training_ends_is_still_told() -> anyhow::Result<()> {
+    let mut config = tiny_cartpole(96 * 2);
+    config.learner.batch_steps = 96;
+    config.learner.epochs = 1;
+    config.learner.minibatches = 1;
+    config.run.drain_timeout_ms = 120_000;
+    let learner = TestLearner::start(config, "told-late").await?;
+    let mut client = learner.client().await?;
+    // Chunks of one "actor" that never subscribes while training runs.
+    let finished = loop {
+        let s = learner.status().await?;
+        if s.training_finished {
+            break s;
+        }
+        let mut chunk = valid_chunk(s.learner_incarnation);
+        chunk.policy_version = s.policy_version;
+        match push_one_result(&mut client, chunk).await {
+            Ok(ack) => assert_eq!(ack.accepted_chunks, 1),
+            // The budget was reached between the status and the push.
+            Err(status) => assert_eq!(status.code(), Code::Unavailable, "{status}"),
+        }
+    };
+    assert!(finished.env_steps >= 96 * 2);
+    // A second of redial backoff, then the actor subscribes again.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        !learner.handle.is_finished(),
+        "the learner waits for the actor"
+    );
+    let mut weights = learner
+        .client()
+        .await?
+        .subscribe_weights(SubscribeWeightsRequest {
+            actor_id: "vandal".into(),
+            have_version: finished.policy_version,
+            have_incarnation: finished.learner_incarnation,
+        })
+        .await?
+        .into_inner();
+    let piece = weights.message().await?.expect("the final version");
+    assert!(piece.training_finished && piece.version == finished.policy_version);
+    // Told: the learner ends now, far within its 2-minute drain.
+    let summary = tokio::time::timeout(Duration::from_secs(20), learner.handle).await???;
+    assert!(summary.env_steps >= 96 * 2);
+    Ok(())
+}

@@ -63,11 +63,14 @@ impl Broadcaster {
     /// A stream of pieces for every version newer than `have_version` of
     /// `have_incarnation` (versions start at 1, so 0 asks for everything; another
     /// incarnation gets the current version whatever its number), starting with the
-    /// latest; it ends after a finished version or when the learner stops.
+    /// latest; it ends after a finished version or when the learner stops. `told` runs
+    /// once the finished version's last piece has been taken by the server (not when
+    /// the subscriber went away first).
     pub fn subscribe(
         &self,
         have_version: u64,
         have_incarnation: u64,
+        told: impl FnOnce() + Send + 'static,
     ) -> ReceiverStream<Result<WeightsChunk, Status>> {
         let mut rx = self.tx.subscribe();
         let (out, stream) = mpsc::channel(2);
@@ -111,6 +114,14 @@ impl Broadcaster {
                     sent = p.version;
                 }
                 if p.finished {
+                    // Every permit back: the server has taken each piece for the wire.
+                    let taken = tokio::select! {
+                        r = out.reserve_many(out.max_capacity()) => r.is_ok(),
+                        _ = stop.cancelled() => false,
+                    };
+                    if taken {
+                        told();
+                    }
                     return;
                 }
                 tokio::select! {
@@ -147,6 +158,7 @@ pub fn pieces(p: &Published, chunk_bytes: usize, incarnation: u64) -> Vec<Weight
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::Ordering;
     use tokio_stream::StreamExt;
 
     fn published(version: u64, len: usize, finished: bool) -> Published {
@@ -181,7 +193,7 @@ mod tests {
     #[tokio::test]
     async fn slow_subscriber_gets_the_latest_not_a_backlog() {
         let b = broadcaster(published(1, 10, false), 7);
-        let mut s = b.subscribe(0, 0);
+        let mut s = b.subscribe(0, 0, || {});
         assert_eq!(s.next().await.unwrap().unwrap().version, 1);
         for v in 2..=9 {
             b.publish(published(v, 10, false));
@@ -200,7 +212,7 @@ mod tests {
     async fn a_newer_version_cuts_the_one_going_out_short_but_not_two_in_a_row() {
         // 10 pieces a version; the stream's buffer holds two of them.
         let b = broadcaster(published(1, 10 * 1024, false), 7);
-        let mut s = b.subscribe(0, 0);
+        let mut s = b.subscribe(0, 0, || {});
         assert_eq!(s.next().await.unwrap().unwrap().chunk_index, 0);
         b.publish(published(2, 10 * 1024, false));
         // Version 1 stops after the pieces already handed over; version 2 starts.
@@ -233,17 +245,30 @@ mod tests {
     #[tokio::test]
     async fn the_finished_flag_reaches_a_subscriber_that_has_the_version() {
         let b = broadcaster(published(5, 10, false), 7);
-        let mut s = b.subscribe(5, 7);
+        let told = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = told.clone();
+        let mut s = b.subscribe(5, 7, move || flag.store(true, Ordering::SeqCst));
         b.publish(published(5, 10, true));
         let piece = s.next().await.unwrap().unwrap();
         assert!(piece.training_finished);
         assert!(s.next().await.is_none());
+        assert!(told.load(Ordering::SeqCst), "told once the flag was taken");
+        // A subscriber that goes away before taking the flag is not counted as told.
+        let b = broadcaster(published(5, 10, false), 7);
+        let gone = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = gone.clone();
+        let s = b.subscribe(5, 7, move || flag.store(true, Ordering::SeqCst));
+        drop(s);
+        b.publish(published(5, 10, true));
+        b.tasks.close();
+        b.tasks.wait().await;
+        assert!(!gone.load(Ordering::SeqCst));
     }
 
     #[tokio::test]
     async fn subscriber_with_current_version_waits_for_a_newer_one() {
         let b = broadcaster(published(5, 10, false), 7);
-        let mut s = b.subscribe(5, 7);
+        let mut s = b.subscribe(5, 7, || {});
         b.publish(published(6, 10, false));
         let piece = s.next().await.unwrap().unwrap();
         assert_eq!((piece.version, piece.learner_incarnation), (6, 7));
@@ -253,11 +278,11 @@ mod tests {
     async fn a_new_incarnation_is_sent_even_when_behind_the_subscriber() {
         // A learner resumed at version 5 while the actor holds 9 of the old one.
         let b = broadcaster(published(5, 10, false), 8);
-        let mut s = b.subscribe(9, 7);
+        let mut s = b.subscribe(9, 7, || {});
         let piece = s.next().await.unwrap().unwrap();
         assert_eq!((piece.version, piece.learner_incarnation), (5, 8));
         // the same numbers from this incarnation would wait for version 10
-        let mut same = b.subscribe(9, 8);
+        let mut same = b.subscribe(9, 8, || {});
         b.publish(published(10, 10, false));
         assert_eq!(same.next().await.unwrap().unwrap().version, 10);
     }
@@ -273,7 +298,7 @@ mod tests {
             stop.clone(),
             tasks.clone(),
         );
-        let mut s = b.subscribe(1, 3);
+        let mut s = b.subscribe(1, 3, || {});
         stop.cancel();
         assert!(s.next().await.is_none());
         tasks.close();

@@ -298,7 +298,28 @@ struct Running {
 /// The main gRPC server's task.
 type ServerTask = tokio::task::JoinHandle<Result<(), tonic::transport::Error>>;
 
+/// Actors that sent chunks this long before the end of training are waited for until
+/// they have heard that it finished (or the drain deadline passes): one that was
+/// redialing its weight stream at that moment would otherwise redial forever.
+const TELL_RECENT: Duration = Duration::from_secs(30);
+
 impl Running {
+    /// After a finished run: waits until every actor heard from lately has been told
+    /// on its weight stream, or until `deadline`.
+    async fn tell_every_actor(&self, deadline: tokio::time::Instant) {
+        let all_told = async {
+            while !self.shared.untold_actors(TELL_RECENT).is_empty() {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        };
+        if tokio::time::timeout_at(deadline, all_told).await.is_err() {
+            warn!(
+                actors = ?self.shared.untold_actors(TELL_RECENT),
+                "actors that were sending chunks never came back for the finished flag"
+            );
+        }
+    }
+
     /// Ends everything by `deadline`: health, trajectory streams, weight streams
     /// (after a finished run, once every subscriber has the final version), the
     /// server, then every other task; stragglers are named in the log.
@@ -307,7 +328,9 @@ impl Running {
             .set_not_serving::<LearnerServer<LearnerService>>()
             .await;
         self.shared.stop.cancel();
-        if !self.shared.training_finished.load(Ordering::Acquire) {
+        if self.shared.training_finished.load(Ordering::Acquire) {
+            self.tell_every_actor(deadline).await;
+        } else {
             self.weights_stop.cancel(); // nothing more to send after a shutdown
         }
         self.weight_streams.close();

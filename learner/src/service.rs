@@ -131,10 +131,12 @@ impl Learner for LearnerService {
             have = req.have_version,
             "weights subscriber"
         );
-        Ok(Response::new(
-            self.broadcaster
-                .subscribe(req.have_version, req.have_incarnation),
-        ))
+        let (shared, actor_id) = (self.shared.clone(), req.actor_id);
+        Ok(Response::new(self.broadcaster.subscribe(
+            req.have_version,
+            req.have_incarnation,
+            move || shared.told_finished(&actor_id),
+        )))
     }
 
     async fn get_status(

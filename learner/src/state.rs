@@ -1,9 +1,10 @@
 //! State the gRPC handlers and the training thread share: counters, the rolling
 //! window of finished episodes, and what is known about each actor.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use spur_proto::v1::{ActorInfo, EpisodeSummary, LearnerStatus};
 use tokio_util::sync::CancellationToken;
@@ -36,7 +37,15 @@ pub struct Shared {
     pub stop: CancellationToken,
     pub training_finished: AtomicBool,
     episodes: Mutex<EpisodeWindow>,
-    actors: Mutex<HashMap<String, ActorInfo>>,
+    actors: Mutex<HashMap<String, Known>>,
+    /// Actors whose weight stream carried the finished flag to them.
+    told_finished: Mutex<HashSet<String>>,
+}
+
+/// What the learner knows of one actor: its status row, and when its last chunk came.
+struct Known {
+    info: ActorInfo,
+    last_chunk: Instant,
 }
 
 /// Where received env steps went, besides training.
@@ -190,22 +199,53 @@ impl Shared {
 
     /// Notes an accepted chunk from `actor_id` produced by `version`.
     pub fn record_chunk(&self, actor_id: &str, version: u64, steps: u64) {
+        let now = Instant::now();
         let mut actors = self.actors.lock().expect("actor table lock poisoned");
         // The id is copied only the first time an actor is seen.
         if !actors.contains_key(actor_id) {
-            let first = ActorInfo {
+            let info = ActorInfo {
                 actor_id: actor_id.to_string(),
                 first_policy_version: version,
                 ..Default::default()
             };
-            actors.insert(actor_id.to_string(), first);
+            actors.insert(
+                actor_id.to_string(),
+                Known {
+                    info,
+                    last_chunk: now,
+                },
+            );
         }
-        let info = actors
+        let known = actors
             .get_mut(actor_id)
             .expect("inserted above when it was missing");
+        known.last_chunk = now;
+        let info = &mut known.info;
         info.chunks += 1;
         info.env_steps += steps;
         info.last_policy_version = version;
+    }
+
+    /// Notes that `actor_id` has received the finished flag.
+    pub fn told_finished(&self, actor_id: &str) {
+        self.told_finished
+            .lock()
+            .expect("told set lock poisoned")
+            .insert(actor_id.to_string());
+    }
+
+    /// Actors that sent a chunk within `recent` and have not yet been told that
+    /// training finished, sorted.
+    pub fn untold_actors(&self, recent: Duration) -> Vec<String> {
+        let told = self.told_finished.lock().expect("told set lock poisoned");
+        let actors = self.actors.lock().expect("actor table lock poisoned");
+        let mut untold: Vec<String> = actors
+            .iter()
+            .filter(|(id, k)| k.last_chunk.elapsed() <= recent && !told.contains(*id))
+            .map(|(id, _)| id.clone())
+            .collect();
+        untold.sort();
+        untold
     }
 
     pub fn status(&self, queue_depth: u32) -> LearnerStatus {
@@ -215,7 +255,7 @@ impl Shared {
             .lock()
             .expect("actor table lock poisoned")
             .values()
-            .cloned()
+            .map(|k| k.info.clone())
             .collect();
         actors.sort_by(|a, b| a.actor_id.cmp(&b.actor_id));
         LearnerStatus {
@@ -287,5 +327,21 @@ mod tests {
         assert_eq!(st.total, 150);
         assert!((st.return_mean - 99.5).abs() < 1e-9);
         assert!((st.success_rate - 0.5).abs() < 1e-9);
+    }
+
+    #[test]
+    fn actors_heard_from_lately_wait_to_be_told() {
+        let s = Shared::new(1, 4, 0);
+        s.record_chunk("actor-1", 3, 32);
+        s.record_chunk("actor-0", 3, 32);
+        let all = Duration::from_secs(3600);
+        assert_eq!(s.untold_actors(all), ["actor-0", "actor-1"]);
+        s.told_finished("actor-1");
+        s.told_finished("observer"); // a subscriber that never pushed
+        assert_eq!(s.untold_actors(all), ["actor-0"]);
+        // An actor not heard from within the window is not waited for.
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(s.untold_actors(Duration::from_millis(10)).is_empty());
+        assert_eq!(s.status(0).actors.len(), 2);
     }
 }
