@@ -10,6 +10,7 @@ mod eval;
 mod expert;
 mod local;
 mod logging;
+mod malloc;
 mod plot;
 mod prometheus;
 mod shutdown;
@@ -181,6 +182,7 @@ enum BenchCommand {
 }
 
 fn main() -> ExitCode {
+    malloc::keep_freed_memory();
     let cli = Cli::parse();
     logging::init(cli.log_json);
     let rt = match tokio::runtime::Builder::new_multi_thread()
