@@ -56,6 +56,24 @@ fn vec_env(config: &Config) -> anyhow::Result<VecEnv> {
     Ok(VecEnv::from_batch(batch, config.run.seed, 1)?)
 }
 
+/// The observation rows of `steps` steps of the config's envs with random actions
+/// (the rows before each step and after the last): what a chunk of that length
+/// carries.
+pub fn random_rollout_observations(config: &Config, steps: usize) -> anyhow::Result<Vec<f32>> {
+    let mut venv = vec_env(config)?;
+    let a = venv.spec().num_actions as i64;
+    let mut rng = rand::rng();
+    let mut rows = venv.observations().to_vec();
+    for _ in 0..steps {
+        let actions: Vec<i64> = (0..venv.num_envs())
+            .map(|_| rng.random_range(0..a))
+            .collect();
+        venv.step(&actions)?;
+        rows.extend_from_slice(venv.observations());
+    }
+    Ok(rows)
+}
+
 /// Env steps/s with random actions.
 pub fn env_only(config: &Config, secs: f64) -> anyhow::Result<f64> {
     let mut venv = vec_env(config)?;

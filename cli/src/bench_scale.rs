@@ -137,9 +137,14 @@ pub(crate) fn load(args: &ConfigArgs, ours: &[String]) -> anyhow::Result<Config>
     )?)
 }
 
-/// A chunk every check accepts: zero observations, action 0, no episode ends (with
-/// zero values when the learner takes the actors', `learner.actor_estimates`).
-fn replay_chunk(config: &Config, incarnation: u64) -> anyhow::Result<TrajectoryChunk> {
+/// A chunk every check accepts: zero observations (or `observations`, rows of a
+/// real rollout), action 0, no episode ends (with zero values when the learner takes
+/// the actors', `learner.actor_estimates`).
+fn replay_chunk(
+    config: &Config,
+    incarnation: u64,
+    observations: Option<Vec<f32>>,
+) -> anyhow::Result<TrajectoryChunk> {
     let spec = env_spec(&config.env)?;
     let model = ActorCritic::for_spec(&spec, &config.model, tch::Device::Cpu)?;
     let (t, n, d) = (
@@ -147,7 +152,7 @@ fn replay_chunk(config: &Config, incarnation: u64) -> anyhow::Result<TrajectoryC
         config.env.num_envs as usize,
         spec.obs_dim,
     );
-    Ok(Chunk {
+    let mut chunk = Chunk {
         policy_version: 0,
         behaviour_log_probs: vec![-(spec.num_actions as f32).ln(); t * n],
         learner_incarnation: incarnation,
@@ -157,8 +162,12 @@ fn replay_chunk(config: &Config, incarnation: u64) -> anyhow::Result<TrajectoryC
             Vec::new()
         },
         ..Chunk::blank("bench", t, n, d, model.state_size())
+    };
+    if let Some(rows) = observations {
+        anyhow::ensure!(rows.len() == chunk.observations.len(), "observation rows");
+        chunk.observations = rows;
     }
-    .to_proto())
+    Ok(chunk.to_proto())
 }
 
 /// Pushes `chunk` over one stream until `deadline`; returns the chunks acknowledged.
@@ -202,16 +211,24 @@ async fn next_update(
 
 /// Env steps trained per second by a learner that only trains: a real learner
 /// served in-process with the config's batch, epochs, minibatches and model, fed
-/// synthetic chunks of the config's shape by `clients` streams as fast as it takes
-/// them. Chunks keep version 0 (so `learner.max_policy_lag` is lifted); the first
-/// `warmup` seconds are not counted.
+/// one chunk of the config's shape, with the observations of a random-action rollout
+/// (the NetHack network's cost depends on its messages), by 2 streams as fast as it
+/// takes them. Chunks keep version 0 (so `learner.max_policy_lag` is lifted); the
+/// first `warmup` seconds are not counted.
 pub async fn learner_only(config: &Config, warmup: f64, secs: f64) -> anyhow::Result<f64> {
     let mut config = config.clone();
     config.learner.max_policy_lag = u64::MAX / 2;
     config.stop.env_steps = 0;
     config.stop.target_return = 0.0;
+    let rows = tokio::task::spawn_blocking({
+        let config = config.clone();
+        move || {
+            crate::bench::random_rollout_observations(&config, config.actor.rollout_len as usize)
+        }
+    })
+    .await??;
     let mut learner = InProcess::start(&config, "learner-only").await?;
-    let chunk = replay_chunk(&config, learner.incarnation)?;
+    let chunk = replay_chunk(&config, learner.incarnation, Some(rows))?;
     let deadline = Instant::now() + Duration::from_secs_f64(warmup + secs + 60.0);
     let mut pushers = Vec::new();
     for _ in 0..2 {
@@ -282,7 +299,7 @@ pub async fn ingest(args: IngestArgs) -> anyhow::Result<std::process::ExitCode> 
     // trained on.
     let config = load(&args.config, &["learner.batch_steps=4294967295".into()])?;
     let learner = InProcess::start(&config, "ingest").await?;
-    let chunk = replay_chunk(&config, learner.incarnation)?;
+    let chunk = replay_chunk(&config, learner.incarnation, None)?;
     let (bytes, steps) = (
         prost::Message::encoded_len(&chunk),
         config.actor.rollout_len * config.env.num_envs,
@@ -432,7 +449,7 @@ async fn broadcast_once(
         let model = ActorCritic::for_spec(&spec, &config.model, tch::Device::Cpu)?;
         subs.push(tokio::spawn(subscriber(client, model, seen.clone())));
     }
-    let chunk = replay_chunk(config, learner.incarnation)?;
+    let chunk = replay_chunk(config, learner.incarnation, None)?;
     let deadline = Instant::now() + Duration::from_secs_f64(secs);
     push_until(learner.client.clone(), chunk, deadline).await?;
     learner.stop().await?;
