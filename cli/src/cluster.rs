@@ -11,6 +11,7 @@ use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 
 use anyhow::{bail, Context};
+use spur_core::config::{EnvKind, SplitEnvs};
 use spur_core::transport::{AuthChannel, Transport};
 use spur_core::Config;
 use spur_proto::v1::learner_client::LearnerClient;
@@ -19,7 +20,7 @@ use spur_proto::v1::{LearnerStatus, RewardServiceStatus, RewardStatusRequest, St
 use tokio::process::{Child, Command};
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
-use tracing::warn;
+use tracing::{info, warn};
 
 pub struct ActorSlot {
     pub index: u32,
@@ -104,6 +105,24 @@ fn spur_command(run_dir: &Path, log_name: &str) -> anyhow::Result<Command> {
     Ok(cmd)
 }
 
+/// Local mode's reading of `actor.split_envs = "auto"`: two halves cost an actor a
+/// second forward pass per step (a NetHack forward pass costs about as much for 8 rows
+/// as for 16) and a second bridge process, which pays only when the actor has cores
+/// that would otherwise wait. With fewer than 2 cores for each actor and the learner,
+/// `auto` becomes `off` in the run's config; returns why, for the log.
+fn resolve_split(config: &mut Config, cores: usize, actors: u32) -> Option<String> {
+    let processes = actors as usize + 1;
+    let splits = config.actor.split_envs == SplitEnvs::Auto && config.env.kind == EnvKind::Gym;
+    if !splits || cores >= 2 * processes {
+        return None;
+    }
+    config.actor.split_envs = SplitEnvs::Off;
+    Some(format!(
+        "actors step their envs in one part (actor.split_envs = \"auto\" is \"off\" \
+         here): {cores} cores for {actors} actors and the learner, fewer than 2 each"
+    ))
+}
+
 /// Makes `cmd`'s process `inc` steps nicer than this one (`run.actor_nice`); what it
 /// starts inherits the niceness.
 fn lower_priority(cmd: &mut Command, inc: u32) {
@@ -153,6 +172,10 @@ impl Cluster {
         // This process watches its actors; one health port for all of them would
         // clash (a config written for actor pods may set it).
         config.actor.health_listen = String::new();
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        if let Some(why) = resolve_split(&mut config, cores, actors) {
+            info!("{why}");
+        }
         let config_path = run_dir.join("config.toml");
         std::fs::write(&config_path, config.to_toml())?;
         let transport = Transport::from_config(&config.transport)?;
@@ -532,4 +555,41 @@ async fn wait_serving(
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     bail!("the {name} at {addr} did not become ready within 60 s")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cartpole() -> Config {
+        Config::from_toml_str("").expect("the defaults are a valid config")
+    }
+
+    fn nethack(split: SplitEnvs) -> Config {
+        let mut c = cartpole();
+        c.env.kind = EnvKind::Gym;
+        c.env.gym_id = "NetHackScore-v0".into();
+        c.actor.split_envs = split;
+        c
+    }
+
+    #[test]
+    fn auto_splits_only_with_two_cores_for_each_process() {
+        // 2 cores, 2 actors and the learner: one part each, and the log says why.
+        let mut c = nethack(SplitEnvs::Auto);
+        let why = resolve_split(&mut c, 2, 2).expect("auto resolved");
+        assert_eq!(c.actor.split_envs, SplitEnvs::Off);
+        assert!(why.contains("2 cores for 2 actors"), "{why}");
+        // Enough cores: auto stays auto (the actor splits bridge envs).
+        let mut c = nethack(SplitEnvs::Auto);
+        assert!(resolve_split(&mut c, 6, 2).is_none());
+        assert_eq!(c.actor.split_envs, SplitEnvs::Auto);
+        // An explicit choice is the user's, and envs without bridges never split.
+        let mut c = nethack(SplitEnvs::On);
+        assert!(resolve_split(&mut c, 2, 2).is_none());
+        assert_eq!(c.actor.split_envs, SplitEnvs::On);
+        let mut c = cartpole();
+        assert!(resolve_split(&mut c, 2, 2).is_none());
+        assert_eq!(c.actor.split_envs, SplitEnvs::Auto);
+    }
 }

@@ -482,7 +482,8 @@ pub struct ActorConfig {
     pub group_size: u32,
     /// Whether each actor steps its envs in two halves, one half's envs stepping
     /// while the other half is in the policy's forward pass: `auto` (for bridge envs,
-    /// whose steps run in other processes), `on` or `off`.
+    /// whose steps run in other processes; `spur local` makes it `off` when the machine
+    /// has fewer than 2 cores for each actor and the learner), `on` or `off`.
     pub split_envs: SplitEnvs,
 }
 
