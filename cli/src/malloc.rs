@@ -12,8 +12,8 @@
 //! `MALLOC_TRIM_THRESHOLD_`, `MALLOC_TOP_PAD_`) keeps them, and `SPUR_MALLOC=default`
 //! leaves glibc's defaults alone.
 
-/// Blocks up to this size come from the heap, not from their own mapping (glibc's
-/// largest allowed value on 64-bit).
+/// Blocks up to this size come from the heap, not from their own mapping (the
+/// ceiling of glibc's own adaptive threshold on 64-bit).
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 const MMAP_THRESHOLD: libc::c_int = 32 << 20;
 /// Free memory at the top of a heap is given back only beyond this.
