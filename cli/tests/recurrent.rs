@@ -159,9 +159,14 @@ fn an_lstm_run_resumes_after_kill_9_with_its_core_weights() {
         field(&learned, "env_steps")
     );
     // A learner that lost the core's weights would broadcast a policy at chance
-    // (mean return 0.5) and need thousands of steps to learn the cue again.
+    // (mean return 0.5) and need thousands of steps to learn the cue again: the first
+    // updates after the restart say it (about 100 episodes each, so the window is
+    // the resumed policy's own within two). Later rows are PPO's own business: one
+    // CI run resumed cleanly, held 1.0 for 17 updates, then collapsed to chance and
+    // relearned the cue 14 updates later.
     let worst = resumed
         .iter()
+        .take(8)
         .map(|r| field(r, "episode_return_mean"))
         .fold(f64::INFINITY, f64::min);
     assert!(
