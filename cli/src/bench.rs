@@ -56,19 +56,24 @@ fn vec_env(config: &Config) -> anyhow::Result<VecEnv> {
     Ok(VecEnv::from_batch(batch, config.run.seed, 1)?)
 }
 
+/// Steps every env of `venv` once with a uniformly drawn action (`actions` is the
+/// buffer, one per env).
+fn random_step(venv: &mut VecEnv, rng: &mut impl Rng, actions: &mut [i64]) -> anyhow::Result<()> {
+    let a = venv.spec().num_actions as i64;
+    actions.iter_mut().for_each(|x| *x = rng.random_range(0..a));
+    venv.step(actions)?;
+    Ok(())
+}
+
 /// The observation rows of `steps` steps of the config's envs with random actions
 /// (the rows before each step and after the last): what a chunk of that length
 /// carries.
 pub fn random_rollout_observations(config: &Config, steps: usize) -> anyhow::Result<Vec<f32>> {
     let mut venv = vec_env(config)?;
-    let a = venv.spec().num_actions as i64;
-    let mut rng = rand::rng();
+    let (mut rng, mut actions) = (rand::rng(), vec![0i64; venv.num_envs()]);
     let mut rows = venv.observations().to_vec();
     for _ in 0..steps {
-        let actions: Vec<i64> = (0..venv.num_envs())
-            .map(|_| rng.random_range(0..a))
-            .collect();
-        venv.step(&actions)?;
+        random_step(&mut venv, &mut rng, &mut actions)?;
         rows.extend_from_slice(venv.observations());
     }
     Ok(rows)
@@ -78,14 +83,11 @@ pub fn random_rollout_observations(config: &Config, steps: usize) -> anyhow::Res
 pub fn env_only(config: &Config, secs: f64) -> anyhow::Result<f64> {
     let mut venv = vec_env(config)?;
     let n = venv.num_envs();
-    let a = venv.spec().num_actions as i64;
-    let mut rng = rand::rng();
-    let mut actions = vec![0i64; n];
+    let (mut rng, mut actions) = (rand::rng(), vec![0i64; n]);
     let (start, mut steps) = (Instant::now(), 0u64);
     while start.elapsed().as_secs_f64() < secs {
         for _ in 0..64 {
-            actions.iter_mut().for_each(|x| *x = rng.random_range(0..a));
-            venv.step(&actions)?;
+            random_step(&mut venv, &mut rng, &mut actions)?;
         }
         steps += 64 * n as u64;
     }

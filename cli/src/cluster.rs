@@ -561,12 +561,13 @@ async fn wait_serving(
 mod tests {
     use super::*;
 
-    fn cartpole() -> Config {
+    /// The built-in defaults: the Rust CartPole, no bridges.
+    fn defaults() -> Config {
         Config::from_toml_str("").expect("the defaults are a valid config")
     }
 
     fn nethack(split: SplitEnvs) -> Config {
-        let mut c = cartpole();
+        let mut c = defaults();
         c.env.kind = EnvKind::Gym;
         c.env.gym_id = "NetHackScore-v0".into();
         c.actor.split_envs = split;
@@ -588,7 +589,7 @@ mod tests {
         let mut c = nethack(SplitEnvs::On);
         assert!(resolve_split(&mut c, 2, 2).is_none());
         assert_eq!(c.actor.split_envs, SplitEnvs::On);
-        let mut c = cartpole();
+        let mut c = defaults();
         assert!(resolve_split(&mut c, 2, 2).is_none());
         assert_eq!(c.actor.split_envs, SplitEnvs::Auto);
     }

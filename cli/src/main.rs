@@ -182,9 +182,10 @@ enum BenchCommand {
 }
 
 fn main() -> ExitCode {
-    malloc::keep_freed_memory();
     let cli = Cli::parse();
     logging::init(cli.log_json);
+    // Before any tensor exists.
+    malloc::keep_freed_memory();
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -23,8 +23,9 @@ const TRIM_THRESHOLD: libc::c_int = 1 << 30;
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 const TOP_PAD: libc::c_int = 64 << 20;
 
-/// Applies the settings unless the environment says otherwise; returns whether it did.
-pub fn keep_freed_memory() -> bool {
+/// Applies the settings unless the environment says otherwise; a setting glibc
+/// refuses is logged.
+pub fn keep_freed_memory() {
     let own = [
         "MALLOC_MMAP_THRESHOLD_",
         "MALLOC_TRIM_THRESHOLD_",
@@ -33,11 +34,14 @@ pub fn keep_freed_memory() -> bool {
     if std::env::var("SPUR_MALLOC").is_ok_and(|v| v == "default")
         || own.iter().any(|k| std::env::var_os(k).is_some())
     {
-        return false;
+        return;
     }
-    tune()
+    if !tune() {
+        tracing::warn!("glibc refused a malloc setting; freed memory may go back to the kernel");
+    }
 }
 
+/// Sets the three values; true when glibc took every one.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 fn tune() -> bool {
     [
@@ -50,10 +54,10 @@ fn tune() -> bool {
     .all(|(param, value)| unsafe { libc::mallopt(param, value) } == 1)
 }
 
-/// Other allocators keep their own policies.
+/// Other allocators keep their own policies: nothing to set, nothing refused.
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 fn tune() -> bool {
-    false
+    true
 }
 
 #[cfg(all(test, target_os = "linux", target_env = "gnu"))]

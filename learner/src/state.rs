@@ -1,7 +1,7 @@
 //! State the gRPC handlers and the training thread share: counters, the rolling
 //! window of finished episodes, and what is known about each actor.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -38,14 +38,14 @@ pub struct Shared {
     pub training_finished: AtomicBool,
     episodes: Mutex<EpisodeWindow>,
     actors: Mutex<HashMap<String, Known>>,
-    /// Actors whose weight stream carried the finished flag to them.
-    told_finished: Mutex<HashSet<String>>,
 }
 
-/// What the learner knows of one actor: its status row, and when its last chunk came.
+/// What the learner knows of one actor: its status row, when its last chunk came, and
+/// whether its weight stream has carried the finished flag to it.
 struct Known {
     info: ActorInfo,
     last_chunk: Instant,
+    told_finished: bool,
 }
 
 /// Where received env steps went, besides training.
@@ -213,6 +213,7 @@ impl Shared {
                 Known {
                     info,
                     last_chunk: now,
+                    told_finished: false,
                 },
             );
         }
@@ -226,22 +227,22 @@ impl Shared {
         info.last_policy_version = version;
     }
 
-    /// Notes that `actor_id` has received the finished flag.
+    /// Notes that `actor_id` has received the finished flag (a subscriber that never
+    /// sent a chunk is not waited for, so it needs no note).
     pub fn told_finished(&self, actor_id: &str) {
-        self.told_finished
-            .lock()
-            .expect("told set lock poisoned")
-            .insert(actor_id.to_string());
+        let mut actors = self.actors.lock().expect("actor table lock poisoned");
+        if let Some(known) = actors.get_mut(actor_id) {
+            known.told_finished = true;
+        }
     }
 
     /// Actors that sent a chunk within `recent` and have not yet been told that
     /// training finished, sorted.
     pub fn untold_actors(&self, recent: Duration) -> Vec<String> {
-        let told = self.told_finished.lock().expect("told set lock poisoned");
         let actors = self.actors.lock().expect("actor table lock poisoned");
         let mut untold: Vec<String> = actors
             .iter()
-            .filter(|(id, k)| k.last_chunk.elapsed() <= recent && !told.contains(*id))
+            .filter(|(_, k)| k.last_chunk.elapsed() <= recent && !k.told_finished)
             .map(|(id, _)| id.clone())
             .collect();
         untold.sort();
