@@ -1,6 +1,6 @@
 //! The environment bridge end to end: Gymnasium envs served by `python -m spur_bridge`
-//! and stepped over real gRPC, compared with stepping the same envs directly in
-//! Python; bad requests; a vanished server; a killed bridge restarted (by a batch and
+//! and stepped over both wires (gRPC, and frames on a Unix socket), compared with
+//! stepping the same envs directly in Python; bad requests, answered alike on both; a vanished server; a killed bridge restarted (by a batch and
 //! under a training actor, which fails instead once `env.bridge_restarts` is spent)
 //! and a remote server reconnected; and NetHack through an actor, with its messages
 //! reaching the reward service.
@@ -9,11 +9,10 @@ use std::io::Write;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use spur_core::config::{Config, EnvKind};
+use spur_core::config::{BridgeWire, Config, EnvKind};
 use spur_core::env::{EnvBatch, StepOutcome};
 use spur_core::EnvError;
-use spur_env_bridge::{python, BridgeProcess, RemoteBatch};
-use spur_proto::v1::env_service_client::EnvServiceClient;
+use spur_env_bridge::{python, BridgeProcess, EnvClient, RemoteBatch};
 use spur_proto::v1::{RenderRequest, ResetRequest, RewardStatusRequest, StepRequest};
 use spur_tests::{spawn_actor, tiny_cartpole, TestLearner, TestRewardService};
 
@@ -87,18 +86,23 @@ fn cartpole_through_the_bridge_matches_gymnasium() {
     // Two bridge processes of two envs each: offsets and the split are exercised.
     let mut config = gym_config("CartPole-v1", 4);
     config.env.servers = 2;
-    let mut batch = RemoteBatch::connect(&config.env, 4).expect("bridges start");
-    assert_eq!(batch.spec().obs_dim, 4);
-    assert_eq!(batch.spec().num_actions, 2);
-    assert_eq!(batch.spec().max_episode_steps, 500);
-
     let seeds = [11u64, 12, 13, 14];
     // A fixed, uneven action pattern: episodes end at different steps.
     let actions: Vec<Vec<i64>> = (0..120)
         .map(|t| (0..4).map(|i| ((t * (i + 2) / 3 + i) % 2) as i64).collect())
         .collect();
     let more_seeds: Vec<u64> = (100..400).collect();
-    let through_bridge = play(&mut batch, &seeds, &actions, &more_seeds);
+    let mut through = Vec::new();
+    for wire in [BridgeWire::Unix, BridgeWire::Grpc] {
+        config.env.bridge_wire = wire;
+        let mut batch = RemoteBatch::connect(&config.env, 4).expect("bridges start");
+        let prefix = batch.bridges()[0].addr.starts_with("unix:");
+        assert_eq!(prefix, wire == BridgeWire::Unix, "{:?}", batch.bridges());
+        assert_eq!(batch.spec().obs_dim, 4);
+        assert_eq!(batch.spec().num_actions, 2);
+        assert_eq!(batch.spec().max_episode_steps, 500);
+        through.push((wire, play(&mut batch, &seeds, &actions, &more_seeds)));
+    }
 
     let job = serde_json::json!({
         "id": "CartPole-v1", "seeds": seeds, "actions": actions, "more_seeds": more_seeds,
@@ -119,23 +123,49 @@ fn cartpole_through_the_bridge_matches_gymnasium() {
     assert!(out.status.success(), "direct gymnasium run failed");
     let direct: Vec<Vec<f32>> = serde_json::from_slice(&out.stdout).unwrap();
 
-    assert!(
-        through_bridge.len() > actions.len() + 3,
-        "some episodes ended and were reset"
-    );
-    assert_eq!(through_bridge.len(), direct.len(), "the same episode ends");
-    for (t, (a, b)) in through_bridge.iter().zip(&direct).enumerate() {
-        assert_eq!(a, b, "observations differ at record {t}");
+    for (wire, through_bridge) in through {
+        assert!(
+            through_bridge.len() > actions.len() + 3,
+            "some episodes ended and were reset"
+        );
+        assert_eq!(
+            through_bridge.len(),
+            direct.len(),
+            "{wire:?}: the same episode ends"
+        );
+        for (t, (a, b)) in through_bridge.iter().zip(&direct).enumerate() {
+            assert_eq!(a, b, "{wire:?}: observations differ at record {t}");
+        }
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_requests_get_clear_errors() {
-    let config = gym_config("CartPole-v1", 4);
-    let (bridge, addr) = BridgeProcess::spawn(&config.env, 4).unwrap();
-    let mut c = EnvServiceClient::connect(format!("http://{addr}"))
+    for wire in [BridgeWire::Unix, BridgeWire::Grpc] {
+        let mut config = gym_config("CartPole-v1", 4);
+        config.env.bridge_wire = wire;
+        bad_requests_are_refused(&config).await;
+    }
+
+    // An unknown id: the bridge says so, and the actor-side error carries it.
+    let config_bad = gym_config("NoSuchEnv-v7", 2);
+    let err = tokio::task::spawn_blocking(move || RemoteBatch::connect(&config_bad.env, 2).err())
         .await
-        .unwrap();
+        .unwrap()
+        .expect("an unknown env id fails");
+    assert!(matches!(err, EnvError::Spawn { .. }), "{err}");
+    assert!(
+        err.to_string()
+            .contains("unknown environment id 'NoSuchEnv-v7'"),
+        "{err}"
+    );
+}
+
+/// The refusals one bridge process on `config`'s wire gives: the right status, a
+/// message naming what is wrong, and a server that keeps serving.
+async fn bad_requests_are_refused(config: &Config) {
+    let (bridge, addr) = BridgeProcess::spawn(&config.env, 4).unwrap();
+    let mut c = EnvClient::connect(&addr).await.unwrap();
 
     let e = c
         .step(StepRequest {
@@ -196,11 +226,7 @@ async fn bad_requests_get_clear_errors() {
     let e = c.render(RenderRequest { env_index: 9 }).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::InvalidArgument);
     // CartPole has no picture.
-    let r = c
-        .render(RenderRequest { env_index: 0 })
-        .await
-        .unwrap()
-        .into_inner();
+    let r = c.render(RenderRequest { env_index: 0 }).await.unwrap();
     assert!(r.text.is_empty());
     // The server kept going: a good step still works.
     let r = c
@@ -208,24 +234,10 @@ async fn bad_requests_get_clear_errors() {
             actions: vec![0, 1, 1, 0],
         })
         .await
-        .unwrap()
-        .into_inner();
+        .unwrap();
     assert_eq!(r.rewards.len(), 4);
     assert_eq!(r.observations.len(), 4 * 4 * 4);
     drop(bridge);
-
-    // An unknown id: the bridge says so, and the actor-side error carries it.
-    let config_bad = gym_config("NoSuchEnv-v7", 2);
-    let err = tokio::task::spawn_blocking(move || RemoteBatch::connect(&config_bad.env, 2).err())
-        .await
-        .unwrap()
-        .expect("an unknown env id fails");
-    assert!(matches!(err, EnvError::Spawn { .. }), "{err}");
-    assert!(
-        err.to_string()
-            .contains("unknown environment id 'NoSuchEnv-v7'"),
-        "{err}"
-    );
 }
 
 #[test]
@@ -320,8 +332,20 @@ fn a_killed_bridge_is_restarted_and_its_episodes_are_lost() {
     assert_eq!(after[1].restarts, 1);
     assert_eq!(batch.restarts(), 1);
     assert!(after[1].pid.is_some() && after[1].pid != Some(pid));
-    assert_ne!(after[1].addr, before[1].addr, "a new bridge on a new port");
+    assert_ne!(
+        after[1].addr, before[1].addr,
+        "a new bridge on a new socket"
+    );
     assert_eq!(after[0], before[0], "the other bridge is untouched");
+    // The killed bridge's socket directory went with it.
+    let socket_dir = |addr: &str| {
+        let path = addr
+            .strip_prefix("unix:")
+            .expect("the unix wire by default");
+        std::path::Path::new(path).parent().unwrap().to_path_buf()
+    };
+    assert!(!socket_dir(&before[1].addr).exists(), "{}", before[1].addr);
+    assert!(socket_dir(&after[1].addr).exists(), "{}", after[1].addr);
 
     // Lost envs must be reset before they step again; then all is as before.
     let err = step_all(&mut batch, &mut obs).unwrap_err();
@@ -348,6 +372,16 @@ fn a_killed_bridge_is_restarted_and_its_episodes_are_lost() {
         .map(|o| o.lost)
         .collect();
     assert_eq!(lost, [true, false, false, false]);
+    // Every socket directory goes with the batch.
+    let dirs: Vec<_> = batch
+        .bridges()
+        .iter()
+        .map(|b| socket_dir(&b.addr))
+        .collect();
+    drop(batch);
+    for d in dirs {
+        assert!(!d.exists(), "{}", d.display());
+    }
 }
 
 /// A bridge process started by a test; killed when dropped.
@@ -383,7 +417,9 @@ fn bridge_at(config: &Config, listen: &str, num_envs: usize) -> TestBridge {
 
 #[test]
 fn a_remote_server_that_comes_back_is_reconnected() {
-    let config = gym_config("CartPole-v1", 2);
+    // A sidecar on a port: it comes back on the same address.
+    let mut config = gym_config("CartPole-v1", 2);
+    config.env.bridge_wire = BridgeWire::Grpc;
     let (bridge, addr) = BridgeProcess::spawn(&config.env, 2).unwrap();
     let mut remote = config.clone();
     remote.env.remote = vec![addr.clone()];
@@ -664,7 +700,7 @@ async fn without_restarts_a_killed_bridge_fails_the_actor() -> anyhow::Result<()
         "{text}"
     );
     assert!(
-        text.contains("env bridge 1 of 2 (envs 0..2 at 127.0.0.1:")
+        text.contains("env bridge 1 of 2 (envs 0..2 at unix:")
             && text.contains(&format!("pid {})", pids[0]))
             && text.contains("(0 restarts tried)"),
         "{text}"

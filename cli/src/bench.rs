@@ -13,8 +13,8 @@
 //! TorchScript policy instead, the module against the built-in network of
 //! `model.hidden`.
 //!
-//! `spur bench bridge`: CartPole-v1 stepped through the env bridge (random actions)
-//! against a plain Python loop over the same envs, and NetHack env steps/s of the
+//! `spur bench bridge`: CartPole-v1 stepped through the env bridge (random actions),
+//! on each wire, against a plain Python loop over the same envs, and NetHack env steps/s of the
 //! full system (local mode, training) against NLE's raw random-action rate, all in
 //! one run.
 
@@ -26,7 +26,7 @@ use anyhow::Context;
 use clap::Args;
 use rand::Rng;
 use spur_actor::{Rollout, WeightsUpdate};
-use spur_core::config::ModelArch;
+use spur_core::config::{BridgeWire, ModelArch};
 use spur_core::env::VecEnv;
 use spur_core::model::ActorCritic;
 use spur_core::Config;
@@ -365,6 +365,14 @@ pub struct BridgeArgs {
     warmup: f64,
 }
 
+/// How the bench's rows name a bridge wire.
+fn wire_name(wire: BridgeWire) -> &'static str {
+    match wire {
+        BridgeWire::Grpc => "gRPC",
+        BridgeWire::Unix => "unix",
+    }
+}
+
 /// Steps/s of `python -m spur_bridge.bench` (a plain Python loop, random actions).
 fn python_loop(config: &Config, extra: &[&str], secs: f64) -> anyhow::Result<f64> {
     let python = spur_env_bridge::python(&config.env);
@@ -415,15 +423,21 @@ pub async fn bridge(args: BridgeArgs) -> anyhow::Result<std::process::ExitCode> 
     let py = off_runtime(move || python_loop(&c, &[], secs)).await?;
     row("CartPole-v1, plain Python loop (baseline)", py, py);
     // One call steps all envs of a server: more envs per call spread its overhead,
-    // more servers step in parallel.
+    // more servers step in parallel. Each on both wires.
     let k = args.num_envs;
     for (servers, per_server) in [(1, k), (1, 4 * k), (2, 4 * k)] {
-        cartpole.env.num_envs = servers * per_server;
-        cartpole.env.servers = servers;
-        let c = cartpole.clone();
-        let v = off_runtime(move || env_only(&c, secs)).await?;
-        let name = format!("  through the bridge: {servers} server(s) x {per_server} envs");
-        row(&name, v, py);
+        for wire in [BridgeWire::Grpc, BridgeWire::Unix] {
+            cartpole.env.num_envs = servers * per_server;
+            cartpole.env.servers = servers;
+            cartpole.env.bridge_wire = wire;
+            let c = cartpole.clone();
+            let v = off_runtime(move || env_only(&c, secs)).await?;
+            let name = format!(
+                "  through the bridge ({}): {servers} server(s) x {per_server} envs",
+                wire_name(wire)
+            );
+            row(&name, v, py);
+        }
     }
 
     let nethack = Config::load(Some(&args.nethack_config), Vec::new(), &args.set)?;
@@ -434,13 +448,16 @@ pub async fn bridge(args: BridgeArgs) -> anyhow::Result<std::process::ExitCode> 
     let c = nethack.clone();
     let all = off_runtime(move || python_loop(&c, &["--all-keys"], secs)).await?;
     row("  same, NLE computing every observation key", all, raw);
-    let c = nethack.clone();
-    let through = off_runtime(move || env_only(&c, secs)).await?;
-    row(
-        "  through the bridge, random actions, 1 server",
-        through,
-        raw,
-    );
+    for wire in [BridgeWire::Grpc, BridgeWire::Unix] {
+        let mut c = nethack.clone();
+        c.env.bridge_wire = wire;
+        let through = off_runtime(move || env_only(&c, secs)).await?;
+        let name = format!(
+            "  through the bridge ({}), random actions, 1 server",
+            wire_name(wire)
+        );
+        row(&name, through, raw);
+    }
     let (e2e, _) = end_to_end(&nethack, args.warmup, secs).await?;
     let name = format!(
         "  full system (spur local: {} actors, learner, judge)",

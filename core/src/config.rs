@@ -361,8 +361,9 @@ pub struct EnvConfig {
     /// `gym`: the Gymnasium id, e.g. `CartPole-v1`, `NetHackScore-v0`,
     /// `MiniHack-Room-5x5-v0`.
     pub gym_id: String,
-    /// `gym`: env servers this actor steps (`host:port`), which split `num_envs`
-    /// evenly; empty: the actor starts `servers` bridge processes itself.
+    /// `gym`: env servers this actor steps (`host:port` for gRPC, `unix:PATH` for the
+    /// unix wire), which split `num_envs` evenly; empty: the actor starts `servers`
+    /// bridge processes itself.
     pub remote: Vec<String>,
     /// `gym`: bridge processes each actor starts when `remote` is empty.
     pub servers: u32,
@@ -375,6 +376,20 @@ pub struct EnvConfig {
     /// up (with backoff between tries); the episodes that were running are lost and
     /// counted.
     pub bridge_restarts: u32,
+    /// `gym`: how an actor talks to the bridge processes it starts itself: `unix` (the
+    /// env service's messages in frames on a Unix socket, a few tens of microseconds a
+    /// call) or `grpc` (gRPC on a loopback port, about a millisecond a call in
+    /// grpcio's server). `env.remote` addresses name their wire themselves
+    /// (`host:port` is gRPC, `unix:PATH` the unix wire).
+    pub bridge_wire: BridgeWire,
+}
+
+/// The wire between an actor and the bridge processes it starts (`env.bridge_wire`).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum BridgeWire {
+    Unix,
+    Grpc,
 }
 
 impl Default for EnvConfig {
@@ -394,6 +409,7 @@ impl Default for EnvConfig {
             python: String::new(),
             crop: 9,
             bridge_restarts: 5,
+            bridge_wire: BridgeWire::Unix,
         }
     }
 }

@@ -6,15 +6,13 @@ use spur_core::backoff::Backoff;
 use spur_core::config::EnvConfig;
 use spur_core::env::{EnvBatch, EnvSpec, StepOutcome};
 use spur_core::EnvError;
-use spur_proto::v1::env_service_client::EnvServiceClient;
 use spur_proto::v1::{RenderRequest, ResetRequest, StepReply, StepRequest};
 use std::time::Duration;
-use tonic::transport::Channel;
 use tracing::{info, warn};
 
 use crate::process::BridgeProcess;
 use crate::wire::{
-    check_server, connect, decode_f32, protocol, runtime, server_error, server_is_gone,
+    check_server, connect, decode_f32, protocol, runtime, server_error, server_is_gone, EnvClient,
 };
 
 /// One env server of a batch, as [`RemoteBatch::bridges`] lists it.
@@ -37,7 +35,7 @@ struct Server {
     /// Where it serves: the bridge's loopback address, or the `env.remote` address
     /// as configured (resolved again on every reconnect).
     addr: String,
-    client: EnvServiceClient<Channel>,
+    client: EnvClient,
     /// Index of this server's first env in the batch.
     offset: usize,
     envs: usize,
@@ -117,7 +115,7 @@ pub struct Place {
 }
 
 /// A call in flight on the batch's runtime.
-type Call<T> = tokio::task::JoinHandle<Result<tonic::Response<T>, tonic::Status>>;
+type Call<T> = tokio::task::JoinHandle<Result<T, tonic::Status>>;
 
 /// The wait between tries of one recovery after the first, which goes at once: 0.5 s
 /// doubling up to 8 s, with jitter.
@@ -134,11 +132,9 @@ impl RemoteBatch {
         call: Call<T>,
         what: &str,
     ) -> Result<Result<T, tonic::Status>, EnvError> {
-        Ok(self
-            .rt
+        self.rt
             .block_on(call)
-            .map_err(|e| protocol(&s.addr, format!("{what} call failed: {e}")))?
-            .map(tonic::Response::into_inner))
+            .map_err(|e| protocol(&s.addr, format!("{what} call failed: {e}")))
     }
 
     /// The batch's servers: addresses, envs, bridge pids and restarts so far.
@@ -496,12 +492,7 @@ impl EnvBatch for RemoteBatch {
         let request = RenderRequest {
             env_index: (i - s.offset) as u32,
         };
-        let text = self
-            .rt
-            .block_on(client.render(request))
-            .ok()?
-            .into_inner()
-            .text;
+        let text = self.rt.block_on(client.render(request)).ok()?.text;
         (!text.is_empty()).then_some(text)
     }
 }

@@ -20,6 +20,7 @@
 
 mod batch;
 mod process;
+mod unix;
 mod wire;
 
 use std::sync::{Mutex, OnceLock};
@@ -30,6 +31,7 @@ use spur_core::EnvError;
 
 pub use batch::{BridgeInfo, Place, RemoteBatch};
 pub use process::{python, BridgeProcess};
+pub use wire::EnvClient;
 
 /// Builds `n` environments as the config describes, as one batch: in process for the
 /// built-in kinds, through bridge processes or env servers for `gym`.

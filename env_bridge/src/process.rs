@@ -1,6 +1,8 @@
-//! Bridge processes this side starts: `python -m spur_bridge` on a free loopback
-//! port, its log lines forwarded to ours, its address read from the line it prints
-//! once it serves, and a clear error (with the last lines it wrote) when it does not.
+//! Bridge processes this side starts: `python -m spur_bridge` on a Unix socket in a
+//! private temporary directory (`env.bridge_wire = "unix"`) or a free loopback port
+//! (`"grpc"`), its log lines forwarded to ours, its address read from the line it
+//! prints once it serves, and a clear error (with the last lines it wrote) when it
+//! does not.
 
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader};
@@ -8,7 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use spur_core::config::EnvConfig;
+use spur_core::config::{BridgeWire, EnvConfig};
 use spur_core::EnvError;
 use tracing::info;
 
@@ -17,9 +19,12 @@ const START_TIMEOUT: Duration = Duration::from_secs(120);
 /// The line a bridge prints once it serves.
 const READY: &str = "SPUR_BRIDGE_LISTENING ";
 
-/// A bridge process this side started; killed when dropped.
+/// A bridge process this side started; killed when dropped (and its socket's
+/// directory removed).
 pub struct BridgeProcess {
     child: Child,
+    /// The directory of its Unix socket (unix wire only), only this user's.
+    _socket_dir: Option<tempfile::TempDir>,
 }
 
 impl BridgeProcess {
@@ -66,10 +71,27 @@ pub fn python(config: &EnvConfig) -> String {
 }
 
 impl BridgeProcess {
-    /// Starts `python -m spur_bridge` for `num_envs` envs of `config.gym_id` on a free
-    /// loopback port; returns it with its address once it serves.
+    /// Starts `python -m spur_bridge` for `num_envs` envs of `config.gym_id` on the
+    /// wire `config.bridge_wire` names; returns it with its address (`unix:PATH` or
+    /// `127.0.0.1:PORT`) once it serves.
     pub fn spawn(config: &EnvConfig, num_envs: usize) -> Result<(Self, String), EnvError> {
         let python = python(config);
+        let command = format!("{python} -m spur_bridge --env-id {}", config.gym_id);
+        let spawn_error = |message: String| EnvError::Spawn {
+            command: command.clone(),
+            message,
+        };
+        let (listen, socket_dir) = match config.bridge_wire {
+            BridgeWire::Grpc => ("127.0.0.1:0".to_string(), None),
+            BridgeWire::Unix => {
+                let dir = tempfile::Builder::new()
+                    .prefix("spur-bridge-")
+                    .tempdir()
+                    .map_err(|e| spawn_error(format!("cannot make its socket's directory: {e}")))?;
+                let listen = format!("unix:{}", dir.path().join("env.sock").display());
+                (listen, Some(dir))
+            }
+        };
         let mut cmd = Command::new(&python);
         // `--exit-with-parent` is Linux's parent-death signal, which fires when the
         // *thread* that started the bridge ends: every caller keeps the batch on the
@@ -79,7 +101,7 @@ impl BridgeProcess {
             "spur_bridge",
             "--exit-with-parent",
             "--listen",
-            "127.0.0.1:0",
+            &listen,
         ])
         .args(["--env-id", &config.gym_id])
         .args(["--num-envs", &num_envs.to_string()])
@@ -88,11 +110,6 @@ impl BridgeProcess {
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-        let command = format!("{python} -m spur_bridge --env-id {}", config.gym_id);
-        let spawn_error = |message: String| EnvError::Spawn {
-            command: command.clone(),
-            message,
-        };
         let mut child = cmd.spawn().map_err(|e| {
             spawn_error(format!(
                 "{e} (run `make setup`, or set env.python to a Python with spur_bridge)"
@@ -121,10 +138,18 @@ impl BridgeProcess {
                 }
             }
         });
-        let mut process = BridgeProcess { child };
+        let mut process = BridgeProcess {
+            child,
+            _socket_dir: socket_dir,
+        };
         match rx.recv_timeout(START_TIMEOUT) {
-            Ok(port) => {
-                let addr = format!("127.0.0.1:{port}");
+            Ok(at) => {
+                // A port for gRPC, the address itself for the unix wire.
+                let addr = if at.starts_with("unix:") {
+                    at
+                } else {
+                    format!("127.0.0.1:{at}")
+                };
                 info!(
                     pid = process.pid(),
                     addr,

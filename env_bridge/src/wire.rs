@@ -1,6 +1,8 @@
-//! The env server's wire: endpoints and connections, its spec checked and
-//! converted, observations decoded, and which failures mean the server is gone.
+//! The env server's wire: connections over gRPC or the unix wire
+//! ([`EnvClient`]), the server's spec checked and converted, observations decoded,
+//! and which failures mean the server is gone.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use spur_core::config::EnvConfig;
@@ -8,13 +10,21 @@ use spur_core::env::{EnvSpec, ObsField};
 use spur_core::tensor::Element;
 use spur_core::EnvError;
 use spur_proto::v1::env_service_client::EnvServiceClient;
-use spur_proto::v1::{EnvSpecReply, EnvSpecRequest};
+use spur_proto::v1::{
+    EnvSpecReply, EnvSpecRequest, RenderReply, RenderRequest, ResetReply, ResetRequest, StepReply,
+    StepRequest,
+};
 use tonic::transport::{Channel, Endpoint};
+use tonic::Status;
+
+use crate::unix::{Method, UnixLink};
 
 /// Largest message an env server may send (thousands of NetHack observations).
 const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 /// How long one reset or step call may take.
 const CALL_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long connecting to an env server may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 fn endpoint(addr: &str) -> Result<Endpoint, EnvError> {
     let url = if addr.starts_with("http://") || addr.starts_with("https://") {
@@ -24,7 +34,7 @@ fn endpoint(addr: &str) -> Result<Endpoint, EnvError> {
     };
     Endpoint::from_shared(url)
         .map(|e| {
-            e.connect_timeout(Duration::from_secs(5))
+            e.connect_timeout(CONNECT_TIMEOUT)
                 .timeout(CALL_TIMEOUT)
                 .tcp_nodelay(true)
         })
@@ -136,25 +146,75 @@ pub(crate) fn runtime() -> Result<tokio::runtime::Runtime, EnvError> {
         .map_err(|e| EnvError::Config(format!("cannot start a runtime for env calls: {e}")))
 }
 
-/// Connects to the env server at `addr` and asks for its spec.
-pub(crate) async fn connect(
-    addr: &str,
-) -> Result<(EnvServiceClient<Channel>, EnvSpecReply), EnvError> {
-    let channel = endpoint(addr)?
-        .connect()
-        .await
-        .map_err(|e| EnvError::Server {
+/// A connection to one env server: gRPC for a `host:port` address, the unix wire
+/// for `unix:PATH`. Cheap to clone (clones share the connection); failures are
+/// statuses either way, so callers judge them alike.
+#[derive(Clone)]
+pub struct EnvClient(Wire);
+
+#[derive(Clone)]
+enum Wire {
+    Grpc(EnvServiceClient<Channel>),
+    Unix(Arc<UnixLink>),
+}
+
+impl EnvClient {
+    /// Connects to the env server at `addr`.
+    pub async fn connect(addr: &str) -> Result<Self, EnvError> {
+        let cannot = |e: &dyn std::fmt::Display| EnvError::Server {
             addr: addr.to_string(),
             message: format!("cannot connect: {e}"),
-        })?;
-    let mut client = EnvServiceClient::new(channel)
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES);
-    let spec = client
-        .spec(EnvSpecRequest {})
-        .await
-        .map_err(|s| server_error(addr, s))?
-        .into_inner();
+        };
+        if let Some(path) = addr.strip_prefix("unix:") {
+            let link = UnixLink::connect(path.into(), CONNECT_TIMEOUT)
+                .await
+                .map_err(|e| cannot(&e))?;
+            return Ok(Self(Wire::Unix(Arc::new(link))));
+        }
+        let channel = endpoint(addr)?.connect().await.map_err(|e| cannot(&e))?;
+        Ok(Self(Wire::Grpc(
+            EnvServiceClient::new(channel)
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        )))
+    }
+
+    pub async fn spec(&mut self) -> Result<EnvSpecReply, Status> {
+        match &mut self.0 {
+            Wire::Grpc(c) => c
+                .spec(EnvSpecRequest {})
+                .await
+                .map(tonic::Response::into_inner),
+            Wire::Unix(l) => l.call(Method::Spec, &EnvSpecRequest {}, CALL_TIMEOUT).await,
+        }
+    }
+
+    pub async fn reset(&mut self, request: ResetRequest) -> Result<ResetReply, Status> {
+        match &mut self.0 {
+            Wire::Grpc(c) => c.reset(request).await.map(tonic::Response::into_inner),
+            Wire::Unix(l) => l.call(Method::Reset, &request, CALL_TIMEOUT).await,
+        }
+    }
+
+    pub async fn step(&mut self, request: StepRequest) -> Result<StepReply, Status> {
+        match &mut self.0 {
+            Wire::Grpc(c) => c.step(request).await.map(tonic::Response::into_inner),
+            Wire::Unix(l) => l.call(Method::Step, &request, CALL_TIMEOUT).await,
+        }
+    }
+
+    pub async fn render(&mut self, request: RenderRequest) -> Result<RenderReply, Status> {
+        match &mut self.0 {
+            Wire::Grpc(c) => c.render(request).await.map(tonic::Response::into_inner),
+            Wire::Unix(l) => l.call(Method::Render, &request, CALL_TIMEOUT).await,
+        }
+    }
+}
+
+/// Connects to the env server at `addr` and asks for its spec.
+pub(crate) async fn connect(addr: &str) -> Result<(EnvClient, EnvSpecReply), EnvError> {
+    let mut client = EnvClient::connect(addr).await?;
+    let spec = client.spec().await.map_err(|s| server_error(addr, s))?;
     Ok((client, spec))
 }
 

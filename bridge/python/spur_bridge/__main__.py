@@ -1,7 +1,8 @@
-"""`python -m spur_bridge --env-id ID --num-envs K [--listen HOST:PORT]`
+"""`python -m spur_bridge --env-id ID --num-envs K [--listen HOST:PORT | --listen unix:PATH]`
 
-Prints `SPUR_BRIDGE_LISTENING <port>` on stdout once it serves (so a parent that
-asked for port 0 learns the port), then serves until SIGTERM or SIGINT. Failures to
+Prints `SPUR_BRIDGE_LISTENING <port>` (gRPC; a parent that asked for port 0 learns
+the port) or `SPUR_BRIDGE_LISTENING unix:PATH` (the unix wire) on stdout once it
+serves, then serves until SIGTERM or SIGINT. Failures to
 start (an unknown env id, say) print one line on stderr and exit with status 2.
 """
 
@@ -30,7 +31,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="spur_bridge", description=__doc__.splitlines()[0])
     p.add_argument("--env-id", required=True, help="a Gymnasium id, e.g. CartPole-v1, NetHackScore-v0")
     p.add_argument("--num-envs", type=int, default=16, help="environments stepped per call")
-    p.add_argument("--listen", default="127.0.0.1:0", help="host:port (port 0: any free port)")
+    p.add_argument("--listen", default="127.0.0.1:0", help="host:port for gRPC (port 0: any free port), or unix:PATH for the unix wire")
     p.add_argument("--crop", type=int, default=9, help="NetHack: side of the glyph crop around the hero")
     p.add_argument("--max-episode-steps", type=int, default=0, help="step limit (0: the env's own)")
     p.add_argument("--exit-with-parent", action="store_true", help="stop when the parent process (Linux: the thread that started this) dies")
@@ -47,14 +48,15 @@ def main(argv=None) -> int:
 
     try:
         batch = make_batch(args.env_id, args.num_envs, args.crop, args.max_episode_steps)
-        server, port = serve(batch, args.listen)
+        server, where = serve(batch, args.listen)
     except BridgeError as e:
         print(f"spur_bridge: {e}", file=sys.stderr, flush=True)
         return 2
-    print(f"SPUR_BRIDGE_LISTENING {port}", flush=True)
+    print(f"SPUR_BRIDGE_LISTENING {where}", flush=True)
     logging.info(
-        "serving %s x%d on port %d (obs %d floats, %d actions)",
-        args.env_id, batch.num_envs, port, batch.obs_dim, batch.num_actions,
+        "serving %s x%d on %s (obs %d floats, %d actions)",
+        args.env_id, batch.num_envs, where if isinstance(where, str) else f"port {where}",
+        batch.obs_dim, batch.num_actions,
     )
     done = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
