@@ -616,6 +616,12 @@ pub struct LearnerConfig {
     /// with `advantage = "gae"` (V-trace needs the current policy's log-probabilities)
     /// and a feedforward policy. Actors read the same key and send their values.
     pub actor_estimates: bool,
+    /// With the feedforward MLP (separate policy and value MLPs, no core), compute
+    /// PPO's gradients by the closed-form backward pass of `spur_core::mlp_grad`
+    /// instead of autograd: the same gradients in about half the libtorch calls,
+    /// which is most of a small network's update. `false` uses autograd. Minibatches
+    /// with imitation terms always use autograd.
+    pub explicit_mlp_gradients: bool,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -686,6 +692,7 @@ impl Default for LearnerConfig {
             max_open_groups: 4096,
             imitation_coef: 1.0,
             actor_estimates: false,
+            explicit_mlp_gradients: true,
         }
     }
 }

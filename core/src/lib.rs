@@ -11,6 +11,7 @@
 //! - `script`: policies saved by PyTorch as TorchScript modules (`model.arch =
 //!   "torchscript"`), their interface and its start-up checks
 //! - `vtrace`, `ppo`: the V-trace targets and the PPO loss
+//! - `mlp_grad`: the PPO loss's gradients for the feedforward MLP, in closed form
 //! - `advantage`: advantage estimators besides V-trace (GAE, group advantages)
 //! - `checkpoint`: atomic, versioned checkpoints
 //! - `adam`: Adam whose moments go into checkpoints
@@ -34,6 +35,7 @@ pub mod config;
 pub mod device;
 pub mod env;
 pub mod error;
+pub mod mlp_grad;
 pub mod model;
 pub mod ppo;
 pub mod prom;

@@ -419,6 +419,15 @@ impl ActorCritic {
         self.vs.device()
     }
 
+    /// The policy's and the critic's layers, when this is the feedforward MLP
+    /// (separate tanh MLPs, no core): what `mlp_grad` differentiates by hand.
+    pub fn mlp_layers(&self) -> Option<(&[nn::Linear], &[nn::Linear])> {
+        match (&self.body, &self.rnn) {
+            (Body::Mlp { policy, value }, None) => Some((policy, value)),
+            _ => None,
+        }
+    }
+
     pub fn var_store(&self) -> &nn::VarStore {
         &self.vs
     }

@@ -24,6 +24,8 @@ pub struct PpoLoss {
     pub clip_fraction: f64,
     /// Estimated KL(reference || current) on this minibatch, `mean((r - 1) - log r)`.
     pub approx_kl: f64,
+    /// The per-sample ratios `exp(log_probs - reference_log_probs)`.
+    pub ratio: Tensor,
 }
 
 /// All inputs are 1-D over the minibatch. `advantages` and `value_targets` carry no
@@ -63,6 +65,7 @@ pub fn ppo_loss(
         clip_fraction,
         approx_kl,
         total,
+        ratio,
     }
 }
 

@@ -15,8 +15,9 @@ use spur_core::adam::Adam;
 use spur_core::advantage::{gae, group_advantages, GaeInput, GroupEpisode, GroupParams};
 use spur_core::checkpoint;
 use spur_core::config::{AdvantageKind, Config, GroupOutcome};
+use spur_core::mlp_grad::MlpPass;
 use spur_core::model::{f32_vec, tensors_to_safetensors, ActorCritic};
-use spur_core::ppo::{ppo_loss, PpoParams};
+use spur_core::ppo::{ppo_loss, PpoLoss, PpoParams};
 use spur_core::trajectory::Chunk;
 use spur_core::vtrace::{vtrace, VTraceInput, VTraceParams};
 use tch::{Device, Kind, Tensor};
@@ -716,6 +717,36 @@ impl Trainer {
         stats: &mut UpdateStats,
     ) -> bool {
         let lc = &self.config.learner;
+        let params = PpoParams {
+            clip_eps: lc.clip_eps,
+            value_coef: lc.value_coef,
+            entropy_coef: lc.entropy_coef,
+        };
+        // The feedforward MLP without imitation terms: gradients in closed form.
+        if let (Minibatch::Steps(idx), Some(layers), true, None) = (
+            &minibatch,
+            self.model.mlp_layers(),
+            lc.explicit_mlp_gradients,
+            &terms.experts,
+        ) {
+            let pass = MlpPass::new(
+                layers,
+                &inputs.obs.index_select(0, idx),
+                &inputs.actions.index_select(0, idx),
+                &terms.proximal.index_select(0, idx),
+                &normalized(
+                    &terms.advantages.index_select(0, idx),
+                    lc.advantage_std_floor,
+                ),
+                &terms.targets.index_select(0, idx),
+                &params,
+            );
+            if !self.finite(&pass.loss.total) {
+                return false;
+            }
+            pass.write_gradients();
+            return self.optimizer_step(&pass.loss, stats);
+        }
         let (idx, eval) = match minibatch {
             Minibatch::Steps(idx) => {
                 let eval = self.model.evaluate(
@@ -738,16 +769,10 @@ impl Trainer {
                 (p.flat, eval)
             }
         };
-        let adv = terms.advantages.index_select(0, &idx);
-        // Scale by the spread, but never blow near-zero advantages (a batch without
-        // any reward) up into unit-size noise.
-        let std = adv.std(true).clamp_min(lc.advantage_std_floor);
-        let adv = (&adv - adv.mean(Kind::Float)) / std;
-        let params = PpoParams {
-            clip_eps: lc.clip_eps,
-            value_coef: lc.value_coef,
-            entropy_coef: lc.entropy_coef,
-        };
+        let adv = normalized(
+            &terms.advantages.index_select(0, &idx),
+            lc.advantage_std_floor,
+        );
         let loss = ppo_loss(
             &eval.log_probs,
             &terms.proximal.index_select(0, &idx),
@@ -769,15 +794,31 @@ impl Trainer {
             }
             None => loss.total.shallow_clone(),
         };
-        if !loss_total.double_value(&[]).is_finite() {
-            warn!(
-                version = self.version,
-                "skipping a minibatch with a non-finite loss"
-            );
+        if !self.finite(&loss_total) {
             return false;
         }
         self.opt.zero_grad();
         loss_total.backward();
+        self.optimizer_step(&loss, stats)
+    }
+
+    /// Whether `loss` is finite; a minibatch whose loss is not is skipped (logged).
+    fn finite(&self, loss: &Tensor) -> bool {
+        let finite = loss.double_value(&[]).is_finite();
+        if !finite {
+            warn!(
+                version = self.version,
+                "skipping a minibatch with a non-finite loss"
+            );
+        }
+        finite
+    }
+
+    /// Clips the gradients, steps the optimizer and adds `loss`'s statistics to
+    /// `stats`; true when the policy moved too far from the proximal one
+    /// (`learner.target_kl`).
+    fn optimizer_step(&mut self, loss: &PpoLoss, stats: &mut UpdateStats) -> bool {
+        let lc = &self.config.learner;
         let norm = self.opt.clip_grad_norm(lc.max_grad_norm);
         if stats.steps == 0 {
             stats.grad_norm = norm;
@@ -791,6 +832,14 @@ impl Trainer {
         stats.steps += 1;
         lc.target_kl > 0.0 && loss.approx_kl > 1.5 * lc.target_kl
     }
+}
+
+/// Advantages shifted to mean 0 and scaled by their spread, but never by less than
+/// `floor`, so near-zero advantages (a batch without any reward) do not blow up into
+/// unit-size noise.
+fn normalized(advantages: &Tensor, floor: f64) -> Tensor {
+    let std = advantages.std(true).clamp_min(floor);
+    (advantages - advantages.mean(Kind::Float)) / std
 }
 
 /// A batch's observations and actions on the policy's device.
