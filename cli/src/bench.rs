@@ -318,6 +318,14 @@ pub async fn throughput(args: ThroughputArgs) -> anyhow::Result<std::process::Ex
             }
         );
         println!("end to end vs that bound: {:.3}x", e2e / bound);
+        // One learner trains one batch after another (on `run.torch_threads`
+        // threads, as in its line above): however the actors are spread over the
+        // cores, a run cannot train faster than the learner alone.
+        let one_learner = bound.min(learner);
+        println!(
+            "bound with one learner: min(that, learner only) = {one_learner:.0} env steps/s; end to end vs it: {:.3}x",
+            e2e / one_learner
+        );
     }
 
     let c = config.clone();
