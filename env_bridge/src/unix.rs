@@ -80,7 +80,7 @@ impl UnixLink {
             .encode(&mut frame)
             .expect("a Vec grows to fit any message");
         let mut stream = self.stream.lock().await;
-        let answer = tokio::time::timeout(timeout, exchange(&mut stream, &frame)).await;
+        let answer = tokio::time::timeout(timeout, exchange(&mut stream, &frame, &self.path)).await;
         let (kind, body) = match answer {
             Ok(Ok(reply)) => reply,
             Ok(Err(status)) => {
@@ -107,8 +107,12 @@ impl UnixLink {
 }
 
 /// Writes `frame` and reads one reply frame: its kind and body.
-async fn exchange(stream: &mut UnixStream, frame: &[u8]) -> Result<(u8, Vec<u8>), Status> {
-    let gone = |e: std::io::Error| Status::unavailable(format!("the bridge's socket: {e}"));
+async fn exchange(
+    stream: &mut UnixStream,
+    frame: &[u8],
+    path: &std::path::Path,
+) -> Result<(u8, Vec<u8>), Status> {
+    let gone = |e: std::io::Error| Status::unavailable(format!("unix:{}: {e}", path.display()));
     stream.write_all(frame).await.map_err(gone)?;
     let mut header = [0u8; HEADER_BYTES];
     stream.read_exact(&mut header).await.map_err(gone)?;

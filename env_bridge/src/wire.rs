@@ -179,6 +179,7 @@ impl EnvClient {
         )))
     }
 
+    /// The server's env: id, env count, observation fields, actions.
     pub async fn spec(&mut self) -> Result<EnvSpecReply, Status> {
         match &mut self.0 {
             Wire::Grpc(c) => c
@@ -189,6 +190,7 @@ impl EnvClient {
         }
     }
 
+    /// Resets the envs `request` names with its seeds; their first observations.
     pub async fn reset(&mut self, request: ResetRequest) -> Result<ResetReply, Status> {
         match &mut self.0 {
             Wire::Grpc(c) => c.reset(request).await.map(tonic::Response::into_inner),
@@ -196,6 +198,7 @@ impl EnvClient {
         }
     }
 
+    /// Steps every env of the server with one action each.
     pub async fn step(&mut self, request: StepRequest) -> Result<StepReply, Status> {
         match &mut self.0 {
             Wire::Grpc(c) => c.step(request).await.map(tonic::Response::into_inner),
@@ -203,6 +206,7 @@ impl EnvClient {
         }
     }
 
+    /// A text picture of one env.
     pub async fn render(&mut self, request: RenderRequest) -> Result<RenderReply, Status> {
         match &mut self.0 {
             Wire::Grpc(c) => c.render(request).await.map(tonic::Response::into_inner),
