@@ -394,14 +394,15 @@ impl Drop for TestBridge {
     }
 }
 
-/// Starts `python -m spur_bridge` for `config` listening on `listen`; returns it
-/// once it serves.
-fn bridge_at(config: &Config, listen: &str, num_envs: usize) -> TestBridge {
+/// Starts `python -m spur_bridge` for `config` listening on `listen` (with `extra`
+/// flags); returns it once it serves.
+fn bridge_at(config: &Config, listen: &str, num_envs: usize, extra: &[&str]) -> TestBridge {
     use std::io::BufRead;
     let mut child = Command::new(python(&config.env))
         .args(["-m", "spur_bridge", "--listen", listen])
         .args(["--env-id", &config.env.gym_id])
         .args(["--num-envs", &num_envs.to_string()])
+        .args(extra)
         .stdout(Stdio::piped())
         .spawn()
         .expect("the venv python runs");
@@ -433,7 +434,7 @@ fn a_remote_server_that_comes_back_is_reconnected() {
     // tries to reach it.
     drop(bridge);
     let (config_b, addr_b) = (config.clone(), addr.clone());
-    let back = std::thread::spawn(move || bridge_at(&config_b, &addr_b, 2));
+    let back = std::thread::spawn(move || bridge_at(&config_b, &addr_b, 2, &[]));
     let out = step_all(&mut batch, &mut obs).unwrap();
     assert!(out.iter().all(|o| o.lost), "{out:?}");
     assert!(batch.restarts() >= 1);
@@ -442,6 +443,34 @@ fn a_remote_server_that_comes_back_is_reconnected() {
     let out = step_all(&mut batch, &mut obs).unwrap();
     assert!(out.iter().all(|o| !o.lost && o.reward == 1.0), "{out:?}");
     drop(back.join().unwrap());
+}
+
+/// A bridge whose actor was killed gets SIGTERM (the parent-death signal) and removes
+/// its socket and the directory made for it, which the killed actor cannot.
+#[test]
+fn a_stopped_bridge_removes_its_socket_directory() {
+    let config = gym_config("CartPole-v1", 2);
+    for remove in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("env.sock");
+        let listen = format!("unix:{}", sock.display());
+        let flags: &[&str] = if remove {
+            &["--remove-socket-dir"]
+        } else {
+            &[]
+        };
+        let mut bridge = bridge_at(&config, &listen, 2, flags);
+        assert!(sock.exists(), "serving on {listen}");
+        let status = Command::new("kill")
+            .args(["-TERM", &bridge.0.id().to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(status.success());
+        let exit = bridge.0.wait().unwrap();
+        assert!(exit.success(), "a clean stop: {exit}");
+        assert!(!sock.exists(), "the socket goes either way");
+        assert_eq!(dir.path().exists(), !remove, "remove-socket-dir {remove}");
+    }
 }
 
 /// NLE ignores Gymnasium's reset seed; the bridge seeds the game itself, so a seed

@@ -81,6 +81,8 @@ impl BridgeProcess {
             command: command.clone(),
             message,
         };
+        // A killed actor cannot remove its bridge's socket directory; the bridge,
+        // stopped by the parent-death signal, removes it (`--remove-socket-dir`).
         let (listen, socket_dir) = match config.bridge_wire {
             BridgeWire::Grpc => ("127.0.0.1:0".to_string(), None),
             BridgeWire::Unix => {
@@ -103,6 +105,7 @@ impl BridgeProcess {
             "--listen",
             &listen,
         ])
+        .args(socket_dir.as_ref().map(|_| "--remove-socket-dir"))
         .args(["--env-id", &config.gym_id])
         .args(["--num-envs", &num_envs.to_string()])
         .args(["--crop", &config.crop.to_string()])

@@ -34,12 +34,22 @@ def main(argv=None) -> int:
     p.add_argument("--listen", default="127.0.0.1:0", help="host:port for gRPC (port 0: any free port), or unix:PATH for the unix wire")
     p.add_argument("--crop", type=int, default=9, help="NetHack: side of the glyph crop around the hero")
     p.add_argument("--max-episode-steps", type=int, default=0, help="step limit (0: the env's own)")
+    p.add_argument(
+        "--remove-socket-dir",
+        action="store_true",
+        help="unix wire: remove the socket's directory as well when stopping (one made for this bridge)",
+    )
     p.add_argument("--exit-with-parent", action="store_true", help="stop when the parent process (Linux: the thread that started this) dies")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="spur_bridge %(levelname)s %(message)s")
     # NLE announces its save-dir choice ("Not saving any NLE data.") at INFO once per
     # env; the bridge's stderr becomes the caller's log, so keep only its warnings.
     logging.getLogger("nle").setLevel(logging.WARNING)
+    # Before anything is served: a stop that comes at any moment from here on (the
+    # parent-death signal included) ends in the clean-up below.
+    done = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: done.set())
     if args.exit_with_parent:
         _exit_with_parent()
 
@@ -48,7 +58,7 @@ def main(argv=None) -> int:
 
     try:
         batch = make_batch(args.env_id, args.num_envs, args.crop, args.max_episode_steps)
-        server, where = serve(batch, args.listen)
+        server, where = serve(batch, args.listen, args.remove_socket_dir)
     except BridgeError as e:
         print(f"spur_bridge: {e}", file=sys.stderr, flush=True)
         return 2
@@ -58,9 +68,6 @@ def main(argv=None) -> int:
         args.env_id, batch.num_envs, where if isinstance(where, str) else f"port {where}",
         batch.obs_dim, batch.num_actions,
     )
-    done = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: done.set())
     done.wait()
     server.stop(grace=1).wait()
     os._exit(0)  # NetHack's C library does not always let the interpreter exit cleanly

@@ -135,9 +135,12 @@ class UnixServer:
     """The unix wire: a thread accepting connections on `path`, and a thread per
     connection reading one request frame after another and answering each."""
 
-    def __init__(self, handlers: Handlers, path: str):
+    def __init__(self, handlers: Handlers, path: str, remove_dir: bool = False):
         self.handlers = handlers
         self.path = path
+        # The directory was made for this socket alone: remove it on the way out too
+        # (an actor killed with SIGKILL cannot; its bridge gets SIGTERM and can).
+        self.remove_dir = remove_dir
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         # Only this user may connect: the socket file is made without group or
         # other permissions.
@@ -161,6 +164,11 @@ class UnixServer:
             os.unlink(self.path)
         except FileNotFoundError:
             pass
+        if self.remove_dir:
+            try:
+                os.rmdir(os.path.dirname(self.path))
+            except OSError as e:
+                log.warning("could not remove the socket's directory: %s", e)
         stopped = threading.Event()
         stopped.set()
         return stopped
@@ -222,13 +230,14 @@ def _error_frame(code: grpc.StatusCode, message: str) -> bytes:
     return HEADER.pack(len(body), code.value[0]) + body
 
 
-def serve(batch: Batch, listen: str):
-    """Serves `batch` on `listen`: `unix:PATH` for the unix wire, else `host:port` for
-    gRPC (port 0 picks a free one). Returns the server (with `stop()`) and what to
-    announce: the bound port for gRPC, `listen` itself for the unix wire."""
+def serve(batch: Batch, listen: str, remove_socket_dir: bool = False):
+    """Serves `batch` on `listen`: `unix:PATH` for the unix wire (with
+    `remove_socket_dir`, PATH's directory goes when the server stops), else
+    `host:port` for gRPC (port 0 picks a free one). Returns the server (with `stop()`)
+    and what to announce: the bound port for gRPC, `listen` itself for the unix wire."""
     handlers = Handlers(batch)
     if listen.startswith("unix:"):
-        server = UnixServer(handlers, listen[len("unix:") :])
+        server = UnixServer(handlers, listen[len("unix:") :], remove_socket_dir)
         server.start()
         return server, listen
     server = grpc.server(
