@@ -377,8 +377,8 @@ pub struct EnvConfig {
     /// counted.
     pub bridge_restarts: u32,
     /// `gym`: how an actor talks to the bridge processes it starts itself: `unix` (the
-    /// env service's messages in frames on a Unix socket, a few tens of microseconds a
-    /// call) or `grpc` (gRPC on a loopback port, about a millisecond a call in
+    /// env service's messages in frames on a Unix socket, about a tenth of a
+    /// millisecond a call beyond the envs' own work) or `grpc` (gRPC on a loopback port, about a millisecond a call in
     /// grpcio's server). `env.remote` addresses name their wire themselves
     /// (`host:port` is gRPC, `unix:PATH` the unix wire).
     pub bridge_wire: BridgeWire,
