@@ -297,12 +297,17 @@ fn step_all(batch: &mut RemoteBatch, obs: &mut [f32]) -> Result<Vec<StepOutcome>
     Ok(outcomes)
 }
 
-fn kill_9(pid: u32) {
+/// Sends `signal` (`-9`, `-TERM`) to `pid`.
+fn kill(signal: &str, pid: u32) {
     let status = Command::new("kill")
-        .args(["-9", &pid.to_string()])
+        .args([signal, &pid.to_string()])
         .status()
         .expect("kill runs");
-    assert!(status.success(), "kill -9 {pid}");
+    assert!(status.success(), "kill {signal} {pid}");
+}
+
+fn kill_9(pid: u32) {
+    kill("-9", pid);
 }
 
 #[test]
@@ -461,11 +466,7 @@ fn a_stopped_bridge_removes_its_socket_directory() {
         };
         let mut bridge = bridge_at(&config, &listen, 2, flags);
         assert!(sock.exists(), "serving on {listen}");
-        let status = Command::new("kill")
-            .args(["-TERM", &bridge.0.id().to_string()])
-            .status()
-            .expect("kill runs");
-        assert!(status.success());
+        kill("-TERM", bridge.0.id());
         let exit = bridge.0.wait().unwrap();
         assert!(exit.success(), "a clean stop: {exit}");
         assert!(!sock.exists(), "the socket goes either way");

@@ -434,9 +434,9 @@ pub async fn bridge(args: BridgeArgs) -> anyhow::Result<std::process::ExitCode> 
     // more servers step in parallel. Each on both wires.
     let k = args.num_envs;
     for (servers, per_server) in [(1, k), (1, 4 * k), (2, 4 * k)] {
+        cartpole.env.num_envs = servers * per_server;
+        cartpole.env.servers = servers;
         for wire in [BridgeWire::Grpc, BridgeWire::Unix] {
-            cartpole.env.num_envs = servers * per_server;
-            cartpole.env.servers = servers;
             cartpole.env.bridge_wire = wire;
             let c = cartpole.clone();
             let v = off_runtime(move || env_only(&c, secs)).await?;

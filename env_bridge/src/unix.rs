@@ -73,8 +73,9 @@ impl UnixLink {
                 self.path.display()
             )));
         }
-        let mut frame = Vec::with_capacity(HEADER_BYTES + request.encoded_len());
-        frame.extend_from_slice(&(request.encoded_len() as u32).to_le_bytes());
+        let len = request.encoded_len();
+        let mut frame = Vec::with_capacity(HEADER_BYTES + len);
+        frame.extend_from_slice(&(len as u32).to_le_bytes());
         frame.push(method as u8);
         request
             .encode(&mut frame)
@@ -142,10 +143,16 @@ mod tests {
 
     /// A server on a fresh socket that answers the first request with `reply` bytes
     /// (raw, so tests can break the framing), after checking the request frame.
-    async fn serve_once(reply: Vec<u8>) -> (tempfile::TempDir, PathBuf) {
+    /// A listener on a socket in a fresh directory (removed when the first is dropped).
+    fn listen() -> (tempfile::TempDir, PathBuf, UnixListener) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("b.sock");
         let listener = UnixListener::bind(&path).unwrap();
+        (dir, path, listener)
+    }
+
+    async fn serve_once(reply: Vec<u8>) -> (tempfile::TempDir, PathBuf) {
+        let (dir, path, listener) = listen();
         tokio::spawn(async move {
             let (mut s, _) = listener.accept().await.unwrap();
             let mut header = [0u8; HEADER_BYTES];
@@ -166,8 +173,7 @@ mod tests {
     }
 
     fn frame(kind: u8, body: &[u8]) -> Vec<u8> {
-        let mut f = (body.len() as u32).to_le_bytes().to_vec();
-        f.push(kind);
+        let mut f = frame_header(body.len() as u32, kind);
         f.extend_from_slice(body);
         f
     }
@@ -239,9 +245,7 @@ mod tests {
         };
         let mut bytes = frame(0, &reply.encode_to_vec());
         bytes.truncate(bytes.len() - 1);
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("b.sock");
-        let listener = UnixListener::bind(&path).unwrap();
+        let (_dir, path, listener) = listen();
         tokio::spawn(async move {
             let (mut s, _) = listener.accept().await.unwrap();
             let mut request = [0u8; 64];
@@ -256,9 +260,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_server_that_never_answers_times_out() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("b.sock");
-        let listener = UnixListener::bind(&path).unwrap();
+        let (_dir, path, listener) = listen();
         tokio::spawn(async move {
             let (_s, _) = listener.accept().await.unwrap();
             std::future::pending::<()>().await;
