@@ -148,6 +148,9 @@ impl Rollout {
         };
         let device = resolve_device(&self.config.model.device);
         let mut model = ActorCritic::for_spec(&spec, &self.config.model, device)?;
+        if self.config.actor.fold_weights {
+            model.fold_for_acting();
+        }
         if self.config.learner.actor_estimates && model.is_recurrent() {
             return Err(ActorError::Rollout(
                 "learner.actor_estimates needs a feedforward policy; this module keeps a \

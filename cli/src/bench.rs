@@ -105,7 +105,10 @@ fn cpu_policy(config: &Config, venv: &VecEnv) -> anyhow::Result<ActorCritic> {
 
 fn inference_only(config: &Config, secs: f64) -> anyhow::Result<f64> {
     let venv = vec_env(config)?;
-    let model = cpu_policy(config, &venv)?;
+    let mut model = cpu_policy(config, &venv)?;
+    if config.actor.fold_weights {
+        model.fold_for_acting();
+    }
     let obs = venv.observations().to_vec();
     let mut state = vec![0.0f32; venv.num_envs() * model.state_size()];
     let (start, mut steps) = (Instant::now(), 0u64);

@@ -226,6 +226,9 @@ fn load_policy(
     model
         .load_safetensors(weights)
         .context("the checkpoint does not fit this config's environment and model")?;
+    if config.actor.fold_weights {
+        model.fold_for_acting();
+    }
     Ok(model)
 }
 

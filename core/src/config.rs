@@ -501,6 +501,12 @@ pub struct ActorConfig {
     /// whose steps run in other processes; `spur local` makes it `off` when the machine
     /// has fewer than 2 cores for each actor and the learner), `on` or `off`.
     pub split_envs: SplitEnvs,
+    /// Whether actors run the NetHack network through tables folded from each
+    /// weight version (its embeddings folded into the convolutions that read them,
+    /// `crop_fc`'s weight transposed once): the same outputs to float rounding in
+    /// fewer, cheaper operations; `false` computes it as the learner does. Other
+    /// networks are unaffected.
+    pub fold_weights: bool,
 }
 
 /// `actor.split_envs`.
@@ -524,6 +530,7 @@ impl Default for ActorConfig {
             max_backoff_ms: 5000,
             group_size: 1,
             split_envs: SplitEnvs::Auto,
+            fold_weights: true,
         }
     }
 }

@@ -21,6 +21,9 @@ use crate::error::ModelError;
 use crate::recurrent::RecurrentCore;
 use crate::script::{ScriptPolicy, Step};
 
+mod folded;
+use folded::Folded;
+
 /// Metadata key holding the policy version inside a weights payload.
 pub const VERSION_KEY: &str = "spur.policy_version";
 
@@ -76,6 +79,8 @@ struct NetHackNet {
     core: nn::Linear,
     pi: nn::Linear,
     v: nn::Linear,
+    /// Tables folded from the weights for acting ([`ActorCritic::fold_for_acting`]).
+    folded: Option<Folded>,
 }
 
 impl NetHackNet {
@@ -134,10 +139,14 @@ impl NetHackNet {
             core: nn::linear(path / "core", 256 + 64 + 64, core, Default::default()),
             pi: nn::linear(path / "pi", head_in, num_actions, Default::default()),
             v: nn::linear(path / "v", head_in, 1, Default::default()),
+            folded: None,
         })
     }
 
-    fn torso(&self, obs: &Tensor) -> Tensor {
+    /// The core layer's output for `obs`; `acting` goes through the folded tables
+    /// when there are any (no gradients reach the weights that way).
+    fn torso(&self, obs: &Tensor, acting: bool) -> Tensor {
+        let folded = self.folded.as_ref().filter(|_| acting);
         let b = obs.size()[0];
         let c = self.crop;
         let glyphs = obs
@@ -145,11 +154,15 @@ impl NetHackNet {
             .to_kind(Kind::Int64)
             .clamp(0, MAX_GLYPH)
             .view([b, c, c]);
-        let g = self
-            .glyph_emb
-            .forward(&glyphs)
-            .permute([0, 3, 1, 2])
-            .apply(&self.conv1)
+        let g = match folded {
+            Some(f) => f.first_conv(self, &glyphs),
+            None => self
+                .glyph_emb
+                .forward(&glyphs)
+                .permute([0, 3, 1, 2])
+                .apply(&self.conv1),
+        };
+        let g = g
             .elu()
             .apply(&self.conv2)
             // The convolutions keep the embedding's channels-last layout, but the
@@ -159,9 +172,12 @@ impl NetHackNet {
             // (the copy the flatten made anyway), both sides of ELU agree.
             .contiguous()
             .elu()
-            .flatten(1, -1)
-            .apply(&self.crop_fc)
-            .elu();
+            .flatten(1, -1);
+        let g = match folded {
+            Some(f) => f.crop_fc(self, &g),
+            None => g.apply(&self.crop_fc),
+        }
+        .elu();
         let stats = obs.narrow(1, self.stats_at, self.n_stats);
         // Signed log: hit points, gold and turn counts span many orders of magnitude.
         let stats = (stats.sign() * stats.abs().log1p())
@@ -171,7 +187,7 @@ impl NetHackNet {
             .narrow(1, self.msg_at, self.n_msg)
             .to_kind(Kind::Int64)
             .clamp(0, 255);
-        let m = self.message(&bytes, !bytes.device().is_cuda());
+        let m = self.message(&bytes, !bytes.device().is_cuda(), folded);
         Tensor::cat(&[g, stats, m], 1).apply(&self.core).elu()
     }
 
@@ -185,12 +201,15 @@ impl NetHackNet {
     /// gradient it routes to the tied windows sums to the same), and typical batches
     /// need a third of the windows or fewer. Finding the cut reads one number back
     /// from the device, so CUDA runs skip it (there the convolution is cheap anyway).
-    fn message(&self, bytes: &Tensor, trim: bool) -> Tensor {
+    fn message(&self, bytes: &Tensor, trim: bool, folded: Option<&Folded>) -> Tensor {
         let bytes = if trim {
             bytes.narrow(1, 0, self.message_bytes_needed(bytes))
         } else {
             bytes.shallow_clone()
         };
+        if let Some(f) = folded {
+            return f.message_max(self, &bytes).elu();
+        }
         self.msg_emb
             .forward(&bytes)
             .permute([0, 2, 1])
@@ -459,27 +478,45 @@ impl ActorCritic {
 
     /// Logits per row of `obs` (with a recurrent core: each row from a zero state).
     pub fn logits(&self, obs: &Tensor) -> Tensor {
-        match &self.body {
-            Body::Mlp { policy, .. } => run_mlp(policy, obs),
-            Body::NetHack(n) if self.rnn.is_none() => n.torso(obs).apply(&n.pi),
-            Body::Script(s) => Self::script_from_zeros(s, obs).logits,
-            _ => self.logits_and_values(obs).0,
-        }
+        self.logits_in(obs, false)
     }
 
     /// Values per row of `obs` (with a recurrent core: each row from a zero state).
     pub fn values(&self, obs: &Tensor) -> Tensor {
-        match &self.body {
-            Body::Mlp { value, .. } => run_mlp(value, obs).squeeze_dim(-1),
-            Body::NetHack(n) if self.rnn.is_none() => n.torso(obs).apply(&n.v).squeeze_dim(-1),
-            Body::Script(s) => Self::script_from_zeros(s, obs).values,
-            _ => self.logits_and_values(obs).1,
-        }
+        self.values_in(obs, false)
     }
 
     /// Logits and values in one pass (the NetHack network shares its torso; with a
     /// recurrent core: each row from a zero state).
     pub fn logits_and_values(&self, obs: &Tensor) -> (Tensor, Tensor) {
+        self.logits_and_values_in(obs, false)
+    }
+
+    /// [`logits`](Self::logits); `acting` may use the folded tables.
+    fn logits_in(&self, obs: &Tensor, acting: bool) -> Tensor {
+        match &self.body {
+            Body::Mlp { policy, .. } => run_mlp(policy, obs),
+            Body::NetHack(n) if self.rnn.is_none() => n.torso(obs, acting).apply(&n.pi),
+            Body::Script(s) => Self::script_from_zeros(s, obs).logits,
+            _ => self.logits_and_values_in(obs, acting).0,
+        }
+    }
+
+    /// [`values`](Self::values); `acting` may use the folded tables.
+    fn values_in(&self, obs: &Tensor, acting: bool) -> Tensor {
+        match &self.body {
+            Body::Mlp { value, .. } => run_mlp(value, obs).squeeze_dim(-1),
+            Body::NetHack(n) if self.rnn.is_none() => {
+                n.torso(obs, acting).apply(&n.v).squeeze_dim(-1)
+            }
+            Body::Script(s) => Self::script_from_zeros(s, obs).values,
+            _ => self.logits_and_values_in(obs, acting).1,
+        }
+    }
+
+    /// [`logits_and_values`](Self::logits_and_values); `acting` may use the folded
+    /// tables.
+    fn logits_and_values_in(&self, obs: &Tensor, acting: bool) -> (Tensor, Tensor) {
         match (&self.body, &self.rnn) {
             (Body::Mlp { .. }, _) => (self.logits(obs), self.values(obs)),
             (Body::Script(s), _) => {
@@ -487,7 +524,7 @@ impl ActorCritic {
                 (step.logits, step.values)
             }
             (Body::NetHack(n), None) => {
-                let h = n.torso(obs);
+                let h = n.torso(obs, acting);
                 (h.apply(&n.pi), h.apply(&n.v).squeeze_dim(-1))
             }
             (_, Some(rnn)) => {
@@ -495,20 +532,21 @@ impl ActorCritic {
                     [obs.size()[0], rnn.state_size()],
                     (Kind::Float, obs.device()),
                 );
-                let (h, _) = rnn.step(&self.features(obs), &zeros);
+                let (h, _) = rnn.step(&self.features(obs, acting), &zeros);
                 self.heads(&h)
             }
             (Body::SharedMlp { .. }, None) => unreachable!("a shared MLP has a core"),
         }
     }
 
-    /// What the recurrent core reads: the torso's output per row of `obs`.
-    fn features(&self, obs: &Tensor) -> Tensor {
+    /// What the recurrent core reads: the torso's output per row of `obs`; `acting`
+    /// may use the folded tables.
+    fn features(&self, obs: &Tensor, acting: bool) -> Tensor {
         match &self.body {
             Body::SharedMlp { torso, .. } => torso
                 .iter()
                 .fold(obs.shallow_clone(), |h, l| l.forward(&h).tanh()),
-            Body::NetHack(n) => n.torso(obs),
+            Body::NetHack(n) => n.torso(obs, acting),
             Body::Mlp { .. } | Body::Script(_) => {
                 unreachable!("only the built-in recurrent networks have a shared torso")
             }
@@ -564,7 +602,7 @@ impl ActorCritic {
             "act_with_values needs a feedforward policy"
         );
         tch::no_grad(|| {
-            let (logits, values) = self.logits_and_values(&self.rows(obs));
+            let (logits, values) = self.logits_and_values_in(&self.rows(obs), true);
             let (actions, log_probs) = Self::sample(&logits, greedy);
             (actions, log_probs, f32_vec(&values))
         })
@@ -574,7 +612,7 @@ impl ActorCritic {
     /// gradients; a feedforward policy only.
     pub fn values_of(&self, obs: &[f32]) -> Vec<f32> {
         assert!(!self.is_recurrent(), "values_of needs a feedforward policy");
-        tch::no_grad(|| f32_vec(&self.values(&self.rows(obs))))
+        tch::no_grad(|| f32_vec(&self.values_in(&self.rows(obs), true)))
     }
 
     /// `obs` (`n * obs_dim` floats) as an `[n, obs_dim]` tensor on the policy's device.
@@ -604,7 +642,7 @@ impl ActorCritic {
     /// floats) in place.
     fn acting_logits(&self, x: &Tensor, state: &mut [f32]) -> Tensor {
         if self.state_size() == 0 {
-            return self.logits(x);
+            return self.logits_in(x, true);
         }
         let s0 = Tensor::from_slice(state)
             .view([x.size()[0], self.state_size() as i64])
@@ -615,7 +653,7 @@ impl ActorCritic {
                 (step.logits, step.state)
             }
             (_, Some(rnn)) => {
-                let (h, next) = rnn.step(&self.features(x), &s0);
+                let (h, next) = rnn.step(&self.features(x, true), &s0);
                 (self.policy_head(&h), next)
             }
             (_, None) => unreachable!("a policy with state has a core or is a module"),
@@ -656,7 +694,7 @@ impl ActorCritic {
             .rnn
             .as_ref()
             .expect("unroll is for policies with a recurrent core");
-        let features = self.features(obs);
+        let features = self.features(obs, false);
         let (outs, states) = scan(initial, resets, |t, state| {
             rnn.step(&features.narrow(0, t * b, b), state)
         });
@@ -679,7 +717,7 @@ impl ActorCritic {
             .rnn
             .as_ref()
             .expect("values_after is for policies with a recurrent core");
-        let (h, _) = rnn.step(&self.features(obs), states);
+        let (h, _) = rnn.step(&self.features(obs, false), states);
         self.heads(&h).1
     }
 
@@ -712,13 +750,42 @@ impl ActorCritic {
         &mut self,
         bytes: &[u8],
     ) -> Result<HashMap<String, String>, ModelError> {
-        load_vars(&self.vs, bytes)
+        let meta = load_vars(&self.vs, bytes)?;
+        self.refold();
+        Ok(meta)
     }
 
     /// Copies every weight from `other` (same architecture).
     pub fn copy_from(&mut self, other: &ActorCritic) -> Result<(), ModelError> {
         self.vs.copy(&other.vs)?;
+        self.refold();
         Ok(())
+    }
+
+    /// Acting ([`act`](Self::act), [`act_with_values`](Self::act_with_values),
+    /// [`values_of`](Self::values_of)) goes through tables folded from the weights
+    /// from now on (the NetHack network only; other networks are unchanged): the same
+    /// outputs to float rounding, in fewer and cheaper operations at a few rows. The
+    /// tables are recomputed whenever weights are loaded through
+    /// [`load_safetensors`](Self::load_safetensors) or [`copy_from`](Self::copy_from),
+    /// and only then: a model whose variables change in place (an optimizer's step)
+    /// must not fold, or it would act with the weights it had when it folded.
+    pub fn fold_for_acting(&mut self) {
+        if let Body::NetHack(n) = &mut self.body {
+            n.folded = Some(Folded::new(n));
+        }
+    }
+
+    /// Whether acting goes through folded tables.
+    pub fn is_folded(&self) -> bool {
+        matches!(&self.body, Body::NetHack(n) if n.folded.is_some())
+    }
+
+    /// Recomputes the folded tables, if there are any, from the weights now held.
+    fn refold(&mut self) {
+        if self.is_folded() {
+            self.fold_for_acting();
+        }
     }
 }
 
@@ -1143,7 +1210,7 @@ mod tests {
         };
         // Features and the gradients of a fixed projection of them.
         let run = |bytes: &Tensor, trim: bool| {
-            let out = net.message(bytes, trim);
+            let out = net.message(bytes, trim, None);
             let proj = Tensor::linspace(-1.0, 1.0, 64, (Kind::Float, Device::Cpu));
             for v in vs.trainable_variables() {
                 v.grad().defined().then(|| v.grad().zero_());
@@ -1176,6 +1243,89 @@ mod tests {
                 assert!(close(t, f), "{lengths:?}: gradients differ");
             }
         }
+    }
+
+    /// NetHack-like rows: glyph ids across the whole range and past it, signed stats,
+    /// and messages from empty to full.
+    fn nethack_rows(spec: &EnvSpec, n: usize) -> Vec<f32> {
+        let mut obs = vec![0.0f32; n * spec.obs_dim];
+        for (row, r) in obs.chunks_exact_mut(spec.obs_dim).enumerate() {
+            for (j, v) in r.iter_mut().enumerate() {
+                *v = match j {
+                    j if j < 25 => ((row * 2389 + j * 797) % 6100) as f32 - 20.0,
+                    j if j < 52 => (row * j) as f32 * 37.5 - 300.0,
+                    j if j - 52 < row * 45 => (32 + (row * 31 + j * 7) % 95) as f32,
+                    _ => 0.0,
+                };
+            }
+        }
+        obs
+    }
+
+    /// Acting through the folded tables gives the network's logits and values, before
+    /// and after new weights are loaded (by bytes or by copy); the learner's passes
+    /// never use the tables.
+    #[test]
+    fn folded_acting_matches_the_network() {
+        tch::manual_seed(5);
+        let spec = nethack_spec();
+        let close = |a: &Tensor, b: &Tensor| a.allclose(b, 1e-4, 1e-4, false);
+        for core in [CoreKind::None, CoreKind::Gru] {
+            let config = ModelConfig {
+                hidden: vec![32],
+                core,
+                core_size: 16,
+                ..Default::default()
+            };
+            let obs = nethack_rows(&spec, 7);
+            let x = Tensor::from_slice(&obs).view([7, spec.obs_dim as i64]);
+            let mut a = ActorCritic::for_spec(&spec, &config, Device::Cpu).unwrap();
+            let (logits, values) = a.logits_and_values(&x);
+            a.fold_for_acting();
+            assert!(a.is_folded());
+            let (fl, fv) = tch::no_grad(|| a.logits_and_values_in(&x, true));
+            assert!(close(&fl, &logits) && close(&fv, &values), "{core:?}");
+
+            // Fresh weights, folded, then a's loaded: acting follows the new weights.
+            let mut b = ActorCritic::for_spec(&spec, &config, Device::Cpu).unwrap();
+            b.fold_for_acting();
+            assert!(!close(&b.logits_and_values_in(&x, true).0, &logits));
+            b.load_safetensors(&a.to_safetensors(2, &HashMap::new()).unwrap())
+                .unwrap();
+            assert!(
+                close(&b.logits_and_values_in(&x, true).0, &logits),
+                "{core:?}"
+            );
+            let mut c = ActorCritic::for_spec(&spec, &config, Device::Cpu).unwrap();
+            c.fold_for_acting();
+            c.copy_from(&a).unwrap();
+            assert!(
+                close(&c.logits_and_values_in(&x, true).0, &logits),
+                "{core:?}"
+            );
+
+            // Weights the tables hold, changed in place, are not seen by acting (the
+            // tables are read), while the learner's pass sees them.
+            tch::no_grad(|| {
+                for (name, mut v) in a.var_store().variables() {
+                    let folded = ["glyph_emb", "conv1", "msg_emb", "msg_conv", "crop_fc"]
+                        .iter()
+                        .any(|layer| name.ends_with(&format!("{layer}.weight")));
+                    if folded {
+                        let _ = v.zero_();
+                    }
+                }
+            });
+            assert!(
+                close(&a.logits_and_values_in(&x, true).0, &logits),
+                "{core:?}"
+            );
+            assert!(!close(&a.logits_and_values(&x).0, &logits), "{core:?}");
+        }
+        // Folding an MLP changes nothing.
+        let mut mlp = ActorCritic::new(4, 2, &[8], Device::Cpu);
+        mlp.fold_for_acting();
+        assert!(!mlp.is_folded());
     }
 
     #[test]
