@@ -143,10 +143,7 @@ impl NetHackNet {
         })
     }
 
-    /// The core layer's output for `obs`; `acting` goes through the folded tables
-    /// when there are any (no gradients reach the weights that way).
-    fn torso(&self, obs: &Tensor, acting: bool) -> Tensor {
-        let folded = self.folded.as_ref().filter(|_| acting);
+    fn torso(&self, obs: &Tensor) -> Tensor {
         let b = obs.size()[0];
         let c = self.crop;
         let glyphs = obs
@@ -154,15 +151,11 @@ impl NetHackNet {
             .to_kind(Kind::Int64)
             .clamp(0, MAX_GLYPH)
             .view([b, c, c]);
-        let g = match folded {
-            Some(f) => f.first_conv(self, &glyphs),
-            None => self
-                .glyph_emb
-                .forward(&glyphs)
-                .permute([0, 3, 1, 2])
-                .apply(&self.conv1),
-        };
-        let g = g
+        let g = self
+            .glyph_emb
+            .forward(&glyphs)
+            .permute([0, 3, 1, 2])
+            .apply(&self.conv1)
             .elu()
             .apply(&self.conv2)
             // The convolutions keep the embedding's channels-last layout, but the
@@ -172,12 +165,9 @@ impl NetHackNet {
             // (the copy the flatten made anyway), both sides of ELU agree.
             .contiguous()
             .elu()
-            .flatten(1, -1);
-        let g = match folded {
-            Some(f) => f.crop_fc(self, &g),
-            None => g.apply(&self.crop_fc),
-        }
-        .elu();
+            .flatten(1, -1)
+            .apply(&self.crop_fc)
+            .elu();
         let stats = obs.narrow(1, self.stats_at, self.n_stats);
         // Signed log: hit points, gold and turn counts span many orders of magnitude.
         let stats = (stats.sign() * stats.abs().log1p())
@@ -187,7 +177,7 @@ impl NetHackNet {
             .narrow(1, self.msg_at, self.n_msg)
             .to_kind(Kind::Int64)
             .clamp(0, 255);
-        let m = self.message(&bytes, !bytes.device().is_cuda(), folded);
+        let m = self.message(&bytes, !bytes.device().is_cuda());
         Tensor::cat(&[g, stats, m], 1).apply(&self.core).elu()
     }
 
@@ -201,15 +191,12 @@ impl NetHackNet {
     /// gradient it routes to the tied windows sums to the same), and typical batches
     /// need a third of the windows or fewer. Finding the cut reads one number back
     /// from the device, so CUDA runs skip it (there the convolution is cheap anyway).
-    fn message(&self, bytes: &Tensor, trim: bool, folded: Option<&Folded>) -> Tensor {
+    fn message(&self, bytes: &Tensor, trim: bool) -> Tensor {
         let bytes = if trim {
             bytes.narrow(1, 0, self.message_bytes_needed(bytes))
         } else {
             bytes.shallow_clone()
         };
-        if let Some(f) = folded {
-            return f.message_max(self, &bytes).elu();
-        }
         self.msg_emb
             .forward(&bytes)
             .permute([0, 2, 1])
@@ -478,45 +465,27 @@ impl ActorCritic {
 
     /// Logits per row of `obs` (with a recurrent core: each row from a zero state).
     pub fn logits(&self, obs: &Tensor) -> Tensor {
-        self.logits_in(obs, false)
+        match &self.body {
+            Body::Mlp { policy, .. } => run_mlp(policy, obs),
+            Body::NetHack(n) if self.rnn.is_none() => n.torso(obs).apply(&n.pi),
+            Body::Script(s) => Self::script_from_zeros(s, obs).logits,
+            _ => self.logits_and_values(obs).0,
+        }
     }
 
     /// Values per row of `obs` (with a recurrent core: each row from a zero state).
     pub fn values(&self, obs: &Tensor) -> Tensor {
-        self.values_in(obs, false)
+        match &self.body {
+            Body::Mlp { value, .. } => run_mlp(value, obs).squeeze_dim(-1),
+            Body::NetHack(n) if self.rnn.is_none() => n.torso(obs).apply(&n.v).squeeze_dim(-1),
+            Body::Script(s) => Self::script_from_zeros(s, obs).values,
+            _ => self.logits_and_values(obs).1,
+        }
     }
 
     /// Logits and values in one pass (the NetHack network shares its torso; with a
     /// recurrent core: each row from a zero state).
     pub fn logits_and_values(&self, obs: &Tensor) -> (Tensor, Tensor) {
-        self.logits_and_values_in(obs, false)
-    }
-
-    /// [`logits`](Self::logits); `acting` may use the folded tables.
-    fn logits_in(&self, obs: &Tensor, acting: bool) -> Tensor {
-        match &self.body {
-            Body::Mlp { policy, .. } => run_mlp(policy, obs),
-            Body::NetHack(n) if self.rnn.is_none() => n.torso(obs, acting).apply(&n.pi),
-            Body::Script(s) => Self::script_from_zeros(s, obs).logits,
-            _ => self.logits_and_values_in(obs, acting).0,
-        }
-    }
-
-    /// [`values`](Self::values); `acting` may use the folded tables.
-    fn values_in(&self, obs: &Tensor, acting: bool) -> Tensor {
-        match &self.body {
-            Body::Mlp { value, .. } => run_mlp(value, obs).squeeze_dim(-1),
-            Body::NetHack(n) if self.rnn.is_none() => {
-                n.torso(obs, acting).apply(&n.v).squeeze_dim(-1)
-            }
-            Body::Script(s) => Self::script_from_zeros(s, obs).values,
-            _ => self.logits_and_values_in(obs, acting).1,
-        }
-    }
-
-    /// [`logits_and_values`](Self::logits_and_values); `acting` may use the folded
-    /// tables.
-    fn logits_and_values_in(&self, obs: &Tensor, acting: bool) -> (Tensor, Tensor) {
         match (&self.body, &self.rnn) {
             (Body::Mlp { .. }, _) => (self.logits(obs), self.values(obs)),
             (Body::Script(s), _) => {
@@ -524,7 +493,7 @@ impl ActorCritic {
                 (step.logits, step.values)
             }
             (Body::NetHack(n), None) => {
-                let h = n.torso(obs, acting);
+                let h = n.torso(obs);
                 (h.apply(&n.pi), h.apply(&n.v).squeeze_dim(-1))
             }
             (_, Some(rnn)) => {
@@ -532,28 +501,28 @@ impl ActorCritic {
                     [obs.size()[0], rnn.state_size()],
                     (Kind::Float, obs.device()),
                 );
-                let (h, _) = rnn.step(&self.features(obs, acting), &zeros);
+                let (h, _) = rnn.step(&self.features(obs), &zeros);
                 self.heads(&h)
             }
             (Body::SharedMlp { .. }, None) => unreachable!("a shared MLP has a core"),
         }
     }
 
-    /// What the recurrent core reads: the torso's output per row of `obs`; `acting`
-    /// may use the folded tables.
-    fn features(&self, obs: &Tensor, acting: bool) -> Tensor {
+    /// What the recurrent core reads: the torso's output per row of `obs`.
+    fn features(&self, obs: &Tensor) -> Tensor {
         match &self.body {
             Body::SharedMlp { torso, .. } => torso
                 .iter()
                 .fold(obs.shallow_clone(), |h, l| l.forward(&h).tanh()),
-            Body::NetHack(n) => n.torso(obs, acting),
+            Body::NetHack(n) => n.torso(obs),
             Body::Mlp { .. } | Body::Script(_) => {
                 unreachable!("only the built-in recurrent networks have a shared torso")
             }
         }
     }
 
-    /// Logits and values from the recurrent core's output.
+    /// Logits and values from the recurrent core's output (or, feedforward, the
+    /// NetHack network's torso's).
     fn heads(&self, h: &Tensor) -> (Tensor, Tensor) {
         match &self.body {
             Body::SharedMlp { pi, v, .. } => (h.apply(pi), h.apply(v).squeeze_dim(-1)),
@@ -564,7 +533,8 @@ impl ActorCritic {
         }
     }
 
-    /// Logits only, from the recurrent core's output (what acting needs).
+    /// Logits only, from the recurrent core's output (or, feedforward, the NetHack
+    /// network's torso's): what acting needs.
     fn policy_head(&self, h: &Tensor) -> Tensor {
         match &self.body {
             Body::SharedMlp { pi, .. } => h.apply(pi),
@@ -588,10 +558,7 @@ impl ActorCritic {
             n as usize * s,
             "act needs state_size floats of state per row"
         );
-        tch::no_grad(|| {
-            let x = self.rows(obs);
-            Self::sample(&self.acting_logits(&x, state), greedy)
-        })
+        tch::no_grad(|| Self::sample(&self.acting_logits(obs, state), greedy))
     }
 
     /// [`act`](Self::act) for a feedforward policy, with each row's value from the
@@ -602,7 +569,10 @@ impl ActorCritic {
             "act_with_values needs a feedforward policy"
         );
         tch::no_grad(|| {
-            let (logits, values) = self.logits_and_values_in(&self.rows(obs), true);
+            let (logits, values) = match self.folded_torso(obs) {
+                Some(h) => self.heads(&h),
+                None => self.logits_and_values(&self.rows(obs)),
+            };
             let (actions, log_probs) = Self::sample(&logits, greedy);
             (actions, log_probs, f32_vec(&values))
         })
@@ -612,7 +582,10 @@ impl ActorCritic {
     /// gradients; a feedforward policy only.
     pub fn values_of(&self, obs: &[f32]) -> Vec<f32> {
         assert!(!self.is_recurrent(), "values_of needs a feedforward policy");
-        tch::no_grad(|| f32_vec(&self.values_in(&self.rows(obs), true)))
+        tch::no_grad(|| match self.folded_torso(obs) {
+            Some(h) => f32_vec(&self.heads(&h).1),
+            None => f32_vec(&self.values(&self.rows(obs))),
+        })
     }
 
     /// `obs` (`n * obs_dim` floats) as an `[n, obs_dim]` tensor on the policy's device.
@@ -623,37 +596,70 @@ impl ActorCritic {
             .to_device(self.device())
     }
 
-    /// One action per row of `logits` (sampled, or the most likely with `greedy`)
-    /// and its log-probability.
+    /// One action per row of `logits` (sampled, or the most likely with `greedy`, the
+    /// first of equals) and its log-probability. The draws come from libtorch's
+    /// generator (`tch::manual_seed` repeats them); the choice is made here, in one
+    /// pass over the copied log-probabilities, rather than by `multinomial`, whose
+    /// checks and set-up cost more than the rest of a small batch's sampling.
+    ///
+    /// Panics when a row's probabilities are not finite (a diverged policy), as
+    /// `multinomial` would.
     fn sample(logits: &Tensor, greedy: bool) -> (Vec<i64>, Vec<f32>) {
-        let log_p = logits.log_softmax(-1, Kind::Float);
-        let actions = if greedy {
-            log_p.argmax(-1, true)
+        let (n, a) = (logits.size()[0], logits.size()[1] as usize);
+        let log_p = f32_vec(&logits.log_softmax(-1, Kind::Float));
+        let draws = if greedy {
+            Vec::new()
         } else {
-            log_p.exp().multinomial(1, true)
+            f32_vec(&Tensor::rand([n], (Kind::Float, Device::Cpu)))
         };
-        let chosen = log_p.gather(1, &actions, false);
-        let actions = Vec::<i64>::try_from(actions.view([-1]).to_device(Device::Cpu))
-            .expect("an i64 tensor converts to Vec<i64>");
-        (actions, f32_vec(&chosen))
+        log_p
+            .chunks_exact(a)
+            .enumerate()
+            .map(|(i, row)| {
+                assert!(
+                    row.iter().all(|l| !l.is_nan() && *l < f32::INFINITY),
+                    "the policy's probabilities are not finite: {row:?}"
+                );
+                let k = match draws.get(i) {
+                    None => (0..a).fold(0, |best, j| if row[j] > row[best] { j } else { best }),
+                    Some(&u) => inverse_cdf(row, u),
+                };
+                (k as i64, row[k])
+            })
+            .unzip()
     }
 
-    /// Logits for acting on `x` `[n, obs_dim]`, advancing `state` (`n * state_size`
-    /// floats) in place.
-    fn acting_logits(&self, x: &Tensor, state: &mut [f32]) -> Tensor {
-        if self.state_size() == 0 {
-            return self.logits_in(x, true);
+    /// The NetHack network's torso for acting on `obs` through the folded tables;
+    /// None when there are none.
+    fn folded_torso(&self, obs: &[f32]) -> Option<Tensor> {
+        match &self.body {
+            Body::NetHack(n) => n.folded.as_ref().map(|f| f.torso(n, obs, self.obs_dim)),
+            _ => None,
         }
+    }
+
+    /// Logits for acting on `obs` (`n * obs_dim` floats), advancing `state` (`n *
+    /// state_size` floats) in place.
+    fn acting_logits(&self, obs: &[f32], state: &mut [f32]) -> Tensor {
+        let folded = self.folded_torso(obs);
+        if self.state_size() == 0 {
+            return match folded {
+                Some(h) => self.policy_head(&h),
+                None => self.logits(&self.rows(obs)),
+            };
+        }
+        let n = (obs.len() / self.obs_dim) as i64;
         let s0 = Tensor::from_slice(state)
-            .view([x.size()[0], self.state_size() as i64])
+            .view([n, self.state_size() as i64])
             .to_device(self.device());
         let (logits, next) = match (&self.body, &self.rnn) {
             (Body::Script(s), _) => {
-                let step = s.step(x, &s0);
+                let step = s.step(&self.rows(obs), &s0);
                 (step.logits, step.state)
             }
             (_, Some(rnn)) => {
-                let (h, next) = rnn.step(&self.features(x, true), &s0);
+                let features = folded.unwrap_or_else(|| self.features(&self.rows(obs)));
+                let (h, next) = rnn.step(&features, &s0);
                 (self.policy_head(&h), next)
             }
             (_, None) => unreachable!("a policy with state has a core or is a module"),
@@ -694,7 +700,7 @@ impl ActorCritic {
             .rnn
             .as_ref()
             .expect("unroll is for policies with a recurrent core");
-        let features = self.features(obs, false);
+        let features = self.features(obs);
         let (outs, states) = scan(initial, resets, |t, state| {
             rnn.step(&features.narrow(0, t * b, b), state)
         });
@@ -717,7 +723,7 @@ impl ActorCritic {
             .rnn
             .as_ref()
             .expect("values_after is for policies with a recurrent core");
-        let (h, _) = rnn.step(&self.features(obs, false), states);
+        let (h, _) = rnn.step(&self.features(obs), states);
         self.heads(&h).1
     }
 
@@ -765,11 +771,13 @@ impl ActorCritic {
     /// Acting ([`act`](Self::act), [`act_with_values`](Self::act_with_values),
     /// [`values_of`](Self::values_of)) goes through tables folded from the weights
     /// from now on (the NetHack network only; other networks are unchanged): the same
-    /// outputs to float rounding, in fewer and cheaper operations at a few rows. The
-    /// tables are recomputed whenever weights are loaded through
+    /// outputs to float rounding, in fewer and cheaper libtorch calls. The tables are
+    /// recomputed whenever weights are loaded through
     /// [`load_safetensors`](Self::load_safetensors) or [`copy_from`](Self::copy_from),
     /// and only then: a model whose variables change in place (an optimizer's step)
-    /// must not fold, or it would act with the weights it had when it folded.
+    /// must not fold, or it would act with the weights it had when it folded. The
+    /// learner's passes ([`evaluate`](Self::evaluate), [`logits`](Self::logits) and
+    /// the like) never use the tables.
     pub fn fold_for_acting(&mut self) {
         if let Body::NetHack(n) = &mut self.body {
             n.folded = Some(Folded::new(n));
@@ -787,6 +795,22 @@ impl ActorCritic {
             self.fold_for_acting();
         }
     }
+}
+
+/// The action whose cumulative probability first exceeds `u` (in [0, 1)) under the
+/// log-probabilities `row`; the last possible action when rounding leaves the total
+/// just under `u`.
+fn inverse_cdf(row: &[f32], u: f32) -> usize {
+    let mut total = 0.0f32;
+    for (k, l) in row.iter().enumerate() {
+        total += l.exp();
+        if u < total {
+            return k;
+        }
+    }
+    row.iter()
+        .rposition(|l| *l > f32::NEG_INFINITY)
+        .expect("log-probabilities from log_softmax have a finite entry")
 }
 
 /// Steps `step(t, state) -> (output, next state)` through the `[L, B]` `resets`
@@ -1079,6 +1103,35 @@ mod tests {
         assert!(v[0] != v[9], "{v:?}");
     }
 
+    /// Sampled actions follow the policy's probabilities, carry their own
+    /// log-probabilities and never pick an impossible action; greedy takes the first
+    /// of the most likely.
+    #[test]
+    fn sampling_follows_the_probabilities() {
+        let probs = [0.2f32, 0.0, 0.5, 0.3];
+        let n = 40_000;
+        let row: Vec<f32> = probs.iter().map(|p| p.ln()).collect();
+        let logits = Tensor::from_slice(&row.repeat(n)).view([n as i64, 4]);
+        tch::manual_seed(11);
+        let (actions, lp) = ActorCritic::sample(&logits, false);
+        let mut counts = [0usize; 4];
+        for (&a, &l) in actions.iter().zip(&lp) {
+            counts[a as usize] += 1;
+            assert!((l - row[a as usize]).abs() < 1e-6);
+        }
+        assert_eq!(counts[1], 0);
+        for (c, p) in counts.iter().zip(probs) {
+            assert!((*c as f32 / n as f32 - p).abs() < 0.01, "{counts:?}");
+        }
+
+        let ties = Tensor::from_slice(&[1.0f32, 3.0, 3.0, -2.0]).view([1, 4]);
+        let (greedy, lp) = ActorCritic::sample(&ties, true);
+        assert_eq!(greedy, vec![1]);
+        assert!(
+            (lp[0] - (3.0 - (1f32.exp() + 2.0 * 3f32.exp() + (-2f32).exp()).ln())).abs() < 1e-5
+        );
+    }
+
     fn memory_spec() -> EnvSpec {
         use crate::env::Env;
         crate::env::Memory::new(2, 1, None).spec()
@@ -1210,7 +1263,7 @@ mod tests {
         };
         // Features and the gradients of a fixed projection of them.
         let run = |bytes: &Tensor, trim: bool| {
-            let out = net.message(bytes, trim, None);
+            let out = net.message(bytes, trim);
             let proj = Tensor::linspace(-1.0, 1.0, 64, (Kind::Float, Device::Cpu));
             for v in vs.trainable_variables() {
                 v.grad().defined().then(|| v.grad().zero_());
@@ -1245,8 +1298,8 @@ mod tests {
         }
     }
 
-    /// NetHack-like rows: glyph ids across the whole range and past it, signed stats,
-    /// and messages from empty to full.
+    /// NetHack-like rows: glyph ids across the whole range and past it at both ends,
+    /// signed stats, and messages from empty to full.
     fn nethack_rows(spec: &EnvSpec, n: usize) -> Vec<f32> {
         let mut obs = vec![0.0f32; n * spec.obs_dim];
         for (row, r) in obs.chunks_exact_mut(spec.obs_dim).enumerate() {
@@ -1262,9 +1315,9 @@ mod tests {
         obs
     }
 
-    /// Acting through the folded tables gives the network's logits and values, before
-    /// and after new weights are loaded (by bytes or by copy); the learner's passes
-    /// never use the tables.
+    /// Acting through the folded tables gives the network's torso (and, feedforward,
+    /// its logits and values), before and after new weights are loaded by bytes or by
+    /// copy; the learner's passes never use the tables.
     #[test]
     fn folded_acting_matches_the_network() {
         tch::manual_seed(5);
@@ -1277,52 +1330,56 @@ mod tests {
                 core_size: 16,
                 ..Default::default()
             };
-            let obs = nethack_rows(&spec, 7);
-            let x = Tensor::from_slice(&obs).view([7, spec.obs_dim as i64]);
-            let mut a = ActorCritic::for_spec(&spec, &config, Device::Cpu).unwrap();
-            let (logits, values) = a.logits_and_values(&x);
-            a.fold_for_acting();
-            assert!(a.is_folded());
-            let (fl, fv) = tch::no_grad(|| a.logits_and_values_in(&x, true));
-            assert!(close(&fl, &logits) && close(&fv, &values), "{core:?}");
-
-            // Fresh weights, folded, then a's loaded: acting follows the new weights.
-            let mut b = ActorCritic::for_spec(&spec, &config, Device::Cpu).unwrap();
-            b.fold_for_acting();
-            assert!(!close(&b.logits_and_values_in(&x, true).0, &logits));
-            b.load_safetensors(&a.to_safetensors(2, &HashMap::new()).unwrap())
-                .unwrap();
-            assert!(
-                close(&b.logits_and_values_in(&x, true).0, &logits),
-                "{core:?}"
-            );
-            let mut c = ActorCritic::for_spec(&spec, &config, Device::Cpu).unwrap();
-            c.fold_for_acting();
-            c.copy_from(&a).unwrap();
-            assert!(
-                close(&c.logits_and_values_in(&x, true).0, &logits),
-                "{core:?}"
-            );
-
-            // Weights the tables hold, changed in place, are not seen by acting (the
-            // tables are read), while the learner's pass sees them.
-            tch::no_grad(|| {
-                for (name, mut v) in a.var_store().variables() {
-                    let folded = ["glyph_emb", "conv1", "msg_emb", "msg_conv", "crop_fc"]
-                        .iter()
-                        .any(|layer| name.ends_with(&format!("{layer}.weight")));
-                    if folded {
-                        let _ = v.zero_();
-                    }
+            // Every message length, from none to all 256 bytes.
+            for n in [1, 2, 7] {
+                let obs = nethack_rows(&spec, n);
+                let x = Tensor::from_slice(&obs).view([n as i64, spec.obs_dim as i64]);
+                let mut a = ActorCritic::for_spec(&spec, &config, Device::Cpu).unwrap();
+                let torso = a.features(&x);
+                assert!(a.folded_torso(&obs).is_none());
+                a.fold_for_acting();
+                assert!(a.is_folded());
+                let folded = a.folded_torso(&obs).unwrap();
+                assert!(close(&folded, &torso), "{core:?}, {n} rows");
+                if core == CoreKind::None {
+                    let (logits, values) = a.logits_and_values(&x);
+                    let (greedy, lp, v) = a.act_with_values(&obs, true);
+                    let want = logits.argmax(-1, false);
+                    assert_eq!(greedy, Vec::<i64>::try_from(want).unwrap());
+                    let want_lp = logits.log_softmax(-1, Kind::Float).amax(-1, false);
+                    assert!(close(&Tensor::from_slice(&lp), &want_lp));
+                    assert!(close(&Tensor::from_slice(&v), &values));
                 }
-            });
-            assert!(
-                close(&a.logits_and_values_in(&x, true).0, &logits),
-                "{core:?}"
-            );
-            assert!(!close(&a.logits_and_values(&x).0, &logits), "{core:?}");
+
+                // Fresh weights, folded, then a's loaded: acting follows the new weights.
+                let mut b = ActorCritic::for_spec(&spec, &config, Device::Cpu).unwrap();
+                b.fold_for_acting();
+                assert!(!close(&b.folded_torso(&obs).unwrap(), &torso));
+                b.load_safetensors(&a.to_safetensors(2, &HashMap::new()).unwrap())
+                    .unwrap();
+                assert!(close(&b.folded_torso(&obs).unwrap(), &torso), "{core:?}");
+                let mut c = ActorCritic::for_spec(&spec, &config, Device::Cpu).unwrap();
+                c.fold_for_acting();
+                c.copy_from(&a).unwrap();
+                assert!(close(&c.folded_torso(&obs).unwrap(), &torso), "{core:?}");
+
+                // Weights the tables hold, changed in place, are not seen by acting
+                // (the tables are read), while the learner's pass sees them.
+                tch::no_grad(|| {
+                    for (name, mut v) in a.var_store().variables() {
+                        let held = ["glyph_emb", "conv1", "msg_emb", "msg_conv", "crop_fc"]
+                            .iter()
+                            .any(|layer| name.ends_with(&format!("{layer}.weight")));
+                        if held {
+                            let _ = v.zero_();
+                        }
+                    }
+                });
+                assert!(close(&a.folded_torso(&obs).unwrap(), &torso), "{core:?}");
+                assert!(!close(&a.features(&x), &torso), "{core:?}");
+            }
         }
-        // Folding an MLP changes nothing.
+        // Folding another network changes nothing.
         let mut mlp = ActorCritic::new(4, 2, &[8], Device::Cpu);
         mlp.fold_for_acting();
         assert!(!mlp.is_folded());

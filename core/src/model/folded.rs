@@ -1,133 +1,195 @@
 //! The NetHack network's forward pass for acting, through tensors folded from one
 //! version of its weights. An actor runs the network on a few rows at a time (8 per
-//! half with split envs), where fixed costs per operation dominate: oneDNN's
-//! convolutions cost about as much for 8 rows as for 16, and MKL repacks the
-//! transposed 2592x256 weight of `crop_fc` before every product. Folded:
+//! half with split envs), where the fixed cost of each libtorch call dominates:
+//! oneDNN's convolutions cost about as much for 8 rows as for 16, MKL repacks a
+//! transposed weight before every product, and the unfolded pass makes some seventy
+//! calls. Folded:
 //!
 //! - the glyph embedding into the first convolution, which is linear in it: a table
-//!   of what each glyph adds at each of the nine taps, summed over a pixel's window
-//!   by one `embedding_bag`;
+//!   of what each glyph adds at each of the nine taps (and a ninth of the bias),
+//!   summed over a pixel's window by one `embedding_bag`;
 //! - the message embedding into the message convolution, the same way (eight taps);
-//! - `crop_fc`'s weight, transposed once into a contiguous `[in, out]` copy.
+//! - the weights of `crop_fc`, `stats_fc` and `core`, transposed once into contiguous
+//!   `[in, out]` copies.
 //!
-//! The outputs equal the network's to float rounding. No gradient reaches the
-//! weights through the tables, and they are computed from the weights at one
-//! instant: only actors use them, refreshed whenever weights are loaded.
+//! The bag indices, the signed log of the stats and the message's length are
+//! computed in Rust from the observation rows, in one pass, instead of by a dozen
+//! small tensor calls. The outputs equal the network's to float rounding. No
+//! gradient reaches the weights through the tables, and they hold the weights of one
+//! instant: only actors use them, recomputed whenever weights are loaded.
 
 use tch::{Kind, Tensor};
 
-use super::{NetHackNet, MSG_KERNEL, MSG_STRIDE};
+use super::{NetHackNet, MAX_GLYPH, MSG_KERNEL, MSG_STRIDE};
 
 /// Taps of the 3x3 first convolution.
 const TAPS: i64 = 9;
 
 pub(super) struct Folded {
     /// `[(MAX_GLYPH + 2) * 9, conv1 channels]`: row `(g + 1) * 9 + k` is what glyph
-    /// `g` adds to an output pixel through tap `k` (row-major in the 3x3 window);
-    /// rows 0..9 are zeros, the padding around the crop.
+    /// `g` adds to an output pixel through tap `k` (row-major in the 3x3 window),
+    /// plus a ninth of the bias; rows 0..9 stand for the padding around the crop
+    /// (the bias's ninth only).
     glyph_taps: Tensor,
-    /// `[crop * crop * 9]`: for each output pixel and tap, the cell of the crop padded
-    /// by one on every side (`(crop + 2)^2` cells, row-major) that the tap reads.
-    tap_cells: Tensor,
-    /// `[crop * crop * 9]`: the tap number of each entry of `tap_cells`.
-    tap_ids: Tensor,
     /// `[256 * MSG_KERNEL, message filters]`: row `byte * MSG_KERNEL + k` is what
-    /// `byte` adds to a window's filters at offset `k`.
+    /// `byte` adds to a window's filters at offset `k`, plus an eighth of the bias.
     byte_taps: Tensor,
-    /// `[MSG_KERNEL]`: 0, 1, ... MSG_KERNEL - 1.
-    byte_tap_ids: Tensor,
-    /// `[32 * crop * crop, 256]`: `crop_fc`'s weight transposed, contiguous.
+    /// `crop_fc`'s, `stats_fc`'s and `core`'s weights, `[in, out]`, contiguous.
     crop_fc_t: Tensor,
+    stats_fc_t: Tensor,
+    core_t: Tensor,
 }
 
 impl Folded {
     /// The tables for `net`'s weights as they are now.
     pub(super) fn new(net: &NetHackNet) -> Self {
-        tch::no_grad(|| {
-            let device = net.glyph_emb.ws.device();
-            let glyph_taps = taps_table(&net.glyph_emb.ws, &net.conv1.ws.flatten(2, -1), 1);
-            let byte_taps = taps_table(&net.msg_emb.ws, &net.msg_conv.ws, 0);
-            let c = net.crop;
-            let mut cells = Vec::with_capacity((c * c * TAPS) as usize);
-            for (y, x) in (0..c).flat_map(|y| (0..c).map(move |x| (y, x))) {
-                for (dy, dx) in (0..3).flat_map(|dy| (0..3).map(move |dx| (dy, dx))) {
-                    cells.push((y + dy) * (c + 2) + x + dx);
-                }
-            }
-            let taps = Tensor::arange(TAPS, (Kind::Int64, device));
-            Folded {
-                glyph_taps,
-                tap_cells: Tensor::from_slice(&cells).to_device(device),
-                tap_ids: taps.repeat([c * c]),
-                byte_taps,
-                byte_tap_ids: Tensor::arange(MSG_KERNEL, (Kind::Int64, device)),
-                crop_fc_t: net.crop_fc.ws.tr().contiguous(),
-            }
+        tch::no_grad(|| Folded {
+            glyph_taps: taps_table(
+                &net.glyph_emb.ws,
+                &net.conv1.ws.flatten(2, -1),
+                net.conv1.bs.as_ref(),
+                1,
+            ),
+            byte_taps: taps_table(
+                &net.msg_emb.ws,
+                &net.msg_conv.ws,
+                net.msg_conv.bs.as_ref(),
+                0,
+            ),
+            crop_fc_t: net.crop_fc.ws.tr().contiguous(),
+            stats_fc_t: net.stats_fc.ws.tr().contiguous(),
+            core_t: net.core.ws.tr().contiguous(),
         })
     }
 
-    /// The first convolution of the embedded `glyphs` (`[B, crop, crop]` ids in
-    /// 0..=MAX_GLYPH), channels-last as the unfolded pass leaves it: `[B, C, crop, crop]`.
-    pub(super) fn first_conv(&self, net: &NetHackNet, glyphs: &Tensor) -> Tensor {
-        let (b, c) = (glyphs.size()[0], net.crop);
-        // Each cell's first table row, with 0 (zeros) for the padding.
-        let rows = ((glyphs + 1) * TAPS)
-            .constant_pad_nd([1, 1, 1, 1])
-            .view([b, (c + 2) * (c + 2)]);
-        let index = rows.index_select(1, &self.tap_cells) + &self.tap_ids;
-        let sums = bag_sums(&self.glyph_taps, &index, TAPS);
-        add_bias(sums, net.conv1.bs.as_ref())
+    /// The core layer's output (`[B, core]`) for `obs`, `B` rows of `obs_dim` floats.
+    pub(super) fn torso(&self, net: &NetHackNet, obs: &[f32], obs_dim: usize) -> Tensor {
+        let rows: Vec<&[f32]> = obs.chunks_exact(obs_dim).collect();
+        let b = rows.len() as i64;
+        let device = self.glyph_taps.device();
+        let c = net.crop;
+
+        // The first convolution: nine table rows summed per output pixel.
+        let mut index = Vec::with_capacity((b * c * c * TAPS) as usize);
+        for row in &rows {
+            let glyphs = field(row, net.crop_at, c * c);
+            for (y, x) in (0..c).flat_map(|y| (0..c).map(move |x| (y, x))) {
+                for (k, (dy, dx)) in (-1..=1)
+                    .flat_map(|dy| (-1..=1).map(move |dx| (dy, dx)))
+                    .enumerate()
+                {
+                    let (yy, xx) = (y + dy, x + dx);
+                    let cell = if (0..c).contains(&yy) && (0..c).contains(&xx) {
+                        (glyphs[(yy * c + xx) as usize] as i64).clamp(0, MAX_GLYPH) + 1
+                    } else {
+                        0
+                    };
+                    index.push(cell * TAPS + k as i64);
+                }
+            }
+        }
+        let g = bag_sums(&self.glyph_taps, index, TAPS, device)
             .view([b, c, c, -1])
             .permute([0, 3, 1, 2])
-    }
+            .elu()
+            .apply(&net.conv2)
+            .contiguous()
+            .elu()
+            .flatten(1, -1);
+        let g = linear_t(&g, &self.crop_fc_t, net.crop_fc.bs.as_ref()).elu();
 
-    /// The message convolution's best response per filter over the windows of
-    /// `bytes` (`[B, L]`, 0..=255), before the activation: `[B, filters]`.
-    pub(super) fn message_max(&self, net: &NetHackNet, bytes: &Tensor) -> Tensor {
-        let b = bytes.size()[0];
-        let index = bytes.unfold(1, MSG_KERNEL, MSG_STRIDE) * MSG_KERNEL + &self.byte_tap_ids;
-        let windows = index.size()[1];
-        let sums = bag_sums(&self.byte_taps, &index, MSG_KERNEL);
-        // The bias is the same in every window: added after the maximum.
-        add_bias(
-            sums.view([b, windows, -1]).amax(1, false),
-            net.msg_conv.bs.as_ref(),
-        )
-    }
+        // Stats: the signed log, then their layer.
+        let stats: Vec<f32> = rows
+            .iter()
+            .flat_map(|row| field(row, net.stats_at, net.n_stats))
+            .map(|s| s.signum() * s.abs().ln_1p())
+            .collect();
+        let stats = Tensor::from_slice(&stats)
+            .view([b, net.n_stats])
+            .to_device(device);
+        let stats = linear_t(&stats, &self.stats_fc_t, net.stats_fc.bs.as_ref()).elu();
 
-    /// `crop_fc` on the flattened convolution features.
-    pub(super) fn crop_fc(&self, net: &NetHackNet, x: &Tensor) -> Tensor {
-        match &net.crop_fc.bs {
-            Some(bias) => bias.addmm(x, &self.crop_fc_t),
-            None => x.mm(&self.crop_fc_t),
+        // The message: its windows up to the first all-zero one (see
+        // `NetHackNet::message`), eight table rows summed per window.
+        let bytes: Vec<Vec<i64>> = rows
+            .iter()
+            .map(|row| {
+                field(row, net.msg_at, net.n_msg)
+                    .iter()
+                    .map(|&x| (x as i64).clamp(0, 255))
+                    .collect()
+            })
+            .collect();
+        let end = bytes
+            .iter()
+            .filter_map(|m| m.iter().rposition(|&x| x != 0))
+            .max()
+            .map_or(0, |last| last as i64 + 1);
+        let windows = message_windows(net.n_msg, end);
+        let mut index = Vec::with_capacity((b * windows * MSG_KERNEL) as usize);
+        for m in &bytes {
+            for w in 0..windows {
+                for k in 0..MSG_KERNEL {
+                    index.push(m[(w * MSG_STRIDE + k) as usize] * MSG_KERNEL + k);
+                }
+            }
         }
+        let m = bag_sums(&self.byte_taps, index, MSG_KERNEL, device)
+            .view([b, windows, -1])
+            .amax(1, false)
+            .elu();
+
+        let joined = Tensor::cat(&[g, stats, m], 1);
+        linear_t(&joined, &self.core_t, net.core.bs.as_ref()).elu()
     }
 }
 
-/// `emb` `[V, E]` times each tap of `filters` `[O, E, K]`: `[(V + pad_rows) * K, O]`,
-/// row `(v + pad_rows) * K + k` what value `v` adds through tap `k`, after
-/// `pad_rows` blocks of zeros.
-fn taps_table(emb: &Tensor, filters: &Tensor, pad_rows: i64) -> Tensor {
+/// `len` floats of `row` from `at`.
+fn field(row: &[f32], at: i64, len: i64) -> &[f32] {
+    &row[at as usize..(at + len) as usize]
+}
+
+/// How many message windows cover every byte up to `end` (one past the last nonzero
+/// byte of any row), plus one all-zero window when the message has room for one:
+/// the windows [`NetHackNet::message`] computes when it trims.
+fn message_windows(n_msg: i64, end: i64) -> i64 {
+    let all = (n_msg - MSG_KERNEL) / MSG_STRIDE + 1;
+    // The first window that starts at or after `end` holds only zeros.
+    let first_zero = (end + MSG_STRIDE - 1) / MSG_STRIDE;
+    (first_zero + 1).min(all)
+}
+
+/// `emb` `[V, E]` times each tap of `filters` `[O, E, K]`, plus `bias / K` on every
+/// row: `[(V + pad_rows) * K, O]`, row `(v + pad_rows) * K + k` what value `v` adds
+/// through tap `k`, after `pad_rows` blocks that add the bias's share alone.
+fn taps_table(emb: &Tensor, filters: &Tensor, bias: Option<&Tensor>, pad_rows: i64) -> Tensor {
     let (e, k, out) = (filters.size()[1], filters.size()[2], filters.size()[0]);
     let table = emb.mm(&filters.permute([1, 2, 0]).reshape([e, k * out]));
     let pad = Tensor::zeros([pad_rows, k * out], (Kind::Float, table.device()));
-    Tensor::cat(&[pad, table], 0).view([-1, out])
+    let rows = Tensor::cat(&[pad, table], 0).view([-1, out]);
+    match bias {
+        // Every sum takes exactly K rows, so each carries a K-th of the bias.
+        Some(b) => rows + b / k as f64,
+        None => rows,
+    }
 }
 
-/// Sums of `table`'s rows over each run of `per` consecutive entries of `index`
-/// (any shape; its elements in row-major order): `[index.numel() / per, O]`.
-fn bag_sums(table: &Tensor, index: &Tensor, per: i64) -> Tensor {
-    let flat = index.reshape([-1]);
-    let offsets = Tensor::arange_start_step(0, flat.size()[0], per, (Kind::Int64, flat.device()));
+/// Sums of `table`'s rows over each run of `per` consecutive entries of `index`:
+/// `[index.len() / per, O]` on `device`.
+fn bag_sums(table: &Tensor, index: Vec<i64>, per: i64, device: tch::Device) -> Tensor {
+    let n = index.len() as i64;
+    let index = Tensor::from_slice(&index).to_device(device);
+    let offsets = Tensor::arange_start_step(0, n, per, (Kind::Int64, device));
     // Mode 0: sum.
     let (sums, _, _, _) =
-        Tensor::embedding_bag::<Tensor>(table, &flat, &offsets, false, 0, false, None, false);
+        Tensor::embedding_bag::<Tensor>(table, &index, &offsets, false, 0, false, None, false);
     sums
 }
 
-fn add_bias(x: Tensor, bias: Option<&Tensor>) -> Tensor {
+/// `x` `[B, in]` times `weight_t` `[in, out]`, plus `bias`.
+fn linear_t(x: &Tensor, weight_t: &Tensor, bias: Option<&Tensor>) -> Tensor {
     match bias {
-        Some(b) => x + b,
-        None => x,
+        Some(b) => b.addmm(x, weight_t),
+        None => x.mm(weight_t),
     }
 }
