@@ -208,20 +208,27 @@ impl NetHackNet {
     /// How many leading message bytes cover every window with a nonzero byte in any
     /// row, plus one window of zeros wherever the full message has one.
     fn message_bytes_needed(&self, bytes: &Tensor) -> i64 {
-        let (kernel, stride) = (MSG_KERNEL, MSG_STRIDE);
         // One past the last column with a nonzero byte in some row (0 if none).
         let columns = Tensor::arange_start(1, self.n_msg + 1, (Kind::Int64, bytes.device()));
         let end = (bytes.ne(0).any_dim(0, false).to_kind(Kind::Int64) * columns)
             .max()
             .int64_value(&[]);
-        let windows = (self.n_msg - kernel) / stride + 1;
-        // The first window that starts at or after `end` holds only zeros.
-        let first_zero = (end + stride - 1) / stride;
-        if first_zero >= windows {
-            self.n_msg
-        } else {
-            first_zero * stride + kernel
-        }
+        message_cut(self.n_msg, end)
+    }
+}
+
+/// How many leading bytes of an `n_msg`-byte message cover every window up to `end`
+/// (one past the last nonzero byte of any row), plus one window of zeros wherever the
+/// full message has one.
+fn message_cut(n_msg: i64, end: i64) -> i64 {
+    let (kernel, stride) = (MSG_KERNEL, MSG_STRIDE);
+    let windows = (n_msg - kernel) / stride + 1;
+    // The first window that starts at or after `end` holds only zeros.
+    let first_zero = (end + stride - 1) / stride;
+    if first_zero >= windows {
+        n_msg
+    } else {
+        first_zero * stride + kernel
     }
 }
 

@@ -20,7 +20,7 @@
 
 use tch::{Kind, Tensor};
 
-use super::{NetHackNet, MAX_GLYPH, MSG_KERNEL, MSG_STRIDE};
+use super::{message_cut, NetHackNet, MAX_GLYPH, MSG_KERNEL, MSG_STRIDE};
 
 /// Taps of the 3x3 first convolution.
 const TAPS: i64 = 9;
@@ -111,26 +111,22 @@ impl Folded {
 
         // The message: its windows up to the first all-zero one (see
         // `NetHackNet::message`), eight table rows summed per window.
-        let bytes: Vec<Vec<i64>> = rows
+        let byte = |x: f32| (x as i64).clamp(0, 255);
+        let messages: Vec<&[f32]> = rows
             .iter()
-            .map(|row| {
-                field(row, net.msg_at, net.n_msg)
-                    .iter()
-                    .map(|&x| (x as i64).clamp(0, 255))
-                    .collect()
-            })
+            .map(|row| field(row, net.msg_at, net.n_msg))
             .collect();
-        let end = bytes
+        let end = messages
             .iter()
-            .filter_map(|m| m.iter().rposition(|&x| x != 0))
+            .filter_map(|m| m.iter().rposition(|&x| byte(x) != 0))
             .max()
             .map_or(0, |last| last as i64 + 1);
-        let windows = message_windows(net.n_msg, end);
+        let windows = (message_cut(net.n_msg, end) - MSG_KERNEL) / MSG_STRIDE + 1;
         let mut index = Vec::with_capacity((b * windows * MSG_KERNEL) as usize);
-        for m in &bytes {
+        for m in &messages {
             for w in 0..windows {
                 for k in 0..MSG_KERNEL {
-                    index.push(m[(w * MSG_STRIDE + k) as usize] * MSG_KERNEL + k);
+                    index.push(byte(m[(w * MSG_STRIDE + k) as usize]) * MSG_KERNEL + k);
                 }
             }
         }
@@ -147,16 +143,6 @@ impl Folded {
 /// `len` floats of `row` from `at`.
 fn field(row: &[f32], at: i64, len: i64) -> &[f32] {
     &row[at as usize..(at + len) as usize]
-}
-
-/// How many message windows cover every byte up to `end` (one past the last nonzero
-/// byte of any row), plus one all-zero window when the message has room for one:
-/// the windows [`NetHackNet::message`] computes when it trims.
-fn message_windows(n_msg: i64, end: i64) -> i64 {
-    let all = (n_msg - MSG_KERNEL) / MSG_STRIDE + 1;
-    // The first window that starts at or after `end` holds only zeros.
-    let first_zero = (end + MSG_STRIDE - 1) / MSG_STRIDE;
-    (first_zero + 1).min(all)
 }
 
 /// `emb` `[V, E]` times each tap of `filters` `[O, E, K]`, plus `bias / K` on every
