@@ -11,6 +11,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .bytes(".spur.v1.Tensor.data")
         .bytes(".spur.v1.WeightsChunk.data")
+        // Each message's buffer is reserved at its encoded length (`codec.rs`).
+        .codec_path("crate::codec::SizedCodec")
         .compile_protos(&["spur/v1/spur.proto", "spur/v1/env.proto"], &["."])?;
     Ok(())
 }

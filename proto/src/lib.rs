@@ -8,6 +8,8 @@
 /// The type of `Tensor.data` and `WeightsChunk.data`: a view into a shared buffer.
 pub use prost::bytes::Bytes;
 
+pub mod codec;
+
 pub mod v1 {
     tonic::include_proto!("spur.v1");
 }
