@@ -164,6 +164,7 @@ async fn a_learner_resumed_from_an_older_checkpoint_takes_over() -> anyhow::Resu
     let opts = spur_learner::LearnerOptions {
         run_dir: run_dir.clone(),
         resume: true,
+        discard_chunks: false,
     };
     let second = tokio::spawn(spur_learner::serve(config.clone(), opts, listener, async {
         let _ = stopped.await;
@@ -301,6 +302,7 @@ async fn actor_health_follows_its_learner() -> anyhow::Result<()> {
         let opts = spur_learner::LearnerOptions {
             run_dir: run_dir.clone(),
             resume,
+            discard_chunks: false,
         };
         let handle = tokio::spawn(spur_learner::serve(config.clone(), opts, listener, async {
             let _ = stopped.await;

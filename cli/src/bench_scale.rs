@@ -75,7 +75,9 @@ struct InProcess {
 }
 
 impl InProcess {
-    async fn start(config: &Config, name: &str) -> anyhow::Result<Self> {
+    /// A learner serving `config`; with `discard`, one that drops every chunk it
+    /// takes ([`spur_learner::LearnerOptions::discard_chunks`]).
+    async fn start(config: &Config, name: &str, discard: bool) -> anyhow::Result<Self> {
         let dir = std::env::temp_dir().join(format!("spur-bench-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let listener = TcpListener::bind("127.0.0.1:0").await?;
@@ -84,6 +86,7 @@ impl InProcess {
         let opts = spur_learner::LearnerOptions {
             run_dir: dir.clone(),
             resume: false,
+            discard_chunks: discard,
         };
         let shutdown = async move {
             let _ = stopped.await;
@@ -227,7 +230,7 @@ pub async fn learner_only(config: &Config, warmup: f64, secs: f64) -> anyhow::Re
         }
     })
     .await??;
-    let mut learner = InProcess::start(&config, "learner-only").await?;
+    let mut learner = InProcess::start(&config, "learner-only", false).await?;
     let chunk = replay_chunk(&config, learner.incarnation, Some(rows))?;
     let deadline = Instant::now() + Duration::from_secs_f64(warmup + secs + 60.0);
     let mut pushers = Vec::new();
@@ -295,10 +298,11 @@ pub async fn ingest(args: IngestArgs) -> anyhow::Result<std::process::ExitCode> 
         args.clients >= 1 && args.seconds > 0.0,
         "--clients and --seconds must be positive"
     );
-    // The trainer gathers forever: every accepted chunk is queued and taken, none
-    // trained on.
+    // The trainer gathers forever: every accepted chunk is queued, taken and
+    // dropped, none trained on and none held (holding them all made the run's memory
+    // grow by what it moved, and its page faults a fifth of its CPU time).
     let config = load(&args.config, &["learner.batch_steps=4294967295".into()])?;
-    let learner = InProcess::start(&config, "ingest").await?;
+    let learner = InProcess::start(&config, "ingest", true).await?;
     let chunk = replay_chunk(&config, learner.incarnation, None)?;
     let (bytes, steps) = (
         prost::Message::encoded_len(&chunk),
@@ -440,7 +444,7 @@ async fn broadcast_once(
     subscribers: usize,
     secs: f64,
 ) -> anyhow::Result<(Vec<f64>, usize, i64)> {
-    let learner = InProcess::start(config, "broadcast").await?;
+    let learner = InProcess::start(config, "broadcast", false).await?;
     let spec = env_spec(&config.env)?;
     let seen = Arc::new(Mutex::new(Vec::new()));
     let mut subs = Vec::new();

@@ -218,6 +218,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             let opts = spur_learner::LearnerOptions {
                 run_dir,
                 resume: a.resume,
+                discard_chunks: false,
             };
             spur_learner::run(config, opts, shutdown::signal())
                 .await

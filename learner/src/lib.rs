@@ -79,6 +79,10 @@ pub struct LearnerOptions {
     pub run_dir: PathBuf,
     /// Continue from the newest checkpoint in `run_dir/checkpoints`.
     pub resume: bool,
+    /// Take each accepted chunk from the queue and drop it, never training: a learner
+    /// that accepts as fast as it can without holding what it accepted (the ingest
+    /// benchmark). Off for every real run.
+    pub discard_chunks: bool,
 }
 
 /// Binds `config.learner.listen` and serves until training ends.
@@ -393,7 +397,8 @@ pub async fn serve(
     let shared = started.shared.clone();
 
     let tasks = TaskTracker::new();
-    let (service, trainer, weights) = assemble(&config, &run_dir, started, &tasks)?;
+    let (service, mut trainer, weights) = assemble(&config, &run_dir, started, &tasks)?;
+    trainer.discard_chunks = opts.discard_chunks;
     if let (Some(table), Some(client)) = (&trainer.intrinsic, reward_client) {
         tasks.spawn(intrinsic::subscribe(
             client,
@@ -514,6 +519,7 @@ fn assemble(
         rt: tokio::runtime::Handle::current(),
         groups_kept: 0,
         groups_dropped: 0,
+        discard_chunks: false,
     };
     Ok((service, trainer, weights))
 }

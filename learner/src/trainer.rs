@@ -64,6 +64,8 @@ pub struct Trainer {
     /// Groups of episodes UI-S1's spread filter kept and dropped, in this incarnation.
     pub groups_kept: u64,
     pub groups_dropped: u64,
+    /// Drop every chunk once taken ([`crate::LearnerOptions::discard_chunks`]).
+    pub discard_chunks: bool,
 }
 
 /// What a finished training run reports.
@@ -207,6 +209,9 @@ impl Trainer {
             }
             lag_sum += lag as u64;
             taken += 1;
+            if self.discard_chunks {
+                continue;
+            }
             match assembler.as_deref_mut() {
                 Some(a) => {
                     a.push(&chunk);

@@ -41,6 +41,7 @@ impl TestLearner {
         let opts = LearnerOptions {
             run_dir: run_dir.clone(),
             resume: false,
+            discard_chunks: false,
         };
         let handle = tokio::spawn(spur_learner::serve(config, opts, listener, async {
             let _ = stopped.await;
