@@ -6,13 +6,14 @@ use spur_proto::v1::{Dtype, Tensor};
 use crate::error::WireError;
 
 /// Element types that travel as `Tensor`s.
-pub trait Element: Copy + Sized {
+pub trait Element: bytemuck::Pod {
     const DTYPE: Dtype;
     const SIZE: usize;
     fn write_le(self, out: &mut Vec<u8>);
     fn read_le(bytes: &[u8]) -> Self;
-    fn is_finite(self) -> bool {
-        true
+    /// The index of the first value that is not a finite number.
+    fn first_non_finite(_values: &[Self]) -> Option<usize> {
+        None
     }
 }
 
@@ -25,8 +26,12 @@ impl Element for f32 {
     fn read_le(b: &[u8]) -> Self {
         f32::from_le_bytes(b.try_into().expect("chunks_exact yields SIZE bytes"))
     }
-    fn is_finite(self) -> bool {
-        f32::is_finite(self)
+    fn first_non_finite(values: &[Self]) -> Option<usize> {
+        // One pass without an early exit (it vectorizes); the position only when
+        // there is one to report.
+        let bad = values.iter().fold(false, |bad, x| bad | !x.is_finite());
+        bad.then(|| values.iter().position(|x| !x.is_finite()))
+            .flatten()
     }
 }
 
@@ -55,10 +60,16 @@ impl Element for u8 {
 /// Packs `data` with `shape` into a wire tensor.
 pub fn encode<T: Element>(shape: &[usize], data: &[T]) -> Tensor {
     debug_assert_eq!(shape.iter().product::<usize>(), data.len());
-    let mut bytes = Vec::with_capacity(data.len() * T::SIZE);
-    for &x in data {
-        x.write_le(&mut bytes);
-    }
+    let bytes = if cfg!(target_endian = "little") {
+        // The values' own bytes are their wire form: one copy.
+        bytemuck::cast_slice::<T, u8>(data).to_vec()
+    } else {
+        let mut bytes = Vec::with_capacity(data.len() * T::SIZE);
+        for &x in data {
+            x.write_le(&mut bytes);
+        }
+        bytes
+    };
     Tensor {
         dtype: T::DTYPE as i32,
         shape: shape.iter().map(|&d| d as i64).collect(),
@@ -103,8 +114,15 @@ pub fn decode<T: Element>(
             ),
         ));
     }
-    let out: Vec<T> = t.data.chunks_exact(T::SIZE).map(T::read_le).collect();
-    if let Some(i) = out.iter().position(|x| !x.is_finite()) {
+    let out: Vec<T> = if cfg!(target_endian = "little") {
+        // One copy into place (the wire bytes need not be aligned for `T`).
+        let mut out = vec![T::zeroed(); count];
+        bytemuck::cast_slice_mut::<T, u8>(&mut out).copy_from_slice(&t.data);
+        out
+    } else {
+        t.data.chunks_exact(T::SIZE).map(T::read_le).collect()
+    };
+    if let Some(i) = T::first_non_finite(&out) {
         return Err(WireError::invalid(
             field,
             format!("element {i} is not a finite number"),
@@ -154,5 +172,29 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("finite"));
+    }
+
+    /// Values are read from wherever the message put them (not aligned for the
+    /// type), and the first non-finite one is named.
+    #[test]
+    fn reads_unaligned_bytes_and_names_the_first_bad_value() {
+        let values: Vec<f32> = (0..37).map(|i| i as f32 * 0.5 - 3.0).collect();
+        let mut t = encode(&[37], &values);
+        let mut shifted = vec![0u8];
+        shifted.extend_from_slice(&t.data);
+        t.data = spur_proto::Bytes::from(shifted).slice(1..);
+        assert_eq!(decode::<f32>("obs", Some(&t), &[37]).unwrap(), values);
+        let ids = encode(&[3], &[-1i64, i64::MAX, 7]);
+        assert_eq!(
+            decode::<i64>("ids", Some(&ids), &[3]).unwrap(),
+            vec![-1, i64::MAX, 7]
+        );
+        let mut bad = values.clone();
+        bad[30] = f32::NEG_INFINITY;
+        bad[33] = f32::NAN;
+        let err = decode::<f32>("obs", Some(&encode(&[37], &bad)), &[37])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("obs") && err.contains("element 30"), "{err}");
     }
 }
