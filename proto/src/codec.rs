@@ -3,10 +3,9 @@
 //!
 //! tonic's encode buffer starts at 8 KiB and hands its bytes to the connection after
 //! every message, so prost's encoder grew a fresh buffer by doubling for each one: a
-//! NetHack chunk (768 KiB) was copied about seven times over on its way into the
-//! buffer, and every growth touched fresh pages (page faults were a sixth of an
-//! ingesting learner's CPU time). One reservation of the exact size writes each
-//! message once.
+//! NetHack chunk (768 KiB) went through seven reallocations on its way into the
+//! buffer, about one more copy of itself, each growth on memory not touched before.
+//! One reservation of the exact size writes each message once.
 
 use std::marker::PhantomData;
 
