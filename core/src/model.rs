@@ -20,6 +20,7 @@ use crate::env::EnvSpec;
 use crate::error::ModelError;
 use crate::recurrent::RecurrentCore;
 use crate::script::{ScriptPolicy, Step};
+use crate::tensor::all_finite_le;
 
 mod folded;
 use folded::Folded;
@@ -922,17 +923,6 @@ fn checked_f32<'a>(st: &SafeTensors<'a>, name: &str, want: &[i64]) -> Result<&'a
         )));
     }
     Ok(view.data())
-}
-
-/// Whether every little-endian f32 in `bytes` is finite. A value is infinite or NaN
-/// exactly when its exponent bits are all set; the loop has no early exit, so it
-/// vectorizes (an actor checks every weight of every version it receives).
-fn all_finite_le(bytes: &[u8]) -> bool {
-    const EXPONENT: u32 = 0x7f80_0000;
-    !bytes.chunks_exact(4).fold(false, |bad, b| {
-        let bits = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
-        bad | (bits & EXPONENT == EXPONENT)
-    })
 }
 
 fn le_values(data: &[u8]) -> Vec<f32> {

@@ -11,10 +11,22 @@ pub trait Element: bytemuck::Pod {
     const SIZE: usize;
     fn write_le(self, out: &mut Vec<u8>);
     fn read_le(bytes: &[u8]) -> Self;
-    /// The index of the first value that is not a finite number.
-    fn first_non_finite(_values: &[Self]) -> Option<usize> {
+    /// The index of the first value in the little-endian `bytes` that is not a
+    /// finite number.
+    fn first_non_finite(_bytes: &[u8]) -> Option<usize> {
         None
     }
+}
+
+/// Whether every little-endian f32 in `bytes` is finite. A value is infinite or NaN
+/// exactly when its exponent bits are all set; the loop has no early exit, so it
+/// vectorizes (a learner checks every chunk it takes, an actor every weight it loads).
+pub fn all_finite_le(bytes: &[u8]) -> bool {
+    const EXPONENT: u32 = 0x7f80_0000;
+    !bytes.chunks_exact(4).fold(false, |bad, b| {
+        let bits = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+        bad | (bits & EXPONENT == EXPONENT)
+    })
 }
 
 impl Element for f32 {
@@ -26,12 +38,14 @@ impl Element for f32 {
     fn read_le(b: &[u8]) -> Self {
         f32::from_le_bytes(b.try_into().expect("chunks_exact yields SIZE bytes"))
     }
-    fn first_non_finite(values: &[Self]) -> Option<usize> {
-        // One pass without an early exit (it vectorizes); the position only when
-        // there is one to report.
-        let bad = values.iter().fold(false, |bad, x| bad | !x.is_finite());
-        bad.then(|| values.iter().position(|x| !x.is_finite()))
-            .flatten()
+    fn first_non_finite(bytes: &[u8]) -> Option<usize> {
+        // The position is looked for only when there is one to report.
+        if all_finite_le(bytes) {
+            return None;
+        }
+        bytes
+            .chunks_exact(4)
+            .position(|b| !Self::read_le(b).is_finite())
     }
 }
 
@@ -114,21 +128,20 @@ pub fn decode<T: Element>(
             ),
         ));
     }
-    let out: Vec<T> = if cfg!(target_endian = "little") {
+    if let Some(i) = T::first_non_finite(&t.data) {
+        return Err(WireError::invalid(
+            field,
+            format!("element {i} is not a finite number"),
+        ));
+    }
+    Ok(if cfg!(target_endian = "little") {
         // One copy into place (the wire bytes need not be aligned for `T`).
         let mut out = vec![T::zeroed(); count];
         bytemuck::cast_slice_mut::<T, u8>(&mut out).copy_from_slice(&t.data);
         out
     } else {
         t.data.chunks_exact(T::SIZE).map(T::read_le).collect()
-    };
-    if let Some(i) = T::first_non_finite(&out) {
-        return Err(WireError::invalid(
-            field,
-            format!("element {i} is not a finite number"),
-        ));
-    }
-    Ok(out)
+    })
 }
 
 #[cfg(test)]

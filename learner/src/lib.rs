@@ -397,8 +397,7 @@ pub async fn serve(
     let shared = started.shared.clone();
 
     let tasks = TaskTracker::new();
-    let (service, mut trainer, weights) = assemble(&config, &run_dir, started, &tasks)?;
-    trainer.discard_chunks = opts.discard_chunks;
+    let (service, trainer, weights) = assemble(&config, &opts, started, &tasks)?;
     if let (Some(table), Some(client)) = (&trainer.intrinsic, reward_client) {
         tasks.spawn(intrinsic::subscribe(
             client,
@@ -472,7 +471,7 @@ struct WeightStreams {
 /// chunk queue between the gRPC service and the trainer, the service and the trainer.
 fn assemble(
     config: &Config,
-    run_dir: &std::path::Path,
+    opts: &LearnerOptions,
     started: Start,
     tasks: &TaskTracker,
 ) -> Result<(LearnerService, Trainer, WeightStreams), LearnerError> {
@@ -506,7 +505,7 @@ fn assemble(
     let trainer = Trainer {
         intrinsic: started.intrinsic,
         config: config.clone(),
-        run_dir: run_dir.to_path_buf(),
+        run_dir: opts.run_dir.clone(),
         model: started.model,
         spec: started.spec,
         version: started.version,
@@ -519,7 +518,7 @@ fn assemble(
         rt: tokio::runtime::Handle::current(),
         groups_kept: 0,
         groups_dropped: 0,
-        discard_chunks: false,
+        discard_chunks: opts.discard_chunks,
     };
     Ok((service, trainer, weights))
 }

@@ -73,20 +73,10 @@ impl Folded {
         let mut index = Vec::with_capacity((b * c * c * TAPS) as usize);
         for row in &rows {
             let glyphs = field(row, net.crop_at, c * c);
-            for (y, x) in (0..c).flat_map(|y| (0..c).map(move |x| (y, x))) {
-                for (k, (dy, dx)) in (-1..=1)
-                    .flat_map(|dy| (-1..=1).map(move |dx| (dy, dx)))
-                    .enumerate()
-                {
-                    let (yy, xx) = (y + dy, x + dx);
-                    let cell = if (0..c).contains(&yy) && (0..c).contains(&xx) {
-                        (glyphs[(yy * c + xx) as usize] as i64).clamp(0, MAX_GLYPH) + 1
-                    } else {
-                        0
-                    };
-                    index.push(cell * TAPS + k as i64);
-                }
-            }
+            index.extend(windows(c).map(|(k, pixel)| {
+                let cell = pixel.map_or(0, |p| (glyphs[p as usize] as i64).clamp(0, MAX_GLYPH) + 1);
+                cell * TAPS + k
+            }));
         }
         let g = bag_sums(&self.glyph_taps, index, TAPS, device)
             .view([b, c, c, -1])
@@ -138,6 +128,20 @@ impl Folded {
         let joined = Tensor::cat(&[g, stats, m], 1);
         linear_t(&joined, &self.core_t, net.core.bs.as_ref()).elu()
     }
+}
+
+/// The 3x3 windows of a `c` x `c` image with one pixel of padding, output pixel by
+/// output pixel in row-major order: each tap's number (row-major in the window) and
+/// the pixel it reads (`y * c + x`), `None` in the padding.
+fn windows(c: i64) -> impl Iterator<Item = (i64, Option<i64>)> {
+    (0..c * c).flat_map(move |p| {
+        let (py, px) = (p / c, p % c);
+        (0..TAPS).map(move |k| {
+            let (y, x) = (py + k / 3 - 1, px + k % 3 - 1);
+            let inside = (0..c).contains(&y) && (0..c).contains(&x);
+            (k, inside.then_some(y * c + x))
+        })
+    })
 }
 
 /// `len` floats of `row` from `at`.
