@@ -2,6 +2,10 @@
 
 use std::time::Duration;
 
+use safetensors::{Dtype, SafeTensors};
+use spur_core::config::WeightsDtype;
+use spur_core::model::ActorCritic;
+use spur_proto::v1::SubscribeWeightsRequest;
 use spur_tests::{spawn_actor, tiny_cartpole, train_two_actors, TestLearner};
 
 /// Two actors and a learner with a tiny MLP on cartpole: the mean return climbs far
@@ -76,6 +80,49 @@ async fn cartpole_learns_with_hybrid_advantages() -> anyhow::Result<()> {
     config.learner.advantage = spur_core::config::AdvantageKind::Hybrid;
     config.actor.group_size = 4;
     learns(config, "learns-hybrid").await
+}
+
+/// Weights go to actors as bfloat16 (`learner.weights_dtype`): what a subscriber
+/// receives after updates holds only BF16 tensors and loads into a policy, and two
+/// actors acting on the rounded weights still learn.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cartpole_learns_from_bf16_weights() -> anyhow::Result<()> {
+    let mut config = tiny_cartpole(0);
+    config.learner.weights_dtype = WeightsDtype::Bf16;
+    let learner = TestLearner::start(config.clone(), "bf16-payload").await?;
+    let (stop, actor) = spawn_actor(&config, &learner.addr, 0);
+    let trained = learner
+        .wait_for(Duration::from_secs(60), "version 2", |s| {
+            s.policy_version >= 2
+        })
+        .await?;
+    let mut weights = learner
+        .client()
+        .await?
+        .subscribe_weights(SubscribeWeightsRequest::default())
+        .await?
+        .into_inner();
+    let mut payload = Vec::new();
+    let version = loop {
+        let piece = weights.message().await?.expect("a weights piece");
+        payload.extend_from_slice(&piece.data);
+        if piece.chunk_index + 1 == piece.num_chunks {
+            break piece.version;
+        }
+    };
+    assert!(version >= trained.policy_version);
+    let st = SafeTensors::deserialize(&payload)?;
+    for (name, view) in st.tensors() {
+        assert_eq!(view.dtype(), Dtype::BF16, "{name}");
+    }
+    let spec = spur_env_bridge::env_spec(&config.env)?;
+    ActorCritic::for_spec(&spec, &config.model, tch::Device::Cpu)?.load_safetensors(&payload)?;
+    let _ = stop.send(());
+    actor.await??;
+    learner.stop().await?;
+
+    config.stop.env_steps = 200_000;
+    learns(config, "learns-bf16").await
 }
 
 async fn learns(config: spur_core::Config, name: &str) -> anyhow::Result<()> {

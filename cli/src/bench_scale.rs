@@ -10,8 +10,9 @@
 //! latest-wins slot and loading the newest payload into an `ActorCritic` whenever it
 //! is free (as actors do), under a learner that publishes after every update (one
 //! client replays chunks to drive it): publish-to-loaded time, p50 and p99, from the
-//! `spur.published_unix_ns` the learner writes into each payload's metadata, against
-//! copying and loading the same payload locally.
+//! `spur.published_unix_ns` the learner writes into each payload's metadata, for the
+//! versions published after a warm-up, against copying and loading the same payload
+//! locally.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -61,6 +62,10 @@ pub struct BroadcastArgs {
     /// Seconds each policy is measured.
     #[arg(long, default_value_t = 5.0)]
     seconds: f64,
+    /// Seconds of publishing before versions are counted (every subscriber's first
+    /// loads, buffers and threads are made then).
+    #[arg(long, default_value_t = 1.0)]
+    warmup: f64,
 }
 
 /// A learner served in-process on 127.0.0.1:0 from a temporary run directory.
@@ -409,7 +414,7 @@ async fn reassemble(
 async fn subscriber(
     client: LearnerClient<AuthChannel>,
     mut model: ActorCritic,
-    seen: Arc<Mutex<Vec<f64>>>,
+    seen: Arc<Mutex<Vec<(f64, f64)>>>,
 ) -> anyhow::Result<()> {
     let (slot, mut newest) = watch::channel(None);
     let reader = tokio::spawn(reassemble(client, slot));
@@ -431,17 +436,18 @@ async fn subscriber(
         if let (Some(ns), false) = (published, std::mem::take(&mut first)) {
             seen.lock()
                 .expect("no panics while held")
-                .push(unix_s() - ns / 1e9);
+                .push((ns / 1e9, unix_s() - ns / 1e9));
         }
     }
     reader.await?
 }
 
-/// Publish-to-loaded seconds of every subscriber and version, the payload size and
-/// the policy's parameters.
+/// Publish-to-loaded seconds of every subscriber and version published after the
+/// first `warmup` seconds, the payload size and the policy's parameters.
 async fn broadcast_once(
     config: &Config,
     subscribers: usize,
+    warmup: f64,
     secs: f64,
 ) -> anyhow::Result<(Vec<f64>, usize, i64)> {
     let learner = InProcess::start(config, "broadcast", false).await?;
@@ -454,7 +460,8 @@ async fn broadcast_once(
         subs.push(tokio::spawn(subscriber(client, model, seen.clone())));
     }
     let chunk = replay_chunk(config, learner.incarnation, None)?;
-    let deadline = Instant::now() + Duration::from_secs_f64(secs);
+    let counted_from = unix_s() + warmup;
+    let deadline = Instant::now() + Duration::from_secs_f64(warmup + secs);
     push_until(learner.client.clone(), chunk, deadline).await?;
     learner.stop().await?;
     for s in subs {
@@ -462,14 +469,20 @@ async fn broadcast_once(
         let _ = s.await?;
     }
     let model = ActorCritic::for_spec(&spec, &config.model, tch::Device::Cpu)?;
-    let bytes = model.to_safetensors(1, &Default::default())?.len();
+    let bytes = model
+        .to_safetensors_as(1, &Default::default(), config.learner.weights_dtype)?
+        .len();
     let params = model
         .var_store()
         .variables()
         .values()
         .map(|t| t.numel() as i64)
         .sum();
-    let v = std::mem::take(&mut *seen.lock().expect("no panics while held"));
+    let v = std::mem::take(&mut *seen.lock().expect("no panics while held"))
+        .into_iter()
+        .filter(|&(published, _)| published >= counted_from)
+        .map(|(_, latency)| latency)
+        .collect();
     Ok((v, bytes, params))
 }
 
@@ -477,7 +490,7 @@ async fn broadcast_once(
 fn local_load(config: &Config, n: usize) -> anyhow::Result<Vec<f64>> {
     let spec = env_spec(&config.env)?;
     let mut model = ActorCritic::for_spec(&spec, &config.model, tch::Device::Cpu)?;
-    let payload = model.to_safetensors(1, &Default::default())?;
+    let payload = model.to_safetensors_as(1, &Default::default(), config.learner.weights_dtype)?;
     (0..n)
         .map(|_| {
             let t = Instant::now();
@@ -491,14 +504,19 @@ fn local_load(config: &Config, n: usize) -> anyhow::Result<Vec<f64>> {
 
 pub async fn broadcast(args: BroadcastArgs) -> anyhow::Result<std::process::ExitCode> {
     anyhow::ensure!(
-        args.subscribers >= 1 && args.seconds > 0.0,
-        "--subscribers and --seconds must be positive"
+        args.subscribers >= 1 && args.seconds > 0.0 && args.warmup >= 0.0,
+        "--subscribers and --seconds must be positive, --warmup not negative"
     );
+    // What `--set` may have changed of the bench's own settings.
+    let shown = load(&args.config, &["learner.broadcast_every=1".into()])?;
     println!(
-        "spur bench broadcast: {} subscribers, a publish after every update, {} cores, {} s per policy",
+        "spur bench broadcast: {} subscribers, a publish every {} update(s), weights as {:?}, {} cores, {} s per policy after {} s of warm-up",
         args.subscribers,
+        shown.learner.broadcast_every,
+        shown.learner.weights_dtype,
         std::thread::available_parallelism().map_or(0, |n| n.get()),
-        args.seconds
+        args.seconds,
+        args.warmup
     );
     println!(
         "{:<44} {:>8} {:>9} {:>9} {:>9} {:>8}",
@@ -523,7 +541,7 @@ pub async fn broadcast(args: BroadcastArgs) -> anyhow::Result<std::process::Exit
         let c = config.clone();
         let mut local = crate::bench::off_runtime(move || local_load(&c, 50)).await?;
         let (mut net, bytes, params) =
-            broadcast_once(&config, args.subscribers, args.seconds).await?;
+            broadcast_once(&config, args.subscribers, args.warmup, args.seconds).await?;
         anyhow::ensure!(
             !net.is_empty(),
             "no weights reached a subscriber after its first"

@@ -450,6 +450,16 @@ pub enum CoreKind {
     Gru,
 }
 
+/// Float type of weights on the wire (`learner.weights_dtype`).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum WeightsDtype {
+    #[default]
+    F32,
+    F16,
+    Bf16,
+}
+
 /// Widest recurrent core accepted (`model.core_size`).
 pub const MAX_CORE_SIZE: u32 = 4096;
 
@@ -580,6 +590,12 @@ pub struct LearnerConfig {
     pub checkpoint_every: u64,
     /// Largest weights payload piece per message, in bytes.
     pub weights_chunk_bytes: u32,
+    /// Float type of the weights sent to actors: `f32` (exact), or `f16` / `bf16`
+    /// (half the bytes to encode, send and load per actor). Actors act on the
+    /// rounded weights and load them back into f32 variables; the learner's
+    /// importance ratios see the rounding as a little more policy lag. A tensor
+    /// outside f16's range goes out as f32. Checkpoints are always f32.
+    pub weights_dtype: WeightsDtype,
     /// HTTP/2 flow-control window of each stream the learner receives (a trajectory
     /// stream), in bytes: how much an actor may send before the learner has read it.
     /// A window smaller than a chunk costs a round trip per window's worth of bytes.
@@ -686,6 +702,7 @@ impl Default for LearnerConfig {
             queue_capacity: 4,
             checkpoint_every: 50,
             weights_chunk_bytes: 1 << 20,
+            weights_dtype: WeightsDtype::F32,
             stream_window_bytes: 1 << 20,
             connection_window_bytes: 1 << 20,
             device: "auto".into(),
@@ -1488,6 +1505,13 @@ mod tests {
         assert!(err.to_string().contains("model.core"), "{err}");
         let err = Config::from_toml_str("[model]\ncore = \"lstm\"\ncore_size = 0\n").unwrap_err();
         assert!(err.to_string().contains("model.core_size"), "{err}");
+        // Weights for actors: f32 unless asked, and a known float type.
+        let c = Config::from_toml_str("").unwrap();
+        assert_eq!(c.learner.weights_dtype, WeightsDtype::F32);
+        let c = Config::from_toml_str("[learner]\nweights_dtype = \"bf16\"\n").unwrap();
+        assert_eq!(c.learner.weights_dtype, WeightsDtype::Bf16);
+        let err = Config::from_toml_str("[learner]\nweights_dtype = \"f8\"\n").unwrap_err();
+        assert!(err.to_string().contains("learner.weights_dtype"), "{err}");
     }
 
     #[test]

@@ -15,12 +15,12 @@ use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 use tch::nn::{self, Module};
 use tch::{Device, Kind, Tensor};
 
-use crate::config::{CoreKind, ModelArch, ModelConfig};
+use crate::config::{CoreKind, ModelArch, ModelConfig, WeightsDtype};
 use crate::env::EnvSpec;
 use crate::error::ModelError;
 use crate::recurrent::RecurrentCore;
 use crate::script::{ScriptPolicy, Step};
-use crate::tensor::all_finite_le;
+use crate::tensor::{all_finite_le, all_finite_le16, BF16_EXPONENT, F16_EXPONENT};
 
 mod folded;
 use folded::Folded;
@@ -757,6 +757,19 @@ impl ActorCritic {
         vars_to_safetensors(&self.vs, version, metadata)
     }
 
+    /// [`to_safetensors`](Self::to_safetensors) with the weights rounded to `dtype`
+    /// (for actors, which load any of the three): a tensor outside f16's range stays
+    /// f32.
+    pub fn to_safetensors_as(
+        &self,
+        version: u64,
+        metadata: &HashMap<String, String>,
+        dtype: WeightsDtype,
+    ) -> Result<Vec<u8>, ModelError> {
+        let named: Vec<(String, Tensor)> = self.vs.variables().into_iter().collect();
+        serialize(&named, version, metadata, dtype)
+    }
+
     /// Loads weights produced by [`to_safetensors`](Self::to_safetensors) by a model of
     /// the same architecture; returns the payload's metadata. Nothing is changed
     /// unless every tensor is present with the right shape.
@@ -875,24 +888,51 @@ pub fn tensors_to_safetensors(
     version: u64,
     metadata: &HashMap<String, String>,
 ) -> Result<Vec<u8>, ModelError> {
+    serialize(named, version, metadata, WeightsDtype::F32)
+}
+
+/// Largest finite f16 value.
+const F16_MAX: f64 = 65504.0;
+
+/// The safetensors and libtorch types `t` is written as when `dtype` is asked for.
+fn wire_type(t: &Tensor, dtype: WeightsDtype) -> (Dtype, Kind) {
+    match dtype {
+        WeightsDtype::F16 if t.numel() == 0 || t.abs().max().double_value(&[]) <= F16_MAX => {
+            (Dtype::F16, Kind::Half)
+        }
+        WeightsDtype::Bf16 => (Dtype::BF16, Kind::BFloat16),
+        _ => (Dtype::F32, Kind::Float),
+    }
+}
+
+/// Named tensors as safetensors of `dtype` (sorted by name), with `metadata` and the
+/// version.
+fn serialize(
+    named: &[(String, Tensor)],
+    version: u64,
+    metadata: &HashMap<String, String>,
+    dtype: WeightsDtype,
+) -> Result<Vec<u8>, ModelError> {
     let mut order: Vec<&(String, Tensor)> = named.iter().collect();
     order.sort_by(|a, b| a.0.cmp(&b.0));
     let mut blobs = Vec::with_capacity(order.len());
     for (name, t) in order {
-        let t = t.to_device(Device::Cpu).to_kind(Kind::Float).contiguous();
+        let (st_type, kind) = wire_type(t, dtype);
+        let t = t.to_device(Device::Cpu).to_kind(kind).contiguous();
         let shape: Vec<usize> = t.size().iter().map(|&d| d as usize).collect();
+        let size = st_type.bitsize() / 8;
         // The tensor's bytes in one copy; safetensors wants them little-endian.
-        let mut bytes = vec![0u8; t.numel() * 4];
+        let mut bytes = vec![0u8; t.numel() * size];
         t.f_copy_data_u8(&mut bytes, t.numel())?;
         if cfg!(target_endian = "big") {
-            bytes.chunks_exact_mut(4).for_each(<[u8]>::reverse);
+            bytes.chunks_exact_mut(size).for_each(<[u8]>::reverse);
         }
-        blobs.push((name.clone(), shape, bytes));
+        blobs.push((name.clone(), st_type, shape, bytes));
     }
     let views = blobs
         .iter()
-        .map(|(name, shape, bytes)| {
-            TensorView::new(Dtype::F32, shape.clone(), bytes)
+        .map(|(name, st_type, shape, bytes)| {
+            TensorView::new(*st_type, shape.clone(), bytes)
                 .map(|v| (name.clone(), v))
                 .map_err(|e| ModelError::Weights(e.to_string()))
         })
@@ -902,27 +942,48 @@ pub fn tensors_to_safetensors(
     safetensors::serialize(views, Some(info)).map_err(|e| ModelError::Weights(e.to_string()))
 }
 
-/// The bytes of one f32 tensor of a safetensors payload, checked against the shape
-/// it must have and for non-finite values.
-fn checked_f32<'a>(st: &SafeTensors<'a>, name: &str, want: &[i64]) -> Result<&'a [u8], ModelError> {
+/// The type and bytes of one tensor of a safetensors payload, checked against the
+/// shape it must have, for one of the float types in `types`, and for non-finite
+/// values.
+fn checked<'a>(
+    st: &SafeTensors<'a>,
+    name: &str,
+    want: &[i64],
+    types: &[Dtype],
+) -> Result<(Dtype, &'a [u8]), ModelError> {
     let view = st
         .tensor(name)
         .map_err(|_| ModelError::Weights(format!("tensor `{name}` is missing")))?;
     let want_usize: Vec<usize> = want.iter().map(|&d| d as usize).collect();
-    if view.dtype() != Dtype::F32 || view.shape() != want_usize.as_slice() {
+    if !types.contains(&view.dtype()) || view.shape() != want_usize.as_slice() {
         return Err(ModelError::Weights(format!(
-            "tensor `{name}` is {:?} {:?}, expected F32 {:?}",
+            "tensor `{name}` is {:?} {:?}, expected {} {:?}",
             view.dtype(),
             view.shape(),
+            types
+                .iter()
+                .map(|t| format!("{t:?}"))
+                .collect::<Vec<_>>()
+                .join(" or "),
             want_usize
         )));
     }
-    if !all_finite_le(view.data()) {
+    let finite = match view.dtype() {
+        Dtype::F16 => all_finite_le16(view.data(), F16_EXPONENT),
+        Dtype::BF16 => all_finite_le16(view.data(), BF16_EXPONENT),
+        _ => all_finite_le(view.data()),
+    };
+    if !finite {
         return Err(ModelError::Weights(format!(
             "tensor `{name}` holds a non-finite value"
         )));
     }
-    Ok(view.data())
+    Ok((view.dtype(), view.data()))
+}
+
+/// The bytes of one f32 tensor of a safetensors payload, checked as [`checked`] does.
+fn checked_f32<'a>(st: &SafeTensors<'a>, name: &str, want: &[i64]) -> Result<&'a [u8], ModelError> {
+    Ok(checked(st, name, want, &[Dtype::F32])?.1)
 }
 
 fn le_values(data: &[u8]) -> Vec<f32> {
@@ -967,22 +1028,56 @@ fn copy_le_f32(var: &mut Tensor, data: &[u8]) -> Result<(), ModelError> {
     Ok(())
 }
 
-/// Copies a payload from [`vars_to_safetensors`] into `vs` (same architecture); nothing
-/// changes unless every tensor is present, finite and of the right shape.
+/// Overwrites `var` (f32, contiguous, any device) with the little-endian 16-bit floats
+/// of `kind` in `data`, which holds exactly its elements, converting as it copies.
+fn copy_le16(var: &mut Tensor, data: &[u8], kind: Kind) -> Result<(), ModelError> {
+    // Read in place when the bytes are aligned for 16-bit values and in the machine's
+    // order; otherwise staged once.
+    let values: std::borrow::Cow<[u16]> = match bytemuck::try_cast_slice::<u8, u16>(data) {
+        Ok(v) if cfg!(target_endian = "little") => v.into(),
+        _ => data
+            .chunks_exact(2)
+            .map(|b| u16::from_le_bytes([b[0], b[1]]))
+            .collect::<Vec<u16>>()
+            .into(),
+    };
+    // SAFETY: `src` reads `values`, which outlives it (it is dropped in this
+    // function), and nothing writes through it.
+    let src = unsafe {
+        Tensor::f_from_blob(
+            values.as_ptr().cast(),
+            &[values.len() as i64],
+            &[1],
+            kind,
+            Device::Cpu,
+        )?
+    };
+    var.f_view([-1])?.f_copy_(&src)?;
+    Ok(())
+}
+
+/// Copies a payload from [`vars_to_safetensors`] or
+/// [`ActorCritic::to_safetensors_as`] into `vs` (same architecture); nothing changes
+/// unless every tensor is present, finite and of the right shape.
 pub fn load_vars(vs: &nn::VarStore, bytes: &[u8]) -> Result<HashMap<String, String>, ModelError> {
     let metadata = read_metadata(bytes)?;
     let st = SafeTensors::deserialize(bytes).map_err(|e| ModelError::Weights(e.to_string()))?;
     let mut vars: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
     vars.sort_by(|a, b| a.0.cmp(&b.0));
     // Every tensor is checked before any variable is written.
+    let types = [Dtype::F32, Dtype::F16, Dtype::BF16];
     let checked = vars
         .iter()
-        .map(|(name, var)| checked_f32(&st, name, &var.size()))
+        .map(|(name, var)| checked(&st, name, &var.size(), &types))
         .collect::<Result<Vec<_>, _>>()?;
     tch::no_grad(|| {
         vars.iter_mut()
             .zip(checked)
-            .try_for_each(|((_, var), data)| copy_le_f32(var, data))
+            .try_for_each(|((_, var), (dtype, data))| match dtype {
+                Dtype::F16 => copy_le16(var, data, Kind::Half),
+                Dtype::BF16 => copy_le16(var, data, Kind::BFloat16),
+                _ => copy_le_f32(var, data),
+            })
     })?;
     Ok(metadata)
 }
@@ -1063,6 +1158,102 @@ mod tests {
                 .flat_map(|v| v.to_le_bytes())
                 .collect::<Vec<u8>>()
         ));
+    }
+
+    /// The variables of `m`, by name.
+    fn vars_of(m: &ActorCritic) -> Vec<(String, Tensor)> {
+        let mut v: Vec<(String, Tensor)> = m.vs.variables().into_iter().collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
+
+    #[test]
+    fn weights_travel_as_f16_or_bf16_at_half_the_bytes() {
+        tch::manual_seed(3);
+        let a = ActorCritic::new(4, 2, &[64, 64], Device::Cpu);
+        let f32_len = a.to_safetensors(1, &HashMap::new()).unwrap().len();
+        for (dtype, st_type, kind) in [
+            (WeightsDtype::F16, Dtype::F16, Kind::Half),
+            (WeightsDtype::Bf16, Dtype::BF16, Kind::BFloat16),
+        ] {
+            let bytes = a.to_safetensors_as(4, &HashMap::new(), dtype).unwrap();
+            assert!(
+                bytes.len() * 10 < f32_len * 6,
+                "{dtype:?}: {} bytes",
+                bytes.len()
+            );
+            let st = SafeTensors::deserialize(&bytes).unwrap();
+            assert!(st.tensors().iter().all(|(_, v)| v.dtype() == st_type));
+            // At every alignment the payload can have in a message.
+            for offset in 0..3 {
+                let mut shifted = vec![0u8; offset];
+                shifted.extend_from_slice(&bytes);
+                let mut b = ActorCritic::new(4, 2, &[64, 64], Device::Cpu);
+                let meta = b.load_safetensors(&shifted[offset..]).unwrap();
+                assert_eq!(payload_version(&meta).unwrap(), 4);
+                // Each variable holds exactly the rounded value, back in f32.
+                for ((name, want), (_, got)) in vars_of(&a).iter().zip(vars_of(&b)) {
+                    assert_eq!(got.kind(), Kind::Float);
+                    let rounded = want.to_kind(kind).to_kind(Kind::Float);
+                    assert!(rounded.equal(&got), "{dtype:?} {name}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_tensor_beyond_f16_range_goes_out_as_f32() {
+        let a = ActorCritic::new(4, 2, &[8], Device::Cpu);
+        tch::no_grad(|| {
+            let _ = a.vs.variables()["value.l0.bias"].get(2).fill_(1e6);
+        });
+        let bytes = a
+            .to_safetensors_as(1, &HashMap::new(), WeightsDtype::F16)
+            .unwrap();
+        let st = SafeTensors::deserialize(&bytes).unwrap();
+        for (name, view) in st.tensors() {
+            let want = if name == "value.l0.bias" {
+                Dtype::F32
+            } else {
+                Dtype::F16
+            };
+            assert_eq!(view.dtype(), want, "{name}");
+        }
+        let mut b = ActorCritic::new(4, 2, &[8], Device::Cpu);
+        b.load_safetensors(&bytes).unwrap();
+        let got = b.vs.variables()["value.l0.bias"].double_value(&[2]);
+        assert_eq!(got, 1e6);
+    }
+
+    #[test]
+    fn non_finite_half_weights_are_refused_by_name_and_change_nothing() {
+        let a = ActorCritic::new(4, 2, &[8], Device::Cpu);
+        let obs = Tensor::from_slice(&[0.1f32, -0.2, 0.3, 0.0]).view([1, 4]);
+        for (dtype, bad_bits) in [
+            (WeightsDtype::F16, [0x7c00u16, 0xfc00, 0x7e00]),
+            (WeightsDtype::Bf16, [0x7f80u16, 0xff80, 0x7fc0]),
+        ] {
+            let good = a.to_safetensors_as(2, &HashMap::new(), dtype).unwrap();
+            let at = {
+                let st = SafeTensors::deserialize(&good).unwrap();
+                let data = st.tensor("policy.l1.weight").unwrap().data();
+                data.as_ptr() as usize - good.as_ptr() as usize
+            };
+            for bits in bad_bits {
+                let mut b = ActorCritic::new(4, 2, &[8], Device::Cpu);
+                let before = b.logits(&obs);
+                let mut bad = good.clone();
+                bad[at + 6..at + 8].copy_from_slice(&bits.to_le_bytes());
+                let err = b.load_safetensors(&bad).unwrap_err().to_string();
+                assert!(
+                    err.contains("policy.l1.weight") && err.contains("non-finite"),
+                    "{dtype:?} {bits:#x}: {err}"
+                );
+                assert!(before.allclose(&b.logits(&obs), 0.0, 0.0, false));
+                // The unpatched payload loads into the same model.
+                b.load_safetensors(&good).unwrap();
+            }
+        }
     }
 
     #[test]

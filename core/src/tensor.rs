@@ -29,6 +29,21 @@ pub fn all_finite_le(bytes: &[u8]) -> bool {
     })
 }
 
+/// The exponent bits of an IEEE half (f16): all set means infinite or NaN.
+pub const F16_EXPONENT: u16 = 0x7c00;
+/// The exponent bits of a bfloat16: all set means infinite or NaN.
+pub const BF16_EXPONENT: u16 = 0x7f80;
+
+/// Whether every little-endian 16-bit float in `bytes` is finite, for a format whose
+/// exponent bits are `exponent` ([`F16_EXPONENT`], [`BF16_EXPONENT`]); one pass with
+/// no early exit, so it vectorizes.
+pub fn all_finite_le16(bytes: &[u8], exponent: u16) -> bool {
+    !bytes.chunks_exact(2).fold(false, |bad, b| {
+        let bits = u16::from_le_bytes([b[0], b[1]]);
+        bad | (bits & exponent == exponent)
+    })
+}
+
 impl Element for f32 {
     const DTYPE: Dtype = Dtype::F32;
     const SIZE: usize = 4;
@@ -189,6 +204,28 @@ mod tests {
 
     /// Values are read from wherever the message put them (not aligned for the
     /// type), and the first non-finite one is named.
+    #[test]
+    fn sixteen_bit_floats_are_finite_unless_their_exponent_is_all_ones() {
+        let le = |v: &[u16]| v.iter().flat_map(|b| b.to_le_bytes()).collect::<Vec<u8>>();
+        // f16: the largest finite (65504), the smallest subnormal, -0 and 1.0.
+        let finite = [0x7bffu16, 0x0001, 0x8000, 0x3c00];
+        assert!(all_finite_le16(&le(&finite), F16_EXPONENT));
+        for bad in [0x7c00u16, 0xfc00, 0x7e00, 0x7c01] {
+            let mut v = finite.to_vec();
+            v.insert(2, bad);
+            assert!(!all_finite_le16(&le(&v), F16_EXPONENT), "{bad:#x}");
+        }
+        // bf16: the largest finite (about 3.4e38), -0 and 1.0; 0x7c00 is a finite
+        // bf16 (3.0e36) though an infinite f16.
+        let finite = [0x7f7fu16, 0x8000, 0x3f80, 0x7c00];
+        assert!(all_finite_le16(&le(&finite), BF16_EXPONENT));
+        for bad in [0x7f80u16, 0xff80, 0x7fc0, 0x7f81] {
+            let mut v = finite.to_vec();
+            v.push(bad);
+            assert!(!all_finite_le16(&le(&v), BF16_EXPONENT), "{bad:#x}");
+        }
+    }
+
     #[test]
     fn reads_unaligned_bytes_and_names_the_first_bad_value() {
         let values: Vec<f32> = (0..37).map(|i| i as f32 * 0.5 - 3.0).collect();

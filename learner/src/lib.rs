@@ -485,7 +485,7 @@ fn assemble(
             version: started.version,
             bytes: started
                 .model
-                .to_safetensors(started.version, &Default::default())?
+                .to_safetensors_as(started.version, &Default::default(), lc.weights_dtype)?
                 .into(),
             finished: false,
         },

@@ -432,7 +432,10 @@ impl Trainer {
         );
         self.broadcaster.publish(Published {
             version: self.version,
-            bytes: self.model.to_safetensors(self.version, &meta)?.into(),
+            bytes: self
+                .model
+                .to_safetensors_as(self.version, &meta, self.config.learner.weights_dtype)?
+                .into(),
             finished,
         });
         Ok(())
