@@ -41,7 +41,7 @@ pub use error::ActorError;
 pub use health::{Readiness, HEALTH_SERVICE};
 pub use push::PushStats;
 pub use rollout::{Rollout, RolloutStats};
-pub use weights::WeightsUpdate;
+pub use weights::{WeightsAssembler, WeightsUpdate};
 
 #[derive(Debug, Clone)]
 pub struct ActorOptions {

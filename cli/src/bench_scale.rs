@@ -20,6 +20,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 use clap::Args;
+use spur_actor::{WeightsAssembler, WeightsUpdate};
 use spur_core::model::{read_metadata, ActorCritic};
 use spur_core::trajectory::Chunk;
 use spur_core::transport::{AuthChannel, Transport};
@@ -387,20 +388,16 @@ fn unix_s() -> f64 {
 /// wins), as an actor's weight subscription does.
 async fn reassemble(
     mut client: LearnerClient<AuthChannel>,
-    slot: watch::Sender<Option<Arc<Vec<u8>>>>,
+    slot: watch::Sender<Option<Arc<WeightsUpdate>>>,
 ) -> anyhow::Result<()> {
     let mut stream = client
         .subscribe_weights(SubscribeWeightsRequest::default())
         .await?
         .into_inner();
-    let mut buf = Vec::new();
+    let mut assembler = WeightsAssembler::default();
     while let Some(piece) = stream.message().await? {
-        if piece.chunk_index == 0 {
-            buf.clear();
-        }
-        buf.extend_from_slice(&piece.data);
-        if piece.chunk_index + 1 == piece.num_chunks {
-            slot.send_replace(Some(Arc::new(std::mem::take(&mut buf))));
+        if let Some(update) = assembler.push(piece) {
+            slot.send_replace(Some(Arc::new(update)));
         }
     }
     Ok(())
@@ -421,11 +418,11 @@ async fn subscriber(
     let mut first = true;
     // Ends when the reader drops the slot: the stream ended.
     while newest.changed().await.is_ok() {
-        let Some(bytes) = newest.borrow_and_update().clone() else {
+        let Some(update) = newest.borrow_and_update().clone() else {
             continue;
         };
         let (m, meta) = tokio::task::spawn_blocking(move || {
-            let meta = model.load_safetensors(&bytes);
+            let meta = model.load_safetensors(&update.bytes);
             (model, meta)
         })
         .await?;

@@ -918,7 +918,8 @@ fn serialize(
     let mut blobs = Vec::with_capacity(order.len());
     for (name, t) in order {
         let (st_type, kind) = wire_type(t, dtype);
-        let t = t.to_device(Device::Cpu).to_kind(kind).contiguous();
+        // Rounded where it lives (a GPU sends half the bytes to the host).
+        let t = t.to_kind(kind).to_device(Device::Cpu).contiguous();
         let shape: Vec<usize> = t.size().iter().map(|&d| d as usize).collect();
         let size = st_type.bitsize() / 8;
         // The tensor's bytes in one copy; safetensors wants them little-endian.
@@ -1031,16 +1032,22 @@ fn copy_le_f32(var: &mut Tensor, data: &[u8]) -> Result<(), ModelError> {
 /// Overwrites `var` (f32, contiguous, any device) with the little-endian 16-bit floats
 /// of `kind` in `data`, which holds exactly its elements, converting as it copies.
 fn copy_le16(var: &mut Tensor, data: &[u8], kind: Kind) -> Result<(), ModelError> {
-    // Read in place when the bytes are aligned for 16-bit values and in the machine's
-    // order; otherwise staged once.
-    let values: std::borrow::Cow<[u16]> = match bytemuck::try_cast_slice::<u8, u16>(data) {
-        Ok(v) if cfg!(target_endian = "little") => v.into(),
-        _ => data
-            .chunks_exact(2)
-            .map(|b| u16::from_le_bytes([b[0], b[1]]))
-            .collect::<Vec<u16>>()
-            .into(),
+    // Read in place when the bytes are aligned for 16-bit values (a payload in one
+    // piece starts wherever its message put it); otherwise staged with one memcpy.
+    let mut values: std::borrow::Cow<[u16]> = match bytemuck::try_cast_slice::<u8, u16>(data) {
+        Ok(v) => v.into(),
+        Err(_) => {
+            let mut staged = vec![0u16; data.len() / 2];
+            bytemuck::cast_slice_mut(&mut staged).copy_from_slice(data);
+            staged.into()
+        }
     };
+    if cfg!(target_endian = "big") {
+        values
+            .to_mut()
+            .iter_mut()
+            .for_each(|v| *v = u16::from_le(*v));
+    }
     // SAFETY: `src` reads `values`, which outlives it (it is dropped in this
     // function), and nothing writes through it.
     let src = unsafe {
