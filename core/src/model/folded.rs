@@ -38,6 +38,9 @@ pub(super) struct Folded {
     crop_fc_t: Tensor,
     stats_fc_t: Tensor,
     core_t: Tensor,
+    /// [`windows`] of the crop, collected once: each call extends its bag indices
+    /// from a slice, which compiles to a tight loop, instead of from nested adapters.
+    crop_windows: Vec<(i64, Option<i64>)>,
 }
 
 impl Folded {
@@ -59,6 +62,7 @@ impl Folded {
             crop_fc_t: net.crop_fc.ws.tr().contiguous(),
             stats_fc_t: net.stats_fc.ws.tr().contiguous(),
             core_t: net.core.ws.tr().contiguous(),
+            crop_windows: windows(net.crop).collect(),
         })
     }
 
@@ -73,7 +77,7 @@ impl Folded {
         let mut index = Vec::with_capacity((b * c * c * TAPS) as usize);
         for row in &rows {
             let glyphs = field(row, net.crop_at, c * c);
-            index.extend(windows(c).map(|(k, pixel)| {
+            index.extend(self.crop_windows.iter().map(|&(k, pixel)| {
                 let cell = pixel.map_or(0, |p| (glyphs[p as usize] as i64).clamp(0, MAX_GLYPH) + 1);
                 cell * TAPS + k
             }));
