@@ -770,9 +770,10 @@ impl ActorCritic {
         serialize(&named, version, metadata, dtype)
     }
 
-    /// Loads weights produced by [`to_safetensors`](Self::to_safetensors) by a model of
-    /// the same architecture; returns the payload's metadata. Nothing is changed
-    /// unless every tensor is present with the right shape.
+    /// Loads weights produced by [`to_safetensors`](Self::to_safetensors) or
+    /// [`to_safetensors_as`](Self::to_safetensors_as) (f32, f16 or bf16 tensors) by a
+    /// model of the same architecture; returns the payload's metadata. Nothing is
+    /// changed unless every tensor is present, finite and of the right shape.
     pub fn load_safetensors(
         &mut self,
         bytes: &[u8],
