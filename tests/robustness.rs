@@ -392,48 +392,25 @@ async fn a_discarding_learner_accepts_every_chunk_and_trains_on_none() -> anyhow
     let mut config = tiny_cartpole(0);
     // One valid chunk (32 steps of 3 envs) is a batch: kept, it would be trained on.
     config.learner.batch_steps = 96;
-    let run_dir = spur_tests::scratch_dir("discarding-learner");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = format!("http://{}", listener.local_addr()?);
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let opts = spur_learner::LearnerOptions {
-        run_dir,
-        resume: false,
-        discard_chunks: true,
-    };
-    let learner = tokio::spawn(spur_learner::serve(config, opts, listener, async {
-        let _ = stopped.await;
-    }));
-    spur_tests::wait_serving(&addr).await?;
-    let mut client = spur_proto::v1::learner_client::LearnerClient::connect(addr).await?;
-    let status = |mut c: spur_proto::v1::learner_client::LearnerClient<_>| async move {
-        anyhow::Ok(
-            c.get_status(spur_proto::v1::StatusRequest {})
-                .await?
-                .into_inner(),
-        )
-    };
-    let first = status(client.clone()).await?;
+    let learner = TestLearner::start_discarding(config, "discarding-learner").await?;
+    let mut client = learner.client().await?;
+    let first = learner.status().await?;
     for _ in 0..5 {
         let ack = push_one_result(&mut client, valid_chunk(first.learner_incarnation)).await?;
         assert_eq!(ack.accepted_chunks, 1, "{ack:?}");
     }
     // Every chunk leaves the queue; give a kept batch time to be trained on.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while status(client.clone()).await?.queue_depth > 0 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "chunks stayed queued"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    learner
+        .wait_for(Duration::from_secs(30), "the queue to empty", |s| {
+            s.queue_depth == 0
+        })
+        .await?;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let after = status(client.clone()).await?;
+    let after = learner.status().await?;
     assert_eq!(after.env_steps_received, 5 * 96, "{after:?}");
     assert_eq!(after.updates, 0, "{after:?}");
     assert_eq!(after.env_steps, 0, "{after:?}");
     assert_eq!(after.policy_version, first.policy_version, "{after:?}");
-    let _ = stop.send(());
-    learner.await??;
+    learner.stop().await?;
     Ok(())
 }

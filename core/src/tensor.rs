@@ -202,8 +202,6 @@ mod tests {
             .contains("finite"));
     }
 
-    /// Values are read from wherever the message put them (not aligned for the
-    /// type), and the first non-finite one is named.
     #[test]
     fn sixteen_bit_floats_are_finite_unless_their_exponent_is_all_ones() {
         let le = |v: &[u16]| v.iter().flat_map(|b| b.to_le_bytes()).collect::<Vec<u8>>();
@@ -226,6 +224,8 @@ mod tests {
         }
     }
 
+    /// Values are read from wherever the message put them (not aligned for the
+    /// type), and the first non-finite one is named.
     #[test]
     fn reads_unaligned_bytes_and_names_the_first_bad_value() {
         let values: Vec<f32> = (0..37).map(|i| i as f32 * 0.5 - 3.0).collect();

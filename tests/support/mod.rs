@@ -32,6 +32,16 @@ impl TestLearner {
     /// Starts a learner for `config` with a fresh run directory and waits until its
     /// health service reports SERVING.
     pub async fn start(config: Config, name: &str) -> anyhow::Result<Self> {
+        Self::launch(config, name, false).await
+    }
+
+    /// [`start`](Self::start) with a learner that drops every chunk it takes
+    /// (`LearnerOptions::discard_chunks`, the ingest benchmark's).
+    pub async fn start_discarding(config: Config, name: &str) -> anyhow::Result<Self> {
+        Self::launch(config, name, true).await
+    }
+
+    async fn launch(config: Config, name: &str, discard_chunks: bool) -> anyhow::Result<Self> {
         let run_dir = std::env::temp_dir().join(format!("spur-test-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&run_dir);
         let listener = TcpListener::bind("127.0.0.1:0").await?;
@@ -41,7 +51,7 @@ impl TestLearner {
         let opts = LearnerOptions {
             run_dir: run_dir.clone(),
             resume: false,
-            discard_chunks: false,
+            discard_chunks,
         };
         let handle = tokio::spawn(spur_learner::serve(config, opts, listener, async {
             let _ = stopped.await;
