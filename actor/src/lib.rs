@@ -2,9 +2,9 @@
 //!
 //! [`run`] starts three parts that hand work to each other through small bounded
 //! channels: the weight subscriber (`weights.rs`, async) fills a latest-wins slot; the
-//! rollout thread (`rollout.rs`, blocking, tch) steps the environments (as one part
-//! or two halves that overlap env steps with inference, `parts.rs`) and produces
-//! chunks; the push task (`push.rs`, async) streams them to the learner. Both network
+//! rollout thread (`rollout.rs`, blocking, tch) steps the environments (as one lane,
+//! or two on threads of their own whose env steps and inference overlap, `lanes.rs`)
+//! and produces chunks; the push task (`push.rs`, async) streams them to the learner. Both network
 //! parts reconnect with jittered backoff. With intrinsic rewards on, new event texts
 //! go to the reward service (`texts.rs`); `error.rs` holds the typed errors. The
 //! actor ends when the learner announces that training has finished, or when
@@ -15,7 +15,7 @@
 
 mod error;
 mod health;
-mod parts;
+mod lanes;
 mod push;
 mod rollout;
 mod texts;

@@ -1,4 +1,4 @@
-//! The rollout thread: steps `num_envs` environments in lock-step with one batched
+//! The rollout loop: steps `num_envs` environments in lock-step with one batched
 //! `no_grad` forward pass per step, cuts `rollout_len` steps into a chunk and hands it
 //! to the push task. New weights are swapped in between steps, never waited for.
 //! Weights of a new learner incarnation (a restarted learner) end the chunk being
@@ -6,14 +6,15 @@
 //! is discarded and counted, and the next chunk starts with the new weights.
 //! A recurrent policy keeps one core state per env, zeroed when the env's episode
 //! ends, and every chunk carries each env's state at its first step.
-//! The envs are one part or two halves (`parts.rs`): each step acts on one part after
-//! the other, so a half's envs step while the other half is in the forward pass.
+//! The envs are one lane or two (`lanes.rs`): two lanes are two such loops on threads
+//! of their own, each with half of the envs, so one lane's envs step while the
+//! other's forward pass runs.
 
 use std::sync::Arc;
 
 use spur_core::config::Config;
 use spur_core::device::resolve_device;
-use spur_core::env::{EnvSpec, VecStep};
+use spur_core::env::{EnvSpec, VecEnv, VecStep};
 use spur_core::model::{reset_ended, ActorCritic};
 use spur_core::trajectory::Chunk;
 use tokio::runtime::Handle;
@@ -23,10 +24,11 @@ use tracing::{info, warn};
 
 use crate::error::ActorError;
 use crate::health::Readiness;
-use crate::parts::{build, Part};
+use crate::lanes::{plan, Lane};
 use crate::texts::{SentTexts, TextSink};
 use crate::weights::WeightsUpdate;
 
+#[derive(Clone)]
 pub struct Rollout {
     pub config: Config,
     pub actor_id: String,
@@ -51,6 +53,15 @@ pub struct RolloutStats {
     pub discarded_chunks: u64,
 }
 
+impl RolloutStats {
+    fn add(&mut self, o: RolloutStats) {
+        self.env_steps += o.env_steps;
+        self.chunks += o.chunks;
+        self.weight_swaps += o.weight_swaps;
+        self.discarded_chunks += o.discarded_chunks;
+    }
+}
+
 /// The weights the policy acts with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Held {
@@ -58,14 +69,8 @@ struct Held {
     incarnation: u64,
 }
 
-/// The recurrent states of part `p`'s envs.
-fn part_state<'a>(state: &'a mut [f32], p: &Part, state_size: usize) -> &'a mut [f32] {
-    &mut state[p.envs.start * state_size..p.envs.end * state_size]
-}
-
-/// Appends one part's step outcome to the chunk (parts in env order, so each step's
-/// row comes out in env order). The chunk's capacities say which optional columns it
-/// keeps (see [`Rollout::empty_chunk`]).
+/// Appends one step's outcome to the chunk. The chunk's capacities say which optional
+/// columns it keeps (see [`Rollout::empty_chunk`]).
 fn record(c: &mut Chunk, out: &VecStep) {
     c.rewards.extend_from_slice(&out.rewards);
     if c.expert_actions.capacity() > 0 {
@@ -82,65 +87,97 @@ fn record(c: &mut Chunk, out: &VecStep) {
     c.finished_episodes.extend_from_slice(&out.finished);
 }
 
-/// Waits for the steps in flight of every part, resetting the recurrent state of
-/// ended episodes, and records them into `chunk` (none: they are discarded).
-fn finish_parts(
-    parts: &mut [Part],
-    state: &mut [f32],
-    state_size: usize,
-    mut chunk: Option<&mut Chunk>,
-) -> Result<(), ActorError> {
-    for p in parts.iter_mut() {
-        let s = part_state(state, p, state_size);
-        if let Some(out) = p.finish()? {
-            if let Some(c) = chunk.as_deref_mut() {
-                record(c, out);
-            }
-            reset_ended(s, &out.terminated, &out.truncated);
-        }
-    }
-    Ok(())
-}
-
-/// One step of part `p` (whose recurrent states are `s`): records the outcome of
-/// its step in flight, acts on its observations and starts its next step.
-fn step_part(
+/// One step of `lane`'s envs (whose recurrent states are `state`): acts on their
+/// observations, steps them and records both into the chunk.
+fn step(
     model: &ActorCritic,
-    p: &mut Part,
-    s: &mut [f32],
+    lane: &Lane,
+    venv: &mut VecEnv,
+    state: &mut [f32],
     c: &mut Chunk,
 ) -> Result<(), ActorError> {
-    if let Some(out) = p.finish()? {
-        record(c, out);
-        reset_ended(s, &out.terminated, &out.truncated);
-    }
-    let v = p.view();
+    let obs = venv.observations();
     let (actions, log_probs) = if c.behaviour_values.capacity() > 0 {
-        let (actions, log_probs, values) = model.act_with_values(v.observations, false);
+        let (actions, log_probs, values) = model.act_with_values(obs, false);
         c.behaviour_values.extend_from_slice(&values);
         (actions, log_probs)
     } else {
-        model.act(v.observations, s, false)
+        model.act(obs, state, false)
     };
-    c.observations.extend_from_slice(v.observations);
-    c.episode_ids.extend_from_slice(v.episode_ids);
-    c.step_indices.extend_from_slice(v.step_indices);
+    c.observations.extend_from_slice(obs);
+    c.episode_ids
+        .extend(venv.episode_ids().iter().map(|&e| lane.episode_id(e)));
+    c.step_indices.extend_from_slice(venv.step_indices());
     if c.group_size > 0 {
-        c.group_ids.extend_from_slice(v.group_ids);
+        c.group_ids.extend_from_slice(venv.group_ids());
     }
     c.actions.extend_from_slice(&actions);
     c.behaviour_log_probs.extend_from_slice(&log_probs);
-    p.start(actions)
+    let out = venv.step(&actions)?;
+    record(c, out);
+    reset_ended(state, &out.terminated, &out.truncated);
+    Ok(())
 }
 
 impl Rollout {
-    pub fn run(mut self) -> Result<RolloutStats, ActorError> {
+    /// Runs the actor's lanes until it stops; one lane runs on the calling thread,
+    /// two on threads of their own (the first to end stops the other).
+    pub fn run(self) -> Result<RolloutStats, ActorError> {
         tch::set_num_threads(self.config.run.torch_threads as i32);
         tch::manual_seed(self.seed as i64); // process-wide: one actor per process
-        let n = self.config.env.num_envs as usize;
+        let mut lanes = plan(&self.config, self.seed)?;
+        if lanes.len() == 1 {
+            return self.run_lane(&lanes.remove(0));
+        }
+        let stop = self.stop.child_token();
+        let mut threads = Vec::with_capacity(lanes.len());
+        for lane in lanes {
+            let mut r = self.clone();
+            r.stop = stop.clone();
+            let stop_all = stop.clone().drop_guard();
+            let thread = std::thread::Builder::new()
+                .name(format!("spur-lane-{}", lane.index))
+                .spawn(move || {
+                    let _stop_all = stop_all; // ended, failed or panicked: the rest stop
+                    r.run_lane(&lane)
+                });
+            match thread {
+                Ok(t) => threads.push(t),
+                Err(e) => {
+                    stop.cancel();
+                    for t in threads {
+                        let _ = t.join();
+                    }
+                    return Err(ActorError::Rollout(format!(
+                        "cannot start a rollout lane: {e}"
+                    )));
+                }
+            }
+        }
+        let mut stats = RolloutStats::default();
+        let mut failed = None;
+        for t in threads {
+            match t.join() {
+                Ok(Ok(s)) => stats.add(s),
+                Ok(Err(e)) => {
+                    failed.get_or_insert(e);
+                }
+                Err(_) => {
+                    failed.get_or_insert(ActorError::Rollout("a rollout lane panicked".into()));
+                }
+            }
+        }
+        failed.map_or(Ok(stats), Err)
+    }
+
+    /// One lane's loop: builds its envs and policy, waits for weights and makes
+    /// chunks until the actor stops.
+    fn run_lane(mut self, lane: &Lane) -> Result<RolloutStats, ActorError> {
         let t_len = self.config.actor.rollout_len as usize;
         let group_size = self.config.actor.group_size as usize;
-        let (mut parts, spec) = build(&self.config, self.seed, group_size)?;
+        let n = lane.envs.len();
+        let mut venv = lane.build(group_size)?;
+        let spec = venv.spec().clone();
         // New event texts for the reward service, with the memory of texts sent.
         let mut texts = match self.texts.take() {
             Some(sink) if spec.has_text => Some(sink.start(&self.rt, self.actor_id.clone())),
@@ -173,13 +210,14 @@ impl Rollout {
             actor_id = self.actor_id,
             version = held.version,
             num_envs = n,
-            parts = parts.len(),
+            lane = lane.index,
+            lanes = lane.count,
             "acting"
         );
 
         'chunks: while !self.stop.is_cancelled() {
             let chunk_version = held.version;
-            let mut c = self.empty_chunk(held, &spec, state_size, &state);
+            let mut c = self.empty_chunk(held, lane, &spec, state_size, &state);
             for _ in 0..t_len {
                 if let Some(h) = self.try_swap(&mut model, false) {
                     let new_incarnation = h.incarnation != held.incarnation;
@@ -194,25 +232,17 @@ impl Rollout {
                             version = h.version,
                             "new learner incarnation: discarding the chunk in progress"
                         );
-                        // The steps in flight belong to the discarded chunk.
-                        finish_parts(&mut parts, &mut state, state_size, None)?;
                         continue 'chunks;
                     }
                 }
-                for p in parts.iter_mut() {
-                    let s = part_state(&mut state, p, state_size);
-                    step_part(&model, p, s, &mut c)?;
-                }
+                step(&model, lane, &mut venv, &mut state, &mut c)?;
             }
-            // The last step's outcomes, then the observations after it (and their
-            // values, to bootstrap from, when the learner takes the actors').
-            finish_parts(&mut parts, &mut state, state_size, Some(&mut c))?;
-            for p in &parts {
-                let after = p.view().observations;
-                c.observations.extend_from_slice(after);
-                if c.behaviour_values.capacity() > 0 {
-                    c.behaviour_values.extend(model.values_of(after));
-                }
+            // The observations after the last step (and their values, to bootstrap
+            // from, when the learner takes the actors').
+            let after = venv.observations();
+            c.observations.extend_from_slice(after);
+            if c.behaviour_values.capacity() > 0 {
+                c.behaviour_values.extend(model.values_of(after));
             }
             // A chunk that saw a weight swap is tagged with its oldest version, so the
             // learner's lag accounting errs on the safe side; the behaviour
@@ -264,13 +294,20 @@ impl Rollout {
         })
     }
 
-    /// A chunk to fill from the envs' current position: `state` is each env's
+    /// A chunk of `lane`'s envs to fill from their current position: `state` is each env's
     /// recurrent state at its first step. Columns the run does not use get no
     /// capacity, which [`record`] reads.
-    fn empty_chunk(&self, held: Held, spec: &EnvSpec, state_size: usize, state: &[f32]) -> Chunk {
+    fn empty_chunk(
+        &self,
+        held: Held,
+        lane: &Lane,
+        spec: &EnvSpec,
+        state_size: usize,
+        state: &[f32],
+    ) -> Chunk {
         let (t_len, n, d) = (
             self.config.actor.rollout_len as usize,
-            self.config.env.num_envs as usize,
+            lane.envs.len(),
             spec.obs_dim,
         );
         let group_size = self.config.actor.group_size;
@@ -292,7 +329,7 @@ impl Rollout {
             truncated: Vec::with_capacity(t_len * n),
             final_observations: Vec::new(),
             event_texts: Vec::with_capacity(texts),
-            env_ids: (0..n as u32).collect(),
+            env_ids: lane.envs.clone().map(|i| i as u32).collect(),
             episode_ids: Vec::with_capacity(t_len * n),
             step_indices: Vec::with_capacity(t_len * n),
             finished_episodes: Vec::new(),
@@ -342,5 +379,113 @@ fn send_new_texts(tx: &mpsc::Sender<Vec<String>>, sent: &mut SentTexts, texts: &
         let (mpsc::error::TrySendError::Full(t) | mpsc::error::TrySendError::Closed(t)) = e;
         metrics::counter!("spur_actor_dropped_texts_total").increment(t.len() as u64);
         sent.unmark(&t);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+
+    use super::*;
+
+    /// A rollout of cartpole's 4 envs in `split_envs` lanes, acting with fresh
+    /// weights; returns its chunk receiver, stop token and thread.
+    #[allow(clippy::type_complexity)]
+    fn start(
+        split: &str,
+        rt: &tokio::runtime::Runtime,
+    ) -> (
+        mpsc::Receiver<Chunk>,
+        CancellationToken,
+        std::thread::JoinHandle<Result<RolloutStats, ActorError>>,
+        watch::Sender<Option<Arc<WeightsUpdate>>>,
+    ) {
+        let config = Config::from_toml_str(&format!(
+            "[env]\nkind = \"cartpole\"\nnum_envs = 4\n[actor]\nrollout_len = 50\n\
+             split_envs = \"{split}\"\n"
+        ))
+        .unwrap();
+        let spec = spur_env_bridge::env_spec(&config.env).unwrap();
+        let model = ActorCritic::for_spec(&spec, &config.model, tch::Device::Cpu).unwrap();
+        let bytes = model.to_safetensors(1, &Default::default()).unwrap();
+        let (weights_tx, weights) = watch::channel(Some(Arc::new(WeightsUpdate {
+            version: 1,
+            incarnation: 1,
+            bytes: bytes.into(),
+        })));
+        let (chunks_tx, chunks) = mpsc::channel(2);
+        let stop = CancellationToken::new();
+        let rollout = Rollout {
+            config,
+            actor_id: "a".into(),
+            seed: 3,
+            weights,
+            readiness: Default::default(),
+            chunks: chunks_tx,
+            stop: stop.clone(),
+            rt: rt.handle().clone(),
+            texts: None,
+        };
+        let thread = std::thread::spawn(move || rollout.run());
+        (chunks, stop, thread, weights_tx)
+    }
+
+    #[test]
+    fn two_lanes_make_chunks_of_their_own_envs_with_distinct_episodes() {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let (mut chunks, stop, thread, _weights) = start("on", &rt);
+        let mut lanes_seen = HashSet::new();
+        let mut episodes: [HashSet<i64>; 2] = Default::default();
+        for _ in 0..12 {
+            let c = chunks.blocking_recv().expect("a chunk");
+            assert_eq!((c.num_envs, c.rollout_len), (2, 50));
+            let want = spur_core::trajectory::ChunkExpectation {
+                rollout_len: 50,
+                obs_dim: 4,
+                num_actions: 2,
+                group_size: 0,
+                state_size: 0,
+                values: false,
+            };
+            Chunk::from_proto(c.to_proto(), &want).expect("the learner takes it");
+            let lane = match c.env_ids.as_slice() {
+                [0, 1] => 0,
+                [2, 3] => 1,
+                other => panic!("env ids {other:?}"),
+            };
+            lanes_seen.insert(lane);
+            for &e in &c.episode_ids {
+                assert_eq!(e % 2, lane as i64, "lane {lane} holds episode {e}");
+                episodes[lane].insert(e);
+            }
+        }
+        assert_eq!(lanes_seen.len(), 2, "both lanes made chunks");
+        // A random policy ends CartPole's episodes within a few dozen steps.
+        assert!(episodes.iter().all(|e| e.len() > 4), "{episodes:?}");
+        stop.cancel();
+        drop(chunks);
+        let stats = thread.join().unwrap().unwrap();
+        assert!(stats.chunks >= 12, "{stats:?}");
+        assert_eq!(stats.env_steps, stats.chunks * 100);
+    }
+
+    #[test]
+    fn lanes_skip_unusable_weights_and_end_when_the_push_side_is_gone() {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let (mut chunks, _stop, thread, weights) = start("on", &rt);
+        chunks.blocking_recv().expect("a chunk");
+        // Weights the policy cannot load are ignored; the lanes go on.
+        weights.send_replace(Some(Arc::new(WeightsUpdate {
+            version: 2,
+            incarnation: 1,
+            bytes: vec![1, 2, 3].into(),
+        })));
+        chunks
+            .blocking_recv()
+            .expect("a chunk after unusable weights");
+        // The push side is gone: each lane ends at its next chunk, and the run returns.
+        drop(chunks);
+        let stats = thread.join().unwrap().unwrap();
+        assert!(stats.chunks >= 2, "{stats:?}");
     }
 }

@@ -53,8 +53,9 @@ impl SentTexts {
     }
 }
 
-/// Where new event texts go. The rollout thread starts it once its envs turn out to
+/// Where new event texts go. Each rollout lane starts it once its envs turn out to
 /// emit text (it knows only after building them; a bridge env is not asked twice).
+#[derive(Clone)]
 pub struct TextSink {
     pub reward: Connector,
     pub max_backoff: Duration,

@@ -122,8 +122,9 @@ fn inference_only(config: &Config, secs: f64) -> anyhow::Result<f64> {
 }
 
 /// Env steps/s of one actor's rollout loop (`spur_actor::Rollout`, with its env
-/// parts, chunk building and all) acting with fresh weights, no learner: counted in
-/// the chunks it makes after its first one (which waits for bridges to start).
+/// lanes, chunk building and all) acting with fresh weights, no learner: counted in
+/// the chunks it makes once every env has been in one (the first ones wait for
+/// bridges to start).
 fn rollout_only(config: &Config, secs: f64, rt: Handle) -> anyhow::Result<f64> {
     let spec = spur_env_bridge::env_spec(&config.env)?;
     let model = ActorCritic::for_spec(&spec, &config.model, tch::Device::Cpu)?;
@@ -148,9 +149,15 @@ fn rollout_only(config: &Config, secs: f64, rt: Handle) -> anyhow::Result<f64> {
     };
     let thread = std::thread::spawn(move || rollout.run());
     let measured = (|| {
-        chunks
-            .blocking_recv()
-            .context("the rollout loop made no chunk")?;
+        let mut started = vec![false; config.env.num_envs as usize];
+        while started.contains(&false) {
+            let c = chunks
+                .blocking_recv()
+                .context("the rollout loop stopped before every env was in a chunk")?;
+            for &i in &c.env_ids {
+                started[i as usize] = true;
+            }
+        }
         let (start, mut steps) = (Instant::now(), 0);
         while start.elapsed().as_secs_f64() < secs {
             let c = chunks.blocking_recv().context("the rollout loop stopped")?;

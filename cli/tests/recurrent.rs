@@ -160,18 +160,23 @@ fn an_lstm_run_resumes_after_kill_9_with_its_core_weights() {
     );
     // A learner that lost the core's weights would broadcast a policy at chance
     // (mean return 0.5) and need thousands of steps to learn the cue again: the first
-    // updates after the restart say it (about 100 episodes each, so the window is
-    // the resumed policy's own within two). Later rows are PPO's own business: one
-    // CI run resumed cleanly, held 1.0 for 17 updates, then collapsed to chance and
-    // relearned the cue 14 updates later.
-    let worst = resumed
+    // updates after the restart say it (about 100 episodes each, from the resumed
+    // weights or the next version). Later rows are PPO's own business: CI runs have
+    // resumed cleanly, held 1.0 for a few or for 17 updates, then collapsed to chance
+    // and relearned the cue later, so the window stays at the resumed policy's own.
+    let returns: Vec<f64> = resumed
         .iter()
-        .take(8)
         .map(|r| field(r, "episode_return_mean"))
+        .collect();
+    let worst = returns
+        .iter()
+        .take(3)
+        .copied()
         .fold(f64::INFINITY, f64::min);
     assert!(
         worst >= 0.9,
-        "the mean return fell to {worst} after the restart"
+        "the mean return fell to {worst} right after the restart (mean returns of the \
+         rows after it: {returns:?})"
     );
     let _ = std::fs::remove_dir_all(&run_dir);
 }
