@@ -506,8 +506,9 @@ pub struct ActorConfig {
     /// Episodes per group for UI-S1's advantages: each actor's envs come in blocks of
     /// this many whose k-th episodes share a task seed (1: no groups).
     pub group_size: u32,
-    /// Whether each actor steps its envs in two halves, one half's envs stepping
-    /// while the other half is in the policy's forward pass: `auto` (for bridge envs,
+    /// Whether each actor steps its envs in two lanes (rollout loops on threads of
+    /// their own, half of the envs and a copy of the policy each), one lane's envs
+    /// stepping while the other lane is in the policy's forward pass: `auto` (for bridge envs,
     /// whose steps run in other processes; `spur local` makes it `off` when the machine
     /// has fewer than 2 cores for each actor and the learner), `on` or `off`.
     pub split_envs: SplitEnvs,
