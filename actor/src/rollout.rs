@@ -8,9 +8,10 @@
 //! ends, and every chunk carries each env's state at its first step.
 //! The envs are one lane or two (`lanes.rs`): two lanes are two such loops on threads
 //! of their own, each with half of the envs, so one lane's envs step while the
-//! other's forward pass runs.
+//! other's forward pass runs. Lanes start acting once every lane's envs are built.
 
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
 
 use spur_core::config::Config;
 use spur_core::device::resolve_device;
@@ -59,6 +60,40 @@ impl RolloutStats {
         self.chunks += o.chunks;
         self.weight_swaps += o.weight_swaps;
         self.discarded_chunks += o.discarded_chunks;
+    }
+}
+
+/// Where an actor's lanes wait for each other's envs to be built: an actor acts
+/// with all of its envs or, when a lane cannot start, with none.
+struct Gate {
+    built: Mutex<usize>,
+    all: Condvar,
+    lanes: usize,
+}
+
+impl Gate {
+    fn new(lanes: usize) -> Self {
+        Gate {
+            built: Mutex::new(0),
+            all: Condvar::new(),
+            lanes,
+        }
+    }
+
+    /// Counts the caller's lane as built and waits for the others; false when `stop`
+    /// is cancelled first (as it is when a lane ends before it gets here).
+    fn pass(&self, stop: &CancellationToken) -> bool {
+        let mut built = self.built.lock().expect("no lane panics holding the gate");
+        *built += 1;
+        self.all.notify_all();
+        while *built < self.lanes {
+            if stop.is_cancelled() {
+                return false;
+            }
+            let tick = Duration::from_millis(20);
+            built = self.all.wait_timeout(built, tick).expect("as above").0;
+        }
+        !stop.is_cancelled()
     }
 }
 
@@ -127,19 +162,21 @@ impl Rollout {
         tch::manual_seed(self.seed as i64); // process-wide: one actor per process
         let mut lanes = plan(&self.config, self.seed)?;
         if lanes.len() == 1 {
-            return self.run_lane(&lanes.remove(0));
+            return self.run_lane(&lanes.remove(0), &Gate::new(1));
         }
         let stop = self.stop.child_token();
+        let gate = Arc::new(Gate::new(lanes.len()));
         let mut threads = Vec::with_capacity(lanes.len());
         for lane in lanes {
             let mut r = self.clone();
             r.stop = stop.clone();
             let stop_all = stop.clone().drop_guard();
+            let gate = gate.clone();
             let thread = std::thread::Builder::new()
                 .name(format!("spur-lane-{}", lane.index))
                 .spawn(move || {
                     let _stop_all = stop_all; // ended, failed or panicked: the rest stop
-                    r.run_lane(&lane)
+                    r.run_lane(&lane, &gate)
                 });
             match thread {
                 Ok(t) => threads.push(t),
@@ -172,11 +209,15 @@ impl Rollout {
 
     /// One lane's loop: builds its envs and policy, waits for weights and makes
     /// chunks until the actor stops.
-    fn run_lane(mut self, lane: &Lane) -> Result<RolloutStats, ActorError> {
+    fn run_lane(mut self, lane: &Lane, gate: &Gate) -> Result<RolloutStats, ActorError> {
         let t_len = self.config.actor.rollout_len as usize;
         let group_size = self.config.actor.group_size as usize;
         let n = lane.envs.len();
         let mut venv = lane.build(group_size)?;
+        let mut stats = RolloutStats::default();
+        if !gate.pass(&self.stop) {
+            return Ok(stats); // stopped, or another lane failed to start
+        }
         let spec = venv.spec().clone();
         // New event texts for the reward service, with the memory of texts sent.
         let mut texts = match self.texts.take() {
@@ -195,7 +236,6 @@ impl Rollout {
                     .into(),
             ));
         }
-        let mut stats = RolloutStats::default();
         // One recurrent state per env (none for a feedforward policy), carried across
         // chunks and weight swaps, zeroed when an episode ends.
         let state_size = model.state_size();
@@ -428,6 +468,34 @@ mod tests {
         };
         let thread = std::thread::spawn(move || rollout.run());
         (chunks, stop, thread, weights_tx)
+    }
+
+    #[test]
+    fn lanes_pass_the_gate_together_or_not_at_all() {
+        let gate = Arc::new(Gate::new(2));
+        let stop = CancellationToken::new();
+        let first = {
+            let (gate, stop) = (gate.clone(), stop.clone());
+            std::thread::spawn(move || gate.pass(&stop))
+        };
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(!first.is_finished(), "one lane of two waits");
+        assert!(gate.pass(&stop), "the second lane opens the gate");
+        assert!(first.join().unwrap(), "and lets the first through");
+
+        // A lane that never gets there (it failed): the others give up on the stop.
+        let gate = Arc::new(Gate::new(2));
+        let waiting = {
+            let (gate, stop) = (gate.clone(), stop.clone());
+            std::thread::spawn(move || gate.pass(&stop))
+        };
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(!waiting.is_finished());
+        stop.cancel();
+        assert!(
+            !waiting.join().unwrap(),
+            "stopped before every lane was built"
+        );
     }
 
     #[test]
