@@ -11,7 +11,7 @@
 //! recurrent core: inference steps/s of the config's network without a core, with an
 //! LSTM and with a GRU (`model.core_size` wide), against the one without; for a
 //! TorchScript policy instead, the module against the built-in network of
-//! `model.hidden`.
+//! `model.hidden`. `--parts` picks some of these (to profile one alone, say).
 //!
 //! `spur bench bridge`: CartPole-v1 stepped through the env bridge (random actions),
 //! on each wire, against a plain Python loop over the same envs, and NetHack env steps/s of the
@@ -49,6 +49,33 @@ pub struct ThroughputArgs {
     /// Seconds of end-to-end warm-up before measuring.
     #[arg(long, default_value_t = 3.0)]
     warmup: f64,
+    /// The parts to measure, in the order they run (all by default); ratios and
+    /// bounds are printed where the parts they need were measured. One part alone
+    /// makes profiling it easy.
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "env,inference,rollout,learner,end-to-end,cores"
+    )]
+    parts: Vec<Part>,
+}
+
+/// A part of `spur bench throughput`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Part {
+    /// Env steps/s with random actions.
+    Env,
+    /// Batched forward passes of the config's policy.
+    Inference,
+    /// One actor's rollout loop, no learner.
+    Rollout,
+    /// A learner that only trains, on synthetic chunks.
+    Learner,
+    /// Local mode, training for real.
+    EndToEnd,
+    /// The cost of a recurrent core (or of a TorchScript module).
+    Cores,
 }
 
 fn vec_env(config: &Config) -> anyhow::Result<VecEnv> {
@@ -286,37 +313,53 @@ pub async fn throughput(args: ThroughputArgs) -> anyhow::Result<std::process::Ex
         config.run.actors,
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
+    let has = |p: Part| args.parts.contains(&p);
     let (c, rt) = (config.clone(), Handle::current());
+    let (env, inference, rollout) = (has(Part::Env), has(Part::Inference), has(Part::Rollout));
     let (env, inference, rollout) = off_runtime(move || {
         Ok((
-            env_only(&c, secs)?,
-            inference_only(&c, secs)?,
-            rollout_only(&c, secs, rt)?,
+            env.then(|| env_only(&c, secs)).transpose()?,
+            inference.then(|| inference_only(&c, secs)).transpose()?,
+            rollout.then(|| rollout_only(&c, secs, rt)).transpose()?,
         ))
     })
     .await?;
     // Blank chunks carry no groups, so a grouped learner would never train on them.
-    let learner = if config.learner.advantage.is_grouped() {
-        None
-    } else {
+    let grouped = config.learner.advantage.is_grouped();
+    let learner = if has(Part::Learner) && !grouped {
         Some(crate::bench_scale::learner_only(&config, args.warmup, secs).await?)
+    } else {
+        None
     };
-    let (e2e, dropped) = end_to_end(&config, args.warmup, secs).await?;
+    let e2e = if has(Part::EndToEnd) {
+        Some(end_to_end(&config, args.warmup, secs).await?)
+    } else {
+        None
+    };
     println!(
         "{:<44} {:>12} {:>10}",
         "measurement", "env steps/s", "vs env"
     );
-    let row = |name: &str, v: f64| println!("{name:<44} {v:>12.0} {:>9.3}x", v / env);
+    let row = |name: &str, v: Option<f64>| {
+        if let Some(v) = v {
+            match env {
+                Some(env) => println!("{name:<44} {v:>12.0} {:>9.3}x", v / env),
+                None => println!("{name:<44} {v:>12.0}"),
+            }
+        }
+    };
     row("env only (1 thread, random actions)", env);
     row("inference only (1 thread, batched forward)", inference);
     row("one actor's rollout loop (env + inference)", rollout);
-    match learner {
-        Some(l) => row("learner only (1 thread, synthetic chunks)", l),
-        None => println!("learner only: not measured (grouped advantages need real episodes)"),
+    if has(Part::Learner) && grouped {
+        println!("learner only: not measured (grouped advantages need real episodes)");
     }
-    row("end to end (local mode, training)", e2e);
-    println!("stale chunks dropped during the end-to-end run: {dropped}");
-    if let Some(learner) = learner {
+    row("learner only (1 thread, synthetic chunks)", learner);
+    row("end to end (local mode, training)", e2e.map(|(v, _)| v));
+    if let Some((_, dropped)) = e2e {
+        println!("stale chunks dropped during the end-to-end run: {dropped}");
+    }
+    if let (Some(env), Some(inference), Some(learner)) = (env, inference, learner) {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         let bound = cpu_bound(cores, env, inference, learner);
         println!(
@@ -327,15 +370,25 @@ pub async fn throughput(args: ThroughputArgs) -> anyhow::Result<std::process::Ex
                 ""
             }
         );
-        println!("end to end vs that bound: {:.3}x", e2e / bound);
         // One learner trains one batch after another (on `run.torch_threads`
         // threads, as in its line above): however the actors are spread over the
         // cores, a run cannot train faster than the learner alone.
         let one_learner = bound.min(learner);
-        println!(
-            "bound with one learner: min(that, learner only) = {one_learner:.0} env steps/s; end to end vs it: {:.3}x",
-            e2e / one_learner
-        );
+        match e2e {
+            Some((e2e, _)) => {
+                println!("end to end vs that bound: {:.3}x", e2e / bound);
+                println!(
+                    "bound with one learner: min(that, learner only) = {one_learner:.0} env steps/s; end to end vs it: {:.3}x",
+                    e2e / one_learner
+                );
+            }
+            None => println!(
+                "bound with one learner: min(that, learner only) = {one_learner:.0} env steps/s"
+            ),
+        }
+    }
+    if !has(Part::Cores) {
+        return Ok(std::process::ExitCode::SUCCESS);
     }
 
     let c = config.clone();
