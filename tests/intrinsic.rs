@@ -4,27 +4,37 @@
 
 use std::time::Duration;
 
-use spur_core::config::{Config, EnvKind, RewardModelKind};
+use spur_core::config::{Config, EnvKind, RewardModelKind, SplitEnvs};
 use spur_proto::v1::RewardStatusRequest;
 use spur_tests::{spawn_actor, tiny_cartpole, TestLearner, TestRewardService};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retrieval_labels_reach_the_learner() -> anyhow::Result<()> {
-    pipeline(RewardModelKind::Retrieval).await
+    pipeline(RewardModelKind::Retrieval, SplitEnvs::Off).await
+}
+
+/// The same pipeline fed by an actor of two lanes (each lane sends its texts on a
+/// stream of its own).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retrieval_labels_reach_the_learner_from_an_actor_of_two_lanes() -> anyhow::Result<()> {
+    pipeline(RewardModelKind::Retrieval, SplitEnvs::On).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn classification_network_reaches_the_learner() -> anyhow::Result<()> {
-    pipeline(RewardModelKind::Classification).await
+    pipeline(RewardModelKind::Classification, SplitEnvs::Off).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ranking_network_reaches_the_learner() -> anyhow::Result<()> {
-    pipeline(RewardModelKind::Ranking).await
+    pipeline(RewardModelKind::Ranking, SplitEnvs::Off).await
 }
 
-async fn pipeline(kind: RewardModelKind) -> anyhow::Result<()> {
-    let store = std::env::temp_dir().join(format!("spur-e2e-{kind:?}-{}", std::process::id()));
+async fn pipeline(kind: RewardModelKind, split: SplitEnvs) -> anyhow::Result<()> {
+    let store = std::env::temp_dir().join(format!(
+        "spur-e2e-{kind:?}-{split:?}-{}",
+        std::process::id()
+    ));
     let _ = std::fs::remove_dir_all(&store);
 
     let mut config: Config = tiny_cartpole(0);
@@ -32,12 +42,14 @@ async fn pipeline(kind: RewardModelKind) -> anyhow::Result<()> {
     config.env.keyroom_size = 4;
     config.intrinsic.enabled = true;
     config.intrinsic.model = kind;
+    config.actor.split_envs = split;
     config.reward_service.store = store.join("labels.redb").display().to_string();
 
     // The reward service with the built-in rule judge, on a free port.
     let service = TestRewardService::start(&mut config).await?;
 
-    let learner = TestLearner::start(config.clone(), &format!("intrinsic-{kind:?}")).await?;
+    let learner =
+        TestLearner::start(config.clone(), &format!("intrinsic-{kind:?}-{split:?}")).await?;
     let (stop_actor, actor) = spawn_actor(&config, &learner.addr, 0);
 
     // Keyroom emits texts; the rule judge finds "you pick up the key" and friends
