@@ -9,6 +9,9 @@
 //!   of what each glyph adds at each of the nine taps (and a ninth of the bias),
 //!   summed over a pixel's window by one `embedding_bag`;
 //! - the message embedding into the message convolution, the same way (eight taps);
+//! - the second convolution into one matrix product over each output pixel's
+//!   gathered 3x3 window (its weight reshaped once), so that the crop stays
+//!   channels-last and `crop_fc`'s weight is reordered once to read it that way;
 //! - the weights of `crop_fc`, `stats_fc` and `core`, transposed once into contiguous
 //!   `[in, out]` copies.
 //!
@@ -34,8 +37,15 @@ pub(super) struct Folded {
     /// `[256 * MSG_KERNEL, message filters]`: row `byte * MSG_KERNEL + k` is what
     /// `byte` adds to a window's filters at offset `k`, plus an eighth of the bias.
     byte_taps: Tensor,
-    /// `crop_fc`'s, `stats_fc`'s and `core`'s weights, `[in, out]`, contiguous.
+    /// The second convolution's weight as one product's: `[9 * in, out]`, row
+    /// `k * in + i` what input channel `i` adds through tap `k`.
+    conv2_t: Tensor,
+    /// One row of zeros: the padding the second convolution reads around the crop.
+    zero_row: Tensor,
+    /// `crop_fc`'s weight, `[in, out]`, its rows in pixel-major order (`p * channels
+    /// + i`, the order the second convolution's product leaves), contiguous.
     crop_fc_t: Tensor,
+    /// `stats_fc`'s and `core`'s weights, `[in, out]`, contiguous.
     stats_fc_t: Tensor,
     core_t: Tensor,
     /// [`windows`] of the crop, collected once: each call extends its bag indices
@@ -59,7 +69,25 @@ impl Folded {
                 net.msg_conv.bs.as_ref(),
                 0,
             ),
-            crop_fc_t: net.crop_fc.ws.tr().contiguous(),
+            conv2_t: {
+                let w = &net.conv2.ws; // [out, in, 3, 3]
+                let (out, inp) = (w.size()[0], w.size()[1]);
+                w.permute([2, 3, 1, 0])
+                    .reshape([TAPS * inp, out])
+                    .contiguous()
+            },
+            zero_row: Tensor::zeros(
+                [1, net.conv2.ws.size()[1]],
+                (Kind::Float, net.conv2.ws.device()),
+            ),
+            crop_fc_t: {
+                let w = &net.crop_fc.ws; // [out, channels * c * c], channel-major
+                let (out, channels) = (w.size()[0], net.conv2.ws.size()[0]);
+                w.view([out, channels, net.crop * net.crop])
+                    .permute([2, 1, 0])
+                    .reshape([-1, out])
+                    .contiguous()
+            },
             stats_fc_t: net.stats_fc.ws.tr().contiguous(),
             core_t: net.core.ws.tr().contiguous(),
             crop_windows: windows(net.crop).collect(),
@@ -82,14 +110,27 @@ impl Folded {
                 cell * TAPS + k
             }));
         }
-        let g = bag_sums(&self.glyph_taps, index, TAPS, device)
-            .view([b, c, c, -1])
-            .permute([0, 3, 1, 2])
+        let h = bag_sums(&self.glyph_taps, index, TAPS, device).elu(); // [b * c * c, ch]
+
+        // The second convolution as one product: each output pixel's 3x3 window of
+        // the first one's outputs (zeros outside the crop, row 0 of `padded`) in a
+        // row of its own. At a few rows this costs less than oneDNN's convolution,
+        // whose set-up is paid per call.
+        let padded = Tensor::cat(&[&self.zero_row, &h], 0);
+        let mut taps = Vec::with_capacity((b * c * c * TAPS) as usize);
+        for r in 0..b {
+            let first = 1 + r * c * c;
+            taps.extend(
+                self.crop_windows
+                    .iter()
+                    .map(|&(_, p)| p.map_or(0, |p| first + p)),
+            );
+        }
+        let taps = Tensor::from_slice(&taps).to_device(device);
+        let g = padded.index_select(0, &taps).view([b * c * c, -1]);
+        let g = linear_t(&g, &self.conv2_t, net.conv2.bs.as_ref())
             .elu()
-            .apply(&net.conv2)
-            .contiguous()
-            .elu()
-            .flatten(1, -1);
+            .view([b, -1]);
         let g = linear_t(&g, &self.crop_fc_t, net.crop_fc.bs.as_ref()).elu();
 
         // Stats: the signed log, then their layer.
