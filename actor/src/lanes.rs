@@ -29,8 +29,6 @@ pub struct Lane {
     pub env: EnvConfig,
     /// Seeds its envs apart from the other lanes'.
     pub seed: u64,
-    /// Bridges of all lanes together, to name a lane's bridges in messages.
-    all_servers: usize,
 }
 
 impl Lane {
@@ -43,13 +41,14 @@ impl Lane {
     /// thread's death (their parent-death signal), so call it on the lane's thread.
     pub fn build(&self, group_size: usize) -> Result<VecEnv, ActorError> {
         let n = self.env.num_envs as usize;
-        let batch: Box<dyn EnvBatch> = if self.count == 1 || self.env.kind != EnvKind::Gym {
+        let batch: Box<dyn EnvBatch> = if self.env.kind != EnvKind::Gym {
             make_batch(&self.env, n)?
         } else {
+            // Bridges are named in messages by their place among every lane's.
             let servers = servers_of(&self.env);
             let place = Place {
                 first_server: self.index * servers,
-                all_servers: self.all_servers,
+                all_servers: self.count * servers,
                 first_env: self.envs.start,
             };
             Box::new(RemoteBatch::connect_at(&self.env, n, Some(place))?)
@@ -84,7 +83,6 @@ pub fn plan(config: &Config, seed: u64) -> Result<Vec<Lane>, ActorError> {
             envs: 0..n,
             env: config.env.clone(),
             seed,
-            all_servers: servers_of(&config.env),
         }]);
     }
     (0..2)
@@ -94,7 +92,6 @@ pub fn plan(config: &Config, seed: u64) -> Result<Vec<Lane>, ActorError> {
                 index: h,
                 count: 2,
                 envs: h * n / 2..(h + 1) * n / 2,
-                all_servers: 2 * servers_of(&env),
                 env,
                 seed: half_seed(seed, h),
             })

@@ -314,13 +314,17 @@ pub async fn throughput(args: ThroughputArgs) -> anyhow::Result<std::process::Ex
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
     let has = |p: Part| args.parts.contains(&p);
-    let (c, rt) = (config.clone(), Handle::current());
-    let (env, inference, rollout) = (has(Part::Env), has(Part::Inference), has(Part::Rollout));
+    let (c, rt, parts) = (config.clone(), Handle::current(), args.parts.clone());
     let (env, inference, rollout) = off_runtime(move || {
+        let has = |p: Part| parts.contains(&p);
         Ok((
-            env.then(|| env_only(&c, secs)).transpose()?,
-            inference.then(|| inference_only(&c, secs)).transpose()?,
-            rollout.then(|| rollout_only(&c, secs, rt)).transpose()?,
+            has(Part::Env).then(|| env_only(&c, secs)).transpose()?,
+            has(Part::Inference)
+                .then(|| inference_only(&c, secs))
+                .transpose()?,
+            has(Part::Rollout)
+                .then(|| rollout_only(&c, secs, rt))
+                .transpose()?,
         ))
     })
     .await?;
