@@ -34,27 +34,44 @@ pub struct PushStats {
 }
 
 impl PushStats {
-    /// Counts one chunk the learner acknowledged.
-    fn acked(&mut self) {
-        self.acked_chunks += 1;
-        metrics::counter!("spur_actor_acked_chunks_total").increment(1);
+    /// Counts `n` chunks the learner acknowledged.
+    fn acked(&mut self, n: usize) {
+        self.acked_chunks += n as u64;
+        metrics::counter!("spur_actor_acked_chunks_total").increment(n as u64);
+    }
+}
+
+/// One stream's acknowledgements. Each carries the learner's running count of chunks
+/// it accepted on the stream, and the learner replaces an ack it has not sent yet
+/// with the next one, so one ack may stand for several chunks.
+struct Acks {
+    stream: tonic::Streaming<PushAck>,
+    /// The count of the last ack read.
+    seen: u64,
+}
+
+impl Acks {
+    /// How many more chunks the next ack acknowledges; `None` when the stream ended.
+    async fn next(&mut self) -> Result<Option<usize>, tonic::Status> {
+        let Some(ack) = self.stream.message().await? else {
+            return Ok(None);
+        };
+        let newly = ack.accepted_chunks.saturating_sub(self.seen);
+        self.seen = self.seen.max(ack.accepted_chunks);
+        Ok(Some(newly as usize))
     }
 }
 
 /// After the rollout finished: waits for the acknowledgements of the `unacked` chunks
 /// in flight, until `drain` has passed; what is still unacknowledged then is counted.
-async fn last_acks(
-    acks: &mut tonic::Streaming<PushAck>,
-    mut unacked: usize,
-    drain: Duration,
-    stats: &mut PushStats,
-) {
+async fn last_acks(acks: &mut Acks, mut unacked: usize, drain: Duration, stats: &mut PushStats) {
     let deadline = tokio::time::Instant::now() + drain;
     while unacked > 0 {
-        match tokio::time::timeout_at(deadline, acks.message()).await {
-            Ok(Ok(Some(_))) => {
-                unacked -= 1;
-                stats.acked();
+        match tokio::time::timeout_at(deadline, acks.next()).await {
+            Ok(Ok(Some(n))) => {
+                let n = n.min(unacked);
+                unacked -= n;
+                stats.acked(n);
             }
             _ => break,
         }
@@ -86,7 +103,11 @@ pub async fn push(
                 .max_decoding_message_size(MAX_MESSAGE_BYTES);
             let (tx, rx) = mpsc::channel(max_unacked);
             let acks = client.push_trajectories(ReceiverStream::new(rx)).await?;
-            Ok::<_, CallError>((tx, acks.into_inner()))
+            let acks = Acks {
+                stream: acks.into_inner(),
+                seen: 0,
+            };
+            Ok::<_, CallError>((tx, acks))
         };
         // Stopping, with nobody to hand the rest to: give up.
         let Some((tx, mut acks)) = redial.open(open, || chunks.is_closed()).await else {
@@ -100,10 +121,11 @@ pub async fn push(
         let mut unacked = 0usize;
         let broke: CallError = loop {
             if unacked >= max_unacked {
-                match acks.message().await {
-                    Ok(Some(_)) => {
-                        unacked -= 1;
-                        stats.acked();
+                match acks.next().await {
+                    Ok(Some(n)) => {
+                        let n = n.min(unacked);
+                        unacked -= n;
+                        stats.acked(n);
                         continue;
                     }
                     Ok(None) => break CallError::Closed("the learner closed the stream"),
@@ -122,11 +144,12 @@ pub async fn push(
                             return Ok(stats);
                         }
                     },
-                    a = acks.message() => {
+                    a = acks.next() => {
                         match a {
-                            Ok(Some(_)) => {
-                                unacked = unacked.saturating_sub(1);
-                                stats.acked();
+                            Ok(Some(n)) => {
+                                let n = n.min(unacked);
+                                unacked -= n;
+                                stats.acked(n);
                                 continue;
                             }
                             Ok(None) => break CallError::Closed("the learner closed the stream"),

@@ -9,6 +9,7 @@
 //! instead of waiting for versions it will never reach again.
 //!
 //! - `service.rs`: the gRPC handlers (trajectory streams into a bounded queue)
+//! - `queue.rs`: the chunk queue, which wakes a waiting trainer once per batch, not per chunk
 //! - `trainer.rs`: the training thread (V-trace targets, PPO updates, checkpoints)
 //! - `batch.rs`: chunks to a time-major batch
 //! - `episodes.rs`: chunks cut back into episodes and grouped (UI-S1's group advantages)
@@ -26,6 +27,7 @@ mod episodes;
 mod error;
 mod intrinsic;
 mod metrics;
+mod queue;
 mod sequences;
 mod service;
 mod state;
@@ -50,7 +52,6 @@ use spur_env_bridge::env_spec;
 use spur_proto::v1::learner_server::LearnerServer;
 use spur_proto::MAX_MESSAGE_BYTES;
 use tokio::net::TcpListener;
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic_health::pb::health_server::{Health, HealthServer};
@@ -494,7 +495,7 @@ fn assemble(
         weights.stop.clone(),
         weights.streams.clone(),
     );
-    let (queue_tx, queue_rx) = mpsc::channel(lc.queue_capacity as usize);
+    let (queue_tx, queue_rx) = queue::channel(lc.queue_capacity as usize);
     let service = LearnerService {
         shared: started.shared.clone(),
         queue: queue_tx,

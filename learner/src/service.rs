@@ -9,19 +9,22 @@ use spur_proto::v1::learner_server::Learner;
 use spur_proto::v1::{
     LearnerStatus, PushAck, StatusRequest, SubscribeWeightsRequest, TrajectoryChunk, WeightsChunk,
 };
-use tokio::sync::mpsc;
+use tokio::sync::watch;
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::wrappers::WatchStream;
+use tokio_stream::{Stream, StreamExt};
 use tokio_util::task::TaskTracker;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, info};
 
 use crate::broadcast::Broadcaster;
 use crate::error::{malformed_chunk, not_accepting};
+use crate::queue::ChunkSender;
 use crate::state::{ConnectedGuard, Shared, StepCounts};
 
 pub struct LearnerService {
     pub shared: Arc<Shared>,
-    pub queue: mpsc::Sender<Chunk>,
+    pub queue: ChunkSender,
     pub expect: ChunkExpectation,
     pub broadcaster: Broadcaster,
     /// Every stream task, so shutdown can wait for them.
@@ -35,9 +38,9 @@ pub struct LearnerService {
 async fn receive(
     mut stream: Streaming<TrajectoryChunk>,
     shared: &Shared,
-    queue: &mpsc::Sender<Chunk>,
+    queue: &ChunkSender,
     expect: &ChunkExpectation,
-    acks: &mpsc::Sender<Result<PushAck, Status>>,
+    acks: &watch::Sender<Option<Result<PushAck, Status>>>,
 ) -> Result<(), Status> {
     let _guard = ConnectedGuard::new(shared);
     let mut accepted = 0u64;
@@ -88,7 +91,7 @@ async fn receive(
             policy_version: shared.version(),
             learner_incarnation: shared.incarnation,
         };
-        if acks.send(Ok(ack)).await.is_err() {
+        if acks.send(Some(Ok(ack))).is_err() {
             break; // the actor hung up
         }
     }
@@ -96,9 +99,15 @@ async fn receive(
     Ok(())
 }
 
+/// One trajectory stream's acknowledgements, latest wins: each carries the stream's
+/// running count of accepted chunks, so an ack not yet sent when the next chunk is
+/// accepted is replaced by that chunk's (one frame and one wake-up fewer per chunk
+/// when chunks come faster than acks go out). An error ends the stream.
+pub type AckStream = std::pin::Pin<Box<dyn Stream<Item = Result<PushAck, Status>> + Send>>;
+
 #[tonic::async_trait]
 impl Learner for LearnerService {
-    type PushTrajectoriesStream = ReceiverStream<Result<PushAck, Status>>;
+    type PushTrajectoriesStream = AckStream;
 
     async fn push_trajectories(
         &self,
@@ -106,17 +115,19 @@ impl Learner for LearnerService {
     ) -> Result<Response<Self::PushTrajectoriesStream>, Status> {
         let peer = request.remote_addr();
         let stream = request.into_inner();
-        let (acks, out) = mpsc::channel(4);
+        let (acks, out) = watch::channel(None);
         let shared = self.shared.clone();
         let queue = self.queue.clone();
         let expect = self.expect;
         self.tasks.spawn(async move {
             if let Err(status) = receive(stream, &shared, &queue, &expect, &acks).await {
                 debug!(?peer, code = ?status.code(), "trajectory stream ended with an error");
-                let _ = acks.send(Err(status)).await;
+                let _ = acks.send(Some(Err(status)));
             }
         });
-        Ok(Response::new(ReceiverStream::new(out)))
+        Ok(Response::new(Box::pin(
+            WatchStream::from_changes(out).filter_map(|ack| ack),
+        )))
     }
 
     type SubscribeWeightsStream = ReceiverStream<Result<WeightsChunk, Status>>;
@@ -143,7 +154,7 @@ impl Learner for LearnerService {
         &self,
         _request: Request<StatusRequest>,
     ) -> Result<Response<LearnerStatus>, Status> {
-        let depth = self.queue.max_capacity() - self.queue.capacity();
+        let depth = self.queue.depth();
         Ok(Response::new(self.shared.status(depth as u32)))
     }
 }

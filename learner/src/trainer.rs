@@ -18,11 +18,9 @@ use spur_core::config::{AdvantageKind, Config, GroupOutcome};
 use spur_core::mlp_grad::MlpPass;
 use spur_core::model::{f32_vec, tensors_to_safetensors, ActorCritic};
 use spur_core::ppo::{ppo_loss, PpoLoss, PpoParams};
-use spur_core::trajectory::Chunk;
 use spur_core::vtrace::{vtrace, VTraceInput, VTraceParams};
 use tch::{Device, Kind, Tensor};
 use tokio::runtime::Handle;
-use tokio::sync::mpsc;
 use tracing::{info, warn};
 
 use crate::batch::Batch;
@@ -30,6 +28,7 @@ use crate::broadcast::{Broadcaster, Published};
 use crate::episodes::{episodes_batch, Assembler, GroupLayout};
 use crate::error::LearnerError;
 use crate::metrics::{MetricsRow, MetricsWriter};
+use crate::queue::ChunkReceiver;
 use crate::sequences::{Padded, Sequences};
 use crate::state::{EpisodeStats, Shared, StepCounts};
 
@@ -59,7 +58,7 @@ pub struct Trainer {
     pub time_offset_s: f64,
     pub shared: Arc<Shared>,
     pub broadcaster: Broadcaster,
-    pub rx: mpsc::Receiver<Chunk>,
+    pub rx: ChunkReceiver,
     pub rt: Handle,
     /// Groups of episodes UI-S1's spread filter kept and dropped, in this incarnation.
     pub groups_kept: u64,
@@ -190,14 +189,13 @@ impl Trainer {
         let mut chunks = Vec::new();
         let (mut steps, mut lag_sum, mut taken) = (0usize, 0u64, 0usize);
         while steps < lc.batch_steps as usize {
-            let (rx, stop) = (&mut self.rx, &self.shared.stop);
-            let next = self.rt.block_on(async {
-                tokio::select! {
-                    c = rx.recv() => c,
-                    _ = stop.cancelled() => None,
-                }
-            });
-            let chunk = next?;
+            // Woken once the rest of the batch is queued; with episode groups
+            // readiness is known only chunk by chunk.
+            let want = match assembler {
+                Some(_) => 1,
+                None => lc.batch_steps as usize - steps,
+            };
+            let chunk = self.rx.next(&self.rt, want, &self.shared.stop)?;
             // Chunks of this incarnation are never ahead of it; one that is would be
             // a bug, and is dropped as stale rather than trained on.
             let lag = self.version as i64 - chunk.policy_version as i64;
