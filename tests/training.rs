@@ -70,6 +70,15 @@ async fn cartpole_learns_with_uis1_group_advantages() -> anyhow::Result<()> {
             .expect("groups_dropped column"),
     );
     assert!(kept > 0 && dropped > 0, "kept {kept}, dropped {dropped}");
+    // An update that trained on nothing (every group of its batch dropped) has no
+    // loss to report (null), and one that trained has numbers.
+    for line in metrics.lines() {
+        let row: serde_json::Value = serde_json::from_str(line)?;
+        let trained = row["minibatch_steps"].as_u64().expect("minibatch_steps") > 0;
+        for column in ["policy_loss", "entropy", "grad_norm"] {
+            assert_eq!(row[column].is_f64(), trained, "{column} in {row}");
+        }
+    }
     Ok(())
 }
 

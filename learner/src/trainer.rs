@@ -544,6 +544,21 @@ impl Trainer {
         stats.value_loss /= k;
         stats.entropy /= k;
         stats.clip_fraction /= k;
+        if stats.steps == 0 {
+            // Nothing trained (UI-S1 dropped every group, or every minibatch's loss
+            // was not finite): no loss to report, rather than a loss of zero. NaN is
+            // null in metrics.jsonl and no point in TensorBoard or the plots.
+            for x in [
+                &mut stats.policy_loss,
+                &mut stats.value_loss,
+                &mut stats.entropy,
+                &mut stats.clip_fraction,
+                &mut stats.grad_norm,
+                &mut stats.approx_kl,
+            ] {
+                *x = f64::NAN;
+            }
+        }
         stats
     }
 
