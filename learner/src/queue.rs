@@ -3,8 +3,8 @@
 //! The trainer needs a batch's worth of steps before it can do anything with them, so
 //! a trainer waiting on an empty queue is woken only once that many steps are queued
 //! (or the queue is full), not for every chunk. Waking a parked thread is a futex call
-//! and two context switches; done for every chunk it was about a third of the CPU an
-//! ingesting learner spent per cartpole chunk (`spur bench ingest`).
+//! and two context switches; done for every chunk, that was about a quarter of an
+//! ingesting learner's CPU on cartpole's chunks (`spur bench ingest`).
 
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
