@@ -34,8 +34,10 @@ pub struct PushStats {
 }
 
 impl PushStats {
-    /// Counts `n` chunks the learner acknowledged.
-    fn acked(&mut self, n: usize) {
+    /// Counts `n` more chunks the learner acknowledged, out of the `unacked` in flight.
+    fn acked(&mut self, unacked: &mut usize, n: usize) {
+        let n = n.min(*unacked);
+        *unacked -= n;
         self.acked_chunks += n as u64;
         metrics::counter!("spur_actor_acked_chunks_total").increment(n as u64);
     }
@@ -69,9 +71,7 @@ async fn last_acks(acks: &mut Acks, mut unacked: usize, drain: Duration, stats: 
     while unacked > 0 {
         match tokio::time::timeout_at(deadline, acks.next()).await {
             Ok(Ok(Some(n))) => {
-                let n = n.min(unacked);
-                unacked -= n;
-                stats.acked(n);
+                stats.acked(&mut unacked, n);
             }
             _ => break,
         }
@@ -123,9 +123,7 @@ pub async fn push(
             if unacked >= max_unacked {
                 match acks.next().await {
                     Ok(Some(n)) => {
-                        let n = n.min(unacked);
-                        unacked -= n;
-                        stats.acked(n);
+                        stats.acked(&mut unacked, n);
                         continue;
                     }
                     Ok(None) => break CallError::Closed("the learner closed the stream"),
@@ -147,9 +145,7 @@ pub async fn push(
                     a = acks.next() => {
                         match a {
                             Ok(Some(n)) => {
-                                let n = n.min(unacked);
-                                unacked -= n;
-                                stats.acked(n);
+                                stats.acked(&mut unacked, n);
                                 continue;
                             }
                             Ok(None) => break CallError::Closed("the learner closed the stream"),

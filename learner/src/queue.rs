@@ -158,11 +158,23 @@ mod tests {
             .unwrap()
     }
 
-    /// Waits until the trainer has parked on the empty queue.
-    async fn parked(tx: &ChunkSender) {
-        while tx.wake.waits.load(Ordering::Relaxed) == 0 {
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
+    /// A stream that, once the trainer has parked on the empty queue, sends `count`
+    /// chunks of 10 steps (tagged 0, 1, ...) 5 ms apart, and then hands its end back.
+    fn send_once_parked(
+        rt: &tokio::runtime::Runtime,
+        tx: ChunkSender,
+        count: u64,
+    ) -> tokio::task::JoinHandle<ChunkSender> {
+        rt.spawn(async move {
+            while tx.wake.waits.load(Ordering::Relaxed) == 0 {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            for tag in 0..count {
+                tx.send(chunk(10, tag)).await.unwrap();
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            tx
+        })
     }
 
     /// A trainer wanting 4 chunks' steps parks once while a stream sends them one
@@ -172,14 +184,7 @@ mod tests {
         let rt = runtime();
         let (tx, mut rx) = channel(8);
         let stop = CancellationToken::new();
-        let sender = rt.spawn(async move {
-            parked(&tx).await;
-            for tag in 0..4 {
-                tx.send(chunk(10, tag)).await.unwrap();
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-            tx
-        });
+        let sender = send_once_parked(&rt, tx, 4);
         let mut tags = Vec::new();
         for _ in 0..4 {
             let need = 40 - 10 * tags.len();
@@ -201,13 +206,7 @@ mod tests {
         let rt = runtime();
         let (tx, mut rx) = channel(2);
         let stop = CancellationToken::new();
-        let _sender = rt.spawn(async move {
-            parked(&tx).await;
-            for tag in 0..2 {
-                tx.send(chunk(10, tag)).await.unwrap();
-            }
-            std::future::pending::<()>().await;
-        });
+        let _sender = send_once_parked(&rt, tx, 2);
         let tags: Vec<_> = (0..2)
             .map(|_| rx.next(rt.handle(), 1000, &stop).unwrap().policy_version)
             .collect();

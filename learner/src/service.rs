@@ -10,8 +10,7 @@ use spur_proto::v1::{
     LearnerStatus, PushAck, StatusRequest, SubscribeWeightsRequest, TrajectoryChunk, WeightsChunk,
 };
 use tokio::sync::watch;
-use tokio_stream::wrappers::ReceiverStream;
-use tokio_stream::wrappers::WatchStream;
+use tokio_stream::wrappers::{ReceiverStream, WatchStream};
 use tokio_stream::{Stream, StreamExt};
 use tokio_util::task::TaskTracker;
 use tonic::{Request, Response, Status, Streaming};
