@@ -454,8 +454,8 @@ pub enum CoreKind {
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum WeightsDtype {
-    #[default]
     F32,
+    #[default]
     F16,
     Bf16,
 }
@@ -591,11 +591,13 @@ pub struct LearnerConfig {
     pub checkpoint_every: u64,
     /// Largest weights payload piece per message, in bytes.
     pub weights_chunk_bytes: u32,
-    /// Float type of the weights sent to actors: `f32` (exact), or `f16` / `bf16`
-    /// (half the bytes to encode, send and load per actor). Actors act on the
-    /// rounded weights and load them back into f32 variables; the learner's
-    /// importance ratios see the rounding as a little more policy lag. A tensor
-    /// outside f16's range goes out as f32. Checkpoints are always f32.
+    /// Float type of the weights sent to actors: `f16` (the default) or `bf16`, half
+    /// the bytes to encode, send and load per actor, or `f32` (exact). Actors act on
+    /// the rounded weights (within 2^-11 of the learner's, relative, as f16) and load
+    /// them back into f32 variables; the chunks they send carry the log-probabilities
+    /// of the policy they acted with, so the learner's importance ratios see the
+    /// rounding as a little more policy lag. A tensor outside f16's range goes out as
+    /// f32. Checkpoints are always f32.
     pub weights_dtype: WeightsDtype,
     /// HTTP/2 flow-control window of each stream the learner receives (a trajectory
     /// stream), in bytes: how much an actor may send before the learner has read it.
@@ -703,7 +705,7 @@ impl Default for LearnerConfig {
             queue_capacity: 4,
             checkpoint_every: 50,
             weights_chunk_bytes: 1 << 20,
-            weights_dtype: WeightsDtype::F32,
+            weights_dtype: WeightsDtype::F16,
             stream_window_bytes: 1 << 20,
             connection_window_bytes: 1 << 20,
             device: "auto".into(),
@@ -1506,8 +1508,10 @@ mod tests {
         assert!(err.to_string().contains("model.core"), "{err}");
         let err = Config::from_toml_str("[model]\ncore = \"lstm\"\ncore_size = 0\n").unwrap_err();
         assert!(err.to_string().contains("model.core_size"), "{err}");
-        // Weights for actors: f32 unless asked, and a known float type.
+        // Weights for actors: f16 unless asked, and a known float type.
         let c = Config::from_toml_str("").unwrap();
+        assert_eq!(c.learner.weights_dtype, WeightsDtype::F16);
+        let c = Config::from_toml_str("[learner]\nweights_dtype = \"f32\"\n").unwrap();
         assert_eq!(c.learner.weights_dtype, WeightsDtype::F32);
         let c = Config::from_toml_str("[learner]\nweights_dtype = \"bf16\"\n").unwrap();
         assert_eq!(c.learner.weights_dtype, WeightsDtype::Bf16);
