@@ -158,6 +158,9 @@ impl Rollout {
     /// Runs the actor's lanes until it stops; one lane runs on the calling thread,
     /// two on threads of their own (the first to end stops the other).
     pub fn run(self) -> Result<RolloutStats, ActorError> {
+        // As the learner does: a sure policy's subnormal probabilities would slow
+        // its forward passes (the lanes' threads, started below, inherit this).
+        spur_core::fpu::flush_denormals();
         tch::set_num_threads(self.config.run.torch_threads as i32);
         tch::manual_seed(self.seed as i64); // process-wide: one actor per process
         let mut lanes = plan(&self.config, self.seed)?;

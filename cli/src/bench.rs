@@ -6,8 +6,9 @@
 //! real learner fed synthetic chunks of the config's shape, see
 //! [`learner_only`](crate::bench_scale::learner_only)) completes the parts, and end to
 //! end is set against the bound they imply on this machine: each env step costs
-//! 1/env + 1/inference + 1/learner CPU-seconds (single-thread rates), so C cores
-//! cannot run more than C / (1/env + 1/inference + 1/learner) steps/s. Then the cost of a
+//! 1/env + 1/inference + 1/learner CPU-seconds (single-thread rates; the learner's
+//! from its training thread's CPU time, since the feeders share its cores), so C
+//! cores cannot run more than C / (1/env + 1/inference + 1/learner) steps/s. Then the cost of a
 //! recurrent core: inference steps/s of the config's network without a core, with an
 //! LSTM and with a GRU (`model.core_size` wide), against the one without; for a
 //! TorchScript policy instead, the module against the built-in network of
@@ -358,7 +359,22 @@ pub async fn throughput(args: ThroughputArgs) -> anyhow::Result<std::process::Ex
     if has(Part::Learner) && grouped {
         println!("learner only: not measured (grouped advantages need real episodes)");
     }
-    row("learner only (1 thread, synthetic chunks)", learner);
+    row(
+        "learner only (1 thread, synthetic chunks)",
+        learner.as_ref().map(|l| l.wall),
+    );
+    row(
+        "learner per CPU-second of its training thread",
+        learner.as_ref().and_then(|l| l.per_cpu_s),
+    );
+    // The learner's cost per step: its training thread's CPU time where it could be
+    // read (the wall-clock rate also counts the time the feeders took the thread's
+    // core), else the wall-clock rate.
+    let which = match learner.as_ref().map(|l| l.per_cpu_s.is_some()) {
+        Some(true) => "learner per CPU-second",
+        _ => "learner only",
+    };
+    let learner = learner.map(|l| l.per_cpu_s.unwrap_or(l.wall));
     row("end to end (local mode, training)", e2e.map(|(v, _)| v));
     if let Some((_, dropped)) = e2e {
         println!("stale chunks dropped during the end-to-end run: {dropped}");
@@ -367,7 +383,7 @@ pub async fn throughput(args: ThroughputArgs) -> anyhow::Result<std::process::Ex
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         let bound = cpu_bound(cores, env, inference, learner);
         println!(
-            "CPU bound on {cores} cores: C / (1/env + 1/inference + 1/learner) = {bound:.0} env steps/s{}",
+            "CPU bound on {cores} cores: C / (1/env + 1/inference + 1/learner) = {bound:.0} env steps/s (learner: {which}){}",
             if config.env.kind == spur_core::config::EnvKind::Gym {
                 " (env work runs in the bridge's Python processes)"
             } else {
@@ -382,12 +398,12 @@ pub async fn throughput(args: ThroughputArgs) -> anyhow::Result<std::process::Ex
             Some((e2e, _)) => {
                 println!("end to end vs that bound: {:.3}x", e2e / bound);
                 println!(
-                    "bound with one learner: min(that, learner only) = {one_learner:.0} env steps/s; end to end vs it: {:.3}x",
+                    "bound with one learner: min(that, {which}) = {one_learner:.0} env steps/s; end to end vs it: {:.3}x",
                     e2e / one_learner
                 );
             }
             None => println!(
-                "bound with one learner: min(that, learner only) = {one_learner:.0} env steps/s"
+                "bound with one learner: min(that, {which}) = {one_learner:.0} env steps/s"
             ),
         }
     }

@@ -224,7 +224,7 @@ async fn next_update(
 /// (the NetHack network's cost depends on its messages), by 2 streams as fast as it
 /// takes them. Chunks keep version 0 (so `learner.max_policy_lag` is lifted); the
 /// first `warmup` seconds are not counted.
-pub async fn learner_only(config: &Config, warmup: f64, secs: f64) -> anyhow::Result<f64> {
+pub async fn learner_only(config: &Config, warmup: f64, secs: f64) -> anyhow::Result<LearnerRate> {
     let mut config = config.clone();
     config.learner.max_policy_lag = u64::MAX / 2;
     config.stop.env_steps = 0;
@@ -252,14 +252,61 @@ pub async fn learner_only(config: &Config, warmup: f64, secs: f64) -> anyhow::Re
     let client = &mut learner.client;
     let now = client.get_status(StatusRequest {}).await?.into_inner();
     let (t0, s0) = next_update(client, now.env_steps, give_up).await?;
+    let cpu0 = threads_cpu_s(TRAINER_THREAD);
     let mut last = (t0, s0);
     while last.0.duration_since(t0).as_secs_f64() < secs {
         last = next_update(client, last.1, give_up).await?;
     }
-    let rate = (last.1 - s0) as f64 / last.0.duration_since(t0).as_secs_f64();
+    let cpu1 = threads_cpu_s(TRAINER_THREAD);
+    let steps = (last.1 - s0) as f64;
+    let rate = LearnerRate {
+        wall: steps / last.0.duration_since(t0).as_secs_f64(),
+        // libtorch's own worker threads, with more than one, may carry other names.
+        per_cpu_s: match (cpu0, cpu1, config.run.torch_threads) {
+            (Some(a), Some(b), 1) if b > a => Some(steps / (b - a)),
+            _ => None,
+        },
+    };
     pushers.iter().for_each(JoinHandle::abort);
     learner.stop().await?;
     Ok(rate)
+}
+
+/// What [`learner_only`] measured.
+pub struct LearnerRate {
+    /// Env steps trained per second of wall-clock time.
+    pub wall: f64,
+    /// Env steps trained per CPU-second of the training thread: its cost per step,
+    /// whatever else shared the cores (the pushers feeding it run in this process).
+    /// `None` where the thread's CPU time cannot be read, or with more than one
+    /// torch thread.
+    pub per_cpu_s: Option<f64>,
+}
+
+/// The learner's training thread's name (`spur_learner`).
+const TRAINER_THREAD: &str = "spur-trainer";
+
+/// CPU seconds (user and system) used so far by the threads of this process named
+/// `name`, from `/proc/self/task/*/stat`; `None` where there is none, or no `/proc`.
+fn threads_cpu_s(name: &str) -> Option<f64> {
+    // SAFETY: sysconf only reads a constant.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let mut total = None;
+    for task in std::fs::read_dir("/proc/self/task").ok()?.flatten() {
+        let dir = task.path();
+        match std::fs::read_to_string(dir.join("comm")) {
+            Ok(comm) if comm.trim_end() == name => {}
+            _ => continue,
+        }
+        let stat = std::fs::read_to_string(dir.join("stat")).ok()?;
+        // After the command in parentheses: the state, then 10 fields, then utime
+        // and stime in clock ticks (proc(5)).
+        let fields: Vec<&str> = stat[stat.rfind(')')? + 1..].split_whitespace().collect();
+        let ticks_used: f64 =
+            fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+        *total.get_or_insert(0.0) += ticks_used / ticks;
+    }
+    total
 }
 
 /// Bytes/s of `clients` loopback TCP connections writing `len`-byte length-prefixed

@@ -35,6 +35,7 @@ pub mod config;
 pub mod device;
 pub mod env;
 pub mod error;
+pub mod fpu;
 pub mod mlp_grad;
 pub mod model;
 pub mod ppo;

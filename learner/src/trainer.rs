@@ -110,6 +110,9 @@ struct Advantages {
 
 impl Trainer {
     pub fn run(mut self) -> Result<TrainSummary, LearnerError> {
+        // A policy sure of its actions makes subnormal probabilities and gradients,
+        // which slow the update's matrix kernels several times over.
+        spur_core::fpu::flush_denormals();
         let lc = self.config.learner.clone();
         let mut logs = Logs::open(&self.run_dir)?;
         let ckpt_dir = self.run_dir.join("checkpoints");
