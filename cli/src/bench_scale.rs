@@ -283,7 +283,7 @@ pub struct LearnerRate {
     pub per_cpu_s: Option<f64>,
 }
 
-/// The learner's training thread's name (`spur_learner`).
+/// The name `spur_learner` gives its training thread.
 const TRAINER_THREAD: &str = "spur-trainer";
 
 /// CPU seconds (user and system) used so far by the threads of this process named
