@@ -367,14 +367,13 @@ pub async fn throughput(args: ThroughputArgs) -> anyhow::Result<std::process::Ex
         "learner per CPU-second of its training thread",
         learner.as_ref().and_then(|l| l.per_cpu_s),
     );
-    // The learner's cost per step: its training thread's CPU time where it could be
-    // read (the wall-clock rate also counts the time the feeders took the thread's
-    // core), else the wall-clock rate.
-    let which = match learner.as_ref().map(|l| l.per_cpu_s.is_some()) {
-        Some(true) => "learner per CPU-second",
-        _ => "learner only",
+    let (learner, which) = match learner
+        .as_ref()
+        .map(crate::bench_scale::LearnerRate::for_bound)
+    {
+        Some((rate, which)) => (Some(rate), which),
+        None => (None, "learner only"),
     };
-    let learner = learner.map(|l| l.per_cpu_s.unwrap_or(l.wall));
     row("end to end (local mode, training)", e2e.map(|(v, _)| v));
     if let Some((_, dropped)) = e2e {
         println!("stale chunks dropped during the end-to-end run: {dropped}");

@@ -283,6 +283,18 @@ pub struct LearnerRate {
     pub per_cpu_s: Option<f64>,
 }
 
+impl LearnerRate {
+    /// The rate a bound should use, and its name: per CPU-second of the training
+    /// thread where it was read (the wall-clock rate also counts the time the
+    /// feeders took the thread's core), else the wall-clock rate.
+    pub fn for_bound(&self) -> (f64, &'static str) {
+        match self.per_cpu_s {
+            Some(rate) => (rate, "learner per CPU-second"),
+            None => (self.wall, "learner only"),
+        }
+    }
+}
+
 /// The name `spur_learner` gives its training thread.
 const TRAINER_THREAD: &str = "spur-trainer";
 
