@@ -252,12 +252,16 @@ pub async fn learner_only(config: &Config, warmup: f64, secs: f64) -> anyhow::Re
     let client = &mut learner.client;
     let now = client.get_status(StatusRequest {}).await?.into_inner();
     let (t0, s0) = next_update(client, now.env_steps, give_up).await?;
-    let cpu0 = threads_cpu_s(TRAINER_THREAD);
+    // The training thread's CPU time, and its helpers' (`learner.threads`), which
+    // live one minibatch step each and add theirs up as they end.
+    let learner_cpu_s =
+        || threads_cpu_s(TRAINER_THREAD).map(|t| t + spur_learner::helper_cpu_seconds());
+    let cpu0 = learner_cpu_s();
     let mut last = (t0, s0);
     while last.0.duration_since(t0).as_secs_f64() < secs {
         last = next_update(client, last.1, give_up).await?;
     }
-    let cpu1 = threads_cpu_s(TRAINER_THREAD);
+    let cpu1 = learner_cpu_s();
     let steps = (last.1 - s0) as f64;
     let rate = LearnerRate {
         wall: steps / last.0.duration_since(t0).as_secs_f64(),
@@ -276,16 +280,16 @@ pub async fn learner_only(config: &Config, warmup: f64, secs: f64) -> anyhow::Re
 pub struct LearnerRate {
     /// Env steps trained per second of wall-clock time.
     pub wall: f64,
-    /// Env steps trained per CPU-second of the training thread: its cost per step,
-    /// whatever else shared the cores (the pushers feeding it run in this process).
-    /// `None` where the thread's CPU time cannot be read, or with more than one
-    /// torch thread.
+    /// Env steps trained per CPU-second of the training thread and its helpers
+    /// (`learner.threads`): the learner's cost per step, whatever else shared the
+    /// cores (the pushers feeding it run in this process). `None` where the thread's
+    /// CPU time cannot be read, or with more than one torch thread.
     pub per_cpu_s: Option<f64>,
 }
 
 impl LearnerRate {
     /// The rate a bound should use, and its name: per CPU-second of the training
-    /// thread where it was read (the wall-clock rate also counts the time the
+    /// threads where it was read (the wall-clock rate also counts the time the
     /// feeders took the thread's core), else the wall-clock rate.
     pub fn for_bound(&self) -> (f64, &'static str) {
         match self.per_cpu_s {

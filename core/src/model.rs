@@ -462,6 +462,11 @@ impl ActorCritic {
         }
     }
 
+    /// Whether this is the NetHack network (glyph crop, stats and message encoders).
+    pub fn is_nethack(&self) -> bool {
+        matches!(self.body, Body::NetHack(_))
+    }
+
     pub fn is_recurrent(&self) -> bool {
         self.state_size() > 0
     }

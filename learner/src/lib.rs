@@ -27,6 +27,7 @@ mod episodes;
 mod error;
 mod intrinsic;
 mod metrics;
+mod parallel;
 mod queue;
 mod sequences;
 mod service;
@@ -58,6 +59,7 @@ use tonic_health::pb::health_server::{Health, HealthServer};
 use tracing::{info, warn};
 
 pub use error::LearnerError;
+pub use parallel::{helper_cpu_seconds, minibatch_threads_in_use};
 pub use trainer::{TrainSummary, META_ENV_STEPS, META_UPDATES};
 
 use broadcast::{Broadcaster, Published};
@@ -503,6 +505,7 @@ fn assemble(
         broadcaster: broadcaster.clone(),
         tasks: tasks.clone(),
     };
+    let minibatch_threads = parallel::minibatch_threads(config.learner.threads, &started.model);
     let trainer = Trainer {
         intrinsic: started.intrinsic,
         config: config.clone(),
@@ -520,6 +523,7 @@ fn assemble(
         groups_kept: 0,
         groups_dropped: 0,
         discard_chunks: opts.discard_chunks,
+        minibatch_threads,
     };
     Ok((service, trainer, weights))
 }

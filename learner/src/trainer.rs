@@ -28,6 +28,7 @@ use crate::broadcast::{Broadcaster, Published};
 use crate::episodes::{episodes_batch, Assembler, GroupLayout};
 use crate::error::LearnerError;
 use crate::metrics::{MetricsRow, MetricsWriter};
+use crate::parallel::{split_step, Share};
 use crate::queue::ChunkReceiver;
 use crate::sequences::{Padded, Sequences};
 use crate::state::{EpisodeStats, Shared, StepCounts};
@@ -65,6 +66,8 @@ pub struct Trainer {
     pub groups_dropped: u64,
     /// Drop every chunk once taken ([`crate::LearnerOptions::discard_chunks`]).
     pub discard_chunks: bool,
+    /// Threads a minibatch step splits its rows over (`learner.threads`, resolved).
+    pub minibatch_threads: u32,
 }
 
 /// What a finished training run reports.
@@ -771,6 +774,12 @@ impl Trainer {
             pass.write_gradients();
             return self.optimizer_step(&pass.loss, stats);
         }
+        if let (Minibatch::Steps(idx), None) = (&minibatch, &terms.experts) {
+            let split = (self.minibatch_threads as i64).min(idx.size()[0]);
+            if split > 1 {
+                return self.split_minibatch(idx, split, inputs, terms, &params, stats);
+            }
+        }
         let (idx, eval) = match minibatch {
             Minibatch::Steps(idx) => {
                 let eval = self.model.evaluate(
@@ -823,6 +832,46 @@ impl Trainer {
         }
         self.opt.zero_grad();
         loss_total.backward();
+        self.optimizer_step(&loss, stats)
+    }
+
+    /// [`Self::train_minibatch`] for the steps `idx` split by rows over `split`
+    /// threads (`learner.threads`).
+    fn split_minibatch(
+        &mut self,
+        idx: &Tensor,
+        split: i64,
+        inputs: &Inputs,
+        terms: &LossTerms,
+        params: &PpoParams,
+        stats: &mut UpdateStats,
+    ) -> bool {
+        let adv = normalized(
+            &terms.advantages.index_select(0, idx),
+            self.config.learner.advantage_std_floor,
+        );
+        let n = idx.size()[0];
+        let shares = (0..split)
+            .map(|i| {
+                let (start, end) = (n * i / split, n * (i + 1) / split);
+                let rows = idx.narrow(0, start, end - start);
+                Share {
+                    obs: inputs.obs.index_select(0, &rows),
+                    actions: inputs.actions.index_select(0, &rows),
+                    proximal: terms.proximal.index_select(0, &rows),
+                    advantages: adv.narrow(0, start, end - start),
+                    targets: terms.targets.index_select(0, &rows),
+                    weight: (end - start) as f64 / n as f64,
+                }
+            })
+            .collect();
+        self.opt.zero_grad();
+        let torch_threads = self.config.run.torch_threads as i32;
+        let loss = split_step(&self.model, shares, params, torch_threads);
+        if !self.finite(&loss.total) {
+            self.opt.zero_grad();
+            return false;
+        }
         self.optimizer_step(&loss, stats)
     }
 

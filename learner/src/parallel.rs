@@ -1,0 +1,292 @@
+//! One minibatch step's forward and backward passes split by rows over several
+//! threads (`learner.threads`): each thread runs the network and PPO's loss on its
+//! share of the rows and adds its gradient, weighted by its share, into the
+//! parameters' gradients. Their sum is the gradient of the whole minibatch's loss,
+//! the same as on one thread up to float rounding.
+//!
+//! The threads live for one step (a spawn costs tens of microseconds; a step of the
+//! NetHack network, which this is for, tens of milliseconds). Each adds up its own
+//! CPU time into [`helper_cpu_seconds`], so what the learner costs can still be
+//! measured once they are gone.
+
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+
+use spur_core::model::ActorCritic;
+use spur_core::ppo::{ppo_loss, PpoLoss, PpoParams};
+use tch::{Device, Kind, Tensor};
+use tracing::info;
+
+/// Name prefix of the helper threads (`spur-trainer1`, ...); the training thread
+/// itself is `spur-trainer`.
+pub const HELPER_THREAD_PREFIX: &str = "spur-trainer";
+
+/// CPU nanoseconds of helper threads that have finished, in this process.
+static HELPER_CPU_NS: AtomicU64 = AtomicU64::new(0);
+
+/// The thread count the last learner started in this process resolved.
+static THREADS_IN_USE: AtomicU32 = AtomicU32::new(1);
+
+/// `learner.threads` resolved for `model`: as configured, or for 0 (auto) 2 for the
+/// NetHack network on the CPU of a machine with 2 cores or more (its minibatch steps
+/// take tens of milliseconds), else 1. Logged, and kept for
+/// [`minibatch_threads_in_use`].
+pub fn minibatch_threads(configured: u32, model: &ActorCritic) -> u32 {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads = match configured {
+        0 if model.is_nethack() && model.device() == Device::Cpu && cores >= 2 => 2,
+        0 => 1,
+        n => n,
+    };
+    info!(threads, configured, "threads per minibatch step");
+    THREADS_IN_USE.store(threads, Ordering::Relaxed);
+    threads
+}
+
+/// Threads per minibatch step of the last learner started in this process.
+pub fn minibatch_threads_in_use() -> u32 {
+    THREADS_IN_USE.load(Ordering::Relaxed)
+}
+
+/// CPU seconds spent by finished helper threads of split minibatch steps, in this
+/// process (with the training thread's own, the learner's whole CPU time).
+pub fn helper_cpu_seconds() -> f64 {
+    HELPER_CPU_NS.load(Ordering::Relaxed) as f64 * 1e-9
+}
+
+/// One thread's share of a minibatch: its rows of everything the loss reads.
+pub struct Share {
+    pub obs: Tensor,
+    pub actions: Tensor,
+    pub proximal: Tensor,
+    /// Advantages, already normalised over the whole minibatch.
+    pub advantages: Tensor,
+    pub targets: Tensor,
+    /// Its rows over the minibatch's.
+    pub weight: f64,
+}
+
+/// Lets the helper threads of one step read the model. tch's `Tensor` is not
+/// `Sync` because some of its methods change a tensor in place through `&self`;
+/// forward passes only read the parameters, and libtorch's autograd engine takes a
+/// lock in each parameter's gradient accumulator, so backward passes of separate
+/// graphs that end in the same parameters may run at the same time (as in PyTorch's
+/// multithreaded training). Nothing changes the parameters while a step's threads run:
+/// the optimizer steps after they have joined.
+struct ReadOnly<'a>(&'a ActorCritic);
+
+// SAFETY: see the type's comment; the threads that share it only run forward and
+// backward passes, and all of them join before the optimizer writes the parameters.
+unsafe impl Sync for ReadOnly<'_> {}
+
+/// Runs the forward and backward passes of `shares` on as many threads (this one
+/// and one helper per further share) and returns the minibatch's loss, the shares'
+/// figures weighted together. Gradients are added into the parameters' (the caller
+/// zeroes them first); when any share's loss is not finite the returned total is not
+/// either, and the caller should zero the gradients and skip the step.
+pub fn split_step(
+    model: &ActorCritic,
+    shares: Vec<Share>,
+    params: &PpoParams,
+    torch_threads: i32,
+) -> PpoLoss {
+    let model = ReadOnly(model);
+    let losses: Vec<(PpoLoss, f64)> = std::thread::scope(|scope| {
+        let mut shares = shares.into_iter();
+        let own = shares.next().expect("a split step has at least one share");
+        let helpers: Vec<_> = shares
+            .enumerate()
+            .map(|(i, share)| {
+                let model = &model;
+                std::thread::Builder::new()
+                    .name(format!("{HELPER_THREAD_PREFIX}{}", i + 1))
+                    .spawn_scoped(scope, move || {
+                        // OpenMP's thread count is per calling thread: a new thread
+                        // starts with one per core, not the run's setting.
+                        tch::set_num_threads(torch_threads);
+                        let cpu0 = thread_cpu_ns();
+                        let loss = share_step(model.0, share, params);
+                        HELPER_CPU_NS.fetch_add(thread_cpu_ns() - cpu0, Ordering::Relaxed);
+                        loss
+                    })
+                    .expect("spawning a training helper thread")
+            })
+            .collect();
+        let mut losses = vec![share_step(model.0, own, params)];
+        for h in helpers {
+            match h.join() {
+                Ok(loss) => losses.push(loss),
+                Err(panic) => std::panic::resume_unwind(panic),
+            }
+        }
+        losses
+    });
+    combine(&losses)
+}
+
+/// One share's forward pass, loss and (if finite) backward pass.
+fn share_step(model: &ActorCritic, share: Share, params: &PpoParams) -> (PpoLoss, f64) {
+    let eval = model.evaluate(&share.obs, &share.actions);
+    let loss = ppo_loss(
+        &eval.log_probs,
+        &share.proximal,
+        &share.advantages,
+        &eval.values,
+        &share.targets,
+        &eval.entropy,
+        params,
+    );
+    if loss.total.double_value(&[]).is_finite() {
+        (&loss.total * share.weight).backward();
+    }
+    (loss, share.weight)
+}
+
+/// The minibatch's loss from its shares': each figure weighted by the share's rows.
+/// `total` carries no graph (the shares' backward passes have run).
+fn combine(losses: &[(PpoLoss, f64)]) -> PpoLoss {
+    let mean = |f: fn(&PpoLoss) -> f64| losses.iter().map(|(l, w)| f(l) * w).sum::<f64>();
+    let ratios: Vec<Tensor> = losses.iter().map(|(l, _)| l.ratio.detach()).collect();
+    PpoLoss {
+        total: Tensor::from(mean(|l| l.total.double_value(&[]))).to_kind(Kind::Float),
+        policy: mean(|l| l.policy),
+        value: mean(|l| l.value),
+        entropy: mean(|l| l.entropy),
+        clip_fraction: mean(|l| l.clip_fraction),
+        approx_kl: mean(|l| l.approx_kl),
+        ratio: Tensor::cat(&ratios, 0),
+    }
+}
+
+/// CPU time of the calling thread, in nanoseconds.
+fn thread_cpu_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid timespec to write; the clock id is a constant.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    if rc != 0 {
+        return 0;
+    }
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use spur_core::adam::Adam;
+    use spur_core::model::f32_vec;
+
+    /// Every variable's gradient, in the store's name order.
+    fn gradients(model: &ActorCritic) -> Vec<(String, Vec<f32>)> {
+        let mut vars: Vec<_> = model.var_store().variables().into_iter().collect();
+        vars.sort_by(|a, b| a.0.cmp(&b.0));
+        vars.into_iter()
+            .map(|(name, v)| (name, f32_vec(&v.grad())))
+            .collect()
+    }
+
+    /// The rows `start..end` of a minibatch as a share of `n` rows.
+    fn share(rows: &[&Tensor; 5], start: i64, end: i64, n: i64) -> Share {
+        let [obs, actions, proximal, advantages, targets] =
+            rows.map(|t| t.narrow(0, start, end - start));
+        Share {
+            obs,
+            actions,
+            proximal,
+            advantages,
+            targets,
+            weight: (end - start) as f64 / n as f64,
+        }
+    }
+
+    /// Split over 2 and 3 threads (uneven shares), the gradients the optimizer sees
+    /// and the loss's figures are those of one pass over the whole minibatch; a share
+    /// whose loss is not finite makes the total not finite; the helpers' CPU time is
+    /// counted.
+    #[test]
+    fn split_steps_add_up_to_the_whole_minibatch() {
+        tch::manual_seed(11);
+        let (obs_dim, num_actions, n) = (6, 4, 301);
+        let model = ActorCritic::new(obs_dim, num_actions, &[32, 32], Device::Cpu);
+        let mut opt = Adam::new(model.var_store(), 1e-3, 1e-5);
+        let opts = (Kind::Float, Device::Cpu);
+        let obs = Tensor::randn([n, obs_dim as i64], opts);
+        let actions = Tensor::randint(num_actions as i64, [n], (Kind::Int64, Device::Cpu));
+        let current = tch::no_grad(|| model.evaluate(&obs, &actions).log_probs.detach());
+        let proximal = &current + (Tensor::rand([n], opts) - 0.5);
+        let advantages = Tensor::randn([n], opts);
+        let targets = Tensor::randn([n], opts);
+        let params = PpoParams {
+            clip_eps: 0.2,
+            value_coef: 0.5,
+            entropy_coef: 0.01,
+        };
+
+        opt.zero_grad();
+        let eval = model.evaluate(&obs, &actions);
+        let whole = ppo_loss(
+            &eval.log_probs,
+            &proximal,
+            &advantages,
+            &eval.values,
+            &targets,
+            &eval.entropy,
+            &params,
+        );
+        whole.total.backward();
+        let expected = gradients(&model);
+        assert!(whole.clip_fraction > 0.05, "some ratios clipped");
+
+        let rows = [&obs, &actions, &proximal, &advantages, &targets];
+        let cpu_before = helper_cpu_seconds();
+        for split in [2i64, 3] {
+            // Garbage first: the caller zeroes, the shares add.
+            opt.zero_grad();
+            let shares = (0..split)
+                .map(|i| share(&rows, n * i / split, n * (i + 1) / split, n))
+                .collect();
+            let loss = split_step(&model, shares, &params, 1);
+            let close = |a: f64, b: f64| (a - b).abs() <= 1e-5 * b.abs().max(1.0);
+            assert!(close(
+                loss.total.double_value(&[]),
+                whole.total.double_value(&[])
+            ));
+            for (got, want) in [
+                (loss.policy, whole.policy),
+                (loss.value, whole.value),
+                (loss.entropy, whole.entropy),
+                (loss.clip_fraction, whole.clip_fraction),
+                (loss.approx_kl, whole.approx_kl),
+            ] {
+                assert!(close(got, want), "split {split}: {got} against {want}");
+            }
+            assert_eq!(loss.ratio.size(), [n]);
+            let got = gradients(&model);
+            assert_eq!(got.len(), expected.len());
+            for ((name, g), (_, e)) in got.iter().zip(&expected) {
+                let scale = e.iter().fold(1e-3f32, |m, x| m.max(x.abs()));
+                assert!(e.iter().any(|&x| x != 0.0), "{name}: a gradient to compare");
+                for (i, (a, b)) in g.iter().zip(e).enumerate() {
+                    assert!(
+                        (a - b).abs() <= 1e-5 * scale,
+                        "split {split}: {name}[{i}]: {a} against {b}"
+                    );
+                }
+            }
+        }
+        assert!(
+            helper_cpu_seconds() > cpu_before,
+            "helpers' CPU time counted"
+        );
+
+        // One share's advantages hold a NaN (the other's rows are as above).
+        let bad_advantages = advantages.copy();
+        let _ = bad_advantages.narrow(0, n - 1, 1).fill_(f64::NAN);
+        let bad = [&obs, &actions, &proximal, &bad_advantages, &targets];
+        opt.zero_grad();
+        let shares = vec![share(&bad, 0, n / 2, n), share(&bad, n / 2, n, n)];
+        let loss = split_step(&model, shares, &params, 1);
+        assert!(!loss.total.double_value(&[]).is_finite());
+    }
+}
