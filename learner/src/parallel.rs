@@ -78,25 +78,23 @@ struct ReadOnly<'a>(&'a ActorCritic);
 // backward passes, and all of them join before the optimizer writes the parameters.
 unsafe impl Sync for ReadOnly<'_> {}
 
-/// Runs the forward and backward passes of `shares` on as many threads (this one
-/// and one helper per further share) and returns the minibatch's loss, the shares'
-/// figures weighted together. Gradients are added into the parameters' (the caller
-/// zeroes them first); when any share's loss is not finite the returned total is not
-/// either, and the caller should zero the gradients and skip the step.
-pub fn split_step(
+/// Runs `work` on each of `jobs` on as many threads (this one takes the first,
+/// one helper thread each of the others) and returns their results in order. A
+/// helper's panic goes on in this thread.
+fn on_threads<J: Send, T: Send>(
     model: &ActorCritic,
-    shares: Vec<Share>,
-    params: &PpoParams,
+    jobs: Vec<J>,
     torch_threads: i32,
-) -> PpoLoss {
+    work: impl Fn(&ActorCritic, J) -> T + Sync,
+) -> Vec<T> {
     let model = ReadOnly(model);
-    let losses: Vec<(PpoLoss, f64)> = std::thread::scope(|scope| {
-        let mut shares = shares.into_iter();
-        let own = shares.next().expect("a split step has at least one share");
-        let helpers: Vec<_> = shares
+    let (model, work) = (&model, &work);
+    std::thread::scope(|scope| {
+        let mut jobs = jobs.into_iter();
+        let own = jobs.next().expect("work for at least one thread");
+        let helpers: Vec<_> = jobs
             .enumerate()
-            .map(|(i, share)| {
-                let model = &model;
+            .map(|(i, job)| {
                 std::thread::Builder::new()
                     .name(format!("{HELPER_THREAD_PREFIX}{}", i + 1))
                     .spawn_scoped(scope, move || {
@@ -104,23 +102,59 @@ pub fn split_step(
                         // starts with one per core, not the run's setting.
                         tch::set_num_threads(torch_threads);
                         let cpu0 = thread_cpu_ns();
-                        let loss = share_step(model.0, share, params);
+                        let out = work(model.0, job);
                         HELPER_CPU_NS.fetch_add(thread_cpu_ns() - cpu0, Ordering::Relaxed);
-                        loss
+                        out
                     })
                     .expect("spawning a training helper thread")
             })
             .collect();
-        let mut losses = vec![share_step(model.0, own, params)];
+        let mut out = vec![work(model.0, own)];
         for h in helpers {
             match h.join() {
-                Ok(loss) => losses.push(loss),
+                Ok(x) => out.push(x),
                 Err(panic) => std::panic::resume_unwind(panic),
             }
         }
-        losses
+        out
+    })
+}
+
+/// Runs the forward and backward passes of `shares` on as many threads and returns
+/// the minibatch's loss, the shares' figures weighted together. Gradients are added
+/// into the parameters' (the caller zeroes them first); when any share's loss is not
+/// finite the returned total is not either, and the caller should zero the gradients
+/// and skip the step.
+pub fn split_step(
+    model: &ActorCritic,
+    shares: Vec<Share>,
+    params: &PpoParams,
+    torch_threads: i32,
+) -> PpoLoss {
+    combine(&on_threads(model, shares, torch_threads, |m, share| {
+        share_step(m, share, params)
+    }))
+}
+
+/// [`ActorCritic::logits_and_values`] without gradients, the rows of `obs` split in
+/// `parts` (about equal) over as many threads: the learner's pass over a batch
+/// before its update.
+pub fn split_logits_and_values(
+    model: &ActorCritic,
+    obs: &Tensor,
+    parts: i64,
+    torch_threads: i32,
+) -> (Tensor, Tensor) {
+    let n = obs.size()[0];
+    let parts = parts.clamp(1, n.max(1));
+    let rows: Vec<Tensor> = (0..parts)
+        .map(|i| obs.narrow(0, n * i / parts, n * (i + 1) / parts - n * i / parts))
+        .collect();
+    let outs = on_threads(model, rows, torch_threads, |m, rows| {
+        tch::no_grad(|| m.logits_and_values(&rows))
     });
-    combine(&losses)
+    let (logits, values): (Vec<Tensor>, Vec<Tensor>) = outs.into_iter().unzip();
+    (Tensor::cat(&logits, 0), Tensor::cat(&values, 0))
 }
 
 /// One share's forward pass, loss and (if finite) backward pass.
@@ -279,6 +313,14 @@ mod tests {
             helper_cpu_seconds() > cpu_before,
             "helpers' CPU time counted"
         );
+
+        // The pass before an update, split in 3 uneven parts: the same rows in order.
+        let (logits, values) = tch::no_grad(|| model.logits_and_values(&obs));
+        let (split_logits, split_values) = split_logits_and_values(&model, &obs, 3, 1);
+        assert_eq!(split_logits.size(), logits.size());
+        assert!(split_logits.allclose(&logits, 1e-5, 1e-6, false));
+        assert!(split_values.allclose(&values, 1e-5, 1e-6, false));
+        assert!(!split_values.requires_grad(), "no graph from the helpers");
 
         // One share's advantages hold a NaN (the other's rows are as above).
         let bad_advantages = advantages.copy();

@@ -28,7 +28,7 @@ use crate::broadcast::{Broadcaster, Published};
 use crate::episodes::{episodes_batch, Assembler, GroupLayout};
 use crate::error::LearnerError;
 use crate::metrics::{MetricsRow, MetricsWriter};
-use crate::parallel::{split_step, Share};
+use crate::parallel::{split_logits_and_values, split_step, Share};
 use crate::queue::ChunkReceiver;
 use crate::sequences::{Padded, Sequences};
 use crate::state::{EpisodeStats, Shared, StepCounts};
@@ -592,7 +592,15 @@ impl Trainer {
             None => {
                 // One pass over every row: a shared torso (the NetHack network) runs
                 // once, not once for the logits and again for the values.
-                let (logits, values) = self.model.logits_and_values(&inputs.obs_all);
+                let (logits, values) = match self.minibatch_threads {
+                    1 => self.model.logits_and_values(&inputs.obs_all),
+                    t => split_logits_and_values(
+                        &self.model,
+                        &inputs.obs_all,
+                        t as i64,
+                        self.config.run.torch_threads as i32,
+                    ),
+                };
                 let log_probs = logits
                     .narrow(0, 0, inputs.obs.size()[0])
                     .log_softmax(-1, Kind::Float)
