@@ -47,6 +47,23 @@ async fn cartpole_learns_with_the_actors_values() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Autograd instead of the MLP's closed form, each minibatch step and the pass
+/// before each update split over two threads (`learner.threads`): it learns, and the
+/// helper threads ran (they count their CPU time as they end).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cartpole_learns_with_steps_split_over_two_threads() -> anyhow::Result<()> {
+    let mut config = tiny_cartpole(200_000);
+    config.learner.explicit_mlp_gradients = false;
+    config.learner.threads = 2;
+    let helpers_before = spur_learner::helper_cpu_seconds();
+    learns(config, "learns-split").await?;
+    assert!(
+        spur_learner::helper_cpu_seconds() > helpers_before,
+        "the helper threads trained"
+    );
+    Ok(())
+}
+
 /// UI-S1's critic-free estimator over groups of 4 episodes that share a start state,
 /// with a spread filter that drops groups whose returns lie close together (early
 /// short episodes, and groups that all reach the step limit): it still learns, and
