@@ -39,14 +39,20 @@ async fn lstm_policy_remembers_the_cue() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The GRU learns with each minibatch's sequences split in two shares on two
+/// threads (`learner.threads`); the helper threads ran.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gru_policy_remembers_the_cue() -> anyhow::Result<()> {
-    let s = train(CoreKind::Gru, "memory-gru").await?;
+    let mut config = tiny_memory(CoreKind::Gru, BUDGET);
+    config.learner.threads = 2;
+    let helpers_before = spur_learner::helper_cpu_seconds();
+    let s = train_with(config, "memory-gru").await?;
     assert!(
         s.episode_return_mean > 0.95,
         "mean return {} (chance is 0.5)",
         s.episode_return_mean
     );
+    assert!(spur_learner::helper_cpu_seconds() > helpers_before);
     Ok(())
 }
 

@@ -1,6 +1,6 @@
-//! One minibatch step's forward and backward passes split by rows over several
-//! threads (`learner.threads`): each thread runs the network and PPO's loss on its
-//! share of the rows and adds its gradient, weighted by its share, into the
+//! One minibatch step's forward and backward passes split by rows (by whole
+//! sequences for a recurrent policy) over several threads (`learner.threads`): each
+//! thread runs the network and PPO's loss on its share of the rows and adds its gradient, weighted by its share, into the
 //! parameters' gradients. Their sum is the gradient of the whole minibatch's loss,
 //! the same as on one thread up to float rounding.
 //!
@@ -11,10 +11,12 @@
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
-use spur_core::model::ActorCritic;
+use spur_core::model::{ActorCritic, Evaluation};
 use spur_core::ppo::{ppo_loss, PpoLoss, PpoParams};
 use tch::{Device, Kind, Tensor};
 use tracing::info;
+
+use crate::sequences::Padded;
 
 /// Name prefix of the helper threads (`spur-trainer1`, ...); the training thread
 /// itself is `spur-trainer`.
@@ -55,14 +57,55 @@ pub fn helper_cpu_seconds() -> f64 {
 
 /// One thread's share of a minibatch: its rows of everything the loss reads.
 pub struct Share {
-    pub obs: Tensor,
-    pub actions: Tensor,
+    pub rows: ShareRows,
+    /// The batch rows of its steps, in the order of the terms below.
+    pub flat: Tensor,
     pub proximal: Tensor,
     /// Advantages, already normalised over the whole minibatch.
     pub advantages: Tensor,
     pub targets: Tensor,
-    /// Its rows over the minibatch's.
+    /// Its steps over the minibatch's.
     pub weight: f64,
+}
+
+/// What a share's forward pass reads.
+pub enum ShareRows {
+    /// Steps on their own (a feedforward policy).
+    Steps { obs: Tensor, actions: Tensor },
+    /// Whole sequences through a recurrent core: observations in the padded layout,
+    /// actions of the real steps.
+    Sequences {
+        obs: Tensor,
+        padded: Padded,
+        actions: Tensor,
+    },
+}
+
+impl Share {
+    /// The forward pass over this share and PPO's loss on it, with its graph.
+    pub fn loss(&self, model: &ActorCritic, params: &PpoParams) -> (PpoLoss, Evaluation) {
+        let eval = match &self.rows {
+            ShareRows::Steps { obs, actions } => model.evaluate(obs, actions),
+            ShareRows::Sequences {
+                obs,
+                padded,
+                actions,
+            } => {
+                let u = model.unroll(obs, &padded.initial, &padded.resets);
+                ActorCritic::evaluation(&padded.pick(&u.logits), padded.pick(&u.values), actions)
+            }
+        };
+        let loss = ppo_loss(
+            &eval.log_probs,
+            &self.proximal,
+            &self.advantages,
+            &eval.values,
+            &self.targets,
+            &eval.entropy,
+            params,
+        );
+        (loss, eval)
+    }
 }
 
 /// Lets the helper threads of one step read the model. tch's `Tensor` is not
@@ -159,16 +202,7 @@ pub fn split_logits_and_values(
 
 /// One share's forward pass, loss and (if finite) backward pass.
 fn share_step(model: &ActorCritic, share: Share, params: &PpoParams) -> (PpoLoss, f64) {
-    let eval = model.evaluate(&share.obs, &share.actions);
-    let loss = ppo_loss(
-        &eval.log_probs,
-        &share.proximal,
-        &share.advantages,
-        &eval.values,
-        &share.targets,
-        &eval.entropy,
-        params,
-    );
+    let (loss, _) = share.loss(model, params);
     if loss.total.double_value(&[]).is_finite() {
         (&loss.total * share.weight).backward();
     }
@@ -225,8 +259,8 @@ mod tests {
         let [obs, actions, proximal, advantages, targets] =
             rows.map(|t| t.narrow(0, start, end - start));
         Share {
-            obs,
-            actions,
+            rows: ShareRows::Steps { obs, actions },
+            flat: Tensor::arange_start(start, end, (Kind::Int64, Device::Cpu)),
             proximal,
             advantages,
             targets,

@@ -143,7 +143,7 @@ mod tests {
     use spur_core::env::{Env, Memory, VecEnv};
     use spur_core::model::{reset_ended, ActorCritic};
     use spur_core::trajectory::Chunk;
-    use tch::{Device, Tensor};
+    use tch::{Device, Kind, Tensor};
 
     use super::*;
     use crate::batch::Batch;
@@ -274,6 +274,93 @@ mod tests {
             let seqs = Sequences::episodes(&layout, model.state_size());
             assert_eq!(seqs.len(), layout.iter().map(Vec::len).sum::<usize>());
             assert_reproduces(&model, &eb, &seqs, "episodes");
+        }
+    }
+
+    /// A recurrent minibatch in two shares of whole sequences (episodes of unequal
+    /// length, so each share pads differently), on two threads: the gradients are
+    /// those of one share holding every sequence.
+    #[test]
+    fn sequence_shares_add_up_to_the_whole_minibatch() {
+        use crate::parallel::{split_step, Share, ShareRows};
+        use spur_core::adam::Adam;
+        use spur_core::ppo::PpoParams;
+
+        tch::manual_seed(5);
+        let config = ModelConfig {
+            hidden: vec![16],
+            core: CoreKind::Lstm,
+            core_size: 8,
+            ..Default::default()
+        };
+        let spec = Memory::new(2, 1, None).spec();
+        let model = ActorCritic::for_spec(&spec, &config, Device::Cpu).unwrap();
+        let mut opt = Adam::new(model.var_store(), 1e-3, 1e-5);
+        let eb = Batch::from_chunks(&act_like_an_actor(&model, 3, 5, 4));
+        // Sequences of 1 to 6 steps over the batch's rows (the loss does not care
+        // where episodes really end).
+        let layout = vec![
+            vec![(0, 5), (5, 2), (7, 4), (11, 1), (12, 3)],
+            vec![(15, 6), (21, 2), (23, 4)],
+        ];
+        let seqs = Sequences::episodes(&layout, model.state_size());
+        let lengths: Vec<usize> = seqs.steps.iter().map(Vec::len).collect();
+        assert_eq!(lengths, [5, 2, 4, 1, 3, 6, 2, 4]);
+
+        let rows = eb.len() as i64;
+        let obs_all = Tensor::from_slice(&eb.observations).view([-1, eb.obs_dim as i64]);
+        let actions = Tensor::from_slice(&eb.actions);
+        let opts = (Kind::Float, Device::Cpu);
+        let (proximal, advantages, targets) = (
+            Tensor::from_slice(&eb.behaviour_log_probs) + (Tensor::rand([rows], opts) - 0.5),
+            Tensor::randn([rows], opts),
+            Tensor::randn([rows], opts),
+        );
+        let all_steps: usize = lengths.iter().sum();
+        let share = |which: &[usize]| {
+            let padded = seqs.pad(which, Device::Cpu);
+            let flat = padded.flat.shallow_clone();
+            Share {
+                rows: ShareRows::Sequences {
+                    obs: obs_all.index_select(0, &padded.index),
+                    actions: actions.index_select(0, &flat),
+                    padded,
+                },
+                proximal: proximal.index_select(0, &flat),
+                advantages: advantages.index_select(0, &flat),
+                targets: targets.index_select(0, &flat),
+                weight: flat.size()[0] as f64 / all_steps as f64,
+                flat,
+            }
+        };
+        let params = PpoParams {
+            clip_eps: 0.2,
+            value_coef: 0.5,
+            entropy_coef: 0.01,
+        };
+        let mut grads = |shares: Vec<Share>| {
+            opt.zero_grad();
+            let loss = split_step(&model, shares, &params, 1);
+            let mut vars: Vec<_> = model.var_store().variables().into_iter().collect();
+            vars.sort_by(|a, b| a.0.cmp(&b.0));
+            let g: Vec<f32> = vars
+                .iter()
+                .flat_map(|(_, v)| Vec::<f32>::try_from(v.grad().flatten(0, -1)).unwrap())
+                .collect();
+            (loss.total.double_value(&[]), g)
+        };
+        let j = seqs.len();
+        let which: Vec<usize> = (0..j).collect();
+        let (whole_loss, whole) = grads(vec![share(&which)]);
+        let (split_loss, split) = grads(vec![share(&which[..j / 2]), share(&which[j / 2..])]);
+        assert!(
+            (whole_loss - split_loss).abs() < 1e-5,
+            "{whole_loss} {split_loss}"
+        );
+        let scale = whole.iter().fold(1e-3f32, |m, x| m.max(x.abs()));
+        assert!(whole.iter().filter(|&&x| x != 0.0).count() > whole.len() / 2);
+        for (i, (a, b)) in split.iter().zip(&whole).enumerate() {
+            assert!((a - b).abs() <= 1e-5 * scale, "[{i}]: {a} against {b}");
         }
     }
 

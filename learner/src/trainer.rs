@@ -17,7 +17,7 @@ use spur_core::checkpoint;
 use spur_core::config::{AdvantageKind, Config, GroupOutcome};
 use spur_core::mlp_grad::MlpPass;
 use spur_core::model::{f32_vec, tensors_to_safetensors, ActorCritic};
-use spur_core::ppo::{ppo_loss, PpoLoss, PpoParams};
+use spur_core::ppo::{PpoLoss, PpoParams};
 use spur_core::vtrace::{vtrace, VTraceInput, VTraceParams};
 use tch::{Device, Kind, Tensor};
 use tokio::runtime::Handle;
@@ -28,7 +28,7 @@ use crate::broadcast::{Broadcaster, Published};
 use crate::episodes::{episodes_batch, Assembler, GroupLayout};
 use crate::error::LearnerError;
 use crate::metrics::{MetricsRow, MetricsWriter};
-use crate::parallel::{split_logits_and_values, split_step, Share};
+use crate::parallel::{split_logits_and_values, split_step, Share, ShareRows};
 use crate::queue::ChunkReceiver;
 use crate::sequences::{Padded, Sequences};
 use crate::state::{EpisodeStats, Shared, StepCounts};
@@ -537,8 +537,9 @@ impl Trainer {
             ..Default::default()
         };
         let trained = Tensor::from_slice(&trained).to_device(dev);
+        let split = self.shares_per_step(&terms);
         'epochs: for _ in 0..lc.epochs {
-            for minibatch in self.minibatches(&trained, sequences.as_ref()) {
+            for minibatch in self.minibatches(&trained, sequences.as_ref(), split) {
                 if self.train_minibatch(minibatch, &inputs, &terms, &mut stats) {
                     stats.stopped_early = true;
                     break 'epochs;
@@ -714,8 +715,14 @@ impl Trainer {
     }
 
     /// One epoch's minibatches: the `trained` steps shuffled, or shuffled whole
-    /// sequences of `train` for a recurrent policy.
-    fn minibatches(&self, trained: &Tensor, train: Option<&Sequences>) -> Vec<Minibatch> {
+    /// sequences of `train` for a recurrent policy, each minibatch's sequences in
+    /// `split` shares (about equal; fewer when there are fewer sequences).
+    fn minibatches(
+        &self,
+        trained: &Tensor,
+        train: Option<&Sequences>,
+        split: usize,
+    ) -> Vec<Minibatch> {
         let parts = self.config.learner.minibatches as usize;
         let dev = self.model.device();
         match train {
@@ -734,8 +741,16 @@ impl Trainer {
                     Vec::<i64>::try_from(Tensor::randperm(j as i64, (Kind::Int64, Device::Cpu)))
                         .expect("an i64 tensor converts to Vec<i64>");
                 let perm: Vec<usize> = perm.iter().map(|&q| q as usize).collect();
+                let per_share = seq_mb.div_ceil(split.max(1));
                 perm.chunks_exact(seq_mb)
-                    .map(|which| Minibatch::Sequences(train.pad(which, dev)))
+                    .map(|which| {
+                        Minibatch::Sequences(
+                            which
+                                .chunks(per_share)
+                                .map(|share| train.pad(share, dev))
+                                .collect(),
+                        )
+                    })
                     .collect()
             }
         }
@@ -782,105 +797,106 @@ impl Trainer {
             pass.write_gradients();
             return self.optimizer_step(&pass.loss, stats);
         }
-        if let (Minibatch::Steps(idx), None) = (&minibatch, &terms.experts) {
-            let split = (self.minibatch_threads as i64).min(idx.size()[0]);
-            if split > 1 {
-                return self.split_minibatch(idx, split, inputs, terms, &params, stats);
-            }
-        }
-        let (idx, eval) = match minibatch {
-            Minibatch::Steps(idx) => {
-                let eval = self.model.evaluate(
-                    &inputs.obs.index_select(0, &idx),
-                    &inputs.actions.index_select(0, &idx),
-                );
-                (idx, eval)
-            }
-            Minibatch::Sequences(p) => {
-                let u = self.model.unroll(
-                    &inputs.obs_all.index_select(0, &p.index),
-                    &p.initial,
-                    &p.resets,
-                );
-                let eval = ActorCritic::evaluation(
-                    &p.pick(&u.logits),
-                    p.pick(&u.values),
-                    &inputs.actions.index_select(0, &p.flat),
-                );
-                (p.flat, eval)
-            }
-        };
-        let adv = normalized(
-            &terms.advantages.index_select(0, &idx),
-            lc.advantage_std_floor,
-        );
-        let loss = ppo_loss(
-            &eval.log_probs,
-            &terms.proximal.index_select(0, &idx),
-            &adv,
-            &eval.values,
-            &terms.targets.index_select(0, &idx),
-            &eval.entropy,
-            &params,
-        );
-        let loss_total = match &terms.experts {
+        let shares = self.shares(minibatch, inputs, terms);
+        self.opt.zero_grad();
+        let loss = match &terms.experts {
+            // The shares' forward and backward passes, on a thread each.
+            None => split_step(
+                &self.model,
+                shares,
+                &params,
+                self.config.run.torch_threads as i32,
+            ),
+            // With imitation terms (normalised over the minibatch's expert steps),
+            // one share on this thread.
             Some((acts, mask)) => {
-                let m = mask.index_select(0, &idx);
+                let share = shares.into_iter().next().expect("a minibatch has a share");
+                let (loss, eval) = share.loss(&self.model, &params);
+                let m = mask.index_select(0, &share.flat);
                 let lp = eval
                     .all_log_probs
-                    .gather(1, &acts.index_select(0, &idx).unsqueeze(1), false)
+                    .gather(1, &acts.index_select(0, &share.flat).unsqueeze(1), false)
                     .squeeze_dim(1);
                 let imitation = -(lp * &m).sum(Kind::Float) / m.sum(Kind::Float).clamp_min(1.0);
-                &loss.total + imitation * lc.imitation_coef
-            }
-            None => loss.total.shallow_clone(),
-        };
-        if !self.finite(&loss_total) {
-            return false;
-        }
-        self.opt.zero_grad();
-        loss_total.backward();
-        self.optimizer_step(&loss, stats)
-    }
-
-    /// [`Self::train_minibatch`] for the steps `idx` split by rows over `split`
-    /// threads (`learner.threads`).
-    fn split_minibatch(
-        &mut self,
-        idx: &Tensor,
-        split: i64,
-        inputs: &Inputs,
-        terms: &LossTerms,
-        params: &PpoParams,
-        stats: &mut UpdateStats,
-    ) -> bool {
-        let adv = normalized(
-            &terms.advantages.index_select(0, idx),
-            self.config.learner.advantage_std_floor,
-        );
-        let n = idx.size()[0];
-        let shares = (0..split)
-            .map(|i| {
-                let (start, end) = (n * i / split, n * (i + 1) / split);
-                let rows = idx.narrow(0, start, end - start);
-                Share {
-                    obs: inputs.obs.index_select(0, &rows),
-                    actions: inputs.actions.index_select(0, &rows),
-                    proximal: terms.proximal.index_select(0, &rows),
-                    advantages: adv.narrow(0, start, end - start),
-                    targets: terms.targets.index_select(0, &rows),
-                    weight: (end - start) as f64 / n as f64,
+                let total = &loss.total + imitation * lc.imitation_coef;
+                if total.double_value(&[]).is_finite() {
+                    total.backward();
                 }
-            })
-            .collect();
-        self.opt.zero_grad();
-        let torch_threads = self.config.run.torch_threads as i32;
-        let loss = split_step(&self.model, shares, params, torch_threads);
+                PpoLoss { total, ..loss }
+            }
+        };
         if !self.finite(&loss.total) {
             self.opt.zero_grad();
             return false;
         }
         self.optimizer_step(&loss, stats)
+    }
+
+    /// Shares a minibatch step runs on: `learner.threads`, or one with imitation
+    /// terms (normalised over a minibatch's expert steps).
+    fn shares_per_step(&self, terms: &LossTerms) -> usize {
+        match terms.experts {
+            None => self.minibatch_threads as usize,
+            Some(_) => 1,
+        }
+    }
+
+    /// `minibatch` as the shares its step runs on (`learner.threads` of them; one
+    /// with imitation terms): each share's rows of the inputs and of the loss's
+    /// terms, the advantages normalised over the whole minibatch.
+    fn shares(&self, minibatch: Minibatch, inputs: &Inputs, terms: &LossTerms) -> Vec<Share> {
+        let rows: Vec<(ShareRows, Tensor)> = match minibatch {
+            Minibatch::Steps(idx) => {
+                let n = idx.size()[0];
+                let split = (self.shares_per_step(terms) as i64).clamp(1, n.max(1));
+                (0..split)
+                    .map(|i| {
+                        let (start, end) = (n * i / split, n * (i + 1) / split);
+                        let flat = idx.narrow(0, start, end - start);
+                        let rows = ShareRows::Steps {
+                            obs: inputs.obs.index_select(0, &flat),
+                            actions: inputs.actions.index_select(0, &flat),
+                        };
+                        (rows, flat)
+                    })
+                    .collect()
+            }
+            Minibatch::Sequences(parts) => parts
+                .into_iter()
+                .map(|padded| {
+                    let flat = padded.flat.shallow_clone();
+                    let rows = ShareRows::Sequences {
+                        obs: inputs.obs_all.index_select(0, &padded.index),
+                        actions: inputs.actions.index_select(0, &flat),
+                        padded,
+                    };
+                    (rows, flat)
+                })
+                .collect(),
+        };
+        let all: Vec<Tensor> = rows.iter().map(|(_, f)| f.shallow_clone()).collect();
+        let all = Tensor::cat(&all, 0);
+        let n = all.size()[0];
+        let adv = normalized(
+            &terms.advantages.index_select(0, &all),
+            self.config.learner.advantage_std_floor,
+        );
+        let mut start = 0;
+        rows.into_iter()
+            .map(|(rows, flat)| {
+                let len = flat.size()[0];
+                let share = Share {
+                    rows,
+                    proximal: terms.proximal.index_select(0, &flat),
+                    advantages: adv.narrow(0, start, len),
+                    targets: terms.targets.index_select(0, &flat),
+                    weight: len as f64 / n as f64,
+                    flat,
+                };
+                start += len;
+                share
+            })
+            .collect()
     }
 
     /// Whether `loss` is finite; a minibatch whose loss is not is skipped (logged).
@@ -1055,8 +1071,10 @@ impl Logs {
 
 /// One minibatch: shuffled single steps (feedforward) or whole sequences (recurrent).
 enum Minibatch {
+    /// Steps (rows of the batch).
     Steps(Tensor),
-    Sequences(Padded),
+    /// Whole sequences of a recurrent policy, padded, in shares of sequences.
+    Sequences(Vec<Padded>),
 }
 
 /// What a recurrent policy's sequence pass gives the advantage estimators.
