@@ -29,13 +29,16 @@ static HELPER_CPU_NS: AtomicU64 = AtomicU64::new(0);
 static THREADS_IN_USE: AtomicU32 = AtomicU32::new(1);
 
 /// `learner.threads` resolved for `model`: as configured, or for 0 (auto) 2 for the
-/// NetHack network on the CPU of a machine with 2 cores or more (its minibatch steps
-/// take tens of milliseconds), else 1. Logged, and kept for
+/// feedforward NetHack network on the CPU of a machine with 2 cores or more (its
+/// minibatch steps take tens of milliseconds), else 1. With a recurrent core the
+/// NetHack learner alone is faster on two threads, but a run sharing 2 cores with
+/// its actor was slower (docs/benchmarks.md). Logged, and kept for
 /// [`minibatch_threads_in_use`].
 pub fn minibatch_threads(configured: u32, model: &ActorCritic) -> u32 {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let feedforward_nethack = model.is_nethack() && !model.is_recurrent();
     let threads = match configured {
-        0 if model.is_nethack() && model.device() == Device::Cpu && cores >= 2 => 2,
+        0 if feedforward_nethack && model.device() == Device::Cpu && cores >= 2 => 2,
         0 => 1,
         n => n,
     };
