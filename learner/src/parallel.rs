@@ -1,8 +1,9 @@
 //! One minibatch step's forward and backward passes split by rows (by whole
 //! sequences for a recurrent policy) over several threads (`learner.threads`): each
-//! thread runs the network and PPO's loss on its share of the rows and adds its gradient, weighted by its share, into the
-//! parameters' gradients. Their sum is the gradient of the whole minibatch's loss,
-//! the same as on one thread up to float rounding.
+//! thread runs the network and PPO's loss on its share of the rows and adds its
+//! gradient, weighted by its share, into the parameters' gradients. Their sum is the
+//! gradient of the whole minibatch's loss, the same as on one thread up to float
+//! rounding. With one share, the step runs on the calling thread alone.
 //!
 //! The threads live for one step (a spawn costs tens of microseconds; a step of the
 //! NetHack network, which this is for, tens of milliseconds). Each adds up its own
