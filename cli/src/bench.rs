@@ -359,19 +359,15 @@ pub async fn throughput(args: ThroughputArgs) -> anyhow::Result<std::process::Ex
     if has(Part::Learner) && grouped {
         println!("learner only: not measured (grouped advantages need real episodes)");
     }
+    // Threads per minibatch step of the learner-only run (`learner.threads`).
     let threads = spur_learner::minibatch_threads_in_use();
+    let plural = if threads == 1 { "" } else { "s" };
     row(
-        &format!(
-            "learner only ({threads} thread{}, synthetic chunks)",
-            if threads == 1 { "" } else { "s" }
-        ),
+        &format!("learner only ({threads} thread{plural}, synthetic chunks)"),
         learner.as_ref().map(|l| l.wall),
     );
     row(
-        &format!(
-            "learner per CPU-second of its training thread{}",
-            if threads == 1 { "" } else { "s" }
-        ),
+        &format!("learner per CPU-second of its training thread{plural}"),
         learner.as_ref().and_then(|l| l.per_cpu_s),
     );
     let learner_rate = learner;
