@@ -359,8 +359,7 @@ pub async fn throughput(args: ThroughputArgs) -> anyhow::Result<std::process::Ex
     if has(Part::Learner) && grouped {
         println!("learner only: not measured (grouped advantages need real episodes)");
     }
-    // Threads per minibatch step of the learner-only run (`learner.threads`).
-    let threads = spur_learner::minibatch_threads_in_use();
+    let threads = learner.as_ref().map_or(1, |l| l.threads);
     let plural = if threads == 1 { "" } else { "s" };
     row(
         &format!("learner only ({threads} thread{plural}, synthetic chunks)"),
@@ -370,19 +369,12 @@ pub async fn throughput(args: ThroughputArgs) -> anyhow::Result<std::process::Ex
         &format!("learner per CPU-second of its training thread{plural}"),
         learner.as_ref().and_then(|l| l.per_cpu_s),
     );
-    let learner_rate = learner;
-    let (learner, which) = match learner_rate
-        .as_ref()
-        .map(crate::bench_scale::LearnerRate::for_bound)
-    {
-        Some((rate, which)) => (Some(rate), which),
-        None => (None, "learner only"),
-    };
     row("end to end (local mode, training)", e2e.map(|(v, _)| v));
     if let Some((_, dropped)) = e2e {
         println!("stale chunks dropped during the end-to-end run: {dropped}");
     }
-    if let (Some(env), Some(inference), Some(learner)) = (env, inference, learner) {
+    if let (Some(env), Some(inference), Some(rate)) = (env, inference, &learner) {
+        let (learner, which) = rate.for_bound();
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         let bound = cpu_bound(cores, env, inference, learner);
         println!(
@@ -394,13 +386,8 @@ pub async fn throughput(args: ThroughputArgs) -> anyhow::Result<std::process::Ex
             }
         );
         // One learner trains one batch after another: however the actors are
-        // spread over the cores, a run cannot train faster than the learner alone
-        // (on one thread, at its rate per CPU-second; split over more, at the
-        // wall-clock rate it reached on this machine's cores).
-        let (cap, which) = match (&learner_rate, threads) {
-            (Some(rate), t) if t > 1 => (rate.wall, "learner only"),
-            _ => (learner, which),
-        };
+        // spread over the cores, a run cannot train faster than the learner alone.
+        let (cap, which) = rate.one_learner_cap();
         let one_learner = bound.min(cap);
         match e2e {
             Some((e2e, _)) => {

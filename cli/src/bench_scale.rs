@@ -254,8 +254,9 @@ pub async fn learner_only(config: &Config, warmup: f64, secs: f64) -> anyhow::Re
     let (t0, s0) = next_update(client, now.env_steps, give_up).await?;
     // The training thread's CPU time, and its helpers' (`learner.threads`), which
     // live one minibatch step each and add theirs up as they end.
-    let learner_cpu_s =
-        || threads_cpu_s(TRAINER_THREAD).map(|t| t + spur_learner::helper_cpu_seconds());
+    let learner_cpu_s = || {
+        threads_cpu_s(spur_learner::TRAINER_THREAD).map(|t| t + spur_learner::helper_cpu_seconds())
+    };
     let cpu0 = learner_cpu_s();
     let mut last = (t0, s0);
     while last.0.duration_since(t0).as_secs_f64() < secs {
@@ -264,6 +265,7 @@ pub async fn learner_only(config: &Config, warmup: f64, secs: f64) -> anyhow::Re
     let cpu1 = learner_cpu_s();
     let steps = (last.1 - s0) as f64;
     let rate = LearnerRate {
+        threads: spur_learner::minibatch_threads_in_use(),
         wall: steps / last.0.duration_since(t0).as_secs_f64(),
         // libtorch's own worker threads, with more than one, may carry other names.
         per_cpu_s: match (cpu0, cpu1, config.run.torch_threads) {
@@ -278,6 +280,8 @@ pub async fn learner_only(config: &Config, warmup: f64, secs: f64) -> anyhow::Re
 
 /// What [`learner_only`] measured.
 pub struct LearnerRate {
+    /// Threads per minibatch step (`learner.threads`, resolved).
+    pub threads: u32,
     /// Env steps trained per second of wall-clock time.
     pub wall: f64,
     /// Env steps trained per CPU-second of the training thread and its helpers
@@ -297,10 +301,18 @@ impl LearnerRate {
             None => (self.wall, "learner only"),
         }
     }
-}
 
-/// The name `spur_learner` gives its training thread.
-const TRAINER_THREAD: &str = "spur-trainer";
+    /// The fastest one learner can train however the actors are spread over the
+    /// cores, and its name: on one thread its rate per CPU-second (as
+    /// [`Self::for_bound`]); split over more, the wall-clock rate it reached on this
+    /// machine's cores.
+    pub fn one_learner_cap(&self) -> (f64, &'static str) {
+        match self.threads {
+            1 => self.for_bound(),
+            _ => (self.wall, "learner only"),
+        }
+    }
+}
 
 /// CPU seconds (user and system) used so far by the threads of this process named
 /// `name`, from `/proc/self/task/*/stat`; `None` where there is none, or no `/proc`.

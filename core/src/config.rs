@@ -653,10 +653,10 @@ pub struct LearnerConfig {
     /// forward and backward passes of its share, and their gradients add up to the
     /// minibatch's. 1: the training thread alone. 0 (the default): 2 for the
     /// feedforward NetHack network on a CPU learner of a machine with 2 cores or
-    /// more, else 1. Worth it
-    /// where a step takes milliseconds (NetHack: tens of them) and there are cores
-    /// the actors leave idle. A recurrent policy's minibatch splits by whole
-    /// sequences; minibatches with imitation terms use one thread.
+    /// more, else 1. Worth it where a step takes milliseconds (NetHack: tens of
+    /// them) and there are cores the actors leave idle. A recurrent policy's
+    /// minibatch splits by whole sequences; minibatches with imitation terms use one
+    /// thread.
     pub threads: u32,
 }
 

@@ -59,7 +59,7 @@ use tonic_health::pb::health_server::{Health, HealthServer};
 use tracing::{info, warn};
 
 pub use error::LearnerError;
-pub use parallel::{helper_cpu_seconds, minibatch_threads_in_use};
+pub use parallel::{helper_cpu_seconds, minibatch_threads_in_use, TRAINER_THREAD};
 pub use trainer::{TrainSummary, META_ENV_STEPS, META_UPDATES};
 
 use broadcast::{Broadcaster, Published};
@@ -409,7 +409,7 @@ pub async fn serve(
         ));
     }
     let mut result_rx =
-        on_own_thread("spur-trainer", move || trainer.run()).map_err(run_dir_error(&run_dir))?;
+        on_own_thread(TRAINER_THREAD, move || trainer.run()).map_err(run_dir_error(&run_dir))?;
     tasks.spawn(gauges(shared.clone()));
     let (reporter, health) = tonic_health::server::health_reporter();
     tasks.spawn(watch_shutdown(shutdown, shared.clone(), reporter.clone()));

@@ -19,9 +19,8 @@ use tracing::info;
 
 use crate::sequences::Padded;
 
-/// Name prefix of the helper threads (`spur-trainer1`, ...); the training thread
-/// itself is `spur-trainer`.
-pub const HELPER_THREAD_PREFIX: &str = "spur-trainer";
+/// The training thread's name; its helpers are `spur-trainer1`, ...
+pub const TRAINER_THREAD: &str = "spur-trainer";
 
 /// CPU nanoseconds of helper threads that have finished, in this process.
 static HELPER_CPU_NS: AtomicU64 = AtomicU64::new(0);
@@ -143,7 +142,7 @@ fn on_threads<J: Send, T: Send>(
             .enumerate()
             .map(|(i, job)| {
                 std::thread::Builder::new()
-                    .name(format!("{HELPER_THREAD_PREFIX}{}", i + 1))
+                    .name(format!("{TRAINER_THREAD}{}", i + 1))
                     .spawn_scoped(scope, move || {
                         // OpenMP's thread count is per calling thread: a new thread
                         // starts with one per core, not the run's setting.
@@ -195,13 +194,22 @@ pub fn split_logits_and_values(
     let n = obs.size()[0];
     let parts = parts.clamp(1, n.max(1));
     let rows: Vec<Tensor> = (0..parts)
-        .map(|i| obs.narrow(0, n * i / parts, n * (i + 1) / parts - n * i / parts))
+        .map(|i| {
+            let (start, len) = share_rows(n, parts, i);
+            obs.narrow(0, start, len)
+        })
         .collect();
     let outs = on_threads(model, rows, torch_threads, |m, rows| {
         tch::no_grad(|| m.logits_and_values(&rows))
     });
     let (logits, values): (Vec<Tensor>, Vec<Tensor>) = outs.into_iter().unzip();
     (Tensor::cat(&logits, 0), Tensor::cat(&values, 0))
+}
+
+/// Where share `i` of `parts` about equal shares of `n` rows starts, and its length.
+pub fn share_rows(n: i64, parts: i64, i: i64) -> (i64, i64) {
+    let start = n * i / parts;
+    (start, n * (i + 1) / parts - start)
 }
 
 /// One share's forward pass, loss and (if finite) backward pass.
@@ -316,7 +324,10 @@ mod tests {
             // Garbage first: the caller zeroes, the shares add.
             opt.zero_grad();
             let shares = (0..split)
-                .map(|i| share(&rows, n * i / split, n * (i + 1) / split, n))
+                .map(|i| {
+                    let (start, len) = share_rows(n, split, i);
+                    share(&rows, start, start + len, n)
+                })
                 .collect();
             let loss = split_step(&model, shares, &params, 1);
             let close = |a: f64, b: f64| (a - b).abs() <= 1e-5 * b.abs().max(1.0);

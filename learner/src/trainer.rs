@@ -28,7 +28,7 @@ use crate::broadcast::{Broadcaster, Published};
 use crate::episodes::{episodes_batch, Assembler, GroupLayout};
 use crate::error::LearnerError;
 use crate::metrics::{MetricsRow, MetricsWriter};
-use crate::parallel::{split_logits_and_values, split_step, Share, ShareRows};
+use crate::parallel::{share_rows, split_logits_and_values, split_step, Share, ShareRows};
 use crate::queue::ChunkReceiver;
 use crate::sequences::{Padded, Sequences};
 use crate::state::{EpisodeStats, Shared, StepCounts};
@@ -851,8 +851,8 @@ impl Trainer {
                 let split = (self.shares_per_step(terms) as i64).clamp(1, n.max(1));
                 (0..split)
                     .map(|i| {
-                        let (start, end) = (n * i / split, n * (i + 1) / split);
-                        let flat = idx.narrow(0, start, end - start);
+                        let (start, len) = share_rows(n, split, i);
+                        let flat = idx.narrow(0, start, len);
                         let rows = ShareRows::Steps {
                             obs: inputs.obs.index_select(0, &flat),
                             actions: inputs.actions.index_select(0, &flat),
