@@ -644,15 +644,18 @@ pub struct LearnerConfig {
     pub actor_estimates: bool,
     /// With the feedforward MLP (separate policy and value MLPs, no core), compute
     /// PPO's gradients by the closed-form backward pass of `spur_core::mlp_grad`
-    /// instead of autograd: the same gradients in about half the libtorch calls,
-    /// which is most of a small network's update. `false` uses autograd. Minibatches
+    /// instead of autograd, with PPO's loss in plain loops over the rows: the same
+    /// gradients in a fraction of the libtorch calls, which are much of a small
+    /// network's update. `false` uses autograd. Minibatches
     /// with imitation terms always use autograd.
     pub explicit_mlp_gradients: bool,
-    /// Threads each minibatch step of an autograd network (the NetHack network, MLPs
-    /// with `explicit_mlp_gradients = false`) splits its rows over: each runs the
-    /// forward and backward passes of its share, and their gradients add up to the
-    /// minibatch's. 1: the training thread alone. 0 (the default): 2 for the
-    /// feedforward NetHack network on a CPU learner of a machine with 2 cores or
+    /// Threads each minibatch step runs on. An autograd network (the NetHack
+    /// network, MLPs with `explicit_mlp_gradients = false`) splits the step's rows
+    /// over them: each runs the forward and backward passes of its share, and their
+    /// gradients add up to the minibatch's. The closed-form MLP step runs its policy
+    /// half and its critic half on two threads (more add nothing). The helper threads
+    /// start with the learner. 1: the training thread alone. 0 (the default): 2 for
+    /// the feedforward NetHack network on a CPU learner of a machine with 2 cores or
     /// more, else 1. Worth it where a step takes milliseconds (NetHack: tens of
     /// them) and there are cores the actors leave idle. A recurrent policy's
     /// minibatch splits by whole sequences; minibatches with imitation terms use one

@@ -3,26 +3,67 @@
 //! instead of through autograd.
 //!
 //! With small networks (CartPole's 64x64 MLPs, 256-row minibatches) an update is
-//! libtorch's per-call cost, not arithmetic: autograd records a node for every
+//! libtorch's per-call cost as much as arithmetic: autograd records a node for every
 //! forward call and runs one or more calls per node backwards. Here the backward pass
-//! is written out: the loss's gradient at the logits and at the value, then per
-//! layer one product for the weights' gradient, one sum for the bias's, and one
-//! product with `tanh_backward` for the layer below, written straight into the
-//! variables' gradients (the optimizer's flat buffer). The loss and its statistics
-//! are `ppo::ppo_loss`'s, computed on the same tensors.
+//! is written out: per layer one product for the weights' gradient, one sum for the
+//! bias's, and one product with `tanh_backward` for the layer below, written straight
+//! into the variables' gradients (the optimizer's flat buffer). Between the networks'
+//! outputs and their gradients, PPO's loss (`ppo::ppo_loss`'s terms and figures) is a
+//! few arithmetic operations per row: plain loops over the rows do them, where
+//! libtorch would take about thirty calls of a few microseconds each.
+//!
+//! The policy's and the critic's MLPs share nothing, and neither do their terms of
+//! the loss, so a step is two halves ([`step`]) that may run at once on two threads,
+//! each writing its own variables' gradients.
 //!
 //! The gradients (derivations in the comments) are autograd's up to float rounding;
 //! the tests compare every variable's gradient with autograd's.
 
 use tch::{nn, Kind, Tensor};
 
-use crate::model::ActorCritic;
-use crate::ppo::{ppo_loss, PpoLoss, PpoParams};
+use crate::ppo::{PpoLoss, PpoParams};
+
+/// Runs two closures and returns both results: one after the other, or at once on
+/// two threads.
+pub trait Join {
+    fn join<A: Send, B: Send>(
+        &self,
+        a: impl FnOnce() -> A + Send,
+        b: impl FnOnce() -> B + Send,
+    ) -> (A, B);
+}
+
+/// [`Join`] on the calling thread alone.
+pub struct OneThread;
+
+impl Join for OneThread {
+    fn join<A: Send, B: Send>(
+        &self,
+        a: impl FnOnce() -> A + Send,
+        b: impl FnOnce() -> B + Send,
+    ) -> (A, B) {
+        (a(), b())
+    }
+}
+
+/// One MLP's layers: each weight and bias (shallow clones: the same variables).
+type Layers = Vec<(Tensor, Option<Tensor>)>;
+
+fn layers_of(layers: &[nn::Linear]) -> Layers {
+    layers
+        .iter()
+        .map(|l| {
+            (
+                l.ws.shallow_clone(),
+                l.bs.as_ref().map(Tensor::shallow_clone),
+            )
+        })
+        .collect()
+}
 
 /// One MLP's forward pass, kept for its backward pass.
 struct Net {
-    /// Each layer's weight and bias (shallow clones: the same variables).
-    layers: Vec<(Tensor, Option<Tensor>)>,
+    layers: Layers,
     /// Each layer's input: the observations, then the tanh outputs.
     inputs: Vec<Tensor>,
 }
@@ -30,28 +71,19 @@ struct Net {
 impl Net {
     /// Runs `layers` on `x` (tanh after every layer but the last); returns the pass
     /// and the last layer's output.
-    fn forward(layers: &[nn::Linear], x: &Tensor) -> (Self, Tensor) {
+    fn forward(layers: Layers, x: &Tensor) -> (Self, Tensor) {
         let last = layers.len() - 1;
         let mut inputs = Vec::with_capacity(layers.len());
         let mut h = x.shallow_clone();
-        for (i, l) in layers.iter().enumerate() {
+        for (i, (ws, bs)) in layers.iter().enumerate() {
             // What `nn::Linear` computes for a 2-D input.
-            let z = match &l.bs {
-                Some(b) => b.addmm(&h, &l.ws.tr()),
-                None => h.mm(&l.ws.tr()),
+            let z = match bs {
+                Some(b) => b.addmm(&h, &ws.tr()),
+                None => h.mm(&ws.tr()),
             };
             inputs.push(h);
             h = if i < last { z.tanh() } else { z };
         }
-        let layers = layers
-            .iter()
-            .map(|l| {
-                (
-                    l.ws.shallow_clone(),
-                    l.bs.as_ref().map(Tensor::shallow_clone),
-                )
-            })
-            .collect();
         (Self { layers, inputs }, h)
     }
 
@@ -73,104 +105,178 @@ impl Net {
     }
 }
 
-/// One minibatch's forward pass and loss; [`write_gradients`](Self::write_gradients)
-/// then fills in the variables' gradients.
-pub struct MlpPass {
-    policy: Net,
-    value: Net,
-    /// Log-probabilities of every action, `[N, A]`.
-    log_p: Tensor,
-    /// Per-row entropies, `[N]`.
-    entropy: Tensor,
-    values: Tensor,
-    actions: Tensor,
-    advantages: Tensor,
-    targets: Tensor,
-    params: PpoParams,
-    /// `ppo_loss`'s loss and statistics (no gradient attached).
-    pub loss: PpoLoss,
+/// What a minibatch step reads, 1-D over its rows but `obs`: `actions`, the
+/// `proximal` policy's log-probabilities, (normalised) `advantages` and value
+/// `targets`.
+pub struct Rows {
+    pub obs: Tensor,
+    pub actions: Tensor,
+    pub proximal: Tensor,
+    pub advantages: Tensor,
+    pub targets: Tensor,
 }
 
-impl MlpPass {
-    /// The forward pass of `policy` and `value` (as `ActorCritic::mlp_layers` returns
-    /// them) over `obs` and PPO's loss: `actions`, `proximal` log-probabilities,
-    /// (normalized) `advantages` and value `targets` are 1-D over the rows.
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        (policy, value): (&[nn::Linear], &[nn::Linear]),
-        obs: &Tensor,
-        actions: &Tensor,
-        proximal: &Tensor,
-        advantages: &Tensor,
-        targets: &Tensor,
-        params: &PpoParams,
-    ) -> Self {
-        tch::no_grad(|| {
-            let (policy, logits) = Net::forward(policy, obs);
-            let (value, values) = Net::forward(value, obs);
-            let eval = ActorCritic::evaluation(&logits, values.squeeze_dim(-1), actions);
-            let loss = ppo_loss(
-                &eval.log_probs,
-                proximal,
-                advantages,
-                &eval.values,
-                targets,
-                &eval.entropy,
-                params,
-            );
-            Self {
-                policy,
-                value,
-                log_p: eval.all_log_probs,
-                entropy: eval.entropy,
-                values: eval.values,
-                actions: actions.shallow_clone(),
-                advantages: advantages.shallow_clone(),
-                targets: targets.shallow_clone(),
-                params: *params,
-                loss,
-            }
-        })
+/// One minibatch step of the feedforward MLP (`ActorCritic::mlp_layers`' `policy`
+/// and `value`): the forward passes and PPO's loss, and every variable's gradient
+/// written (replacing what was there), the policy's half and the critic's run by
+/// `join`. The caller checks that the loss is finite before stepping the optimizer.
+pub fn step(
+    (policy, value): (&[nn::Linear], &[nn::Linear]),
+    rows: &Rows,
+    params: &PpoParams,
+    join: &impl Join,
+) -> PpoLoss {
+    let (policy, value) = (layers_of(policy), layers_of(value));
+    let policy_in =
+        [&rows.obs, &rows.actions, &rows.proximal, &rows.advantages].map(Tensor::shallow_clone);
+    let value_in = [&rows.obs, &rows.targets].map(Tensor::shallow_clone);
+    let p = *params;
+    let (policy, value) = join.join(
+        move || policy_half(policy, policy_in, &p),
+        move || value_half(value, value_in, &p),
+    );
+    let total = policy.surrogate + p.value_coef * value - p.entropy_coef * policy.entropy;
+    PpoLoss {
+        total: Tensor::from(total as f32),
+        policy: policy.surrogate,
+        value,
+        entropy: policy.entropy,
+        clip_fraction: policy.clip_fraction,
+        approx_kl: policy.approx_kl,
     }
+}
 
-    /// Writes the loss's gradient into every variable of both MLPs (replacing what
-    /// was there).
-    pub fn write_gradients(&self) {
-        tch::no_grad(|| {
-            let p = &self.params;
-            let n = self.log_p.size()[0] as f64;
-            // Policy term, -mean(min(r A, clip(r) A)) with r = exp(lp - lp_ref): its
-            // gradient at lp is -r A / N where the unclipped term is the smaller (on
-            // a tie autograd's min splits it between the two terms, and the clipped
-            // term passes all of it on as long as r is inside the clip range, where a
-            // tie happens unless A = 0), and 0 where the clipped term is smaller (r
-            // is then outside the range, where the clip's gradient is 0).
-            let unclipped = &self.loss.ratio * &self.advantages;
-            let clipped =
-                self.loss.ratio.clamp(1.0 - p.clip_eps, 1.0 + p.clip_eps) * &self.advantages;
-            let g = unclipped.where_scalarother(&unclipped.le_tensor(&clipped), 0.0) * (-1.0 / n);
-            // lp = log_softmax(z)[a]: d lp / d z_k = [k = a] - p_k.
-            let probs = self.log_p.exp();
-            let g = g.unsqueeze(1);
-            let mut dlogits = -(&probs * &g);
-            let _ = dlogits.scatter_add_(1, &self.actions.unsqueeze(1), &g);
-            if p.entropy_coef != 0.0 {
-                // Entropy term, -c mean(H) with H = -sum_k p_k lp_k: dH / dz_k =
-                // -p_k (lp_k + H).
-                dlogits += probs * (&self.log_p + self.entropy.unsqueeze(1)) * (p.entropy_coef / n);
+/// The policy's terms of the loss, as `ppo::ppo_loss` reports them.
+struct PolicyFigures {
+    surrogate: f64,
+    entropy: f64,
+    clip_fraction: f64,
+    approx_kl: f64,
+}
+
+/// The policy's forward pass, its terms of the loss and its gradients.
+fn policy_half(
+    layers: Layers,
+    [obs, actions, proximal, advantages]: [Tensor; 4],
+    p: &PpoParams,
+) -> PolicyFigures {
+    tch::no_grad(|| {
+        let (net, logits) = Net::forward(layers, &obs);
+        let [n, a] = logits.size()[..] else {
+            panic!("logits are [rows, actions]")
+        };
+        let mut z = floats(&logits);
+        let figures = policy_head(
+            &mut z,
+            a as usize,
+            &copied(&actions),
+            &floats(&proximal),
+            &floats(&advantages),
+            p,
+        );
+        net.backward(Tensor::from_slice(&z).view([n, a]));
+        figures
+    })
+}
+
+/// PPO's policy terms from the logits `z` (`[n, a]`, row-major), which become their
+/// gradient. Per row, with log-probabilities lp = log_softmax(z) and probabilities
+/// p = exp(lp), the ratio r = exp(lp[action] - proximal) and advantage A:
+/// - surrogate -mean(min(r A, clip(r) A)): its gradient at lp[action] is -r A / N
+///   where the unclipped term is the smaller (on a tie autograd's min splits it
+///   between the two terms, and the clipped term passes all of it on as long as r is
+///   inside the clip range, where a tie happens unless A = 0), and 0 where the
+///   clipped term is smaller (r is then outside the range, where the clip's gradient
+///   is 0); through lp = log_softmax(z)[action], d lp / d z_k = [k = action] - p_k;
+/// - entropy H = -sum_k p_k lp_k, its term -c mean(H): dH / dz_k = -p_k (lp_k + H).
+fn policy_head(
+    z: &mut [f32],
+    a: usize,
+    actions: &[i64],
+    proximal: &[f32],
+    advantages: &[f32],
+    p: &PpoParams,
+) -> PolicyFigures {
+    let n = actions.len();
+    let (lo, hi) = ((1.0 - p.clip_eps) as f32, (1.0 + p.clip_eps) as f32);
+    let (mut surrogate, mut entropy, mut clipped_rows, mut kl) = (0f64, 0f64, 0usize, 0f64);
+    let mut lp = vec![0f32; a];
+    for (i, row) in z.chunks_exact_mut(a).enumerate() {
+        let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+        let log_sum = row.iter().map(|&x| (x - max).exp()).sum::<f32>().ln() + max;
+        for (l, &x) in lp.iter_mut().zip(row.iter()) {
+            *l = x - log_sum;
+        }
+        let h = -lp.iter().map(|&l| l.exp() * l).sum::<f32>();
+        let act = actions[i] as usize;
+        let ratio = (lp[act] - proximal[i]).exp();
+        let unclipped = ratio * advantages[i];
+        let clipped = ratio.clamp(lo, hi) * advantages[i];
+        surrogate -= unclipped.min(clipped) as f64;
+        entropy += h as f64;
+        clipped_rows += ((ratio - 1.0).abs() > p.clip_eps as f32) as usize;
+        kl += ((ratio - 1.0) - ratio.ln()) as f64;
+        let g = if unclipped <= clipped {
+            -unclipped / n as f32
+        } else {
+            0.0
+        };
+        let c = (p.entropy_coef / n as f64) as f32;
+        for (k, (dz, &l)) in row.iter_mut().zip(&lp).enumerate() {
+            let prob = l.exp();
+            *dz = -prob * g + if k == act { g } else { 0.0 };
+            if c != 0.0 {
+                *dz += prob * (l + h) * c;
             }
-            // Value term, c/2 mean((v - target)^2): c (v - target) / N.
-            let dvalues = ((&self.values - &self.targets) * (p.value_coef / n)).unsqueeze(1);
-            self.policy.backward(dlogits);
-            self.value.backward(dvalues);
-        })
+        }
     }
+    let n = n as f64;
+    PolicyFigures {
+        surrogate: surrogate / n,
+        entropy: entropy / n,
+        clip_fraction: clipped_rows as f64 / n,
+        approx_kl: kl / n,
+    }
+}
+
+/// The critic's forward pass, the value term of the loss and its gradients: the
+/// term c/2 mean((v - target)^2) has the gradient c (v - target) / N at v.
+fn value_half(layers: Layers, [obs, targets]: [Tensor; 2], p: &PpoParams) -> f64 {
+    tch::no_grad(|| {
+        let (net, values) = Net::forward(layers, &obs);
+        let mut v = floats(&values);
+        let n = v.len() as f64;
+        let c = (p.value_coef / n) as f32;
+        let mut sum = 0f64;
+        for (v, &t) in v.iter_mut().zip(&floats(&targets)) {
+            let d = *v - t;
+            sum += (d * d) as f64;
+            *v = c * d;
+        }
+        net.backward(Tensor::from_slice(&v).view([-1, 1]));
+        0.5 * sum / n
+    })
+}
+
+/// A CPU float tensor's elements, in order.
+fn floats(t: &Tensor) -> Vec<f32> {
+    copied(t)
+}
+
+/// A CPU tensor's elements, in order.
+fn copied<T: tch::kind::Element + Default + Clone>(t: &Tensor) -> Vec<T> {
+    let n = t.numel();
+    let mut out = vec![T::default(); n];
+    t.copy_data(&mut out, n);
+    out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::adam::Adam;
+    use crate::model::ActorCritic;
+    use crate::ppo::ppo_loss;
     use tch::Device;
 
     /// Every variable's gradient as a flat vector, in the store's name order.
@@ -188,21 +294,13 @@ mod tests {
 
     /// A minibatch whose ratios fall on both sides of the clip range, with both
     /// signs of advantage.
-    struct Case {
-        obs: Tensor,
-        actions: Tensor,
-        proximal: Tensor,
-        advantages: Tensor,
-        targets: Tensor,
-    }
-
-    fn case(model: &ActorCritic, n: i64, obs_dim: i64, num_actions: i64) -> Case {
+    fn case(model: &ActorCritic, n: i64, obs_dim: i64, num_actions: i64) -> Rows {
         let obs = Tensor::randn([n, obs_dim], (Kind::Float, Device::Cpu));
         let actions = Tensor::randint(num_actions, [n], (Kind::Int64, Device::Cpu));
         let current = tch::no_grad(|| model.evaluate(&obs, &actions).log_probs.detach());
         // Reference log-probabilities off by up to +-0.5: ratios from 0.6 to 1.65.
         let proximal = &current + (Tensor::rand([n], (Kind::Float, Device::Cpu)) - 0.5);
-        Case {
+        Rows {
             obs,
             actions,
             proximal,
@@ -257,24 +355,26 @@ mod tests {
                     let _ = v.grad().fill_(3.0);
                 }
             });
-            let pass = MlpPass::new(
+            let loss = step(
                 model.mlp_layers().expect("the MLP"),
-                &c.obs,
-                &c.actions,
-                &c.proximal,
-                &c.advantages,
-                &c.targets,
+                &c,
                 &params,
+                &OneThread,
             );
             assert!(
-                pass.loss.clip_fraction > 0.1 && pass.loss.clip_fraction < 0.9,
+                loss.clip_fraction > 0.1 && loss.clip_fraction < 0.9,
                 "both clipped and unclipped samples: {}",
-                pass.loss.clip_fraction
+                loss.clip_fraction
             );
-            assert!(
-                (pass.loss.total.double_value(&[]) - auto.total.double_value(&[])).abs() < 1e-6
-            );
-            pass.write_gradients();
+            for (got, want) in [
+                (loss.total.double_value(&[]), auto.total.double_value(&[])),
+                (loss.policy, auto.policy),
+                (loss.value, auto.value),
+                (loss.entropy, auto.entropy),
+                (loss.approx_kl, auto.approx_kl),
+            ] {
+                assert!((got - want).abs() < 1e-6, "{got} against {want}");
+            }
             let got = gradients(&model);
             assert_eq!(got.len(), expected.len());
             for ((name, g), (_, e)) in got.iter().zip(&expected) {

@@ -22,10 +22,9 @@ pub struct PpoLoss {
     pub entropy: f64,
     /// Fraction of samples whose ratio was clipped.
     pub clip_fraction: f64,
-    /// Estimated KL(reference || current) on this minibatch, `mean((r - 1) - log r)`.
+    /// Estimated KL(reference || current) on this minibatch, `mean((r - 1) - log r)`,
+    /// with `r` the ratio `exp(log_probs - reference_log_probs)`.
     pub approx_kl: f64,
-    /// The per-sample ratios `exp(log_probs - reference_log_probs)`.
-    pub ratio: Tensor,
 }
 
 /// All inputs are 1-D over the minibatch. `advantages` and `value_targets` carry no
@@ -65,7 +64,6 @@ pub fn ppo_loss(
         clip_fraction,
         approx_kl,
         total,
-        ratio,
     }
 }
 

@@ -523,7 +523,7 @@ fn assemble(
         groups_kept: 0,
         groups_dropped: 0,
         discard_chunks: opts.discard_chunks,
-        minibatch_threads,
+        helpers: parallel::Helpers::new(minibatch_threads, config.run.torch_threads as i32),
     };
     Ok((service, trainer, weights))
 }

@@ -5,13 +5,15 @@
 //! gradient of the whole minibatch's loss, the same as on one thread up to float
 //! rounding. With one share, the step runs on the calling thread alone.
 //!
-//! The threads live for one step (a spawn costs tens of microseconds; a step of the
-//! NetHack network, which this is for, tens of milliseconds). Each adds up its own
-//! CPU time into [`helper_cpu_seconds`], so what the learner costs can still be
-//! measured once they are gone.
+//! The helper threads ([`Helpers`]) start with the learner and live as long as it
+//! does: a thread started for each step paid its start and the per-thread set-up of
+//! libtorch's kernels again on every step. Each adds up its CPU time per share into
+//! [`helper_cpu_seconds`], so what the learner costs can be measured.
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::Mutex;
 
+use spur_core::mlp_grad::Join;
 use spur_core::model::{ActorCritic, Evaluation};
 use spur_core::ppo::{ppo_loss, PpoLoss, PpoParams};
 use tch::{Device, Kind, Tensor};
@@ -22,7 +24,7 @@ use crate::sequences::Padded;
 /// The training thread's name; its helpers are `spur-trainer1`, ...
 pub const TRAINER_THREAD: &str = "spur-trainer";
 
-/// CPU nanoseconds of helper threads that have finished, in this process.
+/// CPU nanoseconds helper threads spent on shares, in this process.
 static HELPER_CPU_NS: AtomicU64 = AtomicU64::new(0);
 
 /// The thread count the last learner started in this process resolved.
@@ -52,7 +54,7 @@ pub fn minibatch_threads_in_use() -> u32 {
     THREADS_IN_USE.load(Ordering::Relaxed)
 }
 
-/// CPU seconds spent by finished helper threads of split minibatch steps, in this
+/// CPU seconds helper threads spent on the shares of split minibatch steps, in this
 /// process (with the training thread's own, the learner's whole CPU time).
 pub fn helper_cpu_seconds() -> f64 {
     HELPER_CPU_NS.load(Ordering::Relaxed) as f64 * 1e-9
@@ -124,86 +126,123 @@ struct ReadOnly<'a>(&'a ActorCritic);
 // backward passes, and all of them join before the optimizer writes the parameters.
 unsafe impl Sync for ReadOnly<'_> {}
 
-/// Runs `work` on each of `jobs` on as many threads (this one takes the first,
-/// one helper thread each of the others) and returns their results in order. A
-/// helper's panic goes on in this thread.
-fn on_threads<J: Send, T: Send>(
-    model: &ActorCritic,
-    jobs: Vec<J>,
-    torch_threads: i32,
-    work: impl Fn(&ActorCritic, J) -> T + Sync,
-) -> Vec<T> {
-    let model = ReadOnly(model);
-    let (model, work) = (&model, &work);
-    std::thread::scope(|scope| {
+/// The threads a learner splits its minibatch steps over: the training thread and
+/// `threads - 1` helpers, started once. Between shares a helper waits for work
+/// (briefly spinning, then asleep), so a step hands its share over in microseconds.
+pub struct Helpers {
+    threads: u32,
+    pool: Option<rayon::ThreadPool>,
+}
+
+impl Helpers {
+    /// `threads` in all (this one and `threads - 1` helpers), each helper with
+    /// `torch_threads` for libtorch's own parallel kernels and subnormal floats
+    /// flushed, like the training thread.
+    pub fn new(threads: u32, torch_threads: i32) -> Self {
+        let pool = (threads > 1).then(|| {
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(threads as usize - 1)
+                .thread_name(|i| format!("{TRAINER_THREAD}{}", i + 1))
+                .start_handler(move |_| {
+                    spur_core::fpu::flush_denormals();
+                    // OpenMP's thread count is per calling thread: a new thread
+                    // starts with one per core, not the run's setting.
+                    tch::set_num_threads(torch_threads);
+                })
+                .build()
+                .expect("starting the learner's helper threads")
+        });
+        Self { threads, pool }
+    }
+
+    /// Threads per minibatch step, this one included.
+    pub fn threads(&self) -> u32 {
+        self.threads
+    }
+
+    /// Runs `here` on this thread and each of `there` on a helper, and returns once
+    /// all have ended (with no helpers, one after the other on this thread). A
+    /// helper's panic goes on in this thread.
+    fn fork<'a, U>(
+        &self,
+        there: Vec<Box<dyn FnOnce() + Send + 'a>>,
+        here: impl FnOnce() -> U,
+    ) -> U {
+        let Some(pool) = self.pool.as_ref() else {
+            let out = here();
+            there.into_iter().for_each(|f| f());
+            return out;
+        };
+        pool.in_place_scope(|scope| {
+            for f in there {
+                scope.spawn(move |_| {
+                    let cpu0 = thread_cpu_ns();
+                    f();
+                    HELPER_CPU_NS.fetch_add(thread_cpu_ns() - cpu0, Ordering::Relaxed);
+                });
+            }
+            here()
+        })
+    }
+
+    /// Runs `work` on each of `jobs`, this thread taking the first and the helpers
+    /// the others, and returns their results in order.
+    fn run<J: Send, T: Send>(
+        &self,
+        model: &ActorCritic,
+        jobs: Vec<J>,
+        work: impl Fn(&ActorCritic, J) -> T + Sync,
+    ) -> Vec<T> {
+        let model = ReadOnly(model);
+        let (model, work) = (&model, &work);
         let mut jobs = jobs.into_iter();
         let own = jobs.next().expect("work for at least one thread");
-        let helpers: Vec<_> = jobs
-            .enumerate()
-            .map(|(i, job)| {
-                std::thread::Builder::new()
-                    .name(format!("{TRAINER_THREAD}{}", i + 1))
-                    .spawn_scoped(scope, move || {
-                        // OpenMP's thread count is per calling thread: a new thread
-                        // starts with one per core, not the run's setting.
-                        tch::set_num_threads(torch_threads);
-                        let cpu0 = thread_cpu_ns();
-                        let out = work(model.0, job);
-                        HELPER_CPU_NS.fetch_add(thread_cpu_ns() - cpu0, Ordering::Relaxed);
-                        out
-                    })
-                    .expect("spawning a training helper thread")
+        let rest: Vec<J> = jobs.collect();
+        let slots: Vec<Mutex<Option<T>>> = rest.iter().map(|_| Mutex::new(None)).collect();
+        let there = rest
+            .into_iter()
+            .zip(&slots)
+            .map(|(job, slot)| {
+                Box::new(move || *slot.lock().expect("a result's slot") = Some(work(model.0, job)))
+                    as Box<dyn FnOnce() + Send + '_>
             })
             .collect();
-        let mut out = vec![work(model.0, own)];
-        for h in helpers {
-            match h.join() {
-                Ok(x) => out.push(x),
-                Err(panic) => std::panic::resume_unwind(panic),
-            }
+        let first = self.fork(there, || work(model.0, own));
+        std::iter::once(first)
+            .chain(slots.into_iter().map(taken))
+            .collect()
+    }
+
+    /// Runs the forward and backward passes of `shares` (one per thread) and
+    /// returns the minibatch's loss, the shares' figures weighted together.
+    /// Gradients are added into the parameters' (the caller zeroes them first); when
+    /// any share's loss is not finite the returned total is not either, and the
+    /// caller should zero the gradients and skip the step.
+    pub fn step(&self, model: &ActorCritic, shares: Vec<Share>, params: &PpoParams) -> PpoLoss {
+        combine(&self.run(model, shares, |m, share| share_step(m, share, params)))
+    }
+
+    /// [`ActorCritic::logits_and_values`] without gradients, the rows of `obs` split
+    /// about equally over the threads: the learner's pass over a batch before its
+    /// update.
+    pub fn logits_and_values(&self, model: &ActorCritic, obs: &Tensor) -> (Tensor, Tensor) {
+        let n = obs.size()[0];
+        let parts = (self.threads as i64).clamp(1, n.max(1));
+        if parts == 1 {
+            return tch::no_grad(|| model.logits_and_values(obs));
         }
-        out
-    })
-}
-
-/// Runs the forward and backward passes of `shares` on as many threads and returns
-/// the minibatch's loss, the shares' figures weighted together. Gradients are added
-/// into the parameters' (the caller zeroes them first); when any share's loss is not
-/// finite the returned total is not either, and the caller should zero the gradients
-/// and skip the step.
-pub fn split_step(
-    model: &ActorCritic,
-    shares: Vec<Share>,
-    params: &PpoParams,
-    torch_threads: i32,
-) -> PpoLoss {
-    combine(&on_threads(model, shares, torch_threads, |m, share| {
-        share_step(m, share, params)
-    }))
-}
-
-/// [`ActorCritic::logits_and_values`] without gradients, the rows of `obs` split in
-/// `parts` (about equal) over as many threads: the learner's pass over a batch
-/// before its update.
-pub fn split_logits_and_values(
-    model: &ActorCritic,
-    obs: &Tensor,
-    parts: i64,
-    torch_threads: i32,
-) -> (Tensor, Tensor) {
-    let n = obs.size()[0];
-    let parts = parts.clamp(1, n.max(1));
-    let rows: Vec<Tensor> = (0..parts)
-        .map(|i| {
-            let (start, len) = share_rows(n, parts, i);
-            obs.narrow(0, start, len)
-        })
-        .collect();
-    let outs = on_threads(model, rows, torch_threads, |m, rows| {
-        tch::no_grad(|| m.logits_and_values(&rows))
-    });
-    let (logits, values): (Vec<Tensor>, Vec<Tensor>) = outs.into_iter().unzip();
-    (Tensor::cat(&logits, 0), Tensor::cat(&values, 0))
+        let rows: Vec<Tensor> = (0..parts)
+            .map(|i| {
+                let (start, len) = share_rows(n, parts, i);
+                obs.narrow(0, start, len)
+            })
+            .collect();
+        let outs = self.run(model, rows, |m, rows| {
+            tch::no_grad(|| m.logits_and_values(&rows))
+        });
+        let (logits, values): (Vec<Tensor>, Vec<Tensor>) = outs.into_iter().unzip();
+        (Tensor::cat(&logits, 0), Tensor::cat(&values, 0))
+    }
 }
 
 /// Where share `i` of `parts` about equal shares of `n` rows starts, and its length.
@@ -221,11 +260,34 @@ fn share_step(model: &ActorCritic, share: Share, params: &PpoParams) -> (PpoLoss
     (loss, share.weight)
 }
 
+/// `b` on a helper while `a` runs on this thread.
+impl Join for Helpers {
+    fn join<A: Send, B: Send>(
+        &self,
+        a: impl FnOnce() -> A + Send,
+        b: impl FnOnce() -> B + Send,
+    ) -> (A, B) {
+        let slot = Mutex::new(None);
+        let to = &slot;
+        let there: Vec<Box<dyn FnOnce() + Send + '_>> = vec![Box::new(move || {
+            *to.lock().expect("a result's slot") = Some(b())
+        })];
+        let a = self.fork(there, a);
+        (a, taken(slot))
+    }
+}
+
+/// The result a helper left in `slot`.
+fn taken<T>(slot: Mutex<Option<T>>) -> T {
+    slot.into_inner()
+        .expect("a result's slot")
+        .expect("every helper's work ran")
+}
+
 /// The minibatch's loss from its shares': each figure weighted by the share's rows.
 /// `total` carries no graph (the shares' backward passes have run).
 fn combine(losses: &[(PpoLoss, f64)]) -> PpoLoss {
     let mean = |f: fn(&PpoLoss) -> f64| losses.iter().map(|(l, w)| f(l) * w).sum::<f64>();
-    let ratios: Vec<Tensor> = losses.iter().map(|(l, _)| l.ratio.detach()).collect();
     PpoLoss {
         total: Tensor::from(mean(|l| l.total.double_value(&[]))).to_kind(Kind::Float),
         policy: mean(|l| l.policy),
@@ -233,7 +295,6 @@ fn combine(losses: &[(PpoLoss, f64)]) -> PpoLoss {
         entropy: mean(|l| l.entropy),
         clip_fraction: mean(|l| l.clip_fraction),
         approx_kl: mean(|l| l.approx_kl),
-        ratio: Tensor::cat(&ratios, 0),
     }
 }
 
@@ -329,7 +390,7 @@ mod tests {
                     share(&rows, start, start + len, n)
                 })
                 .collect();
-            let loss = split_step(&model, shares, &params, 1);
+            let loss = Helpers::new(split as u32, 1).step(&model, shares, &params);
             let close = |a: f64, b: f64| (a - b).abs() <= 1e-5 * b.abs().max(1.0);
             assert!(close(
                 loss.total.double_value(&[]),
@@ -344,7 +405,6 @@ mod tests {
             ] {
                 assert!(close(got, want), "split {split}: {got} against {want}");
             }
-            assert_eq!(loss.ratio.size(), [n]);
             let got = gradients(&model);
             assert_eq!(got.len(), expected.len());
             for ((name, g), (_, e)) in got.iter().zip(&expected) {
@@ -365,7 +425,7 @@ mod tests {
 
         // The pass before an update, split in 3 uneven parts: the same rows in order.
         let (logits, values) = tch::no_grad(|| model.logits_and_values(&obs));
-        let (split_logits, split_values) = split_logits_and_values(&model, &obs, 3, 1);
+        let (split_logits, split_values) = Helpers::new(3, 1).logits_and_values(&model, &obs);
         assert_eq!(split_logits.size(), logits.size());
         assert!(split_logits.allclose(&logits, 1e-5, 1e-6, false));
         assert!(split_values.allclose(&values, 1e-5, 1e-6, false));
@@ -377,7 +437,69 @@ mod tests {
         let bad = [&obs, &actions, &proximal, &bad_advantages, &targets];
         opt.zero_grad();
         let shares = vec![share(&bad, 0, n / 2, n), share(&bad, n / 2, n, n)];
-        let loss = split_step(&model, shares, &params, 1);
+        let loss = Helpers::new(2, 1).step(&model, shares, &params);
         assert!(!loss.total.double_value(&[]).is_finite());
+    }
+
+    /// The closed-form MLP step with its policy and critic halves on two threads
+    /// writes the gradients and reports the loss of the step on one thread (up to
+    /// float rounding: matrix kernels may take another path on another thread's
+    /// buffers), and the helper ran its half.
+    #[test]
+    fn mlp_halves_on_two_threads_equal_one_thread() {
+        use spur_core::mlp_grad::{step, OneThread, Rows};
+        tch::manual_seed(5);
+        let (obs_dim, num_actions, n) = (4, 3, 200);
+        let model = ActorCritic::new(obs_dim, num_actions, &[32, 32], Device::Cpu);
+        let _opt = Adam::new(model.var_store(), 1e-3, 1e-5);
+        let opts = (Kind::Float, Device::Cpu);
+        let obs = Tensor::randn([n, obs_dim as i64], opts);
+        let actions = Tensor::randint(num_actions as i64, [n], (Kind::Int64, Device::Cpu));
+        let current = tch::no_grad(|| model.evaluate(&obs, &actions).log_probs.detach());
+        let rows = Rows {
+            proximal: &current + (Tensor::rand([n], opts) - 0.5),
+            obs,
+            actions,
+            advantages: Tensor::randn([n], opts),
+            targets: Tensor::randn([n], opts),
+        };
+        let params = PpoParams {
+            clip_eps: 0.2,
+            value_coef: 0.5,
+            entropy_coef: 0.01,
+        };
+        let layers = model.mlp_layers().expect("the MLP");
+        let one = step(layers, &rows, &params, &OneThread);
+        let expected = gradients(&model);
+        let cpu_before = helper_cpu_seconds();
+        let two = step(layers, &rows, &params, &Helpers::new(2, 1));
+        assert!(helper_cpu_seconds() > cpu_before, "the helper ran a half");
+        for (got, want) in [
+            (two.total.double_value(&[]), one.total.double_value(&[])),
+            (two.policy, one.policy),
+            (two.value, one.value),
+            (two.entropy, one.entropy),
+            (two.clip_fraction, one.clip_fraction),
+            (two.approx_kl, one.approx_kl),
+        ] {
+            assert!(
+                (got - want).abs() <= 1e-6 * want.abs().max(1.0),
+                "{got} against {want}"
+            );
+        }
+        assert!(
+            one.clip_fraction > 0.0 && one.value > 0.0,
+            "every term at work"
+        );
+        for ((name, g), (_, e)) in gradients(&model).iter().zip(&expected) {
+            assert!(e.iter().any(|&x| x != 0.0), "{name}: a gradient to compare");
+            let scale = e.iter().fold(1e-3f32, |m, x| m.max(x.abs()));
+            for (i, (a, b)) in g.iter().zip(e).enumerate() {
+                assert!(
+                    (a - b).abs() <= 1e-5 * scale,
+                    "{name}[{i}]: {a} against {b}"
+                );
+            }
+        }
     }
 }

@@ -15,7 +15,7 @@ use spur_core::adam::Adam;
 use spur_core::advantage::{gae, group_advantages, GaeInput, GroupEpisode, GroupParams};
 use spur_core::checkpoint;
 use spur_core::config::{AdvantageKind, Config, GroupOutcome};
-use spur_core::mlp_grad::MlpPass;
+use spur_core::mlp_grad;
 use spur_core::model::{f32_vec, tensors_to_safetensors, ActorCritic};
 use spur_core::ppo::{PpoLoss, PpoParams};
 use spur_core::vtrace::{vtrace, VTraceInput, VTraceParams};
@@ -28,7 +28,7 @@ use crate::broadcast::{Broadcaster, Published};
 use crate::episodes::{episodes_batch, Assembler, GroupLayout};
 use crate::error::LearnerError;
 use crate::metrics::{MetricsRow, MetricsWriter};
-use crate::parallel::{share_rows, split_logits_and_values, split_step, Share, ShareRows};
+use crate::parallel::{share_rows, Helpers, Share, ShareRows};
 use crate::queue::ChunkReceiver;
 use crate::sequences::{Padded, Sequences};
 use crate::state::{EpisodeStats, Shared, StepCounts};
@@ -66,8 +66,8 @@ pub struct Trainer {
     pub groups_dropped: u64,
     /// Drop every chunk once taken ([`crate::LearnerOptions::discard_chunks`]).
     pub discard_chunks: bool,
-    /// Threads a minibatch step splits its rows over (`learner.threads`, resolved).
-    pub minibatch_threads: u32,
+    /// The threads a minibatch step splits its rows over (`learner.threads`).
+    pub helpers: Helpers,
 }
 
 /// What a finished training run reports.
@@ -593,15 +593,7 @@ impl Trainer {
             None => {
                 // One pass over every row: a shared torso (the NetHack network) runs
                 // once, not once for the logits and again for the values.
-                let (logits, values) = match self.minibatch_threads {
-                    1 => self.model.logits_and_values(&inputs.obs_all),
-                    t => split_logits_and_values(
-                        &self.model,
-                        &inputs.obs_all,
-                        t as i64,
-                        self.config.run.torch_threads as i32,
-                    ),
-                };
+                let (logits, values) = self.helpers.logits_and_values(&self.model, &inputs.obs_all);
                 let log_probs = logits
                     .narrow(0, 0, inputs.obs.size()[0])
                     .log_softmax(-1, Kind::Float)
@@ -772,41 +764,35 @@ impl Trainer {
             value_coef: lc.value_coef,
             entropy_coef: lc.entropy_coef,
         };
-        // The feedforward MLP without imitation terms: gradients in closed form.
+        // The feedforward MLP without imitation terms: gradients in closed form, the
+        // policy's and the critic's on a thread each with `learner.threads` > 1.
         if let (Minibatch::Steps(idx), Some(layers), true, None) = (
             &minibatch,
             self.model.mlp_layers(),
             lc.explicit_mlp_gradients,
             &terms.experts,
         ) {
-            let pass = MlpPass::new(
-                layers,
-                &inputs.obs.index_select(0, idx),
-                &inputs.actions.index_select(0, idx),
-                &terms.proximal.index_select(0, idx),
-                &normalized(
+            let rows = mlp_grad::Rows {
+                obs: inputs.obs.index_select(0, idx),
+                actions: inputs.actions.index_select(0, idx),
+                proximal: terms.proximal.index_select(0, idx),
+                advantages: normalized(
                     &terms.advantages.index_select(0, idx),
                     lc.advantage_std_floor,
                 ),
-                &terms.targets.index_select(0, idx),
-                &params,
-            );
-            if !self.finite(&pass.loss.total) {
+                targets: terms.targets.index_select(0, idx),
+            };
+            let loss = mlp_grad::step(layers, &rows, &params, &self.helpers);
+            if !self.finite(&loss.total) {
                 return false;
             }
-            pass.write_gradients();
-            return self.optimizer_step(&pass.loss, stats);
+            return self.optimizer_step(&loss, stats);
         }
         let shares = self.shares(minibatch, inputs, terms);
         self.opt.zero_grad();
         let loss = match &terms.experts {
             // The shares' forward and backward passes, on a thread each.
-            None => split_step(
-                &self.model,
-                shares,
-                &params,
-                self.config.run.torch_threads as i32,
-            ),
+            None => self.helpers.step(&self.model, shares, &params),
             // With imitation terms (normalised over the minibatch's expert steps),
             // one share on this thread.
             Some((acts, mask)) => {
@@ -836,7 +822,7 @@ impl Trainer {
     /// terms (normalised over a minibatch's expert steps).
     fn shares_per_step(&self, terms: &LossTerms) -> usize {
         match terms.experts {
-            None => self.minibatch_threads as usize,
+            None => self.helpers.threads() as usize,
             Some(_) => 1,
         }
     }
