@@ -105,15 +105,15 @@ impl Net {
     }
 }
 
-/// What a minibatch step reads, 1-D over its rows but `obs`: `actions`, the
-/// `proximal` policy's log-probabilities, (normalised) `advantages` and value
-/// `targets`.
+/// What a minibatch step reads: the observations, and per row the action, the
+/// `proximal` policy's log-probability, the (normalised) advantage and the value
+/// target.
 pub struct Rows {
     pub obs: Tensor,
-    pub actions: Tensor,
-    pub proximal: Tensor,
-    pub advantages: Tensor,
-    pub targets: Tensor,
+    pub actions: Vec<i64>,
+    pub proximal: Vec<f32>,
+    pub advantages: Vec<f32>,
+    pub targets: Vec<f32>,
 }
 
 /// One minibatch step of the feedforward MLP (`ActorCritic::mlp_layers`' `policy`
@@ -127,13 +127,13 @@ pub fn step(
     join: &impl Join,
 ) -> PpoLoss {
     let (policy, value) = (layers_of(policy), layers_of(value));
-    let policy_in =
-        [&rows.obs, &rows.actions, &rows.proximal, &rows.advantages].map(Tensor::shallow_clone);
-    let value_in = [&rows.obs, &rows.targets].map(Tensor::shallow_clone);
+    let (policy_obs, value_obs) = (rows.obs.shallow_clone(), rows.obs.shallow_clone());
+    let policy_rows = (&rows.actions[..], &rows.proximal[..], &rows.advantages[..]);
+    let targets = &rows.targets[..];
     let p = *params;
     let (policy, value) = join.join(
-        move || policy_half(policy, policy_in, &p),
-        move || value_half(value, value_in, &p),
+        move || policy_half(policy, policy_obs, policy_rows, &p),
+        move || value_half(value, value_obs, targets, &p),
     );
     let total = policy.surrogate + p.value_coef * value - p.entropy_coef * policy.entropy;
     PpoLoss {
@@ -157,7 +157,8 @@ struct PolicyFigures {
 /// The policy's forward pass, its terms of the loss and its gradients.
 fn policy_half(
     layers: Layers,
-    [obs, actions, proximal, advantages]: [Tensor; 4],
+    obs: Tensor,
+    (actions, proximal, advantages): (&[i64], &[f32], &[f32]),
     p: &PpoParams,
 ) -> PolicyFigures {
     tch::no_grad(|| {
@@ -166,15 +167,12 @@ fn policy_half(
             panic!("logits are [rows, actions]")
         };
         let mut z = floats(&logits);
-        let figures = policy_head(
-            &mut z,
-            a as usize,
-            &copied(&actions),
-            &floats(&proximal),
-            &floats(&advantages),
-            p,
+        let figures = policy_head(&mut z, a as usize, actions, proximal, advantages, p);
+        net.backward(
+            Tensor::from_slice(&z)
+                .view([n, a])
+                .to_device(logits.device()),
         );
-        net.backward(Tensor::from_slice(&z).view([n, a]));
         figures
     })
 }
@@ -241,32 +239,31 @@ fn policy_head(
 
 /// The critic's forward pass, the value term of the loss and its gradients: the
 /// term c/2 mean((v - target)^2) has the gradient c (v - target) / N at v.
-fn value_half(layers: Layers, [obs, targets]: [Tensor; 2], p: &PpoParams) -> f64 {
+fn value_half(layers: Layers, obs: Tensor, targets: &[f32], p: &PpoParams) -> f64 {
     tch::no_grad(|| {
         let (net, values) = Net::forward(layers, &obs);
         let mut v = floats(&values);
         let n = v.len() as f64;
         let c = (p.value_coef / n) as f32;
         let mut sum = 0f64;
-        for (v, &t) in v.iter_mut().zip(&floats(&targets)) {
+        for (v, &t) in v.iter_mut().zip(targets) {
             let d = *v - t;
             sum += (d * d) as f64;
             *v = c * d;
         }
-        net.backward(Tensor::from_slice(&v).view([-1, 1]));
+        net.backward(
+            Tensor::from_slice(&v)
+                .view([-1, 1])
+                .to_device(values.device()),
+        );
         0.5 * sum / n
     })
 }
 
-/// A CPU float tensor's elements, in order.
+/// A float tensor's elements, in order, on the host (one copy, no conversion calls).
 fn floats(t: &Tensor) -> Vec<f32> {
-    copied(t)
-}
-
-/// A CPU tensor's elements, in order.
-fn copied<T: tch::kind::Element + Default + Clone>(t: &Tensor) -> Vec<T> {
     let n = t.numel();
-    let mut out = vec![T::default(); n];
+    let mut out = vec![0f32; n];
     t.copy_data(&mut out, n);
     out
 }
@@ -294,13 +291,34 @@ mod tests {
 
     /// A minibatch whose ratios fall on both sides of the clip range, with both
     /// signs of advantage.
-    fn case(model: &ActorCritic, n: i64, obs_dim: i64, num_actions: i64) -> Rows {
+    struct Case {
+        obs: Tensor,
+        actions: Tensor,
+        proximal: Tensor,
+        advantages: Tensor,
+        targets: Tensor,
+    }
+
+    impl Case {
+        /// The same rows as the closed form reads them.
+        fn rows(&self) -> Rows {
+            Rows {
+                obs: self.obs.shallow_clone(),
+                actions: Vec::try_from(&self.actions).expect("i64 actions"),
+                proximal: floats(&self.proximal),
+                advantages: floats(&self.advantages),
+                targets: floats(&self.targets),
+            }
+        }
+    }
+
+    fn case(model: &ActorCritic, n: i64, obs_dim: i64, num_actions: i64) -> Case {
         let obs = Tensor::randn([n, obs_dim], (Kind::Float, Device::Cpu));
         let actions = Tensor::randint(num_actions, [n], (Kind::Int64, Device::Cpu));
         let current = tch::no_grad(|| model.evaluate(&obs, &actions).log_probs.detach());
         // Reference log-probabilities off by up to +-0.5: ratios from 0.6 to 1.65.
         let proximal = &current + (Tensor::rand([n], (Kind::Float, Device::Cpu)) - 0.5);
-        Rows {
+        Case {
             obs,
             actions,
             proximal,
@@ -357,7 +375,7 @@ mod tests {
             });
             let loss = step(
                 model.mlp_layers().expect("the MLP"),
-                &c,
+                &c.rows(),
                 &params,
                 &OneThread,
             );

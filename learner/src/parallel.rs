@@ -457,11 +457,11 @@ mod tests {
         let actions = Tensor::randint(num_actions as i64, [n], (Kind::Int64, Device::Cpu));
         let current = tch::no_grad(|| model.evaluate(&obs, &actions).log_probs.detach());
         let rows = Rows {
-            proximal: &current + (Tensor::rand([n], opts) - 0.5),
+            proximal: f32_vec(&(&current + (Tensor::rand([n], opts) - 0.5))),
             obs,
-            actions,
-            advantages: Tensor::randn([n], opts),
-            targets: Tensor::randn([n], opts),
+            actions: Vec::try_from(&actions).expect("i64 actions"),
+            advantages: f32_vec(&Tensor::randn([n], opts)),
+            targets: f32_vec(&Tensor::randn([n], opts)),
         };
         let params = PpoParams {
             clip_eps: 0.2,

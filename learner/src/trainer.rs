@@ -528,6 +528,12 @@ impl Trainer {
             advantages: Tensor::from_slice(&pg_advantages).to_device(dev),
             targets: Tensor::from_slice(&value_targets).to_device(dev),
             experts: expert_actions(batch, lc.imitation_coef, dev),
+            steps: StepTerms {
+                actions: batch.actions.clone(),
+                proximal: estimates.log_probs,
+                advantages: pg_advantages,
+                targets: value_targets,
+            },
         };
         let mut stats = UpdateStats {
             intrinsic_reward_mean: intrinsic_mean,
@@ -772,16 +778,7 @@ impl Trainer {
             lc.explicit_mlp_gradients,
             &terms.experts,
         ) {
-            let rows = mlp_grad::Rows {
-                obs: inputs.obs.index_select(0, idx),
-                actions: inputs.actions.index_select(0, idx),
-                proximal: terms.proximal.index_select(0, idx),
-                advantages: normalized(
-                    &terms.advantages.index_select(0, idx),
-                    lc.advantage_std_floor,
-                ),
-                targets: terms.targets.index_select(0, idx),
-            };
+            let rows = terms.steps.rows(&inputs.obs, idx, lc.advantage_std_floor);
             let loss = mlp_grad::step(layers, &rows, &params, &self.helpers);
             if !self.finite(&loss.total) {
                 return false;
@@ -950,6 +947,45 @@ struct LossTerms {
     targets: Tensor,
     /// The expert's actions and where there is one (patched replay steps).
     experts: Option<(Tensor, Tensor)>,
+    /// The actions and the terms above on the host, per batch step.
+    steps: StepTerms,
+}
+
+/// Per batch step on the host: what the closed-form MLP step reads besides the
+/// observations.
+struct StepTerms {
+    actions: Vec<i64>,
+    proximal: Vec<f32>,
+    advantages: Vec<f32>,
+    targets: Vec<f32>,
+}
+
+impl StepTerms {
+    /// The minibatch of the batch steps `idx`, its advantages normalised as
+    /// [`normalized`] does.
+    fn rows(&self, obs: &Tensor, idx: &Tensor, floor: f64) -> mlp_grad::Rows {
+        let at = Vec::<i64>::try_from(idx).expect("an i64 index tensor converts to Vec<i64>");
+        let pick = |v: &[f32]| -> Vec<f32> { at.iter().map(|&i| v[i as usize]).collect() };
+        let mut advantages = pick(&self.advantages);
+        let n = advantages.len() as f64;
+        let mean = advantages.iter().map(|&a| a as f64).sum::<f64>() / n;
+        let var = advantages
+            .iter()
+            .map(|&a| (a as f64 - mean).powi(2))
+            .sum::<f64>()
+            / (n - 1.0);
+        let std = var.sqrt().max(floor);
+        for a in &mut advantages {
+            *a = ((*a as f64 - mean) / std) as f32;
+        }
+        mlp_grad::Rows {
+            obs: obs.index_select(0, idx),
+            actions: at.iter().map(|&i| self.actions[i as usize]).collect(),
+            proximal: pick(&self.proximal),
+            advantages,
+            targets: pick(&self.targets),
+        }
+    }
 }
 
 /// Patched steps of a replay env: the expert's actions and a mask of where there is
@@ -1124,5 +1160,40 @@ pub(crate) fn sequence_targets(
         values,
         values_final,
         log_probs,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The closed-form step's rows are the batch steps asked for, in order, with the
+    /// advantages normalised as the autograd path normalises them (its spread's
+    /// floor too).
+    #[test]
+    fn step_rows_pick_the_minibatch_and_normalise_like_autograd() {
+        let n = 40;
+        let obs = Tensor::arange(n * 3, (Kind::Float, Device::Cpu)).view([n, 3]);
+        let steps = StepTerms {
+            actions: (0..n).map(|i| i % 3).collect(),
+            proximal: (0..n).map(|i| -(i as f32) / 10.0).collect(),
+            advantages: (0..n).map(|i| ((i * 7) % 11) as f32 - 4.0).collect(),
+            targets: (0..n).map(|i| i as f32 * 2.0).collect(),
+        };
+        let idx = Tensor::from_slice(&[5i64, 0, 39, 17, 17, 8]);
+        let at = [5usize, 0, 39, 17, 17, 8];
+        for floor in [1e-3, 1e3] {
+            let rows = steps.rows(&obs, &idx, floor);
+            assert!(rows.obs.equal(&obs.index_select(0, &idx)));
+            assert_eq!(rows.actions, at.map(|i| steps.actions[i]));
+            assert_eq!(rows.proximal, at.map(|i| steps.proximal[i]));
+            assert_eq!(rows.targets, at.map(|i| steps.targets[i]));
+            let want = normalized(&Tensor::from_slice(&at.map(|i| steps.advantages[i])), floor);
+            let want = Vec::<f32>::try_from(want).unwrap();
+            for (a, b) in rows.advantages.iter().zip(&want) {
+                assert!((a - b).abs() < 1e-6, "floor {floor}: {a} against {b}");
+            }
+            assert!(rows.advantages.iter().any(|&a| a.abs() > 1e-4));
+        }
     }
 }
