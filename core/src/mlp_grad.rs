@@ -10,7 +10,7 @@
 //! into the variables' gradients (the optimizer's flat buffer). Between the networks'
 //! outputs and their gradients, PPO's loss (`ppo::ppo_loss`'s terms and figures) is a
 //! few arithmetic operations per row: plain loops over the rows do them, where
-//! libtorch would take about thirty calls of a few microseconds each.
+//! libtorch took some forty calls of a few microseconds each.
 //!
 //! The policy's and the critic's MLPs share nothing, and neither do their terms of
 //! the loss, so a step is two halves ([`step`]) that may run at once on two threads,

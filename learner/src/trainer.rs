@@ -962,7 +962,10 @@ struct StepTerms {
 
 impl StepTerms {
     /// The minibatch of the batch steps `idx`, its advantages normalised as
-    /// [`normalized`] does.
+    /// [`normalized`] does (but for a minibatch of one step, whose spread is 0/0:
+    /// there its advantage is 0, where the tensor path's is NaN and skips the step).
+    /// On a GPU the picks and the closed form's loss run on the host all the same:
+    /// a few hundred floats each way per step.
     fn rows(&self, obs: &Tensor, idx: &Tensor, floor: f64) -> mlp_grad::Rows {
         let at = Vec::<i64>::try_from(idx).expect("an i64 index tensor converts to Vec<i64>");
         let pick = |v: &[f32]| -> Vec<f32> { at.iter().map(|&i| v[i as usize]).collect() };
