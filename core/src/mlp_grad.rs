@@ -407,4 +407,32 @@ mod tests {
             }
         }
     }
+
+    /// A row whose advantage or target is NaN makes the loss not finite, so the
+    /// learner skips the step; the same rows without it give a finite loss.
+    #[test]
+    fn a_nan_in_a_row_makes_the_loss_not_finite() {
+        tch::manual_seed(3);
+        let model = ActorCritic::new(4, 2, &[16, 16], Device::Cpu);
+        let _opt = Adam::new(model.var_store(), 1e-3, 1e-5);
+        let params = PpoParams {
+            clip_eps: 0.2,
+            value_coef: 0.5,
+            entropy_coef: 0.01,
+        };
+        let layers = model.mlp_layers().expect("the MLP");
+        let rows = case(&model, 32, 4, 2).rows();
+        let total = |rows: &Rows| {
+            step(layers, rows, &params, &OneThread)
+                .total
+                .double_value(&[])
+        };
+        assert!(total(&rows).is_finite());
+        let mut bad = case(&model, 32, 4, 2).rows();
+        bad.advantages[7] = f32::NAN;
+        assert!(!total(&bad).is_finite(), "a NaN advantage");
+        let mut bad = rows;
+        bad.targets[31] = f32::NAN;
+        assert!(!total(&bad).is_finite(), "a NaN target");
+    }
 }
