@@ -66,7 +66,8 @@ pub struct Trainer {
     pub groups_dropped: u64,
     /// Drop every chunk once taken ([`crate::LearnerOptions::discard_chunks`]).
     pub discard_chunks: bool,
-    /// The threads a minibatch step splits its rows over (`learner.threads`).
+    /// The threads a minibatch step runs on (`learner.threads`): an autograd
+    /// step's shares of rows, or the closed-form MLP step's two halves.
     pub helpers: Helpers,
 }
 
