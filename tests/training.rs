@@ -49,7 +49,7 @@ async fn cartpole_learns_with_the_actors_values() -> anyhow::Result<()> {
 
 /// Autograd instead of the MLP's closed form, each minibatch step and the pass
 /// before each update split over two threads (`learner.threads`): it learns, and the
-/// helper threads ran (they count their CPU time as they end).
+/// helper threads ran (they count their CPU time share by share).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cartpole_learns_with_steps_split_over_two_threads() -> anyhow::Result<()> {
     let mut config = tiny_cartpole(200_000);

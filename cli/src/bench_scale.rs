@@ -253,7 +253,7 @@ pub async fn learner_only(config: &Config, warmup: f64, secs: f64) -> anyhow::Re
     let now = client.get_status(StatusRequest {}).await?.into_inner();
     let (t0, s0) = next_update(client, now.env_steps, give_up).await?;
     // The training thread's CPU time, and its helpers' (`learner.threads`), which
-    // live one minibatch step each and add theirs up as they end.
+    // add up theirs share by share.
     let learner_cpu_s = || {
         threads_cpu_s(spur_learner::TRAINER_THREAD).map(|t| t + spur_learner::helper_cpu_seconds())
     };

@@ -21,6 +21,7 @@
 
 use tch::{nn, Kind, Tensor};
 
+use crate::model::f32_vec;
 use crate::ppo::{PpoLoss, PpoParams};
 
 /// Runs two closures and returns both results: one after the other, or at once on
@@ -166,7 +167,7 @@ fn policy_half(
         let [n, a] = logits.size()[..] else {
             panic!("logits are [rows, actions]")
         };
-        let mut z = floats(&logits);
+        let mut z = f32_vec(&logits);
         let figures = policy_head(&mut z, a as usize, actions, proximal, advantages, p);
         net.backward(
             Tensor::from_slice(&z)
@@ -242,7 +243,7 @@ fn policy_head(
 fn value_half(layers: Layers, obs: Tensor, targets: &[f32], p: &PpoParams) -> f64 {
     tch::no_grad(|| {
         let (net, values) = Net::forward(layers, &obs);
-        let mut v = floats(&values);
+        let mut v = f32_vec(&values);
         let n = v.len() as f64;
         let c = (p.value_coef / n) as f32;
         let mut sum = 0f64;
@@ -258,14 +259,6 @@ fn value_half(layers: Layers, obs: Tensor, targets: &[f32], p: &PpoParams) -> f6
         );
         0.5 * sum / n
     })
-}
-
-/// A float tensor's elements, in order, on the host (one copy, no conversion calls).
-fn floats(t: &Tensor) -> Vec<f32> {
-    let n = t.numel();
-    let mut out = vec![0f32; n];
-    t.copy_data(&mut out, n);
-    out
 }
 
 #[cfg(test)]
@@ -305,9 +298,9 @@ mod tests {
             Rows {
                 obs: self.obs.shallow_clone(),
                 actions: Vec::try_from(&self.actions).expect("i64 actions"),
-                proximal: floats(&self.proximal),
-                advantages: floats(&self.advantages),
-                targets: floats(&self.targets),
+                proximal: f32_vec(&self.proximal),
+                advantages: f32_vec(&self.advantages),
+                targets: f32_vec(&self.targets),
             }
         }
     }

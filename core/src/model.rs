@@ -264,10 +264,18 @@ fn mlp(path: &nn::Path, sizes: &[i64]) -> Vec<nn::Linear> {
         .collect()
 }
 
-/// A float tensor's elements, flattened, on the CPU.
+/// A tensor's elements as f32, flattened, on the CPU.
 pub fn f32_vec(t: &Tensor) -> Vec<f32> {
-    Vec::<f32>::try_from(t.to_device(Device::Cpu).to_kind(Kind::Float).reshape([-1]))
-        .expect("a float tensor converts to Vec<f32>")
+    // One copy to the host for a float tensor on any device (no conversion calls:
+    // the learner's closed-form step calls this on every minibatch).
+    let t = match t.kind() {
+        Kind::Float => t.shallow_clone(),
+        _ => t.to_kind(Kind::Float),
+    };
+    let n = t.numel();
+    let mut out = vec![0f32; n];
+    t.copy_data(&mut out, n);
+    out
 }
 
 fn run_mlp(layers: &[nn::Linear], x: &Tensor) -> Tensor {

@@ -505,7 +505,11 @@ fn assemble(
         broadcaster: broadcaster.clone(),
         tasks: tasks.clone(),
     };
-    let minibatch_threads = parallel::minibatch_threads(config.learner.threads, &started.model);
+    let helpers = parallel::Helpers::for_model(
+        config.learner.threads,
+        &started.model,
+        config.run.torch_threads as i32,
+    );
     let trainer = Trainer {
         intrinsic: started.intrinsic,
         config: config.clone(),
@@ -523,7 +527,7 @@ fn assemble(
         groups_kept: 0,
         groups_dropped: 0,
         discard_chunks: opts.discard_chunks,
-        helpers: parallel::Helpers::new(minibatch_threads, config.run.torch_threads as i32),
+        helpers,
     };
     Ok((service, trainer, weights))
 }

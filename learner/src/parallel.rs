@@ -36,7 +36,7 @@ static THREADS_IN_USE: AtomicU32 = AtomicU32::new(1);
 /// NetHack learner alone is faster on two threads, but a run sharing 2 cores with
 /// its actor was slower (docs/benchmarks.md). Logged, and kept for
 /// [`minibatch_threads_in_use`].
-pub fn minibatch_threads(configured: u32, model: &ActorCritic) -> u32 {
+fn minibatch_threads(configured: u32, model: &ActorCritic) -> u32 {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let feedforward_nethack = model.is_nethack() && !model.is_recurrent();
     let threads = match configured {
@@ -153,6 +153,12 @@ impl Helpers {
                 .expect("starting the learner's helper threads")
         });
         Self { threads, pool }
+    }
+
+    /// The helpers of a learner training `model` with `learner.threads =
+    /// configured` (resolved as [`minibatch_threads`] says).
+    pub fn for_model(configured: u32, model: &ActorCritic, torch_threads: i32) -> Self {
+        Self::new(minibatch_threads(configured, model), torch_threads)
     }
 
     /// Threads per minibatch step, this one included.
@@ -312,20 +318,21 @@ fn thread_cpu_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
+/// Every variable's gradient, in the store's name order (for tests).
+#[cfg(test)]
+pub(crate) fn gradients(model: &ActorCritic) -> Vec<(String, Vec<f32>)> {
+    let mut vars: Vec<_> = model.var_store().variables().into_iter().collect();
+    vars.sort_by(|a, b| a.0.cmp(&b.0));
+    vars.into_iter()
+        .map(|(name, v)| (name, spur_core::model::f32_vec(&v.grad())))
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use spur_core::adam::Adam;
     use spur_core::model::f32_vec;
-
-    /// Every variable's gradient, in the store's name order.
-    fn gradients(model: &ActorCritic) -> Vec<(String, Vec<f32>)> {
-        let mut vars: Vec<_> = model.var_store().variables().into_iter().collect();
-        vars.sort_by(|a, b| a.0.cmp(&b.0));
-        vars.into_iter()
-            .map(|(name, v)| (name, f32_vec(&v.grad())))
-            .collect()
-    }
 
     /// The rows `start..end` of a minibatch as a share of `n` rows.
     fn share(rows: &[&Tensor; 5], start: i64, end: i64, n: i64) -> Share {

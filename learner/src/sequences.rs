@@ -282,7 +282,7 @@ mod tests {
     /// those of one share holding every sequence.
     #[test]
     fn sequence_shares_add_up_to_the_whole_minibatch() {
-        use crate::parallel::{Helpers, Share, ShareRows};
+        use crate::parallel::{gradients, Helpers, Share, ShareRows};
         use spur_core::adam::Adam;
         use spur_core::ppo::PpoParams;
 
@@ -341,12 +341,7 @@ mod tests {
         let mut grads = |shares: Vec<Share>| {
             opt.zero_grad();
             let loss = Helpers::new(2, 1).step(&model, shares, &params);
-            let mut vars: Vec<_> = model.var_store().variables().into_iter().collect();
-            vars.sort_by(|a, b| a.0.cmp(&b.0));
-            let g: Vec<f32> = vars
-                .iter()
-                .flat_map(|(_, v)| Vec::<f32>::try_from(v.grad().flatten(0, -1)).unwrap())
-                .collect();
+            let g: Vec<f32> = gradients(&model).into_iter().flat_map(|(_, g)| g).collect();
             (loss.total.double_value(&[]), g)
         };
         let j = seqs.len();
