@@ -9,12 +9,15 @@
 //! (the variables and gradients are views into them), so zeroing, clipping and the
 //! update are a handful of libtorch calls over the whole model instead of about ten
 //! per tensor. With a small network (the CartPole MLPs: 12 tensors, 256-step
-//! minibatches) those per-call costs, not arithmetic, are most of an update.
+//! minibatches) those per-call costs, not arithmetic, are most of an update. On the
+//! CPU the clipping norm and the update are plain loops over the buffers, one pass
+//! each: libtorch's calls each made a pass of their own (eight for the update), which
+//! for a large network (NetHack's) is memory traffic, for a small one per-call cost.
 
 use std::collections::HashMap;
 
 use safetensors::SafeTensors;
-use tch::{nn, Kind, Tensor};
+use tch::{nn, Device, Kind, Tensor};
 
 use crate::error::ModelError;
 use crate::model::read_f32_tensor;
@@ -125,6 +128,20 @@ impl Adam {
     /// Scales all gradients down together so their joint L2 norm is at most
     /// `max_norm`; returns the norm before clipping.
     pub fn clip_grad_norm(&mut self, max_norm: f64) -> f64 {
+        if let Some([_, grads, _, _]) = self.host() {
+            let norm = sum_of_squares(grads).sqrt();
+            let coef = max_norm / (norm + 1e-6);
+            if coef < 1.0 {
+                let coef = coef as f32;
+                grads.iter_mut().for_each(|g| *g *= coef);
+            }
+            return norm;
+        }
+        self.clip_tensors(max_norm)
+    }
+
+    /// [`clip_grad_norm`](Self::clip_grad_norm) in libtorch calls, on any device.
+    fn clip_tensors(&mut self, max_norm: f64) -> f64 {
         tch::no_grad(|| {
             let norm = self.grads.norm().double_value(&[]);
             let coef = max_norm / (norm + 1e-6);
@@ -137,21 +154,70 @@ impl Adam {
 
     pub fn step(&mut self) {
         self.step += 1;
+        let (step_size, bc2_sqrt) = self.bias_corrected();
+        let (b1, b2, eps) = (self.beta1, self.beta2, self.eps);
+        if let Some([params, grads, m, v]) = self.host() {
+            // PyTorch's update, element by element, in float32 as its kernels do.
+            let (w1, w2) = ((1.0 - b1) as f32, (1.0 - b2) as f32);
+            let (step_size, bc2_sqrt, eps) = (step_size as f32, bc2_sqrt as f32, eps as f32);
+            for (((p, &g), m), v) in params.iter_mut().zip(&*grads).zip(m).zip(v) {
+                *m += w1 * (g - *m);
+                *v += w2 * (g * g - *v);
+                *p -= step_size * *m / (v.sqrt() / bc2_sqrt + eps);
+            }
+            return;
+        }
+        self.step_tensors();
+    }
+
+    /// The step size after the first moment's bias correction, and the square root of
+    /// the second moment's, at the current step count.
+    fn bias_corrected(&self) -> (f64, f64) {
         let t = self.step as i32;
         let bc1 = 1.0 - self.beta1.powi(t);
         let bc2 = 1.0 - self.beta2.powi(t);
-        let step_size = self.lr / bc1;
+        (self.lr / bc1, bc2.sqrt())
+    }
+
+    /// The update of [`step`](Self::step) (its count already advanced) in libtorch
+    /// calls, on any device.
+    fn step_tensors(&mut self) {
+        let (step_size, bc2_sqrt) = self.bias_corrected();
         let (b1, b2, eps) = (self.beta1, self.beta2, self.eps);
         tch::no_grad(|| {
             let _ = self.m.lerp_(&self.grads, 1.0 - b1);
             let _ = self.v.lerp_(&self.grads.square(), 1.0 - b2);
             let mut denom = self.v.sqrt();
             let _ = denom
-                .g_div_scalar_(bc2.sqrt())
+                .g_div_scalar_(bc2_sqrt)
                 .g_add_scalar_(eps)
                 .g_div_scalar_(-step_size);
             let _ = self.params.addcdiv_(&self.m, &denom);
         });
+    }
+
+    /// The flat buffers (parameters, gradients, first and second moments) as slices,
+    /// when they live on the CPU.
+    fn host(&mut self) -> Option<[&mut [f32]; 4]> {
+        if self.params.device() != Device::Cpu {
+            return None;
+        }
+        let n = self.params.numel();
+        let buffers = [&self.params, &self.grads, &self.m, &self.v];
+        for b in buffers {
+            assert!(
+                b.kind() == Kind::Float && b.is_contiguous() && b.numel() == n,
+                "Adam's flat buffers are contiguous float32 of one length"
+            );
+        }
+        // SAFETY: each buffer is a contiguous float32 CPU tensor of `n` elements (just
+        // checked) that this optimizer allocated on its own (`zeros`, `zeros_like`), so
+        // the four slices do not overlap. The variables and their gradients are views
+        // of `params` and `grads`; `&mut self` is held for as long as the slices live,
+        // and the learner reads or writes them only between the optimizer's calls.
+        Some(
+            buffers.map(|b| unsafe { std::slice::from_raw_parts_mut(b.data_ptr() as *mut f32, n) }),
+        )
     }
 
     /// `flat`'s slice for `slot`, shaped like its variable.
@@ -198,6 +264,20 @@ impl Adam {
         self.step = step;
         Ok(())
     }
+}
+
+/// The sum of the squares of `xs`, accumulated in float64 over eight lanes (which
+/// the compiler vectorizes).
+fn sum_of_squares(xs: &[f32]) -> f64 {
+    let mut lanes = [0f64; 8];
+    let chunks = xs.chunks_exact(8);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for (l, &x) in lanes.iter_mut().zip(c) {
+            *l += (x as f64) * (x as f64);
+        }
+    }
+    lanes.iter().sum::<f64>() + rest.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>()
 }
 
 #[cfg(test)]
@@ -249,6 +329,46 @@ mod tests {
         }
         assert!(max_diff(&a, &b) < 1e-5, "{}", max_diff(&a, &b));
         assert!(max_diff(&a, &ActorCritic::new(4, 3, &[8, 8], Device::Cpu)) > 1e-3);
+    }
+
+    /// The loops over the buffers (the CPU's path) take the same steps as the libtorch
+    /// calls (any other device's), clipping included.
+    #[test]
+    fn loops_on_the_host_match_the_tensor_calls() {
+        let a = ActorCritic::new(6, 4, &[32, 32], Device::Cpu);
+        let mut b = ActorCritic::new(6, 4, &[32, 32], Device::Cpu);
+        b.copy_from(&a).unwrap();
+        let mut host = Adam::new(a.var_store(), 1e-2, 1e-5);
+        let mut tensors = Adam::new(b.var_store(), 1e-2, 1e-5);
+        let n = host.grads.numel() as i64;
+        for step in 0..5 {
+            let grads = (Tensor::arange(n, (Kind::Float, Device::Cpu)) * (0.37 + step as f64))
+                .sin()
+                * (1.0 + step as f64);
+            host.grads.copy_(&grads);
+            tensors.grads.copy_(&grads);
+            // Large gradients: the clip binds on some steps, not on the first.
+            let max_norm = 50.0;
+            let norm = host.clip_grad_norm(max_norm);
+            let norm_t = tensors.clip_tensors(max_norm);
+            assert!(
+                (norm - norm_t).abs() <= 1e-5 * norm,
+                "{norm} against {norm_t}"
+            );
+            assert_eq!(norm > max_norm, step > 0, "step {step}: norm {norm}");
+            host.step();
+            tensors.step += 1;
+            tensors.step_tensors();
+        }
+        assert!(max_diff(&a, &b) < 1e-6, "{}", max_diff(&a, &b));
+        for (x, y) in [(&host.m, &tensors.m), (&host.v, &tensors.v)] {
+            let d = (x - y).abs().max().double_value(&[]);
+            assert!(
+                d <= 1e-6 * x.abs().max().double_value(&[]),
+                "moments differ by {d}"
+            );
+        }
+        assert!(max_diff(&a, &ActorCritic::new(6, 4, &[32, 32], Device::Cpu)) > 1e-3);
     }
 
     #[test]
