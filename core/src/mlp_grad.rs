@@ -199,30 +199,36 @@ fn policy_head(
     let n = actions.len();
     let (lo, hi) = ((1.0 - p.clip_eps) as f32, (1.0 + p.clip_eps) as f32);
     let (mut surrogate, mut entropy, mut clipped_rows, mut kl) = (0f64, 0f64, 0usize, 0f64);
-    let mut lp = vec![0f32; a];
+    // Per row: the log-probabilities, and the probabilities (each logit's exp once).
+    let (mut lp, mut prob) = (vec![0f32; a], vec![0f32; a]);
     for (i, row) in z.chunks_exact_mut(a).enumerate() {
         let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-        let log_sum = row.iter().map(|&x| (x - max).exp()).sum::<f32>().ln() + max;
-        for (l, &x) in lp.iter_mut().zip(row.iter()) {
-            *l = x - log_sum;
+        for (e, &x) in prob.iter_mut().zip(row.iter()) {
+            *e = (x - max).exp();
         }
-        let h = -lp.iter().map(|&l| l.exp() * l).sum::<f32>();
+        let sum = prob.iter().sum::<f32>();
+        let log_sum = sum.ln() + max;
+        for ((l, e), &x) in lp.iter_mut().zip(prob.iter_mut()).zip(row.iter()) {
+            *l = x - log_sum;
+            *e /= sum;
+        }
+        let h = -prob.iter().zip(&lp).map(|(&p, &l)| p * l).sum::<f32>();
         let act = actions[i] as usize;
-        let ratio = (lp[act] - proximal[i]).exp();
+        let log_ratio = lp[act] - proximal[i];
+        let ratio = log_ratio.exp();
         let unclipped = ratio * advantages[i];
         let clipped = ratio.clamp(lo, hi) * advantages[i];
         surrogate -= unclipped.min(clipped) as f64;
         entropy += h as f64;
         clipped_rows += ((ratio - 1.0).abs() > p.clip_eps as f32) as usize;
-        kl += ((ratio - 1.0) - ratio.ln()) as f64;
+        kl += ((ratio - 1.0) - log_ratio) as f64;
         let g = if unclipped <= clipped {
             -unclipped / n as f32
         } else {
             0.0
         };
         let c = (p.entropy_coef / n as f64) as f32;
-        for (k, (dz, &l)) in row.iter_mut().zip(&lp).enumerate() {
-            let prob = l.exp();
+        for (k, ((dz, &l), &prob)) in row.iter_mut().zip(&lp).zip(&prob).enumerate() {
             *dz = -prob * g + if k == act { g } else { 0.0 };
             if c != 0.0 {
                 *dz += prob * (l + h) * c;
