@@ -15,6 +15,7 @@
 //! for a large network (NetHack's) is memory traffic, for a small one per-call cost.
 
 use std::collections::HashMap;
+use std::ops::Range;
 
 use safetensors::SafeTensors;
 use tch::{nn, Device, Kind, Tensor};
@@ -33,6 +34,12 @@ struct Slot {
     name: String,
     shape: Vec<i64>,
     offset: i64,
+}
+
+impl Slot {
+    fn numel(&self) -> i64 {
+        self.shape.iter().product()
+    }
 }
 
 pub struct Adam {
@@ -128,13 +135,9 @@ impl Adam {
     /// Scales all gradients down together so their joint L2 norm is at most
     /// `max_norm`; returns the norm before clipping.
     pub fn clip_grad_norm(&mut self, max_norm: f64) -> f64 {
-        if let Some([_, grads, _, _]) = self.host() {
-            let norm = sum_of_squares(grads).sqrt();
-            let coef = max_norm / (norm + 1e-6);
-            if coef < 1.0 {
-                let coef = coef as f32;
-                grads.iter_mut().for_each(|g| *g *= coef);
-            }
+        if let Some(mut all) = self.host(None) {
+            let norm = all.sum_of_squares().sqrt();
+            all.scale_grads(clip_coef(norm, max_norm));
             return norm;
         }
         self.clip_tensors(max_norm)
@@ -144,7 +147,7 @@ impl Adam {
     fn clip_tensors(&mut self, max_norm: f64) -> f64 {
         tch::no_grad(|| {
             let norm = self.grads.norm().double_value(&[]);
-            let coef = max_norm / (norm + 1e-6);
+            let coef = clip_coef(norm, max_norm);
             if coef < 1.0 {
                 let _ = self.grads.g_mul_scalar_(coef);
             }
@@ -153,30 +156,19 @@ impl Adam {
     }
 
     pub fn step(&mut self) {
-        self.step += 1;
-        let (step_size, bc2_sqrt) = self.bias_corrected();
-        let (b1, b2, eps) = (self.beta1, self.beta2, self.eps);
-        if let Some([params, grads, m, v]) = self.host() {
-            // PyTorch's update, element by element, in float32 as its kernels do.
-            let (w1, w2) = ((1.0 - b1) as f32, (1.0 - b2) as f32);
-            let (step_size, bc2_sqrt, eps) = (step_size as f32, bc2_sqrt as f32, eps as f32);
-            for (((p, &g), m), v) in params.iter_mut().zip(&*grads).zip(m).zip(v) {
-                *m += w1 * (g - *m);
-                *v += w2 * (g * g - *v);
-                *p -= step_size * *m / (v.sqrt() / bc2_sqrt + eps);
-            }
+        if let Some(mut all) = self.host(None) {
+            all.step();
+            self.step += 1;
             return;
         }
+        self.step += 1;
         self.step_tensors();
     }
 
     /// The step size after the first moment's bias correction, and the square root of
     /// the second moment's, at the current step count.
     fn bias_corrected(&self) -> (f64, f64) {
-        let t = self.step as i32;
-        let bc1 = 1.0 - self.beta1.powi(t);
-        let bc2 = 1.0 - self.beta2.powi(t);
-        (self.lr / bc1, bc2.sqrt())
+        bias_corrected(self.lr, (self.beta1, self.beta2), self.step)
     }
 
     /// The update of [`step`](Self::step) (its count already advanced) in libtorch
@@ -196,13 +188,15 @@ impl Adam {
         });
     }
 
-    /// The flat buffers (parameters, gradients, first and second moments) as slices,
-    /// when they live on the CPU.
-    fn host(&mut self) -> Option<[&mut [f32]; 4]> {
+    /// The flat buffers (parameters, gradients, first and second moments) on the CPU,
+    /// all of them or the elements `range`; `None` on another device.
+    fn host(&mut self, range: Option<Range<usize>>) -> Option<HostPart<'_>> {
         if self.params.device() != Device::Cpu {
             return None;
         }
         let n = self.params.numel();
+        let range = range.unwrap_or(0..n);
+        assert!(range.end <= n, "a range of Adam's {n} elements: {range:?}");
         let buffers = [&self.params, &self.grads, &self.m, &self.v];
         for b in buffers {
             assert!(
@@ -212,18 +206,76 @@ impl Adam {
         }
         // SAFETY: each buffer is a contiguous float32 CPU tensor of `n` elements (just
         // checked) that this optimizer allocated on its own (`zeros`, `zeros_like`), so
-        // the four slices do not overlap. The variables and their gradients are views
-        // of `params` and `grads`; `&mut self` is held for as long as the slices live,
-        // and the learner reads or writes them only between the optimizer's calls.
-        Some(
-            buffers.map(|b| unsafe { std::slice::from_raw_parts_mut(b.data_ptr() as *mut f32, n) }),
-        )
+        // the four slices do not overlap, and `range` lies inside them. The variables
+        // and their gradients are views of `params` and `grads`; `&mut self` is held
+        // for as long as the slices live, and the learner reads or writes the
+        // variables only between the optimizer's calls, or (see `split_host`) each
+        // thread only its own part's.
+        let [params, grads, m, v] = buffers.map(|b| unsafe {
+            let all = std::slice::from_raw_parts_mut(b.data_ptr() as *mut f32, n);
+            &mut all[range.clone()]
+        });
+        Some(HostPart {
+            params,
+            grads,
+            m,
+            v,
+            lr: self.lr,
+            betas: (self.beta1, self.beta2),
+            eps: self.eps,
+            step: self.step,
+        })
+    }
+
+    /// Whether the buffers live on the CPU (where [`split_host`](Self::split_host)
+    /// works).
+    pub fn on_cpu(&self) -> bool {
+        self.params.device() == Device::Cpu
+    }
+
+    /// The elements of the variables whose names start with `prefix`, when they are
+    /// one contiguous run of the flat buffers (names sort together).
+    pub fn span(&self, prefix: &str) -> Option<Range<usize>> {
+        let mut span: Option<Range<usize>> = None;
+        for s in self.slots.iter().filter(|s| s.name.starts_with(prefix)) {
+            let (start, end) = (s.offset as usize, (s.offset + s.numel()) as usize);
+            span = match span {
+                None => Some(start..end),
+                Some(r) if r.end == start => Some(r.start..end),
+                Some(_) => return None,
+            };
+        }
+        span
+    }
+
+    /// The buffers on the CPU split at element `at` into two parts that threads may
+    /// clip and step at once (each reading and writing only its own variables), each
+    /// counting its steps from this optimizer's; `None` on another device. Afterwards
+    /// [`add_steps`](Self::add_steps) records the steps they took.
+    pub fn split_host(&mut self, at: usize) -> Option<(HostPart<'_>, HostPart<'_>)> {
+        let mut all = self.host(None)?;
+        let (p0, p1) = std::mem::take(&mut all.params).split_at_mut(at);
+        let (g0, g1) = std::mem::take(&mut all.grads).split_at_mut(at);
+        let (m0, m1) = std::mem::take(&mut all.m).split_at_mut(at);
+        let (v0, v1) = std::mem::take(&mut all.v).split_at_mut(at);
+        let part = |params, grads, m, v| HostPart {
+            params,
+            grads,
+            m,
+            v,
+            ..all
+        };
+        Some((part(p0, g0, m0, v0), part(p1, g1, m1, v1)))
+    }
+
+    /// Counts `n` steps that the parts of [`split_host`](Self::split_host) took.
+    pub fn add_steps(&mut self, n: u64) {
+        self.step += n;
     }
 
     /// `flat`'s slice for `slot`, shaped like its variable.
     fn part(flat: &Tensor, slot: &Slot) -> Tensor {
-        let numel = slot.shape.iter().product::<i64>();
-        flat.narrow(0, slot.offset, numel)
+        flat.narrow(0, slot.offset, slot.numel())
             .view(slot.shape.as_slice())
     }
 
@@ -264,6 +316,71 @@ impl Adam {
         self.step = step;
         Ok(())
     }
+}
+
+/// Some or all of an optimizer's elements on the CPU, with its settings: what one
+/// thread clips and steps.
+pub struct HostPart<'a> {
+    params: &'a mut [f32],
+    grads: &'a mut [f32],
+    m: &'a mut [f32],
+    v: &'a mut [f32],
+    lr: f64,
+    betas: (f64, f64),
+    eps: f64,
+    /// Steps taken, this part's included.
+    step: u64,
+}
+
+impl HostPart<'_> {
+    /// The sum of the squares of this part's gradients.
+    pub fn sum_of_squares(&self) -> f64 {
+        sum_of_squares(self.grads)
+    }
+
+    /// Multiplies this part's gradients by `coef` when it is below 1 (clipping).
+    pub fn scale_grads(&mut self, coef: f64) {
+        if coef < 1.0 {
+            let coef = coef as f32;
+            self.grads.iter_mut().for_each(|g| *g *= coef);
+        }
+    }
+
+    /// One Adam step of this part: PyTorch's update, element by element, in float32
+    /// as its kernels do.
+    pub fn step(&mut self) {
+        self.step += 1;
+        let (step_size, bc2_sqrt) = bias_corrected(self.lr, self.betas, self.step);
+        let (w1, w2) = ((1.0 - self.betas.0) as f32, (1.0 - self.betas.1) as f32);
+        let (step_size, bc2_sqrt, eps) = (step_size as f32, bc2_sqrt as f32, self.eps as f32);
+        let grads = &*self.grads;
+        for (((p, &g), m), v) in self
+            .params
+            .iter_mut()
+            .zip(grads)
+            .zip(&mut *self.m)
+            .zip(&mut *self.v)
+        {
+            *m += w1 * (g - *m);
+            *v += w2 * (g * g - *v);
+            *p -= step_size * *m / (v.sqrt() / bc2_sqrt + eps);
+        }
+    }
+}
+
+/// `clip_grad_norm_`'s scale for gradients of joint norm `norm`: below 1 when they
+/// are to shrink to `max_norm`.
+pub fn clip_coef(norm: f64, max_norm: f64) -> f64 {
+    max_norm / (norm + 1e-6)
+}
+
+/// Adam's step size after the first moment's bias correction, and the square root of
+/// the second moment's, at step `t` (counted from 1).
+fn bias_corrected(lr: f64, (beta1, beta2): (f64, f64), t: u64) -> (f64, f64) {
+    let t = t as i32;
+    let bc1 = 1.0 - beta1.powi(t);
+    let bc2 = 1.0 - beta2.powi(t);
+    (lr / bc1, bc2.sqrt())
 }
 
 /// The sum of the squares of `xs`, accumulated in float64 over eight lanes (which

@@ -13,8 +13,9 @@
 //! libtorch took some forty calls of a few microseconds each.
 //!
 //! The policy's and the critic's MLPs share nothing, and neither do their terms of
-//! the loss, so a step is two halves ([`step`]) that may run at once on two threads,
-//! each writing its own variables' gradients.
+//! the loss, so a step is two halves ([`Mlp::policy_step`], [`Mlp::value_step`])
+//! that may run at once on two threads, each writing its own variables' gradients
+//! (the learner's lock-step update does so).
 //!
 //! The gradients (derivations in the comments) are autograd's up to float rounding;
 //! the tests compare every variable's gradient with autograd's.
@@ -23,29 +24,6 @@ use tch::{nn, Kind, Tensor};
 
 use crate::model::f32_vec;
 use crate::ppo::{PpoLoss, PpoParams};
-
-/// Runs two closures and returns both results: one after the other, or at once on
-/// two threads.
-pub trait Join {
-    fn join<A: Send, B: Send>(
-        &self,
-        a: impl FnOnce() -> A + Send,
-        b: impl FnOnce() -> B + Send,
-    ) -> (A, B);
-}
-
-/// [`Join`] on the calling thread alone.
-pub struct OneThread;
-
-impl Join for OneThread {
-    fn join<A: Send, B: Send>(
-        &self,
-        a: impl FnOnce() -> A + Send,
-        b: impl FnOnce() -> B + Send,
-    ) -> (A, B) {
-        (a(), b())
-    }
-}
 
 /// One MLP's layers: each weight and bias (shallow clones: the same variables).
 type Layers = Vec<(Tensor, Option<Tensor>)>;
@@ -119,23 +97,16 @@ pub struct Rows {
 
 /// One minibatch step of the feedforward MLP (`ActorCritic::mlp_layers`' `policy`
 /// and `value`): the forward passes and PPO's loss, and every variable's gradient
-/// written (replacing what was there), the policy's half and the critic's run by
-/// `join`. The caller checks that the loss is finite before stepping the optimizer.
+/// written (replacing what was there). The caller checks that the loss is finite
+/// before stepping the optimizer.
 pub fn step(
     (policy, value): (&[nn::Linear], &[nn::Linear]),
     rows: &Rows,
     params: &PpoParams,
-    join: &impl Join,
 ) -> PpoLoss {
-    let (policy, value) = (layers_of(policy), layers_of(value));
-    let (policy_obs, value_obs) = (rows.obs.shallow_clone(), rows.obs.shallow_clone());
-    let policy_rows = (&rows.actions[..], &rows.proximal[..], &rows.advantages[..]);
-    let targets = &rows.targets[..];
     let p = *params;
-    let (policy, value) = join.join(
-        move || policy_half(policy, policy_obs, policy_rows, &p),
-        move || value_half(value, value_obs, targets, &p),
-    );
+    let policy = Mlp::of(policy).policy_step(rows, &p);
+    let value = Mlp::of(value).value_step(rows, &p);
     let total = policy.surrogate + p.value_coef * value - p.entropy_coef * policy.entropy;
     PpoLoss {
         total: Tensor::from(total as f32),
@@ -148,11 +119,48 @@ pub fn step(
 }
 
 /// The policy's terms of the loss, as `ppo::ppo_loss` reports them.
-struct PolicyFigures {
-    surrogate: f64,
-    entropy: f64,
-    clip_fraction: f64,
-    approx_kl: f64,
+#[derive(Clone, Copy, Debug)]
+pub struct PolicyFigures {
+    pub surrogate: f64,
+    pub entropy: f64,
+    pub clip_fraction: f64,
+    pub approx_kl: f64,
+}
+
+/// One of the two MLPs (the same variables), to run one half of [`step`] on a thread
+/// of its own.
+pub struct Mlp(Layers);
+
+impl Mlp {
+    pub fn of(layers: &[nn::Linear]) -> Self {
+        Self(layers_of(layers))
+    }
+
+    fn layers(&self) -> Layers {
+        self.0
+            .iter()
+            .map(|(w, b)| (w.shallow_clone(), b.as_ref().map(Tensor::shallow_clone)))
+            .collect()
+    }
+
+    /// The policy's half of [`step`] with this MLP as the policy: its forward pass,
+    /// its terms of the loss and its variables' gradients (written, replacing what
+    /// was there).
+    pub fn policy_step(&self, rows: &Rows, params: &PpoParams) -> PolicyFigures {
+        let terms = (&rows.actions[..], &rows.proximal[..], &rows.advantages[..]);
+        policy_half(self.layers(), rows.obs.shallow_clone(), terms, params)
+    }
+
+    /// The critic's half of [`step`] with this MLP as the critic: its forward pass,
+    /// the value term of the loss (returned) and its variables' gradients.
+    pub fn value_step(&self, rows: &Rows, params: &PpoParams) -> f64 {
+        value_half(
+            self.layers(),
+            rows.obs.shallow_clone(),
+            &rows.targets,
+            params,
+        )
+    }
 }
 
 /// The policy's forward pass, its terms of the loss and its gradients.
@@ -372,12 +380,7 @@ mod tests {
                     let _ = v.grad().fill_(3.0);
                 }
             });
-            let loss = step(
-                model.mlp_layers().expect("the MLP"),
-                &c.rows(),
-                &params,
-                &OneThread,
-            );
+            let loss = step(model.mlp_layers().expect("the MLP"), &c.rows(), &params);
             assert!(
                 loss.clip_fraction > 0.1 && loss.clip_fraction < 0.9,
                 "both clipped and unclipped samples: {}",
@@ -421,11 +424,7 @@ mod tests {
         };
         let layers = model.mlp_layers().expect("the MLP");
         let rows = case(&model, 32, 4, 2).rows();
-        let total = |rows: &Rows| {
-            step(layers, rows, &params, &OneThread)
-                .total
-                .double_value(&[])
-        };
+        let total = |rows: &Rows| step(layers, rows, &params).total.double_value(&[]);
         assert!(total(&rows).is_finite());
         let mut bad = case(&model, 32, 4, 2).rows();
         bad.advantages[7] = f32::NAN;

@@ -26,6 +26,7 @@ mod broadcast;
 mod episodes;
 mod error;
 mod intrinsic;
+mod lockstep;
 mod metrics;
 mod parallel;
 mod queue;
@@ -506,7 +507,7 @@ fn assemble(
         tasks: tasks.clone(),
     };
     let helpers = parallel::Helpers::for_model(
-        config.learner.threads,
+        &config.learner,
         &started.model,
         config.run.torch_threads as i32,
     );

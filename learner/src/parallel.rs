@@ -13,7 +13,7 @@
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Mutex;
 
-use spur_core::mlp_grad::Join;
+use spur_core::config::LearnerConfig;
 use spur_core::model::{ActorCritic, Evaluation};
 use spur_core::ppo::{ppo_loss, PpoLoss, PpoParams};
 use tch::{Device, Kind, Tensor};
@@ -30,17 +30,19 @@ static HELPER_CPU_NS: AtomicU64 = AtomicU64::new(0);
 /// The thread count the last learner started in this process resolved.
 static THREADS_IN_USE: AtomicU32 = AtomicU32::new(1);
 
-/// `learner.threads` resolved for `model`: as configured, or for 0 (auto) 2 for the
-/// feedforward NetHack network on the CPU of a machine with 2 cores or more (its
-/// minibatch steps take tens of milliseconds), else 1. With a recurrent core the
-/// NetHack learner alone is faster on two threads, but a run sharing 2 cores with
-/// its actor was slower (docs/benchmarks.md). Logged, and kept for
-/// [`minibatch_threads_in_use`].
-fn minibatch_threads(configured: u32, model: &ActorCritic) -> u32 {
+/// `learner.threads` resolved for `model`: as configured, or for 0 (auto) 2 on the
+/// CPU of a machine with 2 cores or more for the feedforward NetHack network (its
+/// minibatch steps take tens of milliseconds) and for the MLP with closed-form
+/// gradients (`closed_form_mlp`: its update in lock-step, `lockstep`), else 1. With
+/// a recurrent core the NetHack learner alone is faster on two threads, but a run
+/// sharing 2 cores with its actor was slower (docs/benchmarks.md). Logged, and kept
+/// for [`minibatch_threads_in_use`].
+fn minibatch_threads(configured: u32, model: &ActorCritic, closed_form_mlp: bool) -> u32 {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let feedforward_nethack = model.is_nethack() && !model.is_recurrent();
+    let lockstep = closed_form_mlp && model.mlp_layers().is_some();
     let threads = match configured {
-        0 if feedforward_nethack && model.device() == Device::Cpu && cores >= 2 => 2,
+        0 if (feedforward_nethack || lockstep) && model.device() == Device::Cpu && cores >= 2 => 2,
         0 => 1,
         n => n,
     };
@@ -155,10 +157,11 @@ impl Helpers {
         Self { threads, pool }
     }
 
-    /// The helpers of a learner training `model` with `learner.threads =
-    /// configured` (resolved as [`minibatch_threads`] says).
-    pub fn for_model(configured: u32, model: &ActorCritic, torch_threads: i32) -> Self {
-        Self::new(minibatch_threads(configured, model), torch_threads)
+    /// The helpers of a learner training `model` with `learner` (`threads` resolved
+    /// as [`minibatch_threads`] says).
+    pub fn for_model(learner: &LearnerConfig, model: &ActorCritic, torch_threads: i32) -> Self {
+        let threads = minibatch_threads(learner.threads, model, learner.explicit_mlp_gradients);
+        Self::new(threads, torch_threads)
     }
 
     /// Threads per minibatch step, this one included.
@@ -266,9 +269,10 @@ fn share_step(model: &ActorCritic, share: Share, params: &PpoParams) -> (PpoLoss
     (loss, share.weight)
 }
 
-/// `b` on a helper while `a` runs on this thread.
-impl Join for Helpers {
-    fn join<A: Send, B: Send>(
+impl Helpers {
+    /// Runs `b` on a helper while `a` runs on this thread (with no helpers, one
+    /// after the other), and returns both results.
+    pub fn join<A: Send, B: Send>(
         &self,
         a: impl FnOnce() -> A + Send,
         b: impl FnOnce() -> B + Send,
@@ -332,7 +336,6 @@ pub(crate) fn gradients(model: &ActorCritic) -> Vec<(String, Vec<f32>)> {
 mod tests {
     use super::*;
     use spur_core::adam::Adam;
-    use spur_core::model::f32_vec;
 
     /// The rows `start..end` of a minibatch as a share of `n` rows.
     fn share(rows: &[&Tensor; 5], start: i64, end: i64, n: i64) -> Share {
@@ -446,67 +449,5 @@ mod tests {
         let shares = vec![share(&bad, 0, n / 2, n), share(&bad, n / 2, n, n)];
         let loss = Helpers::new(2, 1).step(&model, shares, &params);
         assert!(!loss.total.double_value(&[]).is_finite());
-    }
-
-    /// The closed-form MLP step with its policy and critic halves on two threads
-    /// writes the gradients and reports the loss of the step on one thread (up to
-    /// float rounding: matrix kernels may take another path on another thread's
-    /// buffers), and the helper ran its half.
-    #[test]
-    fn mlp_halves_on_two_threads_equal_one_thread() {
-        use spur_core::mlp_grad::{step, OneThread, Rows};
-        tch::manual_seed(5);
-        let (obs_dim, num_actions, n) = (4, 3, 200);
-        let model = ActorCritic::new(obs_dim, num_actions, &[32, 32], Device::Cpu);
-        let _opt = Adam::new(model.var_store(), 1e-3, 1e-5);
-        let opts = (Kind::Float, Device::Cpu);
-        let obs = Tensor::randn([n, obs_dim as i64], opts);
-        let actions = Tensor::randint(num_actions as i64, [n], (Kind::Int64, Device::Cpu));
-        let current = tch::no_grad(|| model.evaluate(&obs, &actions).log_probs.detach());
-        let rows = Rows {
-            proximal: f32_vec(&(&current + (Tensor::rand([n], opts) - 0.5))),
-            obs,
-            actions: Vec::try_from(&actions).expect("i64 actions"),
-            advantages: f32_vec(&Tensor::randn([n], opts)),
-            targets: f32_vec(&Tensor::randn([n], opts)),
-        };
-        let params = PpoParams {
-            clip_eps: 0.2,
-            value_coef: 0.5,
-            entropy_coef: 0.01,
-        };
-        let layers = model.mlp_layers().expect("the MLP");
-        let one = step(layers, &rows, &params, &OneThread);
-        let expected = gradients(&model);
-        let cpu_before = helper_cpu_seconds();
-        let two = step(layers, &rows, &params, &Helpers::new(2, 1));
-        assert!(helper_cpu_seconds() > cpu_before, "the helper ran a half");
-        for (got, want) in [
-            (two.total.double_value(&[]), one.total.double_value(&[])),
-            (two.policy, one.policy),
-            (two.value, one.value),
-            (two.entropy, one.entropy),
-            (two.clip_fraction, one.clip_fraction),
-            (two.approx_kl, one.approx_kl),
-        ] {
-            assert!(
-                (got - want).abs() <= 1e-6 * want.abs().max(1.0),
-                "{got} against {want}"
-            );
-        }
-        assert!(
-            one.clip_fraction > 0.0 && one.value > 0.0,
-            "every term at work"
-        );
-        for ((name, g), (_, e)) in gradients(&model).iter().zip(&expected) {
-            assert!(e.iter().any(|&x| x != 0.0), "{name}: a gradient to compare");
-            let scale = e.iter().fold(1e-3f32, |m, x| m.max(x.abs()));
-            for (i, (a, b)) in g.iter().zip(e).enumerate() {
-                assert!(
-                    (a - b).abs() <= 1e-5 * scale,
-                    "{name}[{i}]: {a} against {b}"
-                );
-            }
-        }
     }
 }

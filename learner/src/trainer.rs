@@ -16,6 +16,8 @@ use spur_core::advantage::{gae, group_advantages, GaeInput, GroupEpisode, GroupP
 use spur_core::checkpoint;
 use spur_core::config::{AdvantageKind, Config, GroupOutcome};
 use spur_core::mlp_grad;
+
+use crate::lockstep;
 use spur_core::model::{f32_vec, tensors_to_safetensors, ActorCritic};
 use spur_core::ppo::{PpoLoss, PpoParams};
 use spur_core::vtrace::{vtrace, VTraceInput, VTraceParams};
@@ -102,6 +104,29 @@ struct UpdateStats {
     steps: usize,
     /// Steps of the batch the policy trained on (all but those of dropped groups).
     trained_steps: usize,
+}
+
+impl UpdateStats {
+    /// Adds a step's figures: its gradient norm before clipping (kept for the first
+    /// step), its loss's terms (policy, value, entropy), clip fraction and KL from the
+    /// proximal policy (kept for the last).
+    fn record(
+        &mut self,
+        norm: f64,
+        (policy, value, entropy): (f64, f64, f64),
+        clip_fraction: f64,
+        approx_kl: f64,
+    ) {
+        if self.steps == 0 {
+            self.grad_norm = norm;
+        }
+        self.policy_loss += policy;
+        self.value_loss += value;
+        self.entropy += entropy;
+        self.clip_fraction += clip_fraction;
+        self.approx_kl = approx_kl;
+        self.steps += 1;
+    }
 }
 
 /// A batch's policy advantages and value targets, and for UI-S1's estimators which
@@ -545,7 +570,13 @@ impl Trainer {
         };
         let trained = Tensor::from_slice(&trained).to_device(dev);
         let split = self.shares_per_step(&terms);
-        'epochs: for _ in 0..lc.epochs {
+        let lockstep = sequences.is_none() && self.lockstep(&trained, &inputs, &terms, &mut stats);
+        let epochs = if lockstep {
+            0
+        } else {
+            self.config.learner.epochs
+        };
+        'epochs: for _ in 0..epochs {
             for minibatch in self.minibatches(&trained, sequences.as_ref(), split) {
                 if self.train_minibatch(minibatch, &inputs, &terms, &mut stats) {
                     stats.stopped_early = true;
@@ -755,6 +786,74 @@ impl Trainer {
         }
     }
 
+    /// The update's minibatch steps in lock-step on two threads ([`lockstep`]), when
+    /// that applies: a feedforward MLP in closed form, no imitation terms, on the CPU,
+    /// `learner.threads` of 2 or more. False (nothing done, nothing drawn from the
+    /// random generator) when it does not.
+    fn lockstep(
+        &mut self,
+        trained: &Tensor,
+        inputs: &Inputs,
+        terms: &LossTerms,
+        stats: &mut UpdateStats,
+    ) -> bool {
+        let lc = &self.config.learner;
+        let applies = self.helpers.threads() >= 2
+            && lc.explicit_mlp_gradients
+            && terms.experts.is_none()
+            && self.model.mlp_layers().is_some()
+            && lockstep::split_at(&self.opt).is_some();
+        if !applies {
+            return false;
+        }
+        let minibatches: Vec<Vec<i64>> = (0..lc.epochs)
+            .flat_map(|_| self.minibatches(trained, None, 1))
+            .map(|m| match m {
+                Minibatch::Steps(idx) => {
+                    Vec::<i64>::try_from(&idx).expect("an i64 index tensor converts to Vec<i64>")
+                }
+                Minibatch::Sequences(_) => unreachable!("a feedforward policy trains on steps"),
+            })
+            .collect();
+        let settings = lockstep::Settings {
+            params: PpoParams {
+                clip_eps: lc.clip_eps,
+                value_coef: lc.value_coef,
+                entropy_coef: lc.entropy_coef,
+            },
+            max_grad_norm: lc.max_grad_norm,
+            target_kl: lc.target_kl,
+            advantage_std_floor: lc.advantage_std_floor,
+        };
+        let layers = self.model.mlp_layers().expect("checked above");
+        let steps = lockstep::update(
+            &self.helpers,
+            layers,
+            &mut self.opt,
+            (&inputs.obs, &terms.steps),
+            &minibatches,
+            &settings,
+        );
+        stats.stopped_early = steps.len() < minibatches.len();
+        for step in steps {
+            if !step.taken {
+                warn!(
+                    version = self.version,
+                    "skipping a minibatch with a non-finite loss"
+                );
+                continue;
+            }
+            let f = step.policy;
+            stats.record(
+                step.norm,
+                (f.surrogate, step.value, f.entropy),
+                f.clip_fraction,
+                f.approx_kl,
+            );
+        }
+        true
+    }
+
     /// One optimizer step on `minibatch`, added to `stats`; true when the policy
     /// moved too far from the proximal one (`learner.target_kl`) and the update
     /// stops. A minibatch whose loss is not finite is skipped.
@@ -771,16 +870,17 @@ impl Trainer {
             value_coef: lc.value_coef,
             entropy_coef: lc.entropy_coef,
         };
-        // The feedforward MLP without imitation terms: gradients in closed form, the
-        // policy's and the critic's on a thread each with `learner.threads` > 1.
+        // The feedforward MLP without imitation terms: gradients in closed form (on
+        // one thread; with more, `lockstep` runs the update instead).
         if let (Minibatch::Steps(idx), Some(layers), true, None) = (
             &minibatch,
             self.model.mlp_layers(),
             lc.explicit_mlp_gradients,
             &terms.experts,
         ) {
-            let rows = terms.steps.rows(&inputs.obs, idx, lc.advantage_std_floor);
-            let loss = mlp_grad::step(layers, &rows, &params, &self.helpers);
+            let at = Vec::<i64>::try_from(idx).expect("an i64 index tensor converts to Vec<i64>");
+            let rows = terms.steps.rows(&inputs.obs, &at, lc.advantage_std_floor);
+            let loss = mlp_grad::step(layers, &rows, &params);
             if !self.finite(&loss.total) {
                 return false;
             }
@@ -901,16 +1001,9 @@ impl Trainer {
     fn optimizer_step(&mut self, loss: &PpoLoss, stats: &mut UpdateStats) -> bool {
         let lc = &self.config.learner;
         let norm = self.opt.clip_grad_norm(lc.max_grad_norm);
-        if stats.steps == 0 {
-            stats.grad_norm = norm;
-        }
         self.opt.step();
-        stats.policy_loss += loss.policy;
-        stats.value_loss += loss.value;
-        stats.entropy += loss.entropy;
-        stats.clip_fraction += loss.clip_fraction;
-        stats.approx_kl = loss.approx_kl;
-        stats.steps += 1;
+        let terms = (loss.policy, loss.value, loss.entropy);
+        stats.record(norm, terms, loss.clip_fraction, loss.approx_kl);
         lc.target_kl > 0.0 && loss.approx_kl > 1.5 * lc.target_kl
     }
 }
@@ -954,11 +1047,11 @@ struct LossTerms {
 
 /// Per batch step on the host: what the closed-form MLP step reads besides the
 /// observations.
-struct StepTerms {
-    actions: Vec<i64>,
-    proximal: Vec<f32>,
-    advantages: Vec<f32>,
-    targets: Vec<f32>,
+pub(crate) struct StepTerms {
+    pub actions: Vec<i64>,
+    pub proximal: Vec<f32>,
+    pub advantages: Vec<f32>,
+    pub targets: Vec<f32>,
 }
 
 impl StepTerms {
@@ -967,8 +1060,8 @@ impl StepTerms {
     /// there its advantage is 0, where the tensor path's is NaN and skips the step).
     /// On a GPU the picks and the closed form's loss run on the host all the same:
     /// a few hundred floats each way per step.
-    fn rows(&self, obs: &Tensor, idx: &Tensor, floor: f64) -> mlp_grad::Rows {
-        let at = Vec::<i64>::try_from(idx).expect("an i64 index tensor converts to Vec<i64>");
+    pub(crate) fn rows(&self, obs: &Tensor, at: &[i64], floor: f64) -> mlp_grad::Rows {
+        let idx = Tensor::from_slice(at).to_device(obs.device());
         let pick = |v: &[f32]| -> Vec<f32> { at.iter().map(|&i| v[i as usize]).collect() };
         let mut advantages = pick(&self.advantages);
         let n = advantages.len() as f64;
@@ -983,7 +1076,7 @@ impl StepTerms {
             *a = ((*a as f64 - mean) / std) as f32;
         }
         mlp_grad::Rows {
-            obs: obs.index_select(0, idx),
+            obs: obs.index_select(0, &idx),
             actions: at.iter().map(|&i| self.actions[i as usize]).collect(),
             proximal: pick(&self.proximal),
             advantages,
@@ -1187,7 +1280,7 @@ mod tests {
         let idx = Tensor::from_slice(&[5i64, 0, 39, 17, 17, 8]);
         let at = [5usize, 0, 39, 17, 17, 8];
         for floor in [1e-3, 1e3] {
-            let rows = steps.rows(&obs, &idx, floor);
+            let rows = steps.rows(&obs, &at.map(|i| i as i64), floor);
             assert!(rows.obs.equal(&obs.index_select(0, &idx)));
             assert_eq!(rows.actions, at.map(|i| steps.actions[i]));
             assert_eq!(rows.proximal, at.map(|i| steps.proximal[i]));
