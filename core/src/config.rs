@@ -652,14 +652,15 @@ pub struct LearnerConfig {
     /// Threads each minibatch step runs on. An autograd network (the NetHack
     /// network, MLPs with `explicit_mlp_gradients = false`) splits the step's rows
     /// over them: each runs the forward and backward passes of its share, and their
-    /// gradients add up to the minibatch's. The closed-form MLP step runs its policy
-    /// half and its critic half on two threads (more add nothing). The helper threads
-    /// start with the learner. 1: the training thread alone. 0 (the default): 2 for
-    /// the feedforward NetHack network on a CPU learner of a machine with 2 cores or
-    /// more, else 1. Worth it where a step takes milliseconds (NetHack: tens of
-    /// them) and there are cores the actors leave idle. A recurrent policy's
-    /// minibatch splits by whole sequences; minibatches with imitation terms use one
-    /// thread.
+    /// gradients add up to the minibatch's. The closed-form MLP update on the CPU
+    /// runs in lock-step on two threads instead (more add nothing): every step's
+    /// policy half on the training thread and its critic half on a helper, each with
+    /// Adam over its own network, exchanging one small message per step. The helper
+    /// threads start with the learner. 1: the training thread alone. 0 (the
+    /// default): 2 on a CPU learner of a machine with 2 cores or more for the
+    /// feedforward NetHack network and for the closed-form MLP, else 1. A recurrent
+    /// policy's minibatch splits by whole sequences; minibatches with imitation terms
+    /// use one thread.
     pub threads: u32,
 }
 
