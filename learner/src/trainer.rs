@@ -786,6 +786,16 @@ impl Trainer {
         }
     }
 
+    /// PPO's settings from `learner`.
+    fn ppo_params(&self) -> PpoParams {
+        let lc = &self.config.learner;
+        PpoParams {
+            clip_eps: lc.clip_eps,
+            value_coef: lc.value_coef,
+            entropy_coef: lc.entropy_coef,
+        }
+    }
+
     /// The update's minibatch steps in lock-step on two threads ([`lockstep`]), when
     /// that applies: a feedforward MLP in closed form, no imitation terms, on the CPU,
     /// `learner.threads` of 2 or more. False (nothing done, nothing drawn from the
@@ -816,11 +826,7 @@ impl Trainer {
             })
             .collect();
         let settings = lockstep::Settings {
-            params: PpoParams {
-                clip_eps: lc.clip_eps,
-                value_coef: lc.value_coef,
-                entropy_coef: lc.entropy_coef,
-            },
+            params: self.ppo_params(),
             max_grad_norm: lc.max_grad_norm,
             target_kl: lc.target_kl,
             advantage_std_floor: lc.advantage_std_floor,
@@ -865,11 +871,7 @@ impl Trainer {
         stats: &mut UpdateStats,
     ) -> bool {
         let lc = &self.config.learner;
-        let params = PpoParams {
-            clip_eps: lc.clip_eps,
-            value_coef: lc.value_coef,
-            entropy_coef: lc.entropy_coef,
-        };
+        let params = self.ppo_params();
         // The feedforward MLP without imitation terms: gradients in closed form (on
         // one thread; with more, `lockstep` runs the update instead).
         if let (Minibatch::Steps(idx), Some(layers), true, None) = (
