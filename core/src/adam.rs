@@ -135,7 +135,7 @@ impl Adam {
     /// Scales all gradients down together so their joint L2 norm is at most
     /// `max_norm`; returns the norm before clipping.
     pub fn clip_grad_norm(&mut self, max_norm: f64) -> f64 {
-        if let Some(mut all) = self.host(None) {
+        if let Some(mut all) = self.host() {
             let norm = all.sum_of_squares().sqrt();
             all.scale_grads(clip_coef(norm, max_norm));
             return norm;
@@ -156,7 +156,7 @@ impl Adam {
     }
 
     pub fn step(&mut self) {
-        if let Some(mut all) = self.host(None) {
+        if let Some(mut all) = self.host() {
             all.step();
             self.step += 1;
             return;
@@ -165,16 +165,10 @@ impl Adam {
         self.step_tensors();
     }
 
-    /// The step size after the first moment's bias correction, and the square root of
-    /// the second moment's, at the current step count.
-    fn bias_corrected(&self) -> (f64, f64) {
-        bias_corrected(self.lr, (self.beta1, self.beta2), self.step)
-    }
-
     /// The update of [`step`](Self::step) (its count already advanced) in libtorch
     /// calls, on any device.
     fn step_tensors(&mut self) {
-        let (step_size, bc2_sqrt) = self.bias_corrected();
+        let (step_size, bc2_sqrt) = bias_corrected(self.lr, (self.beta1, self.beta2), self.step);
         let (b1, b2, eps) = (self.beta1, self.beta2, self.eps);
         tch::no_grad(|| {
             let _ = self.m.lerp_(&self.grads, 1.0 - b1);
@@ -188,15 +182,13 @@ impl Adam {
         });
     }
 
-    /// The flat buffers (parameters, gradients, first and second moments) on the CPU,
-    /// all of them or the elements `range`; `None` on another device.
-    fn host(&mut self, range: Option<Range<usize>>) -> Option<HostPart<'_>> {
-        if self.params.device() != Device::Cpu {
+    /// The flat buffers (parameters, gradients, first and second moments) on the CPU;
+    /// `None` on another device.
+    fn host(&mut self) -> Option<HostPart<'_>> {
+        if !self.on_cpu() {
             return None;
         }
         let n = self.params.numel();
-        let range = range.unwrap_or(0..n);
-        assert!(range.end <= n, "a range of Adam's {n} elements: {range:?}");
         let buffers = [&self.params, &self.grads, &self.m, &self.v];
         for b in buffers {
             assert!(
@@ -206,15 +198,13 @@ impl Adam {
         }
         // SAFETY: each buffer is a contiguous float32 CPU tensor of `n` elements (just
         // checked) that this optimizer allocated on its own (`zeros`, `zeros_like`), so
-        // the four slices do not overlap, and `range` lies inside them. The variables
+        // the four slices do not overlap. The variables
         // and their gradients are views of `params` and `grads`; `&mut self` is held
         // for as long as the slices live, and the learner reads or writes the
         // variables only between the optimizer's calls, or (see `split_host`) each
         // thread only its own part's.
-        let [params, grads, m, v] = buffers.map(|b| unsafe {
-            let all = std::slice::from_raw_parts_mut(b.data_ptr() as *mut f32, n);
-            &mut all[range.clone()]
-        });
+        let [params, grads, m, v] =
+            buffers.map(|b| unsafe { std::slice::from_raw_parts_mut(b.data_ptr() as *mut f32, n) });
         Some(HostPart {
             params,
             grads,
@@ -253,7 +243,7 @@ impl Adam {
     /// counting its steps from this optimizer's; `None` on another device. Afterwards
     /// [`add_steps`](Self::add_steps) records the steps they took.
     pub fn split_host(&mut self, at: usize) -> Option<(HostPart<'_>, HostPart<'_>)> {
-        let mut all = self.host(None)?;
+        let mut all = self.host()?;
         let (p0, p1) = std::mem::take(&mut all.params).split_at_mut(at);
         let (g0, g1) = std::mem::take(&mut all.grads).split_at_mut(at);
         let (m0, m1) = std::mem::take(&mut all.m).split_at_mut(at);

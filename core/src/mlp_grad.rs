@@ -25,36 +25,21 @@ use tch::{nn, Kind, Tensor};
 use crate::model::f32_vec;
 use crate::ppo::{PpoLoss, PpoParams};
 
-/// One MLP's layers: each weight and bias (shallow clones: the same variables).
-type Layers = Vec<(Tensor, Option<Tensor>)>;
-
-fn layers_of(layers: &[nn::Linear]) -> Layers {
-    layers
-        .iter()
-        .map(|l| {
-            (
-                l.ws.shallow_clone(),
-                l.bs.as_ref().map(Tensor::shallow_clone),
-            )
-        })
-        .collect()
-}
-
 /// One MLP's forward pass, kept for its backward pass.
-struct Net {
-    layers: Layers,
+struct Net<'a> {
+    layers: &'a [nn::Linear],
     /// Each layer's input: the observations, then the tanh outputs.
     inputs: Vec<Tensor>,
 }
 
-impl Net {
+impl<'a> Net<'a> {
     /// Runs `layers` on `x` (tanh after every layer but the last); returns the pass
     /// and the last layer's output.
-    fn forward(layers: Layers, x: &Tensor) -> (Self, Tensor) {
+    fn forward(layers: &'a [nn::Linear], x: &Tensor) -> (Self, Tensor) {
         let last = layers.len() - 1;
         let mut inputs = Vec::with_capacity(layers.len());
         let mut h = x.shallow_clone();
-        for (i, (ws, bs)) in layers.iter().enumerate() {
+        for (i, nn::Linear { ws, bs }) in layers.iter().enumerate() {
             // What `nn::Linear` computes for a 2-D input.
             let z = match bs {
                 Some(b) => b.addmm(&h, &ws.tr()),
@@ -71,7 +56,7 @@ impl Net {
     /// of dz, dh = dz W; below a tanh layer (`h = tanh(z')`) dz' = dh (1 - h^2).
     fn backward(&self, mut dz: Tensor) {
         for i in (0..self.layers.len()).rev() {
-            let (ws, bs) = &self.layers[i];
+            let nn::Linear { ws, bs } = &self.layers[i];
             let input = &self.inputs[i];
             let _ = dz.tr().mm_out(&ws.grad(), input);
             if let Some(b) = bs {
@@ -105,8 +90,8 @@ pub fn step(
     params: &PpoParams,
 ) -> PpoLoss {
     let p = *params;
-    let policy = Mlp::of(policy).policy_step(rows, &p);
-    let value = Mlp::of(value).value_step(rows, &p);
+    let policy = policy_half(policy, rows, &p);
+    let value = value_half(value, rows, &p);
     let total = policy.surrogate + p.value_coef * value - p.entropy_coef * policy.entropy;
     PpoLoss {
         total: Tensor::from(total as f32),
@@ -127,56 +112,42 @@ pub struct PolicyFigures {
     pub approx_kl: f64,
 }
 
-/// One of the two MLPs (the same variables), to run one half of [`step`] on a thread
-/// of its own.
-pub struct Mlp(Layers);
+/// One of the two MLPs (shallow clones: the same variables), to run one half of
+/// [`step`] on a thread of its own.
+pub struct Mlp(Vec<nn::Linear>);
 
 impl Mlp {
     pub fn of(layers: &[nn::Linear]) -> Self {
-        Self(layers_of(layers))
-    }
-
-    fn layers(&self) -> Layers {
-        self.0
-            .iter()
-            .map(|(w, b)| (w.shallow_clone(), b.as_ref().map(Tensor::shallow_clone)))
-            .collect()
+        let clone = |l: &nn::Linear| nn::Linear {
+            ws: l.ws.shallow_clone(),
+            bs: l.bs.as_ref().map(Tensor::shallow_clone),
+        };
+        Self(layers.iter().map(clone).collect())
     }
 
     /// The policy's half of [`step`] with this MLP as the policy: its forward pass,
     /// its terms of the loss and its variables' gradients (written, replacing what
     /// was there).
     pub fn policy_step(&self, rows: &Rows, params: &PpoParams) -> PolicyFigures {
-        let terms = (&rows.actions[..], &rows.proximal[..], &rows.advantages[..]);
-        policy_half(self.layers(), rows.obs.shallow_clone(), terms, params)
+        policy_half(&self.0, rows, params)
     }
 
     /// The critic's half of [`step`] with this MLP as the critic: its forward pass,
     /// the value term of the loss (returned) and its variables' gradients.
     pub fn value_step(&self, rows: &Rows, params: &PpoParams) -> f64 {
-        value_half(
-            self.layers(),
-            rows.obs.shallow_clone(),
-            &rows.targets,
-            params,
-        )
+        value_half(&self.0, rows, params)
     }
 }
 
 /// The policy's forward pass, its terms of the loss and its gradients.
-fn policy_half(
-    layers: Layers,
-    obs: Tensor,
-    (actions, proximal, advantages): (&[i64], &[f32], &[f32]),
-    p: &PpoParams,
-) -> PolicyFigures {
+fn policy_half(layers: &[nn::Linear], rows: &Rows, p: &PpoParams) -> PolicyFigures {
     tch::no_grad(|| {
-        let (net, logits) = Net::forward(layers, &obs);
+        let (net, logits) = Net::forward(layers, &rows.obs);
         let [n, a] = logits.size()[..] else {
             panic!("logits are [rows, actions]")
         };
         let mut z = f32_vec(&logits);
-        let figures = policy_head(&mut z, a as usize, actions, proximal, advantages, p);
+        let figures = policy_head(&mut z, a as usize, rows, p);
         net.backward(
             Tensor::from_slice(&z)
                 .view([n, a])
@@ -196,14 +167,13 @@ fn policy_half(
 ///   clipped term is smaller (r is then outside the range, where the clip's gradient
 ///   is 0); through lp = log_softmax(z)[action], d lp / d z_k = [k = action] - p_k;
 /// - entropy H = -sum_k p_k lp_k, its term -c mean(H): dH / dz_k = -p_k (lp_k + H).
-fn policy_head(
-    z: &mut [f32],
-    a: usize,
-    actions: &[i64],
-    proximal: &[f32],
-    advantages: &[f32],
-    p: &PpoParams,
-) -> PolicyFigures {
+fn policy_head(z: &mut [f32], a: usize, rows: &Rows, p: &PpoParams) -> PolicyFigures {
+    let Rows {
+        actions,
+        proximal,
+        advantages,
+        ..
+    } = rows;
     let n = actions.len();
     let (lo, hi) = ((1.0 - p.clip_eps) as f32, (1.0 + p.clip_eps) as f32);
     let (mut surrogate, mut entropy, mut clipped_rows, mut kl) = (0f64, 0f64, 0usize, 0f64);
@@ -254,14 +224,14 @@ fn policy_head(
 
 /// The critic's forward pass, the value term of the loss and its gradients: the
 /// term c/2 mean((v - target)^2) has the gradient c (v - target) / N at v.
-fn value_half(layers: Layers, obs: Tensor, targets: &[f32], p: &PpoParams) -> f64 {
+fn value_half(layers: &[nn::Linear], rows: &Rows, p: &PpoParams) -> f64 {
     tch::no_grad(|| {
-        let (net, values) = Net::forward(layers, &obs);
+        let (net, values) = Net::forward(layers, &rows.obs);
         let mut v = f32_vec(&values);
         let n = v.len() as f64;
         let c = (p.value_coef / n) as f32;
         let mut sum = 0f64;
-        for (v, &t) in v.iter_mut().zip(targets) {
+        for (v, &t) in v.iter_mut().zip(&rows.targets) {
             let d = *v - t;
             sum += (d * d) as f64;
             *v = c * d;

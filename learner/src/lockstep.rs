@@ -61,17 +61,16 @@ pub(crate) fn split_at(opt: &Adam) -> Option<usize> {
 }
 
 /// Runs the update's minibatch steps (the batch steps of each, in order) with the
-/// policy's half on this thread and the critic's on a helper. Call only where
-/// [`split_at`] says it applies.
+/// policy's half on this thread and the critic's on a helper; `at` is where
+/// [`split_at`] splits `opt`.
 pub(crate) fn update(
     helpers: &Helpers,
     (policy, value): (&[nn::Linear], &[nn::Linear]),
-    opt: &mut Adam,
+    (opt, at): (&mut Adam, usize),
     (obs, terms): (&Tensor, &StepTerms),
     minibatches: &[Vec<i64>],
     s: &Settings,
 ) -> Vec<Step> {
-    let at = split_at(opt).expect("lock-step applies");
     let (p_part, v_part) = opt.split_host(at).expect("buffers on the CPU");
     let (to_value, from_policy) = bounded::<Post>(1);
     let (to_policy, from_value) = bounded::<Post>(1);
@@ -263,10 +262,11 @@ mod tests {
             let layers = self.two.mlp_layers().unwrap();
             let helpers = Helpers::new(2, 1);
             let cpu = helper_cpu_seconds();
+            let at = split_at(&self.opt_two).expect("the MLP's buffers on the CPU");
             let steps = update(
                 &helpers,
                 layers,
-                &mut self.opt_two,
+                (&mut self.opt_two, at),
                 (&self.obs, &self.terms),
                 &self.minibatches,
                 s,

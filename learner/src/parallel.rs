@@ -222,6 +222,22 @@ impl Helpers {
             .collect()
     }
 
+    /// Runs `b` on a helper while `a` runs on this thread (with no helpers, one
+    /// after the other), and returns both results.
+    pub fn join<A: Send, B: Send>(
+        &self,
+        a: impl FnOnce() -> A + Send,
+        b: impl FnOnce() -> B + Send,
+    ) -> (A, B) {
+        let slot = Mutex::new(None);
+        let to = &slot;
+        let there: Vec<Box<dyn FnOnce() + Send + '_>> = vec![Box::new(move || {
+            *to.lock().expect("a result's slot") = Some(b())
+        })];
+        let a = self.fork(there, a);
+        (a, taken(slot))
+    }
+
     /// Runs the forward and backward passes of `shares` (one per thread) and
     /// returns the minibatch's loss, the shares' figures weighted together.
     /// Gradients are added into the parameters' (the caller zeroes them first); when
@@ -267,24 +283,6 @@ fn share_step(model: &ActorCritic, share: Share, params: &PpoParams) -> (PpoLoss
         (&loss.total * share.weight).backward();
     }
     (loss, share.weight)
-}
-
-impl Helpers {
-    /// Runs `b` on a helper while `a` runs on this thread (with no helpers, one
-    /// after the other), and returns both results.
-    pub fn join<A: Send, B: Send>(
-        &self,
-        a: impl FnOnce() -> A + Send,
-        b: impl FnOnce() -> B + Send,
-    ) -> (A, B) {
-        let slot = Mutex::new(None);
-        let to = &slot;
-        let there: Vec<Box<dyn FnOnce() + Send + '_>> = vec![Box::new(move || {
-            *to.lock().expect("a result's slot") = Some(b())
-        })];
-        let a = self.fork(there, a);
-        (a, taken(slot))
-    }
 }
 
 /// The result a helper left in `slot`.

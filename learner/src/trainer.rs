@@ -16,8 +16,6 @@ use spur_core::advantage::{gae, group_advantages, GaeInput, GroupEpisode, GroupP
 use spur_core::checkpoint;
 use spur_core::config::{AdvantageKind, Config, GroupOutcome};
 use spur_core::mlp_grad;
-
-use crate::lockstep;
 use spur_core::model::{f32_vec, tensors_to_safetensors, ActorCritic};
 use spur_core::ppo::{PpoLoss, PpoParams};
 use spur_core::vtrace::{vtrace, VTraceInput, VTraceParams};
@@ -29,6 +27,7 @@ use crate::batch::Batch;
 use crate::broadcast::{Broadcaster, Published};
 use crate::episodes::{episodes_batch, Assembler, GroupLayout};
 use crate::error::LearnerError;
+use crate::lockstep;
 use crate::metrics::{MetricsRow, MetricsWriter};
 use crate::parallel::{share_rows, Helpers, Share, ShareRows};
 use crate::queue::ChunkReceiver;
@@ -68,8 +67,8 @@ pub struct Trainer {
     pub groups_dropped: u64,
     /// Drop every chunk once taken ([`crate::LearnerOptions::discard_chunks`]).
     pub discard_chunks: bool,
-    /// The threads a minibatch step runs on (`learner.threads`): an autograd
-    /// step's shares of rows, or the closed-form MLP step's two halves.
+    /// The threads the learner trains on (`learner.threads`): an autograd step's
+    /// shares of rows, or the closed-form MLP update's two sides in lock-step.
     pub helpers: Helpers,
 }
 
@@ -570,17 +569,15 @@ impl Trainer {
         };
         let trained = Tensor::from_slice(&trained).to_device(dev);
         let split = self.shares_per_step(&terms);
-        let lockstep = sequences.is_none() && self.lockstep(&trained, &inputs, &terms, &mut stats);
-        let epochs = if lockstep {
-            0
-        } else {
-            self.config.learner.epochs
-        };
-        'epochs: for _ in 0..epochs {
-            for minibatch in self.minibatches(&trained, sequences.as_ref(), split) {
-                if self.train_minibatch(minibatch, &inputs, &terms, &mut stats) {
-                    stats.stopped_early = true;
-                    break 'epochs;
+        let in_lockstep =
+            sequences.is_none() && self.lockstep(&trained, &inputs, &terms, &mut stats);
+        if !in_lockstep {
+            'epochs: for _ in 0..self.config.learner.epochs {
+                for minibatch in self.minibatches(&trained, sequences.as_ref(), split) {
+                    if self.train_minibatch(minibatch, &inputs, &terms, &mut stats) {
+                        stats.stopped_early = true;
+                        break 'epochs;
+                    }
                 }
             }
         }
@@ -808,14 +805,16 @@ impl Trainer {
         stats: &mut UpdateStats,
     ) -> bool {
         let lc = &self.config.learner;
-        let applies = self.helpers.threads() >= 2
-            && lc.explicit_mlp_gradients
-            && terms.experts.is_none()
-            && self.model.mlp_layers().is_some()
-            && lockstep::split_at(&self.opt).is_some();
-        if !applies {
+        let split = lockstep::split_at(&self.opt);
+        let (Some(at), Some(layers), true, true, None) = (
+            split,
+            self.model.mlp_layers(),
+            self.helpers.threads() >= 2,
+            lc.explicit_mlp_gradients,
+            &terms.experts,
+        ) else {
             return false;
-        }
+        };
         let minibatches: Vec<Vec<i64>> = (0..lc.epochs)
             .flat_map(|_| self.minibatches(trained, None, 1))
             .map(|m| match m {
@@ -831,11 +830,10 @@ impl Trainer {
             target_kl: lc.target_kl,
             advantage_std_floor: lc.advantage_std_floor,
         };
-        let layers = self.model.mlp_layers().expect("checked above");
         let steps = lockstep::update(
             &self.helpers,
             layers,
-            &mut self.opt,
+            (&mut self.opt, at),
             (&inputs.obs, &terms.steps),
             &minibatches,
             &settings,
@@ -1057,7 +1055,7 @@ pub(crate) struct StepTerms {
 }
 
 impl StepTerms {
-    /// The minibatch of the batch steps `idx`, its advantages normalised as
+    /// The minibatch of the batch steps `at`, its advantages normalised as
     /// [`normalized`] does (but for a minibatch of one step, whose spread is 0/0:
     /// there its advantage is 0, where the tensor path's is NaN and skips the step).
     /// On a GPU the picks and the closed form's loss run on the host all the same:
