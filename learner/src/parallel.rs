@@ -134,34 +134,74 @@ unsafe impl Sync for ReadOnly<'_> {}
 pub struct Helpers {
     threads: u32,
     pool: Option<rayon::ThreadPool>,
+    /// The training thread's CPUs when the threads are pinned (`learner.pin_threads`).
+    own_cpus: Option<Vec<usize>>,
 }
 
 impl Helpers {
     /// `threads` in all (this one and `threads - 1` helpers), each helper with
     /// `torch_threads` for libtorch's own parallel kernels and subnormal floats
     /// flushed, like the training thread.
+    #[cfg(test)]
     pub fn new(threads: u32, torch_threads: i32) -> Self {
+        Self::started(threads, torch_threads, None)
+    }
+
+    /// As [`Helpers::new`]; with `dealt` (one CPU list per thread, the training
+    /// thread's first), each helper pins itself to its list as it starts, and
+    /// [`Helpers::pin_training_thread`] pins the training thread to the first.
+    fn started(threads: u32, torch_threads: i32, dealt: Option<Vec<Vec<usize>>>) -> Self {
+        let own_cpus = dealt.as_ref().map(|d| d[0].clone());
         let pool = (threads > 1).then(|| {
             rayon::ThreadPoolBuilder::new()
                 .num_threads(threads as usize - 1)
                 .thread_name(|i| format!("{TRAINER_THREAD}{}", i + 1))
-                .start_handler(move |_| {
+                .start_handler(move |i| {
                     spur_core::fpu::flush_denormals();
                     // OpenMP's thread count is per calling thread: a new thread
                     // starts with one per core, not the run's setting.
                     tch::set_num_threads(torch_threads);
+                    if let Some(cpus) = dealt.as_ref().map(|d| &d[i + 1]) {
+                        pin_this_thread(cpus);
+                    }
                 })
                 .build()
                 .expect("starting the learner's helper threads")
         });
-        Self { threads, pool }
+        Self {
+            threads,
+            pool,
+            own_cpus,
+        }
     }
 
     /// The helpers of a learner training `model` with `learner` (`threads` resolved
-    /// as [`minibatch_threads`] says).
+    /// as [`minibatch_threads`] says; pinned as `pin_threads` says).
     pub fn for_model(learner: &LearnerConfig, model: &ActorCritic, torch_threads: i32) -> Self {
         let threads = minibatch_threads(learner.threads, model, learner.explicit_mlp_gradients);
-        Self::new(threads, torch_threads)
+        let dealt = learner
+            .pin_threads
+            .then(|| deal(&allowed_cpus(), threads as usize))
+            .flatten();
+        match &dealt {
+            Some(d) => info!(cpus = ?d, "learner threads pinned, the training thread's first"),
+            None if learner.pin_threads && threads > 1 => {
+                info!(
+                    threads,
+                    "learner threads not pinned: fewer CPUs allowed than threads"
+                )
+            }
+            None => {}
+        }
+        Self::started(threads, torch_threads, dealt)
+    }
+
+    /// Pins the calling thread, the training thread, to its CPUs if the threads are
+    /// pinned.
+    pub fn pin_training_thread(&self) {
+        if let Some(cpus) = &self.own_cpus {
+            pin_this_thread(cpus);
+        }
     }
 
     /// Threads per minibatch step, this one included.
@@ -306,6 +346,48 @@ fn combine(losses: &[(PpoLoss, f64)]) -> PpoLoss {
     }
 }
 
+/// The CPUs the calling thread may run on, in order (empty if the kernel does not
+/// say).
+fn allowed_cpus() -> Vec<usize> {
+    // SAFETY: an all-zero cpu_set_t is an empty set, and the kernel writes at most
+    // the size passed.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    let size = std::mem::size_of::<libc::cpu_set_t>();
+    if unsafe { libc::sched_getaffinity(0, size, &mut set) } != 0 {
+        return Vec::new();
+    }
+    (0..libc::CPU_SETSIZE as usize)
+        // SAFETY: `c` is below the set's size.
+        .filter(|&c| unsafe { libc::CPU_ISSET(c, &set) })
+        .collect()
+}
+
+/// `cpus` dealt out to `threads` threads in turn (thread `i` gets the `i`-th, the
+/// `i + threads`-th, ... of them), so that no two threads share a CPU while each may
+/// still move between several on a larger machine. `None` with one thread, or with
+/// fewer CPUs than threads.
+fn deal(cpus: &[usize], threads: usize) -> Option<Vec<Vec<usize>>> {
+    (threads > 1 && cpus.len() >= threads).then(|| {
+        (0..threads)
+            .map(|i| cpus.iter().copied().skip(i).step_by(threads).collect())
+            .collect()
+    })
+}
+
+/// Keeps the calling thread on `cpus`; a refusal is logged and changes nothing.
+fn pin_this_thread(cpus: &[usize]) {
+    // SAFETY: as in `allowed_cpus`; every CPU in `cpus` came from a set of this size.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    for &c in cpus {
+        unsafe { libc::CPU_SET(c, &mut set) };
+    }
+    let size = std::mem::size_of::<libc::cpu_set_t>();
+    if unsafe { libc::sched_setaffinity(0, size, &set) } != 0 {
+        let err = std::io::Error::last_os_error();
+        tracing::warn!(?cpus, %err, "could not pin a learner thread; it runs unpinned");
+    }
+}
+
 /// CPU time of the calling thread, in nanoseconds.
 fn thread_cpu_ns() -> u64 {
     let mut ts = libc::timespec {
@@ -447,5 +529,45 @@ mod tests {
         let shares = vec![share(&bad, 0, n / 2, n), share(&bad, n / 2, n, n)];
         let loss = Helpers::new(2, 1).step(&model, shares, &params);
         assert!(!loss.total.double_value(&[]).is_finite());
+    }
+
+    #[test]
+    fn threads_are_dealt_cpus_of_their_own() {
+        assert_eq!(deal(&[0, 1], 2), Some(vec![vec![0], vec![1]]));
+        let sixteen: Vec<usize> = (0..16).collect();
+        let two = deal(&sixteen, 2).unwrap();
+        assert_eq!(two[0], vec![0, 2, 4, 6, 8, 10, 12, 14]);
+        assert_eq!(two[1], vec![1, 3, 5, 7, 9, 11, 13, 15]);
+        // A container's CPUs need not start at 0 or be contiguous.
+        assert_eq!(
+            deal(&[3, 5, 6, 9, 12], 2),
+            Some(vec![vec![3, 6, 12], vec![5, 9]])
+        );
+        assert_eq!(deal(&[4], 2), None, "fewer CPUs than threads");
+        assert_eq!(deal(&sixteen, 1), None, "one thread is left alone");
+
+        // Pinned for real: the helper runs on its CPUs only, the training thread
+        // (here this test's thread, on one of its own) on the first list.
+        let cpus = allowed_cpus();
+        assert!(!cpus.is_empty(), "the kernel names this thread's CPUs");
+        let Some(dealt) = deal(&cpus, 2) else {
+            eprintln!("one CPU only: nothing to pin");
+            return;
+        };
+        let helpers = Helpers::started(2, 1, Some(dealt.clone()));
+        std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    helpers.pin_training_thread();
+                    let (here, there) = helpers.join(allowed_cpus, allowed_cpus);
+                    assert_eq!(here, dealt[0], "the training thread's CPUs");
+                    assert_eq!(there, dealt[1], "the helper's CPUs");
+                })
+                .join()
+                .unwrap();
+        });
+        // An unpinned learner leaves its threads where they were.
+        let (here, there) = Helpers::new(2, 1).join(allowed_cpus, allowed_cpus);
+        assert_eq!((here, there), (cpus.clone(), cpus));
     }
 }

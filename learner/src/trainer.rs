@@ -141,6 +141,7 @@ impl Trainer {
         // A policy sure of its actions makes subnormal probabilities and gradients,
         // which slow the update's matrix kernels several times over.
         spur_core::fpu::flush_denormals();
+        self.helpers.pin_training_thread();
         let lc = self.config.learner.clone();
         let mut logs = Logs::open(&self.run_dir)?;
         let ckpt_dir = self.run_dir.join("checkpoints");
