@@ -178,9 +178,11 @@ async fn every_role_survives_kill_9_and_the_run_reaches_its_target() {
         .wait_learner("the first updates", |s| s.policy_version >= 5)
         .await;
 
-    // Actors run `run.actor_nice` (default 10) steps nicer than the learner.
-    // (Niceness stops at 19, for a test that itself runs nice.)
-    let actor_nice = (run.niceness("learner") + 10).min(19);
+    // Actors run `run.actor_nice` (by default 19, the lowest priority) steps nicer
+    // than the learner. (Niceness stops at 19, for a test that itself runs nice.)
+    let default_nice = spur_core::config::RunConfig::default().actor_nice as i32;
+    assert!(default_nice > 0, "actors at a lower priority by default");
+    let actor_nice = (run.niceness("learner") + default_nice).min(19);
     assert_eq!(run.niceness("actor-0"), actor_nice);
 
     // 1. An actor.
