@@ -144,13 +144,13 @@ impl Helpers {
     /// flushed, like the training thread.
     #[cfg(test)]
     pub fn new(threads: u32, torch_threads: i32) -> Self {
-        Self::started(threads, torch_threads, None)
+        Self::with_cpus(threads, torch_threads, None)
     }
 
     /// As [`Helpers::new`]; with `dealt` (one CPU list per thread, the training
     /// thread's first), each helper pins itself to its list as it starts, and
     /// [`Helpers::pin_training_thread`] pins the training thread to the first.
-    fn started(threads: u32, torch_threads: i32, dealt: Option<Vec<Vec<usize>>>) -> Self {
+    fn with_cpus(threads: u32, torch_threads: i32, dealt: Option<Vec<Vec<usize>>>) -> Self {
         let own_cpus = dealt.as_ref().map(|d| d[0].clone());
         let pool = (threads > 1).then(|| {
             rayon::ThreadPoolBuilder::new()
@@ -188,12 +188,13 @@ impl Helpers {
             None if learner.pin_threads && threads > 1 => {
                 info!(
                     threads,
-                    "learner threads not pinned: fewer CPUs allowed than threads"
+                    "learner threads not pinned: the process may use fewer CPUs than \
+                     threads (or the kernel did not say which)"
                 )
             }
             None => {}
         }
-        Self::started(threads, torch_threads, dealt)
+        Self::with_cpus(threads, torch_threads, dealt)
     }
 
     /// Pins the calling thread, the training thread, to its CPUs if the threads are
@@ -554,7 +555,7 @@ mod tests {
             eprintln!("one CPU only: nothing to pin");
             return;
         };
-        let helpers = Helpers::started(2, 1, Some(dealt.clone()));
+        let helpers = Helpers::with_cpus(2, 1, Some(dealt.clone()));
         std::thread::scope(|scope| {
             scope
                 .spawn(|| {
