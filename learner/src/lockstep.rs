@@ -19,7 +19,7 @@ use spur_core::ppo::PpoParams;
 use tch::{nn, Tensor};
 
 use crate::parallel::Helpers;
-use crate::trainer::StepTerms;
+use crate::trainer::{past_target_kl, StepTerms};
 
 /// What one side tells the other after a step's gradients.
 #[derive(Clone, Copy)]
@@ -85,7 +85,7 @@ pub(crate) fn update(
                 |at| {
                     let f = p_mlp
                         .policy_step(&terms.rows(&p_obs, at, s.advantage_std_floor), &s.params);
-                    let over_kl = s.target_kl > 0.0 && f.approx_kl > 1.5 * s.target_kl;
+                    let over_kl = past_target_kl(f.approx_kl, s.target_kl);
                     (f.surrogate.is_finite() && f.entropy.is_finite(), over_kl, f)
                 },
                 s.max_grad_norm,
@@ -251,7 +251,7 @@ mod tests {
                 }
                 out.push((true, self.opt_one.clip_grad_norm(s.max_grad_norm)));
                 self.opt_one.step();
-                if s.target_kl > 0.0 && loss.approx_kl > 1.5 * s.target_kl {
+                if past_target_kl(loss.approx_kl, s.target_kl) {
                     break;
                 }
             }

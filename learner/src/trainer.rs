@@ -14,12 +14,12 @@ use std::time::{Duration, Instant};
 use spur_core::adam::Adam;
 use spur_core::advantage::{gae, group_advantages, GaeInput, GroupEpisode, GroupParams};
 use spur_core::checkpoint;
-use spur_core::config::{AdvantageKind, Config, GroupOutcome};
+use spur_core::config::{AdvantageKind, Config, GroupOutcome, LearnerConfig};
 use spur_core::mlp_grad;
 use spur_core::model::{f32_vec, tensors_to_safetensors, ActorCritic};
 use spur_core::ppo::{PpoLoss, PpoParams};
 use spur_core::vtrace::{vtrace, VTraceInput, VTraceParams};
-use tch::{Device, Kind, Tensor};
+use tch::{nn, Device, Kind, Tensor};
 use tokio::runtime::Handle;
 use tracing::{info, warn};
 
@@ -806,22 +806,17 @@ impl Trainer {
         stats: &mut UpdateStats,
     ) -> bool {
         let lc = &self.config.learner;
-        let split = lockstep::split_at(&self.opt);
-        let (Some(at), Some(layers), true, true, None) = (
-            split,
-            self.model.mlp_layers(),
+        let (Some(at), Some(layers), true) = (
+            lockstep::split_at(&self.opt),
+            closed_form_layers(&self.model, lc, terms),
             self.helpers.threads() >= 2,
-            lc.explicit_mlp_gradients,
-            &terms.experts,
         ) else {
             return false;
         };
         let minibatches: Vec<Vec<i64>> = (0..lc.epochs)
             .flat_map(|_| self.minibatches(trained, None, 1))
             .map(|m| match m {
-                Minibatch::Steps(idx) => {
-                    Vec::<i64>::try_from(&idx).expect("an i64 index tensor converts to Vec<i64>")
-                }
+                Minibatch::Steps(idx) => index_vec(&idx),
                 Minibatch::Sequences(_) => unreachable!("a feedforward policy trains on steps"),
             })
             .collect();
@@ -873,14 +868,12 @@ impl Trainer {
         let params = self.ppo_params();
         // The feedforward MLP without imitation terms: gradients in closed form (on
         // one thread; with more, `lockstep` runs the update instead).
-        if let (Minibatch::Steps(idx), Some(layers), true, None) = (
-            &minibatch,
-            self.model.mlp_layers(),
-            lc.explicit_mlp_gradients,
-            &terms.experts,
-        ) {
-            let at = Vec::<i64>::try_from(idx).expect("an i64 index tensor converts to Vec<i64>");
-            let rows = terms.steps.rows(&inputs.obs, &at, lc.advantage_std_floor);
+        if let (Minibatch::Steps(idx), Some(layers)) =
+            (&minibatch, closed_form_layers(&self.model, lc, terms))
+        {
+            let rows = terms
+                .steps
+                .rows(&inputs.obs, &index_vec(idx), lc.advantage_std_floor);
             let loss = mlp_grad::step(layers, &rows, &params);
             if !self.finite(&loss.total) {
                 return false;
@@ -1005,8 +998,31 @@ impl Trainer {
         self.opt.step();
         let terms = (loss.policy, loss.value, loss.entropy);
         stats.record(norm, terms, loss.clip_fraction, loss.approx_kl);
-        lc.target_kl > 0.0 && loss.approx_kl > 1.5 * lc.target_kl
+        past_target_kl(loss.approx_kl, lc.target_kl)
     }
+}
+
+/// Whether a step's KL from the proximal policy ends the update: past 1.5 times
+/// `learner.target_kl` (0: never).
+pub(crate) fn past_target_kl(approx_kl: f64, target_kl: f64) -> bool {
+    target_kl > 0.0 && approx_kl > 1.5 * target_kl
+}
+
+/// The policy's and the critic's layers when a minibatch step takes its gradients
+/// in closed form: a feedforward MLP, `learner.explicit_mlp_gradients`, and no
+/// imitation terms.
+fn closed_form_layers<'a>(
+    model: &'a ActorCritic,
+    lc: &LearnerConfig,
+    terms: &LossTerms,
+) -> Option<(&'a [nn::Linear], &'a [nn::Linear])> {
+    let applies = lc.explicit_mlp_gradients && terms.experts.is_none();
+    model.mlp_layers().filter(|_| applies)
+}
+
+/// A minibatch's index tensor as the batch rows it picks.
+fn index_vec(idx: &Tensor) -> Vec<i64> {
+    Vec::<i64>::try_from(idx).expect("an i64 index tensor converts to Vec<i64>")
 }
 
 /// Advantages shifted to mean 0 and scaled by their spread, but never by less than
