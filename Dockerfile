@@ -48,12 +48,15 @@ ENV VIRTUAL_ENV=/opt/spur/.venv \
     HOME=/tmp \
     PYTHONDONTWRITEBYTECODE=1
 # Fail the build, not the pod, when a library is missing (libtorch_cpu.so: cannot open
-# shared object file) or the bundled files do not fit the config.
+# shared object file), torch's CUDA backend would not load (the gpu overlays need it;
+# the build has no GPU, so a tensor on cuda:0 is not asked for) or the bundled files
+# do not fit the config.
 RUN set -eu; \
     if ldd /opt/spur/bin/spur | grep -F 'not found'; then \
       echo "spur cannot find the libraries above" >&2; exit 1; \
     fi; \
     spur --version; \
+    spur devices | tee /dev/stderr | grep -qF "torch's CUDA library: loaded"; \
     python -c "import spur_bridge, torch; print('torch', torch.__version__)"; \
     for role in learner actor reward-service; do \
       spur "$role" --config configs/keyroom-oni.toml --check-config > /dev/null; \

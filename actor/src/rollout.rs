@@ -227,7 +227,7 @@ impl Rollout {
             Some(sink) if spec.has_text => Some(sink.start(&self.rt, self.actor_id.clone())),
             _ => None,
         };
-        let device = resolve_device(&self.config.model.device);
+        let device = resolve_device("model.device", &self.config.model.device)?;
         let mut model = ActorCritic::for_spec(&spec, &self.config.model, device)?;
         if self.config.actor.fold_weights {
             model.fold_for_acting();

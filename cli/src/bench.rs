@@ -28,6 +28,7 @@ use clap::Args;
 use rand::Rng;
 use spur_actor::{Rollout, WeightsUpdate};
 use spur_core::config::{BridgeWire, ModelArch};
+use spur_core::device::resolve_device;
 use spur_core::env::VecEnv;
 use spur_core::model::ActorCritic;
 use spur_core::Config;
@@ -122,18 +123,15 @@ pub fn env_only(config: &Config, secs: f64) -> anyhow::Result<f64> {
     Ok(steps as f64 / start.elapsed().as_secs_f64())
 }
 
-/// A fresh policy on the CPU for `venv`'s environment.
-fn cpu_policy(config: &Config, venv: &VecEnv) -> anyhow::Result<ActorCritic> {
-    Ok(ActorCritic::for_spec(
-        venv.spec(),
-        &config.model,
-        tch::Device::Cpu,
-    )?)
+/// A fresh policy for `venv`'s environment on the actors' device (`model.device`).
+fn actor_policy(config: &Config, venv: &VecEnv) -> anyhow::Result<ActorCritic> {
+    let device = resolve_device("model.device", &config.model.device)?;
+    Ok(ActorCritic::for_spec(venv.spec(), &config.model, device)?)
 }
 
 fn inference_only(config: &Config, secs: f64) -> anyhow::Result<f64> {
     let venv = vec_env(config)?;
-    let mut model = cpu_policy(config, &venv)?;
+    let mut model = actor_policy(config, &venv)?;
     if config.actor.fold_weights {
         model.fold_for_acting();
     }
@@ -314,6 +312,12 @@ pub async fn throughput(args: ThroughputArgs) -> anyhow::Result<std::process::Ex
         config.run.actors,
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
+    let actors_on = resolve_device("model.device", &config.model.device)?;
+    let learner_on = resolve_device("learner.device", &config.learner.device)?;
+    println!(
+        "devices: actors (model.device = {:?}) {actors_on:?}, learner (learner.device = {:?}) {learner_on:?}",
+        config.model.device, config.learner.device
+    );
     let has = |p: Part| args.parts.contains(&p);
     let (c, rt, parts) = (config.clone(), Handle::current(), args.parts.clone());
     let (env, inference, rollout) = off_runtime(move || {
@@ -373,7 +377,15 @@ pub async fn throughput(args: ThroughputArgs) -> anyhow::Result<std::process::Ex
     if let Some((_, dropped)) = e2e {
         println!("stale chunks dropped during the end-to-end run: {dropped}");
     }
-    if let (Some(env), Some(inference), Some(rate)) = (env, inference, &learner) {
+    let on_gpu = actors_on.is_cuda() || learner_on.is_cuda();
+    if let (true, Some(rate), Some((e2e, _))) = (on_gpu, &learner, e2e) {
+        // CPU-seconds are not what a CUDA part costs: no CPU bound, only the learner's.
+        println!(
+            "CPU bound: not computed (a part runs on CUDA); end to end vs learner only: {:.3}x",
+            e2e / rate.wall
+        );
+    }
+    if let (false, Some(env), Some(inference), Some(rate)) = (on_gpu, env, inference, &learner) {
         let (learner, which) = rate.for_bound();
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         let bound = cpu_bound(cores, env, inference, learner);

@@ -139,11 +139,9 @@ async fn connect(transport: &Transport, addr: &str) -> anyhow::Result<LearnerCli
 /// Config `path`, then the bench's own settings, then the user's `--set`.
 pub(crate) fn load(args: &ConfigArgs, ours: &[String]) -> anyhow::Result<Config> {
     let sets: Vec<String> = ours.iter().chain(&args.set).cloned().collect();
-    Ok(Config::load(
-        args.config.as_deref(),
-        std::env::vars(),
-        &sets,
-    )?)
+    let config = Config::load(args.config.as_deref(), std::env::vars(), &sets)?;
+    crate::load_cuda_if_wanted(&config);
+    Ok(config)
 }
 
 /// A chunk every check accepts: zero observations (or `observations`, rows of a

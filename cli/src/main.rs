@@ -6,6 +6,7 @@ mod bench_annotator;
 mod bench_peer;
 mod bench_scale;
 mod cluster;
+mod devices;
 mod eval;
 mod expert;
 mod local;
@@ -76,6 +77,9 @@ enum Command {
     /// fields of the flat observation with their offsets (what a TorchScript policy
     /// slices).
     Spec(spec::SpecArgs),
+    /// What torch on this machine can do with CUDA: its CUDA library, the devices it
+    /// sees, and what `device = "auto"` picks.
+    Devices(devices::DevicesArgs),
 }
 
 #[derive(Args, Clone)]
@@ -91,11 +95,9 @@ struct ConfigArgs {
 impl ConfigArgs {
     /// File, then `SPUR_*` variables, then `--set`; validated as a whole.
     fn load(&self) -> anyhow::Result<Config> {
-        Ok(Config::load(
-            self.config.as_deref(),
-            std::env::vars(),
-            &self.set,
-        )?)
+        let config = Config::load(self.config.as_deref(), std::env::vars(), &self.set)?;
+        load_cuda_if_wanted(&config);
+        Ok(config)
     }
 }
 
@@ -308,11 +310,21 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             tokio::task::spawn_blocking(move || spec::run(a)).await??;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Devices(a) => Ok(devices::run(a)),
         Command::Status(a) => {
             status::run(a).await?;
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// Loads torch's CUDA library where the config's devices may be a GPU: right after the
+/// config, before any tensor exists (libtorch decides once whether it has CUDA).
+pub(crate) fn load_cuda_if_wanted(config: &Config) {
+    spur_core::device::load_cuda_for([
+        config.model.device.as_str(),
+        config.learner.device.as_str(),
+    ]);
 }
 
 /// `--check-config`: the resolved config on stdout, then "ok" on stderr.

@@ -45,6 +45,13 @@ pub enum ModelError {
     Torch(#[from] tch::TchError),
     #[error("weights payload: {0}")]
     Weights(String),
+    /// A device the config names that this machine or this torch does not have.
+    #[error("{key} = \"{spec}\": {message}")]
+    Device {
+        key: String,
+        spec: String,
+        message: String,
+    },
     #[error("checkpoint {path}: {message}")]
     Checkpoint { path: String, message: String },
     #[error("io: {0}")]

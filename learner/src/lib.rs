@@ -191,7 +191,8 @@ async fn start(config: &Config, opts: &LearnerOptions) -> Result<Start, LearnerE
         .await
         .map_err(|_| LearnerError::TrainerPanicked)??;
     let lc = &config.learner;
-    let mut model = ActorCritic::for_spec(&spec, &config.model, resolve_device(&lc.device))?;
+    let device = resolve_device("learner.device", &lc.device)?;
+    let mut model = ActorCritic::for_spec(&spec, &config.model, device)?;
     // The learner only runs update passes (actors act in evaluation mode).
     model.set_train(true);
     let mut opt = Adam::new(model.var_store(), lc.lr, ADAM_EPS);
