@@ -430,7 +430,8 @@ pub struct ModelConfig {
     /// Hidden layer widths of the policy and value MLPs (`nethack`: the first is the
     /// width of the shared core).
     pub hidden: Vec<u32>,
-    /// `auto` (CUDA when present), `cpu`, `cuda` or `cuda:N`.
+    /// The actors' policies: `auto` (CUDA device 0 when torch sees one, else the CPU),
+    /// `cpu`, `cuda` or `cuda:N` (a role told a CUDA device it lacks stops at start).
     pub device: String,
     /// Recurrent core between the torso and the policy and value heads: `none`
     /// (feedforward), `lstm` or `gru`. With a core, the MLP's torso is shared by both
@@ -607,7 +608,7 @@ pub struct LearnerConfig {
     pub stream_window_bytes: u32,
     /// HTTP/2 flow-control window of each connection to the learner, in bytes.
     pub connection_window_bytes: u32,
-    /// `auto`, `cpu`, `cuda` or `cuda:N` for the learner's model.
+    /// `auto`, `cpu`, `cuda` or `cuda:N` for the learner's model (as `model.device`).
     pub device: String,
     /// How advantages are estimated: `vtrace` (off-policy corrected), `gae`, `uis1`
     /// (critic-free, over groups of episodes) or `hybrid` (V-trace plus UI-S1's
@@ -662,7 +663,7 @@ pub struct LearnerConfig {
     /// default): 2 on a CPU learner of a machine with 2 cores or more for the
     /// feedforward NetHack network and for the closed-form MLP, else 1. A recurrent
     /// policy's minibatch splits by whole sequences; minibatches with imitation terms
-    /// use one thread.
+    /// use one thread. A learner on a GPU uses one thread whatever this says.
     pub threads: u32,
     /// With more than one thread per minibatch step, keep the training thread and
     /// each helper on CPUs of their own: the CPUs the process may use are dealt out

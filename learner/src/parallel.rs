@@ -35,14 +35,26 @@ static THREADS_IN_USE: AtomicU32 = AtomicU32::new(1);
 /// minibatch steps take tens of milliseconds) and for the MLP with closed-form
 /// gradients (`closed_form_mlp`: its update in lock-step, `lockstep`), else 1. With
 /// a recurrent core the NetHack learner alone is faster on two threads, but a run
-/// sharing 2 cores with its actor was slower (docs/benchmarks.md). Logged, and kept
+/// sharing 2 cores with its actor was slower (docs/benchmarks.md). Always 1 for a
+/// model on a GPU. Logged, and kept
 /// for [`minibatch_threads_in_use`].
 fn minibatch_threads(configured: u32, model: &ActorCritic, closed_form_mlp: bool) -> u32 {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let feedforward_nethack = model.is_nethack() && !model.is_recurrent();
     let lockstep = closed_form_mlp && model.mlp_layers().is_some();
+    let on_cpu = model.device() == Device::Cpu;
     let threads = match configured {
-        0 if (feedforward_nethack || lockstep) && model.device() == Device::Cpu && cores >= 2 => 2,
+        // The helpers split a step's CPU work; a GPU's kernels queue on one stream.
+        n if !on_cpu => {
+            if n > 1 {
+                tracing::warn!(
+                    configured = n,
+                    "learner.threads applies on the CPU only; one thread drives the GPU"
+                );
+            }
+            1
+        }
+        0 if (feedforward_nethack || lockstep) && cores >= 2 => 2,
         0 => 1,
         n => n,
     };
