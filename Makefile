@@ -24,7 +24,7 @@ export LIBTORCH_USE_PYTORCH := 1
 export VIRTUAL_ENV          := $(abspath $(VENV))
 export PATH                 := $(VIRTUAL_ENV)/bin:$(PATH)
 
-.PHONY: run test build setup k8s-tools llm-tools llm-judge k8s-check image bench bench-bridge bench-soak bench-ingest bench-broadcast bench-annotator bench-peer cartpole models cartpole-torchscript nethack nethack-table minihack-table keyroom-table advantage-table semi-online fmt lint clean
+.PHONY: run test build setup k8s-tools llm-tools llm-judge k8s-check image bench bench-bridge bench-soak bench-ingest bench-broadcast bench-annotator bench-peer gpu-check cartpole models cartpole-torchscript nethack nethack-table minihack-table keyroom-table advantage-table semi-online fmt lint clean
 
 ## run: keyroom with ONI intrinsic rewards from the built-in rule judge: learner,
 ## reward service and 2 actors as separate processes (offline defaults)
@@ -123,6 +123,12 @@ bench-annotator: build
 ## ARGS="--seeds 1" for less). `spur bench peer` runs scripts/peer_bench.py.
 bench-peer: build $(PEER_STAMP)
 	./target/release/spur bench peer --venv $(PEER_VENV) $(ARGS)
+
+## gpu-check: on a machine with an NVIDIA GPU, spur's CUDA path in one go: `spur
+## devices`, `spur bench throughput` on cartpole with CUDA actors and learner, cartpole
+## trained with the learner on CUDA; logs under runs/gpu-check (scripts/gpu_check.sh)
+gpu-check: build
+	scripts/gpu_check.sh ./target/release/spur runs/gpu-check
 
 # Only bench-peer needs it; `make test` never installs it.
 $(PEER_STAMP):

@@ -24,7 +24,7 @@ bench() { # name, then spur bench throughput's arguments
   echo "== $name"
   "$spur" bench throughput "$@" 2> "$out/$name.log" | tee "$out/$name.txt"
   # The parts log the device they took: a CUDA run that fell back would say cpu.
-  grep -F 'device key=' "$out/$name.log" | sort | uniq -c | tee -a "$out/$name.txt"
+  grep -o 'device key=.*' "$out/$name.log" | sort | uniq -c | tee -a "$out/$name.txt"
 }
 bench cartpole-all-cuda --config configs/cartpole.toml --seconds 5 \
   --set model.device=cuda --set learner.device=cuda --parts env,inference,rollout,learner,end-to-end
