@@ -303,6 +303,7 @@ pub async fn end_to_end(config: &Config, warmup: f64, secs: f64) -> anyhow::Resu
 
 pub async fn throughput(args: ThroughputArgs) -> anyhow::Result<std::process::ExitCode> {
     let config = args.config.load()?;
+    crate::load_cuda_if_wanted(&config);
     tch::set_num_threads(config.run.torch_threads as i32);
     let secs = args.seconds;
     println!(

@@ -95,9 +95,11 @@ struct ConfigArgs {
 impl ConfigArgs {
     /// File, then `SPUR_*` variables, then `--set`; validated as a whole.
     fn load(&self) -> anyhow::Result<Config> {
-        let config = Config::load(self.config.as_deref(), std::env::vars(), &self.set)?;
-        load_cuda_if_wanted(&config);
-        Ok(config)
+        Ok(Config::load(
+            self.config.as_deref(),
+            std::env::vars(),
+            &self.set,
+        )?)
     }
 }
 
@@ -225,6 +227,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             if a.check.check_config {
                 return print_checked(&config);
             }
+            spur_core::device::load_cuda_for([config.learner.device.as_str()]);
             prometheus::install(&config.run.prometheus_listen, "learner").await?;
             let run_dir = a.run_dir.unwrap_or_else(|| default_run_dir(&config));
             let opts = spur_learner::LearnerOptions {
@@ -246,6 +249,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 }
                 return print_checked(&config);
             }
+            spur_core::device::load_cuda_for([config.model.device.as_str()]);
             prometheus::install(&config.run.prometheus_listen, "actor").await?;
             // No name and no index: actor 0, as always. A name alone seeds by the name.
             let (actor_id, index) = match a.actor_id {
@@ -318,8 +322,11 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
     }
 }
 
-/// Loads torch's CUDA library where the config's devices may be a GPU: right after the
-/// config, before any tensor exists (libtorch decides once whether it has CUDA).
+/// Loads torch's CUDA library where either of the config's devices may be a GPU, for
+/// the benchmarks (which put models on both): right after the config, before any
+/// tensor exists (libtorch decides once whether it has CUDA). The learner loads it for
+/// `learner.device` and an actor for `model.device`; `local`'s own process, the reward
+/// service (its text models are on the CPU) and `eval` never do.
 pub(crate) fn load_cuda_if_wanted(config: &Config) {
     spur_core::device::load_cuda_for([
         config.model.device.as_str(),
