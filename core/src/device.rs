@@ -7,7 +7,7 @@
 //! about 125 MB of private memory and 0.15 s, for nothing when it runs on the CPU).
 //! [`load_cuda`] loads it at run time instead, for configs that may use a GPU, and it
 //! must run before the first tensor operation: libtorch asks once per process whether
-//! a CUDA backend is registered (`torch.manual_seed` is enough to ask) and keeps the
+//! a CUDA backend is registered (`tch::manual_seed` is enough to ask) and keeps the
 //! answer.
 
 use std::sync::OnceLock;
