@@ -123,15 +123,11 @@ pub fn env_only(config: &Config, secs: f64) -> anyhow::Result<f64> {
     Ok(steps as f64 / start.elapsed().as_secs_f64())
 }
 
-/// A fresh policy for `venv`'s environment on the actors' device (`model.device`).
-fn actor_policy(config: &Config, venv: &VecEnv) -> anyhow::Result<ActorCritic> {
-    let device = resolve_device("model.device", &config.model.device)?;
-    Ok(ActorCritic::for_spec(venv.spec(), &config.model, device)?)
-}
-
-fn inference_only(config: &Config, secs: f64) -> anyhow::Result<f64> {
+/// Batched forward passes of the config's policy on `device` (the actors',
+/// `model.device`, resolved once by the caller).
+fn inference_only(config: &Config, device: tch::Device, secs: f64) -> anyhow::Result<f64> {
     let venv = vec_env(config)?;
-    let mut model = actor_policy(config, &venv)?;
+    let mut model = ActorCritic::for_spec(venv.spec(), &config.model, device)?;
     if config.actor.fold_weights {
         model.fold_for_acting();
     }
@@ -202,7 +198,11 @@ fn rollout_only(config: &Config, secs: f64, rt: Handle) -> anyhow::Result<f64> {
 }
 
 /// Inference steps/s of the config's network without a core, then with each core.
-fn core_cost(config: &Config, secs: f64) -> anyhow::Result<Vec<(String, f64)>> {
+fn core_cost(
+    config: &Config,
+    device: tch::Device,
+    secs: f64,
+) -> anyhow::Result<Vec<(String, f64)>> {
     use spur_core::config::CoreKind;
     let mut rows = Vec::new();
     for (name, core) in [
@@ -212,25 +212,29 @@ fn core_cost(config: &Config, secs: f64) -> anyhow::Result<Vec<(String, f64)>> {
     ] {
         let mut c = config.clone();
         c.model.core = core;
-        rows.push((name.to_string(), inference_only(&c, secs)?));
+        rows.push((name.to_string(), inference_only(&c, device, secs)?));
     }
     Ok(rows)
 }
 
 /// Inference steps/s of the built-in network the config would get without its
 /// TorchScript module (`model.hidden`, `model.core`), then of the module.
-fn script_cost(config: &Config, secs: f64) -> anyhow::Result<Vec<(String, f64)>> {
+fn script_cost(
+    config: &Config,
+    device: tch::Device,
+    secs: f64,
+) -> anyhow::Result<Vec<(String, f64)>> {
     let mut builtin = config.clone();
     builtin.model.arch = ModelArch::Auto;
     builtin.model.path.clear();
     Ok(vec![
         (
             "  built-in network (model.hidden)".to_string(),
-            inference_only(&builtin, secs)?,
+            inference_only(&builtin, device, secs)?,
         ),
         (
             "  torchscript module (model.path)".to_string(),
-            inference_only(config, secs)?,
+            inference_only(config, device, secs)?,
         ),
     ])
 }
@@ -326,7 +330,7 @@ pub async fn throughput(args: ThroughputArgs) -> anyhow::Result<std::process::Ex
         Ok((
             has(Part::Env).then(|| env_only(&c, secs)).transpose()?,
             has(Part::Inference)
-                .then(|| inference_only(&c, secs))
+                .then(|| inference_only(&c, actors_on, secs))
                 .transpose()?,
             has(Part::Rollout)
                 .then(|| rollout_only(&c, secs, rt))
@@ -433,8 +437,8 @@ pub async fn throughput(args: ThroughputArgs) -> anyhow::Result<std::process::Ex
         )
     };
     let rows = off_runtime(move || match c.model.arch {
-        ModelArch::Torchscript => script_cost(&c, secs),
-        _ => core_cost(&c, secs),
+        ModelArch::Torchscript => script_cost(&c, actors_on, secs),
+        _ => core_cost(&c, actors_on, secs),
     })
     .await?;
     println!("\n{title:<44} {:>12} {base_name:>10}", "env steps/s");

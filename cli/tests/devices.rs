@@ -8,27 +8,15 @@
 //! library never loaded, or loaded after the first tensor operation).
 
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 mod support;
 
-use support::{temp_dir, ROOT};
+use support::{spur, temp_dir, text, ROOT};
 
 /// The error libtorch gives for CUDA work when its CUDA backend is not registered.
 const NO_BACKEND: &str = "without ATen_cuda library";
-
-fn spur(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_spur"))
-        .current_dir(ROOT)
-        .args(args)
-        .output()
-        .expect("the spur binary runs")
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
 
 /// Whether the torch this project built against ships a CUDA library (the PyPI wheel
 /// for Linux does; a CPU-only build does not).
@@ -40,7 +28,7 @@ fn torch_has_cuda() -> bool {
 
 /// `spur devices`' stdout, and whether a tensor was made on `cuda:0`.
 fn devices() -> (String, bool) {
-    let out = spur(&["devices"]);
+    let out = spur(&["devices"], &[]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let stdout = text(&out.stdout);
     let gpu = stdout.contains("a tensor on cuda:0: made");
@@ -78,7 +66,7 @@ fn devices_finds_torchs_cuda_backend() {
         !stdout.contains(NO_BACKEND),
         "CUDA backend not registered:\n{stdout}"
     );
-    let required = spur(&["devices", "--require-gpu"]);
+    let required = spur(&["devices", "--require-gpu"], &[]);
     assert_eq!(required.status.success(), gpu, "{}", text(&required.stderr));
     if !gpu {
         assert!(text(&required.stderr).contains("--require-gpu"));
@@ -105,7 +93,7 @@ fn a_learner_told_to_use_a_missing_gpu_stops_naming_the_key() {
         "run.prometheus_listen=",
     ];
     // The config itself is valid: the refusal below is the device's.
-    let checked = spur(&[&base[..], &["--check-config"]].concat());
+    let checked = spur(&[&base[..], &["--check-config"]].concat(), &[]);
     assert!(checked.status.success(), "{}", text(&checked.stderr));
 
     let mut child = learner(&base[1..], &run_dir);

@@ -8,27 +8,12 @@
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 use std::time::Instant;
 
 mod support;
 
-use support::{on_path, python, ROOT};
-
-/// `spur <args>` from the repository root, with no `SPUR_*` variables but `vars`.
-fn spur(args: &[&str], vars: &[(&str, &str)]) -> Output {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_spur"));
-    cmd.current_dir(ROOT).args(args);
-    for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("SPUR_")) {
-        cmd.env_remove(k);
-    }
-    cmd.envs(vars.iter().copied());
-    cmd.output().expect("the spur binary runs")
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
+use support::{on_path, python, spur, text, ROOT};
 
 #[test]
 fn check_config_prints_the_resolved_config_and_binds_nothing() {

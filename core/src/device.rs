@@ -84,9 +84,7 @@ pub fn load_cuda_for<'a>(specs: impl IntoIterator<Item = &'a str>) {
 /// the CPU without a GPU; an explicit `cuda` or `cuda:N` that is not there is an error
 /// naming `key` (a run asked to train on a GPU should not train on the CPU for days).
 pub fn resolve_device(key: &str, spec: &str) -> Result<Device, ModelError> {
-    if spec != "cpu" {
-        let _ = load_cuda();
-    }
+    load_cuda_for([spec]);
     let error = |message| ModelError::Device {
         key: key.to_string(),
         spec: spec.to_string(),
@@ -101,7 +99,7 @@ pub fn resolve_device(key: &str, spec: &str) -> Result<Device, ModelError> {
                 // CUDA library was loaded. Say so rather than train on the CPU quietly.
                 tracing::warn!(
                     key,
-                    reason = %cuda_tensor_error(),
+                    reason = cuda_tensor().err().unwrap_or_default(),
                     "an NVIDIA driver is installed but torch sees no CUDA device; using the cpu"
                 );
             }
@@ -115,7 +113,10 @@ pub fn resolve_device(key: &str, spec: &str) -> Result<Device, ModelError> {
         if n as i64 >= count {
             let message = match load_cuda() {
                 Err(why) => format!("this torch has no CUDA backend ({why})"),
-                Ok(()) if count == 0 => format!("no CUDA device ({})", cuda_tensor_error()),
+                Ok(()) if count == 0 => {
+                    let why = cuda_tensor().err().unwrap_or_default();
+                    format!("no CUDA device ({why})")
+                }
                 Ok(()) => format!("torch sees {count} CUDA device(s)"),
             };
             return Err(error(message));
@@ -143,10 +144,7 @@ impl CudaReport {
     /// Loads the CUDA library first, so call it before any other tensor work.
     pub fn probe() -> Self {
         let library = load_cuda();
-        let tensor = match cuda_tensor_error() {
-            e if e.is_empty() => Ok(()),
-            e => Err(e),
-        };
+        let tensor = cuda_tensor();
         Self {
             library,
             devices: tch::Cuda::device_count(),
@@ -162,18 +160,18 @@ fn nvidia_driver_present() -> bool {
     std::path::Path::new("/proc/driver/nvidia/version").exists()
 }
 
-/// Why a one-element tensor cannot be made on `cuda:0` (libtorch's first line: the
-/// rest is a C++ backtrace), or empty when it can.
-fn cuda_tensor_error() -> String {
-    match Tensor::f_zeros([1], (Kind::Float, Device::Cuda(0))) {
-        Ok(_) => String::new(),
-        Err(e) => e
-            .to_string()
-            .lines()
-            .next()
-            .unwrap_or("unknown error")
-            .to_string(),
-    }
+/// Makes a one-element tensor on `cuda:0`; `Err` is why not (libtorch's first line:
+/// the rest is a C++ backtrace).
+fn cuda_tensor() -> Result<(), String> {
+    Tensor::f_zeros([1], (Kind::Float, Device::Cuda(0)))
+        .map(|_| ())
+        .map_err(|e| {
+            e.to_string()
+                .lines()
+                .next()
+                .unwrap_or("unknown error")
+                .to_string()
+        })
 }
 
 #[cfg(test)]

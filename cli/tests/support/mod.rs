@@ -125,6 +125,22 @@ pub fn kill_9(pid: u32) {
 /// The repository root (the workspace folder).
 pub const ROOT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
 
+/// `spur <args>` from the repository root, with no `SPUR_*` variables but `vars`.
+pub fn spur(args: &[&str], vars: &[(&str, &str)]) -> std::process::Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_spur"));
+    cmd.current_dir(ROOT).args(args);
+    for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("SPUR_")) {
+        cmd.env_remove(k);
+    }
+    cmd.envs(vars.iter().copied());
+    cmd.output().expect("the spur binary runs")
+}
+
+/// A child's output as text.
+pub fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
 /// The first `name` on `PATH`, if any.
 pub fn on_path(name: &str) -> Option<PathBuf> {
     std::env::split_paths(&std::env::var_os("PATH")?)
