@@ -129,12 +129,15 @@ async fn malformed_chunk_is_rejected_and_others_keep_training() -> anyhow::Resul
 
 /// A learner that dies after its last checkpoint and comes back from it, behind the
 /// versions the actor holds: the new incarnation takes the actor over and trains on.
-/// (Before incarnations, the actor's "future" chunks were dropped forever.)
+/// (Before incarnations, the actor's "future" chunks were dropped forever.) The
+/// learning-rate schedule, the clock and the return statistics go on from the
+/// checkpoint.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_learner_resumed_from_an_older_checkpoint_takes_over() -> anyhow::Result<()> {
     let mut config = tiny_cartpole(0);
     config.learner.checkpoint_every = 2;
     config.learner.lr_anneal = true;
+    config.learner.normalize_returns = true;
     config.stop.env_steps = 50_000_000; // far away: only the schedule's position matters
     let learner = TestLearner::start(config.clone(), "restart").await?;
     let addr = learner.addr.clone();
@@ -213,6 +216,14 @@ async fn a_learner_resumed_from_an_older_checkpoint_takes_over() -> anyhow::Resu
     let saved_time: f64 = resumed_from.metadata["spur.time_s"].parse()?;
     assert!(
         resumed["time_s"].as_f64().unwrap() >= saved_time,
+        "{resumed}"
+    );
+    // Every trained step's value target went into the statistics, before and after.
+    let saved_count: f64 = resumed_from.metadata["spur.return_count"].parse()?;
+    assert_eq!(saved_count, meta("spur.env_steps") as f64);
+    assert_eq!(
+        resumed["return_count"].as_f64(),
+        Some(saved_count + resumed["batch_steps"].as_f64().unwrap()),
         "{resumed}"
     );
     Ok(())

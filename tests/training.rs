@@ -47,6 +47,36 @@ async fn cartpole_learns_with_the_actors_values() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The critic on normalised returns (`learner.normalize_returns`), with the values
+/// the actors' critic gave (scaled back by the learner): it learns, and the
+/// statistics took in every trained step's target and found CartPole's returns'
+/// spread (tens, not the unit scale the critic learns on).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cartpole_learns_with_normalized_returns() -> anyhow::Result<()> {
+    let mut config = tiny_cartpole(200_000);
+    config.learner.advantage = spur_core::config::AdvantageKind::Gae;
+    config.learner.actor_estimates = true;
+    config.learner.normalize_returns = true;
+    learns(config, "learns-normalized").await?;
+    let run_dir = std::env::temp_dir().join(format!(
+        "spur-test-learns-normalized-{}",
+        std::process::id()
+    ));
+    let metrics = std::fs::read_to_string(run_dir.join("metrics.jsonl"))?;
+    let last: serde_json::Value =
+        serde_json::from_str(metrics.lines().last().expect("at least one update"))?;
+    assert_eq!(
+        last["return_count"].as_f64(),
+        last["env_steps"].as_f64(),
+        "{last}"
+    );
+    assert!(
+        last["return_std"].as_f64().expect("return_std") > 5.0,
+        "{last}"
+    );
+    Ok(())
+}
+
 /// Autograd instead of the MLP's closed form, each minibatch step and the pass
 /// before each update split over two threads (`learner.threads`): it learns, and the
 /// helper threads ran (they count their CPU time share by share).

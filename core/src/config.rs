@@ -645,6 +645,13 @@ pub struct LearnerConfig {
     /// with `advantage = "gae"` (V-trace needs the current policy's log-probabilities)
     /// and a feedforward policy. Actors read the same key and send their values.
     pub actor_estimates: bool,
+    /// Train the critic on value targets scaled by the running mean and standard
+    /// deviation of all targets so far, and scale its outputs back before advantages
+    /// are computed (Sample Factory's `normalize_returns`), so that the critic's
+    /// gradient does not outweigh the policy's in a shared torso or under the one
+    /// gradient-norm clip. The statistics are kept in checkpoints; `value_loss` is
+    /// then on the scaled targets.
+    pub normalize_returns: bool,
     /// With the feedforward MLP (separate policy and value MLPs, no core), compute
     /// PPO's gradients by the closed-form backward pass of `spur_core::mlp_grad`
     /// instead of autograd, with PPO's loss in plain loops over the rows: the same
@@ -744,6 +751,7 @@ impl Default for LearnerConfig {
             max_open_groups: 4096,
             imitation_coef: 1.0,
             actor_estimates: false,
+            normalize_returns: false,
             explicit_mlp_gradients: true,
             threads: 0,
             pin_threads: true,

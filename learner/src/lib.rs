@@ -30,6 +30,7 @@ mod lockstep;
 mod metrics;
 mod parallel;
 mod queue;
+mod returns;
 mod sequences;
 mod service;
 mod state;
@@ -113,6 +114,8 @@ struct Resumed {
     version: u64,
     updates: u64,
     time_s: f64,
+    /// The value targets' statistics, when the run normalised returns.
+    returns: Option<returns::ReturnStats>,
 }
 
 /// Loads the newest checkpoint into `model`, `opt` and `shared`'s counters.
@@ -165,6 +168,14 @@ fn resume(
         version: l.version,
         updates: int(META_UPDATES),
         time_s: float(trainer::META_TIME_S).unwrap_or(0.0),
+        returns: match (
+            float(trainer::META_RETURN_MEAN),
+            float(trainer::META_RETURN_VAR),
+            float(trainer::META_RETURN_COUNT),
+        ) {
+            (Some(mean), Some(var), Some(count)) => Some(returns::ReturnStats { mean, var, count }),
+            _ => None,
+        },
     }))
 }
 
@@ -178,6 +189,7 @@ struct Start {
     version: u64,
     updates: u64,
     time_offset_s: f64,
+    returns: Option<returns::ReturnStats>,
 }
 
 /// Reads the env spec, builds the model and optimizer, and with `resume` loads the
@@ -220,6 +232,19 @@ async fn start(config: &Config, opts: &LearnerOptions) -> Result<Start, LearnerE
         .as_ref()
         .map_or((1, 0, 0.0), |r| (r.version, r.updates, r.time_s));
     shared.policy_version.store(version, Ordering::Release);
+    let saved = resumed.as_ref().and_then(|r| r.returns);
+    let returns = match (lc.normalize_returns, saved) {
+        (true, None) if resumed.is_some() => {
+            warn!("the checkpoint has no return statistics: its critic learned raw returns, normalising starts afresh");
+            Some(Default::default())
+        }
+        (true, saved) => Some(saved.unwrap_or_default()),
+        (false, Some(_)) => {
+            warn!("the checkpoint's critic learned normalised returns but learner.normalize_returns is off: its values are off scale until it relearns");
+            None
+        }
+        (false, None) => None,
+    };
     info!(incarnation, version, "learner incarnation");
     Ok(Start {
         model,
@@ -230,6 +255,7 @@ async fn start(config: &Config, opts: &LearnerOptions) -> Result<Start, LearnerE
         version,
         updates,
         time_offset_s,
+        returns,
     })
 }
 
@@ -530,6 +556,7 @@ fn assemble(
         groups_dropped: 0,
         discard_chunks: opts.discard_chunks,
         helpers,
+        returns: started.returns,
     };
     Ok((service, trainer, weights))
 }

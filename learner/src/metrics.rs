@@ -52,6 +52,18 @@ pub struct MetricsRow {
     /// The reward service's counters at this update, when it runs.
     #[serde(flatten)]
     pub judge: Option<JudgeMetrics>,
+    /// The value targets' running statistics, with `learner.normalize_returns`.
+    #[serde(flatten)]
+    pub returns: Option<ReturnColumns>,
+}
+
+/// `return_*` columns: the scale the critic learns on (`learner.normalize_returns`).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ReturnColumns {
+    pub return_mean: f64,
+    pub return_std: f64,
+    /// Value targets folded into the statistics, over the whole run.
+    pub return_count: f64,
 }
 
 /// The reward service's counters, as `judge_*` columns of `metrics.jsonl`.

@@ -31,6 +31,7 @@ use crate::lockstep;
 use crate::metrics::{MetricsRow, MetricsWriter};
 use crate::parallel::{share_rows, Helpers, Share, ShareRows};
 use crate::queue::ChunkReceiver;
+use crate::returns::ReturnStats;
 use crate::sequences::{Padded, Sequences};
 use crate::state::{EpisodeStats, Shared, StepCounts};
 
@@ -42,6 +43,10 @@ pub const META_TIME_S: &str = "spur.time_s";
 pub const META_INCARNATION: &str = "spur.learner_incarnation";
 pub const META_REWARD_MODEL_VERSION: &str = "spur.reward_model_version";
 pub const META_RANK_MEAN: &str = "spur.rank_score_mean";
+/// The value targets' running statistics (`learner.normalize_returns`).
+pub const META_RETURN_MEAN: &str = "spur.return_mean";
+pub const META_RETURN_VAR: &str = "spur.return_var";
+pub const META_RETURN_COUNT: &str = "spur.return_count";
 pub const META_RANK_VAR: &str = "spur.rank_score_var";
 
 pub struct Trainer {
@@ -70,6 +75,8 @@ pub struct Trainer {
     /// The threads the learner trains on (`learner.threads`): an autograd step's
     /// shares of rows, or the closed-form MLP update's two sides in lock-step.
     pub helpers: Helpers,
+    /// The value targets' running statistics, with `learner.normalize_returns`.
+    pub returns: Option<ReturnStats>,
 }
 
 /// What a finished training run reports.
@@ -336,6 +343,11 @@ impl Trainer {
                 .as_ref()
                 .and_then(|t| t.service_status())
                 .map(|s| crate::metrics::JudgeMetrics::from(&s)),
+            returns: self.returns.map(|s| crate::metrics::ReturnColumns {
+                return_mean: s.mean,
+                return_std: s.var.sqrt(),
+                return_count: s.count,
+            }),
             ..Default::default()
         }
     }
@@ -444,6 +456,11 @@ impl Trainer {
                 put(META_RANK_VAR, var.to_string());
             }
         }
+        if let Some(s) = &self.returns {
+            put(META_RETURN_MEAN, s.mean.to_string());
+            put(META_RETURN_VAR, s.var.to_string());
+            put(META_RETURN_COUNT, s.count.to_string());
+        }
         meta
     }
 
@@ -501,7 +518,12 @@ impl Trainer {
             None => Sequences::columns(batch, t_len + 1),
             Some(l) => Sequences::episodes(l, self.model.state_size()),
         });
-        let estimates = self.estimates(batch, &inputs, all_sequences.as_ref());
+        let mut estimates = self.estimates(batch, &inputs, all_sequences.as_ref());
+        if let Some(s) = &self.returns {
+            // The critic's outputs on the raw scale, for the advantages.
+            s.denormalize(&mut estimates.values);
+            s.denormalize(&mut estimates.values_final);
+        }
         let (rewards, intrinsic_mean) = match &self.intrinsic {
             Some(table) => table.mix(
                 &batch.rewards,
@@ -545,7 +567,11 @@ impl Trainer {
             Some(l) => Sequences::episodes(l, self.model.state_size()),
         });
         let lc = &self.config.learner;
-        let (pg_advantages, value_targets) = (advantages.policy, advantages.targets);
+        let (pg_advantages, mut value_targets) = (advantages.policy, advantages.targets);
+        if let Some(s) = &mut self.returns {
+            s.update(&value_targets);
+            s.normalize(&mut value_targets);
+        }
         // Decoupled PPO: the ratio is taken against the proximal policy (these
         // weights before this update); with V-trace, its truncated importance weights
         // inside the advantages correct for the older behaviour policy.
