@@ -32,11 +32,7 @@ async fn cartpole_learns_with_the_actors_values() -> anyhow::Result<()> {
     config.learner.advantage = spur_core::config::AdvantageKind::Gae;
     config.learner.actor_estimates = true;
     learns(config, "learns-actor-values").await?;
-    let run_dir = std::env::temp_dir().join(format!(
-        "spur-test-learns-actor-values-{}",
-        std::process::id()
-    ));
-    let metrics = std::fs::read_to_string(run_dir.join("metrics.jsonl"))?;
+    let metrics = metrics_of("learns-actor-values")?;
     let kls: Vec<f64> = metrics
         .lines()
         .map(|l| serde_json::from_str::<serde_json::Value>(l).map(|v| v["behaviour_kl"].as_f64()))
@@ -58,11 +54,7 @@ async fn cartpole_learns_with_normalized_returns() -> anyhow::Result<()> {
     config.learner.actor_estimates = true;
     config.learner.normalize_returns = true;
     learns(config, "learns-normalized").await?;
-    let run_dir = std::env::temp_dir().join(format!(
-        "spur-test-learns-normalized-{}",
-        std::process::id()
-    ));
-    let metrics = std::fs::read_to_string(run_dir.join("metrics.jsonl"))?;
+    let metrics = metrics_of("learns-normalized")?;
     let last: serde_json::Value =
         serde_json::from_str(metrics.lines().last().expect("at least one update"))?;
     assert_eq!(
@@ -105,9 +97,7 @@ async fn cartpole_learns_with_uis1_group_advantages() -> anyhow::Result<()> {
     config.actor.group_size = 4;
     config.learner.group_min_spread = 5.0;
     learns(config, "learns-uis1").await?;
-    let run_dir =
-        std::env::temp_dir().join(format!("spur-test-learns-uis1-{}", std::process::id()));
-    let metrics = std::fs::read_to_string(run_dir.join("metrics.jsonl"))?;
+    let metrics = metrics_of("learns-uis1")?;
     let last: serde_json::Value =
         serde_json::from_str(metrics.lines().last().expect("at least one update"))?;
     let (kept, dropped) = (
@@ -179,6 +169,12 @@ async fn cartpole_learns_from_bf16_weights() -> anyhow::Result<()> {
 
     config.stop.env_steps = 200_000;
     learns(config, "learns-bf16").await
+}
+
+/// `metrics.jsonl` of the test run `name` (the run directory [`learns`] trained in).
+fn metrics_of(name: &str) -> std::io::Result<String> {
+    let run_dir = std::env::temp_dir().join(format!("spur-test-{name}-{}", std::process::id()));
+    std::fs::read_to_string(run_dir.join("metrics.jsonl"))
 }
 
 async fn learns(config: spur_core::Config, name: &str) -> anyhow::Result<()> {
