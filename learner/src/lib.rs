@@ -14,6 +14,7 @@
 //! - `batch.rs`: chunks to a time-major batch
 //! - `episodes.rs`: chunks cut back into episodes and grouped (UI-S1's group advantages)
 //! - `sequences.rs`: the sequences a recurrent policy re-runs (columns or episodes)
+//! - `returns.rs`: the value targets' running statistics (`learner.normalize_returns`)
 //! - `broadcast.rs`: latest-wins weight broadcast, chunked under the message limit
 //! - `intrinsic.rs`: the reward-model subscription and reward mixing
 //! - `state.rs`: counters and episode statistics shared by handlers and trainer

@@ -1,7 +1,7 @@
 //! TensorBoard event files in the run directory, next to `metrics.jsonl`, so
 //! `tensorboard --logdir runs/` shows every run. Each update's metrics row becomes
-//! scalars at step = env steps, grouped by what they describe (`episode/`, `loss/`,
-//! `intrinsic/`, `judge/`, `system/`). The records are written by the `tfrecord`
+//! scalars at step = env steps, grouped by what they describe (`episode/`, `loss/`
+//! with the critic's return statistics, `intrinsic/`, `judge/`, `system/`). The records are written by the `tfrecord`
 //! crate (length- and CRC-framed `Event` protos, TensorBoard's own format).
 
 use std::fs::File;
@@ -26,6 +26,7 @@ pub fn tag(column: &str) -> String {
     {
         "episode"
     } else if column.ends_with("_loss")
+        || column.starts_with("return_")
         || matches!(
             column,
             "entropy" | "clip_fraction" | "approx_kl" | "behaviour_kl" | "grad_norm" | "lr"
@@ -145,6 +146,7 @@ mod tests {
     fn columns_are_grouped() {
         assert_eq!(tag("episode_return_mean"), "episode/episode_return_mean");
         assert_eq!(tag("value_loss"), "loss/value_loss");
+        assert_eq!(tag("return_std"), "loss/return_std");
         assert_eq!(tag("reward_model_loss"), "loss/reward_model_loss");
         assert_eq!(
             tag("intrinsic_reward_mean"),
