@@ -174,7 +174,19 @@ fn resume(
             float(trainer::META_RETURN_VAR),
             float(trainer::META_RETURN_COUNT),
         ) {
-            (Some(mean), Some(var), Some(count)) => Some(returns::ReturnStats { mean, var, count }),
+            (Some(mean), Some(var), Some(count)) => {
+                let saved = returns::ReturnStats { mean, var, count };
+                if !saved.is_valid() {
+                    warn!(
+                        mean,
+                        var,
+                        count,
+                        "the checkpoint's return statistics are not usable, normalising \
+                         starts afresh"
+                    );
+                }
+                saved.is_valid().then_some(saved)
+            }
             _ => None,
         },
     }))
@@ -236,12 +248,18 @@ async fn start(config: &Config, opts: &LearnerOptions) -> Result<Start, LearnerE
     let saved = resumed.as_ref().and_then(|r| r.returns);
     let returns = match (lc.normalize_returns, saved) {
         (true, None) if resumed.is_some() => {
-            warn!("the checkpoint has no return statistics: its critic learned raw returns, normalising starts afresh");
+            warn!(
+                "no return statistics in the checkpoint (its critic learned raw returns \
+                 unless they were unusable): normalising starts afresh"
+            );
             Some(Default::default())
         }
         (true, saved) => Some(saved.unwrap_or_default()),
         (false, Some(_)) => {
-            warn!("the checkpoint's critic learned normalised returns but learner.normalize_returns is off: its values are off scale until it relearns");
+            warn!(
+                "the checkpoint's critic learned normalised returns but \
+                 learner.normalize_returns is off: its values are off scale until it relearns"
+            );
             None
         }
         (false, None) => None,

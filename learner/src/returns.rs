@@ -35,6 +35,16 @@ impl Default for ReturnStats {
 }
 
 impl ReturnStats {
+    /// Finite, a variance and a count not below 0: what a checkpoint must hold to
+    /// be used.
+    pub fn is_valid(&self) -> bool {
+        self.mean.is_finite()
+            && self.var.is_finite()
+            && self.var >= 0.0
+            && self.count.is_finite()
+            && self.count >= 0.0
+    }
+
     fn std(&self) -> f64 {
         self.var.sqrt().max(STD_FLOOR)
     }
@@ -124,6 +134,30 @@ mod tests {
         s.denormalize(&mut v);
         for (a, b) in v.iter().zip(raw) {
             assert!((a - b).abs() < 1e-4, "{v:?}");
+        }
+    }
+
+    #[test]
+    fn only_finite_statistics_with_a_variance_and_count_not_below_zero_are_valid() {
+        let ok = ReturnStats {
+            mean: -3.0,
+            var: 0.0,
+            count: 10.0,
+        };
+        assert!(ok.is_valid() && ReturnStats::default().is_valid());
+        for bad in [
+            ReturnStats {
+                mean: f64::NAN,
+                ..ok
+            },
+            ReturnStats { var: -1.0, ..ok },
+            ReturnStats {
+                var: f64::INFINITY,
+                ..ok
+            },
+            ReturnStats { count: -1.0, ..ok },
+        ] {
+            assert!(!bad.is_valid(), "{bad:?}");
         }
     }
 

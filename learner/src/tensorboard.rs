@@ -1,8 +1,9 @@
 //! TensorBoard event files in the run directory, next to `metrics.jsonl`, so
 //! `tensorboard --logdir runs/` shows every run. Each update's metrics row becomes
 //! scalars at step = env steps, grouped by what they describe (`episode/`, `loss/`
-//! with the critic's return statistics, `intrinsic/`, `judge/`, `system/`). The records are written by the `tfrecord`
-//! crate (length- and CRC-framed `Event` protos, TensorBoard's own format).
+//! with the critic's return statistics, `intrinsic/`, `judge/`, `system/`). The
+//! records are written by the `tfrecord` crate (length- and CRC-framed `Event`
+//! protos, TensorBoard's own format).
 
 use std::fs::File;
 use std::io::BufWriter;

@@ -43,11 +43,11 @@ pub const META_TIME_S: &str = "spur.time_s";
 pub const META_INCARNATION: &str = "spur.learner_incarnation";
 pub const META_REWARD_MODEL_VERSION: &str = "spur.reward_model_version";
 pub const META_RANK_MEAN: &str = "spur.rank_score_mean";
+pub const META_RANK_VAR: &str = "spur.rank_score_var";
 /// The value targets' running statistics (`learner.normalize_returns`).
 pub const META_RETURN_MEAN: &str = "spur.return_mean";
 pub const META_RETURN_VAR: &str = "spur.return_var";
 pub const META_RETURN_COUNT: &str = "spur.return_count";
-pub const META_RANK_VAR: &str = "spur.rank_score_var";
 
 pub struct Trainer {
     /// The reward model, when intrinsic rewards are on.
