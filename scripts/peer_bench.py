@@ -16,14 +16,17 @@ For each task and seed it runs spur (`spur local` with the task's config) and th
 Sample Factory (`scripts/peer_sf.py` in the peer venv), and reads:
   - env steps/s, from the first training step to the last (start-up left out),
   - CartPole tasks only: env steps at which the mean return of the last 100 episodes
-    first reached 475 (both runs stop there; a run that never does counts as missing).
+    first reached 475 (both runs stop there; a run that never does counts as missing),
+  - the mean return of the last 100 episodes when each run stopped (for NetHack, what
+    each learned in the same env steps).
 Ratios are spur / Sample Factory per seed; the table gives the median over seeds.
 
 Matched on both sides: 2 workers (actors) x 16 envs, rollout 32, batch (4096 for
 CartPole, 2048 for NetHack), minibatches, epochs, learning rate, discount, GAE lambda
 0.95, clip 0.2, value and entropy coefficients, gradient clip 0.5, one torch thread
 per process, the network (CartPole: separate 64x64 tanh MLPs; NetHack: spur's
-network, shared torso), no observation normalisation, CPU. spur runs GAE too
+network, shared torso), no observation normalisation, CPU, and on NetHack value
+targets normalised by their running statistics (configs/nethack-score.toml). spur runs GAE too
 (`learner.advantage=gae`, since Sample Factory's V-trace crashes in 2.1.1), on NetHack
 from the actors' values as Sample Factory does (`learner.actor_estimates=true`; with
 --learner-estimates spur's learner recomputes values and log-probabilities over each
@@ -147,6 +150,15 @@ def fmt_int(x):
     return "-" if x is None else f"{x:,.0f}"
 
 
+def fmt_float(x):
+    return "-" if x is None or x != x else f"{x:.1f}"
+
+
+def fmt_return(run):
+    """A run's mean return over its last 100 episodes when it stopped."""
+    return fmt_float(run and run.get("return_mean"))
+
+
 def median(xs):
     xs = [x for x in xs if x is not None]
     return statistics.median(xs) if xs else None
@@ -154,8 +166,8 @@ def median(xs):
 
 def table(results, seeds):
     out = ["| task | seed | spur env steps/s | Sample Factory env steps/s | ratio "
-           "| spur steps to 475 | SF steps to 475 | ratio |",
-           "|---|---|---:|---:|---:|---:|---:|---:|"]
+           "| spur steps to 475 | SF steps to 475 | ratio | spur return | SF return |",
+           "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     notes = []
     for task in TASKS:
         rows = [(s, results.get((task, s, "spur")), results.get((task, s, "sf"))) for s in seeds]
@@ -175,7 +187,8 @@ def table(results, seeds):
                 f"| {task} | {seed} | {fmt_int(ra)} | {fmt_int(rb)} | "
                 f"{'-' if speed[-1] is None else f'{speed[-1]:.2f}x'} | "
                 f"{fmt_int(ta) if cart else ''} | {fmt_int(tb) if cart else ''} | "
-                f"{('-' if solve[-1] is None else f'{solve[-1]:.2f}x') if cart else ''} |")
+                f"{('-' if solve[-1] is None else f'{solve[-1]:.2f}x') if cart else ''} | "
+                f"{fmt_return(a)} | {fmt_return(b)} |")
         ma = median([a and a["steps_per_sec"] for _, a, _ in rows])
         mb = median([b and b["steps_per_sec"] for _, _, b in rows])
         ms = median(speed)
@@ -187,7 +200,9 @@ def table(results, seeds):
             f"| **{task}** | median | {fmt_int(ma)} | {fmt_int(mb)} | "
             f"{'-' if ms is None else f'**{ms:.2f}x**'} | {fmt_int(ta) if cart else ''} | "
             f"{fmt_int(tb) if cart else ''} | "
-            f"{('-' if mt is None else f'**{mt:.2f}x**') if cart else ''} |")
+            f"{('-' if mt is None else f'**{mt:.2f}x**') if cart else ''} | "
+            f"{fmt_float(median([a and a['return_mean'] for _, a, _ in rows]))} | "
+            f"{fmt_float(median([b and b['return_mean'] for _, _, b in rows]))} |")
         reused = sorted({b["reused_from"] for _, _, b in rows if b and "reused_from" in b})
         for other in reused:
             notes.append(f"{task}: the Sample Factory columns are the {other} rows' runs "
