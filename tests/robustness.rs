@@ -276,8 +276,7 @@ async fn actor_health_follows_its_learner() -> anyhow::Result<()> {
     let mut config = tiny_cartpole(0);
     config.learner.checkpoint_every = 2;
     config.actor.max_backoff_ms = 200;
-    let run_dir =
-        std::env::temp_dir().join(format!("spur-test-actor-health-{}", std::process::id()));
+    let run_dir = spur_tests::test_run_dir("actor-health");
     let _ = std::fs::remove_dir_all(&run_dir);
     // The learner's port is taken before any learner serves on it.
     let held = tokio::net::TcpListener::bind("127.0.0.1:0").await?;

@@ -173,8 +173,7 @@ async fn cartpole_learns_from_bf16_weights() -> anyhow::Result<()> {
 
 /// `metrics.jsonl` of the test run `name` (the run directory [`learns`] trained in).
 fn metrics_of(name: &str) -> std::io::Result<String> {
-    let run_dir = std::env::temp_dir().join(format!("spur-test-{name}-{}", std::process::id()));
-    std::fs::read_to_string(run_dir.join("metrics.jsonl"))
+    std::fs::read_to_string(spur_tests::test_run_dir(name).join("metrics.jsonl"))
 }
 
 async fn learns(config: spur_core::Config, name: &str) -> anyhow::Result<()> {

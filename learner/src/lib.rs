@@ -174,22 +174,34 @@ fn resume(
             float(trainer::META_RETURN_VAR),
             float(trainer::META_RETURN_COUNT),
         ) {
-            (Some(mean), Some(var), Some(count)) => {
-                let saved = returns::ReturnStats { mean, var, count };
-                if !saved.is_valid() {
-                    warn!(
-                        mean,
-                        var,
-                        count,
-                        "the checkpoint's return statistics are not usable, normalising \
-                         starts afresh"
-                    );
-                }
-                saved.is_valid().then_some(saved)
-            }
+            (Some(mean), Some(var), Some(count)) => Some(returns::ReturnStats { mean, var, count }),
             _ => None,
         },
     }))
+}
+
+/// The return statistics a resumed run normalises with: the checkpoint's, or fresh
+/// ones (with a warning) when it has none or they are not usable.
+fn usable_return_stats(saved: Option<returns::ReturnStats>) -> returns::ReturnStats {
+    match saved {
+        Some(s) if s.is_valid() => s,
+        Some(s) => {
+            warn!(
+                mean = s.mean,
+                var = s.var,
+                count = s.count,
+                "the checkpoint's return statistics are not usable, normalising starts afresh"
+            );
+            Default::default()
+        }
+        None => {
+            warn!(
+                "the checkpoint has no return statistics (its critic learned raw returns): \
+                 normalising starts afresh"
+            );
+            Default::default()
+        }
+    }
 }
 
 /// The trainer's starting point: a fresh model, or the newest checkpoint's.
@@ -245,25 +257,17 @@ async fn start(config: &Config, opts: &LearnerOptions) -> Result<Start, LearnerE
         .as_ref()
         .map_or((1, 0, 0.0), |r| (r.version, r.updates, r.time_s));
     shared.policy_version.store(version, Ordering::Release);
-    let saved = resumed.as_ref().and_then(|r| r.returns);
-    let returns = match (lc.normalize_returns, saved) {
-        (true, None) if resumed.is_some() => {
-            warn!(
-                "no return statistics in the checkpoint (its critic learned raw returns \
-                 unless they were unusable): normalising starts afresh"
-            );
-            Some(Default::default())
-        }
-        (true, saved) => Some(saved.unwrap_or_default()),
-        (false, Some(_)) => {
-            warn!(
-                "the checkpoint's critic learned normalised returns but \
-                 learner.normalize_returns is off: its values are off scale until it relearns"
-            );
-            None
-        }
-        (false, None) => None,
-    };
+    let returns = lc.normalize_returns.then(|| {
+        resumed
+            .as_ref()
+            .map_or_else(Default::default, |r| usable_return_stats(r.returns))
+    });
+    if !lc.normalize_returns && resumed.as_ref().is_some_and(|r| r.returns.is_some()) {
+        warn!(
+            "the checkpoint's critic learned normalised returns but \
+             learner.normalize_returns is off: its values are off scale until it relearns"
+        );
+    }
     info!(incarnation, version, "learner incarnation");
     Ok(Start {
         model,

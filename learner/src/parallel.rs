@@ -36,8 +36,7 @@ static THREADS_IN_USE: AtomicU32 = AtomicU32::new(1);
 /// gradients (`closed_form_mlp`: its update in lock-step, `lockstep`), else 1. With
 /// a recurrent core the NetHack learner alone is faster on two threads, but a run
 /// sharing 2 cores with its actor was slower (docs/benchmarks.md). Always 1 for a
-/// model on a GPU. Logged, and kept
-/// for [`minibatch_threads_in_use`].
+/// model on a GPU. Logged, and kept for [`minibatch_threads_in_use`].
 fn minibatch_threads(configured: u32, model: &ActorCritic, closed_form_mlp: bool) -> u32 {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let feedforward_nethack = model.is_nethack() && !model.is_recurrent();

@@ -42,7 +42,7 @@ impl TestLearner {
     }
 
     async fn launch(config: Config, name: &str, discard_chunks: bool) -> anyhow::Result<Self> {
-        let run_dir = std::env::temp_dir().join(format!("spur-test-{name}-{}", std::process::id()));
+        let run_dir = test_run_dir(name);
         let _ = std::fs::remove_dir_all(&run_dir);
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let transport = Transport::from_config(&config.transport)?;
@@ -301,6 +301,11 @@ pub fn export_model(script: &str, args: &[&str], dir: &std::path::Path, name: &s
         .unwrap_or_else(|e| panic!("{python} runs: {e}"));
     assert!(status.success(), "exporting {script} {args:?} failed");
     out
+}
+
+/// The run directory of the test learner `name` in this test process (not created).
+pub fn test_run_dir(name: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("spur-test-{name}-{}", std::process::id()))
 }
 
 /// A fresh scratch folder for one test's exported modules.
